@@ -1,0 +1,115 @@
+"""Bad flags and inputs: one clear `error:` line each, exit status 2, before any model loads."""
+
+import json
+
+import pytest
+
+from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
+from training.args import frame_rule_problem
+
+
+def _errors(capsys, argv, runner=run_trainer):
+    with pytest.raises(SystemExit) as exit_info:
+        runner(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    assert not any("Traceback" in line for line in lines)
+    return lines
+
+
+def _argv(model, output, *changes, data=ASSETS):
+    return [
+        "--pretrained_model_name_or_path", str(model), "--data_root", str(data),
+        "--caption_column", "prompts.txt", "--video_column", "videos.txt", *TINY_DATA_FLAGS,
+        "--output_dir", str(output), "--max_train_steps", "1", *changes,
+    ]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (["--frame_buckets", "8"], "--frame_buckets: 8 frames do not suit this model (4k+1); nearest valid: 5 or 9"),
+        (["--height_buckets", "40"], "--height_buckets 40: every value must be a positive multiple of 16"),
+        (["--max_num_frames", "3"], "--max_num_frames 3 is below the smallest --frame_buckets value 5"),
+        (["--caption_column", "captions.txt"], "--caption_column captions.txt: no file"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere: no such checkpoint folder"),
+        (["--load_tensors"], "has no manifest.json; run training/prepare_dataset.py"),
+        (["--height", "40"], "--height 40: validation size must be a multiple of 16"),
+        (["--validation_num_frames", "10"], "--validation_num_frames: 10 frames do not suit this model"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(capsys, tiny_model_2b, tmp_path, changes, expected):
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
+    assert any(expected in line for line in lines), lines
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_every_problem_is_listed_at_once(capsys, tiny_model_2b, tmp_path):
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", "--frame_buckets", "8", "--width_buckets", "50"))
+    assert len(lines) == 2
+
+
+def test_not_a_cogvideox_model(capsys, tmp_path):
+    (tmp_path / "model").mkdir()
+    lines = _errors(capsys, _argv(tmp_path / "model", tmp_path / "o"))
+    assert "no CogVideoX transformer config found there" in lines[0]
+
+
+def test_missing_data_and_mismatched_lists(capsys, tiny_model_2b, clips, tmp_path):
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", data=tmp_path / "nowhere"))
+    assert "no such folder" in lines[0]
+    (clips / "videos.txt").write_text("videos/ball.mp4\n")
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", data=clips))
+    assert lines == ["error: 6 captions but 1 videos: the caption and video lists must have one entry per sample, in the same order"]
+    (clips / "videos.txt").write_text("videos/nope.mp4\n" * 6)
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", data=clips))
+    assert len(lines) == 6 and "video file not found" in lines[0]
+
+
+def test_csv_without_the_named_column(capsys, tiny_model_2b, tmp_path):
+    argv = [
+        "--pretrained_model_name_or_path", tiny_model_2b, "--dataset_file", str(ASSETS / "metadata.csv"),
+        "--caption_column", "text", "--video_column", "video", "--output_dir", str(tmp_path / "o"),
+    ]
+    lines = _errors(capsys, argv)
+    assert lines == ["error: --caption_column text: the CSV has no such column (columns: video, caption)"]
+
+
+def test_non_utf8_caption_file(capsys, tiny_model_2b, clips, tmp_path):
+    (clips / "prompts.txt").write_bytes("caf\xe9\n".encode("latin-1") * 6)
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", data=clips))
+    assert "not UTF-8 text" in lines[0]
+
+
+def test_load_tensors_with_mismatched_sequence_length(capsys, tiny_model_2b, tmp_path):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    manifest = {
+        "format": "cogvideox-factory/precomputed-v1",
+        "model": {"path": "x", "latent_channels": 4, "text_embed_dim": 32},
+        "settings": {"max_sequence_length": 226},
+        "entries": [{"index": 0, "caption": "c", "file": "latents/a.safetensors", "bucket": [9, 32, 32]}],
+    }
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(prepared), "--load_tensors",
+            "--output_dir", str(tmp_path / "o")]
+    lines = _errors(capsys, argv)
+    assert any("--max_sequence_length 226 but the model takes 16" in line for line in lines)
+    assert any("prepared file(s) missing" in line for line in lines)
+
+
+def test_prepare_rejects_bad_buckets_and_sequence_length(capsys, tiny_model_2b, tmp_path):
+    argv = ["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+            "--video_column", "videos.txt", "--output_dir", str(tmp_path / "p"), "--frame_buckets", "48"]
+    lines = _errors(capsys, argv, runner=run_prepare)
+    assert any("--frame_buckets: 48 frames do not suit this model" in line for line in lines)
+    assert any("--max_sequence_length 226" in line for line in lines)
+
+
+def test_frame_rule_for_cogvideox_1_5():
+    config = {"patch_size_t": 2}
+    assert frame_rule_problem(53, config) is None and frame_rule_problem(85, config) is None
+    assert frame_rule_problem(49, config).endswith("nearest valid: 45 or 53")
+    assert frame_rule_problem(49, {"patch_size_t": None}) is None

@@ -1,0 +1,181 @@
+"""Data loading: the two data-source modes, bucket choice, frame sampling, the bucket sampler."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import ASSETS
+from training.args import UsageError
+from training.dataset import (
+    BucketBatchSampler,
+    VideoDataset,
+    assign_buckets,
+    choose_frame_bucket,
+    choose_resolution_bucket,
+    fit_to_bucket,
+    frame_indices,
+    load_samples,
+)
+from training.video_io import _read_frames_pyav, probe_video, read_frames
+
+
+BUCKETS = dict(frame_buckets=[5, 9], height_buckets=[32, 48, 64], width_buckets=[32, 64, 96], max_num_frames=9)
+
+
+def test_txt_and_csv_modes_give_the_same_samples():
+    txt = load_samples(ASSETS, None, "prompts.txt", "videos.txt", id_token="BW_STYLE")
+    csv = load_samples(ASSETS, ASSETS / "metadata.csv", "caption", "video", id_token="BW_STYLE")
+    assert len(txt) == 6
+    assert [(s.caption, s.video_path.resolve()) for s in txt] == [(s.caption, s.video_path.resolve()) for s in csv]
+    assert all(s.caption.startswith("BW_STYLE ") for s in txt)
+    # CSV paths are relative to the CSV's folder when --data_root is not given.
+    csv_no_root = load_samples(None, ASSETS / "metadata.csv", "caption", "video")
+    assert [s.video_path.resolve() for s in csv_no_root] == [s.video_path.resolve() for s in txt]
+
+    txt_data = VideoDataset(assign_buckets(txt, **BUCKETS)[0])
+    csv_data = VideoDataset(assign_buckets(csv, **BUCKETS)[0])
+    for a, b in zip(txt_data, csv_data):
+        assert a["prompt"] == b["prompt"]
+        assert torch.equal(a["video"], b["video"])
+
+
+def test_mismatched_lists_and_missing_files_are_usage_errors(tmp_path):
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")
+    (tmp_path / "videos.txt").write_text("videos/a.mp4\n")
+    with pytest.raises(UsageError, match="2 captions but 1 videos"):
+        load_samples(tmp_path, None, "prompts.txt", "videos.txt")
+    (tmp_path / "videos.txt").write_text("videos/a.mp4\nvideos/b.mp4\n")
+    with pytest.raises(UsageError) as error:
+        load_samples(tmp_path, None, "prompts.txt", "videos.txt")
+    assert len(error.value.problems) == 2 and "video file not found" in error.value.problems[0]
+
+
+def test_frame_bucket_choice_never_exceeds_the_clip():
+    assert choose_frame_bucket(100, [17, 33, 49], 49) == 49
+    assert choose_frame_bucket(40, [17, 33, 49], 49) == 33  # the original picked 49 here and crashed
+    assert choose_frame_bucket(49, [17, 33, 49], 33) == 33  # capped by --max_num_frames
+    assert choose_frame_bucket(10, [17, 33, 49], 49) is None  # too short: reported, not a crash
+
+
+def test_frame_indices_spread_over_the_clip_and_honour_skips():
+    assert frame_indices(20, 5) == [0, 4, 8, 12, 16]
+    assert frame_indices(9, 9) == list(range(9))
+    assert frame_indices(30, 5, skip_start=5, skip_end=5) == [5, 9, 13, 17, 21]
+    indices = frame_indices(30, 5, skip_start=5, skip_end=5)
+    assert min(indices) >= 5 and max(indices) < 25
+
+
+def test_resolution_bucket_is_nearest_in_l1():
+    resolutions = [(h, w) for h in (480, 720) for w in (720, 960)]
+    assert choose_resolution_bucket(480, 720, resolutions) == (480, 720)
+    assert choose_resolution_bucket(700, 1000, resolutions) == (720, 960)
+    assert choose_resolution_bucket(500, 900, resolutions) == (480, 960)
+
+
+def test_buckets_of_the_bundled_clips_and_short_clips_are_reported():
+    samples = load_samples(ASSETS, None, "prompts.txt", "videos.txt")
+    usable, skipped = assign_buckets(samples, **BUCKETS)
+    assert not skipped
+    by_name = {u.sample.video_path.name: u.bucket for u in usable}
+    assert by_name["wide.mp4"] == (9, 48, 96)  # 128x48 -> nearest (48, 96)
+    assert by_name["tall.mp4"] == (9, 64, 32)
+
+    usable, skipped = assign_buckets(samples, [13], [64], [64], max_num_frames=49)
+    assert {s.video_path.split("/")[-1] for s in skipped} == {"ball.mp4", "tall.mp4", "wide.mp4"}
+    assert all("fewer than the smallest frame bucket 13" in s.reason for s in skipped)
+    assert len(usable) == 3
+
+
+def test_dataset_items_have_their_bucket_shape_and_range():
+    samples = load_samples(ASSETS, None, "prompts.txt", "videos.txt")
+    for mode in (None, "center", "random"):
+        dataset = VideoDataset(assign_buckets(samples, **BUCKETS)[0], video_reshape_mode=mode)
+        for position in range(len(dataset)):
+            frames, height, width = dataset.bucket_keys[position]
+            video = dataset[position]["video"]
+            assert video.shape == (frames, 3, height, width)
+            assert video.min() >= -1 and video.max() <= 1
+
+
+def test_random_flip_is_one_decision_per_clip():
+    samples = load_samples(ASSETS, None, "prompts.txt", "videos.txt")
+    items = assign_buckets(samples, **BUCKETS)[0]
+    plain = VideoDataset(items)
+    flipping = VideoDataset(items, random_flip=0.5)
+    torch.manual_seed(0)
+    outcomes = set()
+    for _ in range(6):
+        for position in range(len(plain)):
+            reference, video = plain[position]["video"], flipping[position]["video"]
+            per_frame = [torch.equal(video[f], reference[f].flip(-1)) for f in range(video.shape[0])]
+            assert all(per_frame) or not any(per_frame)
+            assert all(per_frame) or torch.equal(video, reference)
+            outcomes.add(all(per_frame))
+    assert outcomes == {True, False}
+
+
+def test_decord_width_bug_falls_back_to_pyav(tmp_path):
+    import imageio
+    import numpy as np
+
+    path = tmp_path / "w48.mp4"
+    frames = [np.full((32, 48, 3), 20 * i, dtype=np.uint8) for i in range(6)]
+    imageio.mimwrite(path, frames, fps=8, codec="libx264", macro_block_size=1, output_params=["-pix_fmt", "yuv420p"])
+    info = probe_video(path)
+    assert (info.num_frames, info.height, info.width) == (6, 32, 48)
+    decoded = read_frames(path, [0, 2, 4])
+    assert decoded.shape == (3, 32, 48, 3)
+    assert torch.equal(decoded, _read_frames_pyav(path, [0, 2, 4]))
+
+
+def test_fit_to_bucket_center_crop_keeps_aspect():
+    frame = torch.zeros(1, 40, 80, 3, dtype=torch.uint8)
+    frame[:, :, 30:50] = 255  # a bright band in the middle of a 2:1 frame
+    video = fit_to_bucket(frame, 32, 32, reshape_mode="center")
+    assert video.shape == (1, 3, 32, 32)
+    # 40x80 -> 32x64, centre 32 columns kept: the band (columns 24-40 after scaling) is inside.
+    assert video[0, 0, 16, 16] > 0.9 and video[0, 0, 16, 0] < -0.9
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_bucket_sampler_invariants(drop_last, num_replicas):
+    rng = random.Random(0)
+    keys = [rng.choice([(9, 32, 32), (9, 64, 32), (5, 48, 96), (13, 64, 64)]) for _ in range(47)]
+    batch_size = 4
+    all_batches = []
+    for rank in range(num_replicas):
+        sampler = BucketBatchSampler(keys, batch_size, drop_last=drop_last, seed=3, num_replicas=num_replicas, rank=rank)
+        sampler.set_epoch(0)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)  # __len__ is the true count
+        all_batches.append(batches)
+        for batch in batches:
+            assert len({keys[i] for i in batch}) == 1  # one shape per batch
+            assert 1 <= len(batch) <= batch_size
+    assert len({len(b) for b in all_batches}) == 1  # every rank runs the same number of steps
+    seen = [i for batches in all_batches for batch in batches for i in batch]
+    counts = {key: keys.count(key) for key in set(keys)}
+    if not drop_last:
+        assert set(seen) == set(range(len(keys)))  # leftovers are kept
+        if num_replicas == 1:
+            assert sorted(seen) == list(range(len(keys)))  # each exactly once
+    else:
+        expected = sum((n // batch_size) * batch_size for n in counts.values())
+        if num_replicas == 1:
+            assert len(seen) == len(set(seen)) == expected
+
+
+def test_bucket_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
+    keys = [(9, 32, 32)] * 10 + [(5, 32, 64)] * 7
+    sampler = BucketBatchSampler(keys, 3, seed=1)
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch0 != epoch1
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0  # deterministic per (seed, epoch)
+    sampler.set_epoch(0, start_batch=2)
+    assert list(sampler) == epoch0[2:]

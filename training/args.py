@@ -1,0 +1,410 @@
+"""Command-line flags of the trainers, and their validation.
+
+Every flag of the original cogvideox-factory is here with its name and default, so
+existing shell scripts keep working. `parse_args` parses and then validates everything
+that can be checked without loading a model (paths, columns, buckets against the
+model's configuration), raising `UsageError` with one line per problem.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+DEFAULT_HEIGHT_BUCKETS = [256, 320, 384, 480, 512, 576, 720, 768, 960, 1024, 1280, 1536]
+DEFAULT_WIDTH_BUCKETS = [256, 320, 384, 480, 512, 576, 720, 768, 960, 1024, 1280, 1536]
+DEFAULT_FRAME_BUCKETS = [49]
+DEFAULT_LORA_TARGET_MODULES = "to_k,to_q,to_v,to_out.0"
+
+
+class UsageError(Exception):
+    """Bad flags or inputs. Each entry of `problems` is one line for the user."""
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def exit_on_usage_error(function):
+    """Run `function(argv)`; turn a UsageError into `error: ...` lines and exit status 2."""
+
+    def wrapper(argv=None):
+        try:
+            return function(argv)
+        except UsageError as error:
+            for problem in error.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    return wrapper
+
+
+def _probability(value):
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a probability between 0 and 1")
+    return number
+
+
+def add_model_arguments(parser):
+    group = parser.add_argument_group("Model information")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id (e.g. THUDM/CogVideoX-5b) or local folder of a diffusers CogVideoX pipeline.",
+    )
+    group.add_argument("--revision", type=str, default=None, help="Revision of the model on the Hub.")
+    group.add_argument("--variant", type=str, default=None, help="Variant of the weight files, e.g. fp16.")
+    group.add_argument(
+        "--cache_dir", type=str, default=None, help="Where downloaded models are stored (default: the HF cache)."
+    )
+
+
+def add_dataset_arguments(parser, caption_column_default="text"):
+    group = parser.add_argument_group("Dataset information")
+    group.add_argument(
+        "--data_root",
+        type=str,
+        default=None,
+        help="Folder of the data set. Video paths in the lists/CSV are relative to it.",
+    )
+    group.add_argument(
+        "--dataset_file",
+        type=str,
+        default=None,
+        help="CSV file with a caption column and a video column (paths relative to --data_root, "
+        "or to the CSV's own folder when --data_root is not given).",
+    )
+    group.add_argument(
+        "--video_column",
+        type=str,
+        default="video",
+        help="CSV column of video paths, or the name of a file in --data_root with one video path per line.",
+    )
+    group.add_argument(
+        "--caption_column",
+        type=str,
+        default=caption_column_default,
+        help="CSV column of captions, or the name of a file in --data_root with one caption per line.",
+    )
+    group.add_argument("--id_token", type=str, default=None, help="Trigger word prepended to every caption.")
+    group.add_argument("--height_buckets", nargs="+", type=int, default=list(DEFAULT_HEIGHT_BUCKETS))
+    group.add_argument("--width_buckets", nargs="+", type=int, default=list(DEFAULT_WIDTH_BUCKETS))
+    group.add_argument(
+        "--frame_buckets",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_FRAME_BUCKETS),
+        help="Frame counts to train on. CogVideoX 1.0: 4k+1 (e.g. 49). CogVideoX 1.5: the latent frame count "
+        "(F-1)/4+1 must be a multiple of patch_size_t, i.e. 8k-3 (e.g. 53, 77, 85).",
+    )
+    group.add_argument(
+        "--random_flip", type=_probability, default=None, help="Probability of flipping a clip horizontally."
+    )
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--pin_memory", action="store_true")
+    group.add_argument(
+        "--video_reshape_mode",
+        type=str,
+        default=None,
+        choices=["center", "random", "none"],
+        help="How a clip is fitted to its resolution bucket: not given = stretch to the bucket; center/random "
+        "= resize keeping aspect ratio, then crop (centre or random offset); none = same as random.",
+    )
+    group.add_argument("--max_num_frames", type=int, default=49, help="Most frames taken from one clip.")
+    group.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
+    group.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
+
+
+def build_parser(description="CogVideoX fine-tuning"):
+    parser = argparse.ArgumentParser(description=description)
+    add_model_arguments(parser)
+    add_dataset_arguments(parser)
+    parser.add_argument(
+        "--load_tensors",
+        action="store_true",
+        help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
+        "--output_dir); the VAE and text encoder are then not loaded for training.",
+    )
+
+    group = parser.add_argument_group("Validation")
+    group.add_argument("--validation_prompt", type=str, default=None, help="Prompts joined by the separator.")
+    group.add_argument("--validation_images", type=str, default=None, help="Image paths joined by the separator (I2V).")
+    group.add_argument("--validation_prompt_separator", type=str, default=":::")
+    group.add_argument("--num_validation_videos", type=int, default=1)
+    group.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs.")
+    group.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
+    group.add_argument("--guidance_scale", type=float, default=6.0)
+    group.add_argument("--use_dynamic_cfg", action="store_true")
+    group.add_argument("--enable_model_cpu_offload", action="store_true", help="CPU offload for validation pipelines.")
+    group.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps of validation videos.")
+    group.add_argument(
+        "--validation_num_frames",
+        type=int,
+        default=None,
+        help="Frames of validation videos (default: the largest frame bucket).",
+    )
+
+    group = parser.add_argument_group("Training")
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha/rank.")
+    group.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default=DEFAULT_LORA_TARGET_MODULES,
+        help="Comma-separated module names of the transformer that get LoRA layers.",
+    )
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    group.add_argument("--output_dir", type=str, default="cogvideox-sft")
+    group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
+    group.add_argument("--width", type=int, default=720, help="Width of validation videos.")
+    group.add_argument("--fps", type=int, default=8, help="Frame rate of exported validation videos.")
+    group.add_argument("--train_batch_size", type=int, default=4)
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in --output_dir.'
+    )
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=1e-4)
+    group.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the lr by accumulation × batch size × processes."
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=500)
+    group.add_argument("--lr_num_cycles", type=int, default=1)
+    group.add_argument("--lr_power", type=float, default=1.0)
+    group.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
+    group.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
+    group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
+    group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
+
+    group = parser.add_argument_group("Optimizer")
+    group.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy", "came"])
+    group.add_argument("--use_8bit", action="store_true")
+    group.add_argument("--use_4bit", action="store_true")
+    group.add_argument("--use_torchao", action="store_true")
+    group.add_argument("--beta1", type=float, default=0.9)
+    group.add_argument("--beta2", type=float, default=0.95)
+    group.add_argument("--beta3", type=float, default=None)
+    group.add_argument("--prodigy_decouple", action="store_true")
+    group.add_argument("--weight_decay", type=float, default=1e-04)
+    group.add_argument("--epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--prodigy_use_bias_correction", action="store_true")
+    group.add_argument("--prodigy_safeguard_warmup", action="store_true")
+    group.add_argument("--use_cpu_offload_optimizer", action="store_true")
+    group.add_argument("--offload_gradients", action="store_true")
+
+    group = parser.add_argument_group("Configuration")
+    group.add_argument("--tracker_name", type=str, default=None)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_model_id", type=str, default=None)
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under --output_dir.")
+    group.add_argument("--allow_tf32", action="store_true")
+    group.add_argument("--nccl_timeout", type=int, default=600, help="Seconds before a collective times out.")
+    group.add_argument(
+        "--report_to", type=str, default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"]
+    )
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers shared by the trainers and prepare_dataset.py
+# ----------------------------------------------------------------------------------------------
+
+
+def load_transformer_config(args):
+    """The transformer's config.json (a small download at most); UsageError if it is not a CogVideoX pipeline."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    path = args.pretrained_model_name_or_path
+    try:
+        config = CogVideoXTransformer3DModel.load_config(
+            path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except Exception as error:
+        raise UsageError(
+            f"--pretrained_model_name_or_path {path}: no CogVideoX transformer config found there "
+            f"({type(error).__name__}). Give a diffusers CogVideoX pipeline folder or Hub id, e.g. THUDM/CogVideoX-5b."
+        ) from error
+    if config.get("_class_name") not in (None, "CogVideoXTransformer3DModel"):
+        raise UsageError(
+            f"--pretrained_model_name_or_path {path}: its transformer is a {config.get('_class_name')}, "
+            "not a CogVideoXTransformer3DModel."
+        )
+    return config
+
+
+def frame_rule_problem(num_frames, transformer_config, temporal_compression=4):
+    """None if the model accepts `num_frames`, else a sentence naming the nearest valid counts."""
+    patch_size_t = transformer_config.get("patch_size_t") or 1
+    if (num_frames - 1) % temporal_compression == 0:
+        latent_frames = (num_frames - 1) // temporal_compression + 1
+        if latent_frames % patch_size_t == 0:
+            return None
+    step = temporal_compression * patch_size_t
+    first = temporal_compression * (patch_size_t - 1) + 1  # smallest valid count: 1 latent group
+    lower = first + max((num_frames - first) // step, 0) * step
+    candidates = sorted({c for c in (lower, lower + step) if c >= first})
+    rule = "4k+1" if patch_size_t == 1 else f"(F-1)/4+1 a multiple of patch_size_t={patch_size_t}, i.e. 8k-3"
+    return f"{num_frames} frames do not suit this model ({rule}); nearest valid: {' or '.join(map(str, candidates))}"
+
+
+def check_buckets(args, transformer_config, problems):
+    for name in ("height_buckets", "width_buckets"):
+        for value in getattr(args, name):
+            if value <= 0 or value % 16 != 0:
+                problems.append(f"--{name} {value}: every value must be a positive multiple of 16")
+    for frames in args.frame_buckets:
+        problem = frame_rule_problem(frames, transformer_config) if frames > 0 else f"{frames} is not a frame count"
+        if problem:
+            problems.append(f"--frame_buckets: {problem}")
+    if args.max_num_frames < min(args.frame_buckets):
+        problems.append(
+            f"--max_num_frames {args.max_num_frames} is below the smallest --frame_buckets value "
+            f"{min(args.frame_buckets)}: no clip could be used"
+        )
+    if args.skip_frames_start < 0 or args.skip_frames_end < 0:
+        problems.append("--skip_frames_start/--skip_frames_end must be 0 or more")
+
+
+def check_data_source(args, problems, require_videos=True):
+    """Data files and columns exist. Per-sample problems are the dataset's business."""
+    if args.dataset_file is None:
+        if args.data_root is None:
+            problems.append("give --data_root (with --caption_column/--video_column files) or --dataset_file (a CSV)")
+            return
+        root = Path(args.data_root)
+        if not root.is_dir():
+            problems.append(f"--data_root {root}: no such folder")
+            return
+        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+            if not (root / name).is_file():
+                hint = ""
+                if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
+                    hint = " (this folder has prompts.txt and videos.txt: pass --caption_column prompts.txt --video_column videos.txt)"
+                problems.append(f"{flag} {name}: no file {root / name} with one entry per line{hint}")
+    else:
+        csv_path = Path(args.dataset_file)
+        if not csv_path.is_file():
+            problems.append(f"--dataset_file {csv_path}: no such file")
+            return
+        if args.data_root is not None and not Path(args.data_root).is_dir():
+            problems.append(f"--data_root {args.data_root}: no such folder")
+        import pandas as pd
+
+        try:
+            columns = list(pd.read_csv(csv_path, nrows=0).columns)
+        except Exception as error:
+            problems.append(f"--dataset_file {csv_path}: not a readable CSV ({error})")
+            return
+        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+            if name not in columns:
+                problems.append(f"{flag} {name}: the CSV has no such column (columns: {', '.join(columns)})")
+
+
+def check_output_dir(path, problems):
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        problems.append(f"--output_dir {path}: cannot write there ({probe} is not writable)")
+
+
+def validate_training_args(args, conditioning):
+    """All checks that need no model weights. Returns the transformer config."""
+    problems = []
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "rank",
+        "num_validation_videos",
+        "num_inference_steps",
+    ):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("max_train_steps", "validation_epochs", "validation_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be at least 1 when given (got {value})")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.dataloader_num_workers < 0:
+        problems.append("--dataloader_num_workers must be 0 or more")
+    for name in ("height", "width"):
+        if getattr(args, name) % 16:
+            problems.append(f"--{name} {getattr(args, name)}: validation size must be a multiple of 16")
+    if args.validation_prompt is not None and not args.validation_prompt.strip():
+        problems.append("--validation_prompt is empty")
+    if args.validation_prompt and args.validation_epochs is None and args.validation_steps is None:
+        # The original crashed here; validating once per epoch is the sensible reading.
+        args.validation_epochs = 1
+    if args.use_8bit and args.use_4bit:
+        problems.append("--use_8bit and --use_4bit exclude each other")
+    if args.push_to_hub and args.report_to == "wandb" and args.hub_token is not None:
+        problems.append("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not Path(args.resume_from_checkpoint).is_dir() and not (
+            Path(args.output_dir) / args.resume_from_checkpoint
+        ).is_dir():
+            problems.append(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                f'(give a path, or "latest" to pick the newest in --output_dir)'
+            )
+    if args.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            problems.append("--report_to wandb: wandb is not installed (pip install wandb)")
+    check_output_dir(args.output_dir, problems)
+
+    if args.load_tensors:
+        if args.data_root is None:
+            problems.append("--load_tensors needs --data_root: the --output_dir of training/prepare_dataset.py")
+        elif not (Path(args.data_root) / "manifest.json").is_file():
+            problems.append(
+                f"--load_tensors: {args.data_root} has no manifest.json; run training/prepare_dataset.py "
+                f"--save_latents_and_embeddings --output_dir {args.data_root} first (see prepare_dataset.sh)"
+            )
+    else:
+        check_data_source(args, problems)
+
+    transformer_config = None
+    try:
+        transformer_config = load_transformer_config(args)
+    except UsageError as error:
+        problems.extend(error.problems)
+    if transformer_config is not None:
+        if not args.load_tensors:
+            check_buckets(args, transformer_config, problems)
+        if args.validation_num_frames is not None:
+            problem = frame_rule_problem(args.validation_num_frames, transformer_config)
+            if problem:
+                problems.append(f"--validation_num_frames: {problem}")
+        problems.extend(conditioning.check_args(args, transformer_config))
+    if problems:
+        raise UsageError(problems)
+    return transformer_config
+
+
+def parse_args(argv=None, description="CogVideoX fine-tuning"):
+    """Parse only (validation needs to know the trainer variant: see validate_training_args)."""
+    return build_parser(description).parse_args(argv)

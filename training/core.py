@@ -1,0 +1,610 @@
+"""The one training core behind every trainer.
+
+`run(argv, conditioning, mode)` reads top to bottom: validate flags -> data -> models ->
+optimizer -> resume -> train loop -> save artifact -> final test. What differs between the
+trainers is passed in: `conditioning` (what the model sees: text-to-video or image-to-video)
+and `mode` (what trains and how it is saved: LoRA or full). Nothing here asks which one it got.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import memory
+from .args import UsageError, parse_args, validate_training_args
+from .dataset import (
+    BucketBatchSampler,
+    PrecomputedDataset,
+    VideoDataset,
+    assign_buckets,
+    collate,
+    load_samples,
+    write_skip_report,
+)
+from .models import (
+    encode_prompts,
+    encode_video_distribution,
+    load_text_encoder,
+    load_tokenizer,
+    load_training_scheduler,
+    load_transformer,
+    load_vae,
+    rotary_embeddings,
+    sample_latents,
+    vae_scale_factor_spatial,
+)
+from .modes import cast_frozen, count_parameters
+from .optim import build_lr_scheduler, build_optimizer
+from .precomputed import load_manifest, manifest_problems
+
+
+logger = logging.getLogger("cogvideox_factory")
+# diffusers 0.42 renamed torch_dtype to dtype; the old name keeps older diffusers working.
+warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+
+SKIP_REPORT = "skipped_samples.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. the loss became NaN); the message says what to do."""
+
+
+@dataclass
+class Context:
+    """Run-wide values derived from the args and the loaded models (not user flags)."""
+
+    args: object
+    accelerator: object
+    weight_dtype: torch.dtype
+    transformer_config: dict
+    vae_scaling_factor: float
+    vae_spatial_scale: int
+    scheduler: object
+    tokenizer: object = None
+    text_encoder: object = None
+    vae: object = None
+    last_validation: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup pieces, in the order run() calls them
+# ----------------------------------------------------------------------------------------------
+
+
+def build_accelerator(args):
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=project,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout)),
+        ],
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype_of(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_dataset(args, conditioning, transformer_config, accelerator):
+    """Dataset plus the report of samples that cannot be used. Cheap: no model is loaded yet."""
+    if args.load_tensors:
+        manifest = load_manifest(args.data_root)
+        problems = manifest_problems(manifest, transformer_config, conditioning, args)
+        if problems:
+            raise UsageError(problems)
+        entries = manifest["entries"]
+        selected = _select_entries(args, entries)
+        return PrecomputedDataset(args.data_root, selected), []
+    samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
+    usable, skipped = assign_buckets(
+        samples,
+        args.frame_buckets,
+        args.height_buckets,
+        args.width_buckets,
+        args.max_num_frames,
+        args.skip_frames_start,
+        args.skip_frames_end,
+    )
+    if not usable:
+        reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
+        raise UsageError(["no usable sample: every clip was skipped"] + reasons)
+    dataset = VideoDataset(usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video)
+    return dataset, skipped
+
+
+def _select_entries(args, entries):
+    """With --video_column naming a list in the prepared folder, train on those entries, in that order."""
+    listing = Path(args.data_root) / args.video_column
+    if not listing.is_file():
+        return entries
+    by_stem = {Path(entry["file"]).stem: entry for entry in entries}
+    lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    missing = [line for line in lines if Path(line).stem not in by_stem]
+    if missing:
+        raise UsageError(
+            [f"--load_tensors: {line} (in {listing}) has no prepared entry; re-run prepare_dataset.py" for line in missing[:10]]
+        )
+    return [by_stem[Path(line).stem] for line in lines]
+
+
+def report_skipped(skipped, output_dir, accelerator):
+    if not skipped:
+        return
+    path = Path(output_dir) / SKIP_REPORT
+    if accelerator.is_main_process:
+        write_skip_report(skipped, path)
+    logger.warning("%d sample(s) skipped; each is listed with its reason in %s", len(skipped), path)
+    for entry in skipped[:5]:
+        logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
+
+
+def build_dataloader(args, dataset, accelerator):
+    sampler = BucketBatchSampler(
+        dataset.bucket_keys,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=False,
+        seed=args.seed or 0,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.pin_memory and torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
+        # Its own generator: making an iterator must not draw from the global RNG, or a resumed
+        # run's noise would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )
+    return loader, sampler
+
+
+def load_models(args, accelerator, weight_dtype, transformer_config, need_encoders):
+    """Transformer and scheduler always; tokenizer, T5 and VAE only when training encodes raw data."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    device = accelerator.device
+    transformer = load_transformer(args, weight_dtype)
+    vae_config = AutoencoderKLCogVideoX.load_config(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
+    )
+    context = Context(
+        args=args,
+        accelerator=accelerator,
+        weight_dtype=weight_dtype,
+        transformer_config=dict(transformer_config),
+        vae_scaling_factor=vae_config["scaling_factor"],
+        vae_spatial_scale=vae_scale_factor_spatial(vae_config),
+        scheduler=load_training_scheduler(args),
+    )
+    if need_encoders:
+        context.tokenizer = load_tokenizer(args)
+        context.text_encoder = load_text_encoder(args, weight_dtype).to(device).requires_grad_(False).eval()
+        context.vae = load_vae(args, weight_dtype).to(device).requires_grad_(False).eval()
+    return transformer, context
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step's worth of work
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_loss(transformer, batch, context, conditioning):
+    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space with 1/(1 - alpha_bar) weights."""
+    device, dtype = context.accelerator.device, context.weight_dtype
+    scheduler = context.scheduler
+    if batch["video_latent_dist"] is not None:
+        distribution = batch["video_latent_dist"].to(device, non_blocking=True)
+        prompt_embeds = batch["prompt_embeds"].to(device, dtype=dtype, non_blocking=True)
+    else:
+        distribution = encode_video_distribution(context.vae, batch["video"].to(device, non_blocking=True))
+        prompt_embeds = encode_prompts(
+            context.tokenizer,
+            context.text_encoder,
+            batch["prompt"],
+            context.transformer_config["max_text_seq_length"],
+            device,
+            dtype,
+        )
+    latents = sample_latents(distribution.float(), context.vae_scaling_factor).to(dtype)  # [B, F, C, H, W]
+    batch_size, latent_frames, _, latent_height, latent_width = latents.shape
+
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    model_input = conditioning.model_input(noisy, batch, context)
+    rotary = rotary_embeddings(context.transformer_config, latent_frames, latent_height, latent_width, device)
+
+    prediction = transformer(
+        hidden_states=model_input,
+        encoder_hidden_states=prompt_embeds,
+        timestep=timesteps,
+        image_rotary_emb=rotary,
+        return_dict=False,
+        **conditioning.transformer_kwargs(batch_size, context),
+    )[0]
+    predicted_x0 = scheduler.get_velocity(prediction.float(), noisy.float(), timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps]
+    weights = (1.0 / (1.0 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
+    per_sample = (weights * (predicted_x0 - latents.float()) ** 2).reshape(batch_size, -1).mean(dim=1)
+    return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the final test
+# ----------------------------------------------------------------------------------------------
+
+
+def _slug(text, length=25):
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text[:length]).strip("_") or "prompt"
+
+
+def generate_videos(pipe, cases, args, device, output_dir, tag):
+    """Generate every validation case with one seeded generator; write mp4s; return (path, frames) pairs."""
+    from diffusers.utils import export_to_video
+
+    if args.enable_model_cpu_offload and torch.device(device).type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 42)
+    num_frames = args.validation_num_frames or max(args.frame_buckets)
+    results = []
+    for case_index, case in enumerate(cases):
+        for video_index in range(args.num_validation_videos):
+            frames = pipe(
+                **case,
+                height=args.height,
+                width=args.width,
+                num_frames=num_frames,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                use_dynamic_cfg=args.use_dynamic_cfg,
+                max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                generator=generator,
+                output_type="np",
+            ).frames[0]
+            path = Path(output_dir) / f"{tag}_video_{case_index}_{video_index}_{_slug(case['prompt'])}.mp4"
+            export_to_video(list(frames), str(path), fps=args.fps)
+            results.append((path, frames))
+    return results
+
+
+def build_pipeline(args, conditioning, context, transformer):
+    """An inference pipeline around `transformer`, reusing encoders already in memory."""
+    from diffusers import CogVideoXDPMScheduler
+
+    components = {"transformer": transformer}
+    if context.text_encoder is not None:
+        components.update(text_encoder=context.text_encoder, tokenizer=context.tokenizer, vae=context.vae)
+    pipe = conditioning.pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=context.weight_dtype,
+        **components,
+    )
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    if args.enable_slicing:
+        pipe.vae.enable_slicing()
+    if args.enable_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def log_videos(accelerator, results, tag, step):
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=8) for path, _ in results]}, step=step)
+
+
+def run_validation(args, conditioning, context, transformer, step, tag="validation"):
+    accelerator = context.accelerator
+    cases = conditioning.validation_cases(args)
+    if not cases or not accelerator.is_main_process:
+        return
+    logger.info("running validation at step %d: %d prompt(s)", step, len(cases))
+    logger.info(memory.format_stats("before validation", memory.memory_stats(accelerator.device)))
+    model = accelerator.unwrap_model(transformer)
+    was_training = model.training
+    model.eval()
+    pipe = build_pipeline(args, conditioning, context, model)
+    with torch.no_grad():
+        results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, f"{tag}_step{step}")
+    context.last_validation = results
+    log_videos(accelerator, results, tag, step)
+    del pipe
+    memory.free_memory()
+    model.train(was_training)
+    logger.info(memory.format_stats("after validation", memory.memory_stats(accelerator.device)))
+
+
+def final_test(args, conditioning, mode, context):
+    """Load the saved artifact into a fresh pipeline, as a user would, and generate.
+
+    The videos must equal the last in-training validation (same prompts, same seed): a
+    mismatch means the saved file does not reproduce what was trained, so we say so loudly.
+    """
+    cases = conditioning.validation_cases(args)
+    if not cases:
+        return None
+    accelerator = context.accelerator
+    pipe = conditioning.pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=context.weight_dtype,
+    )
+    from diffusers import CogVideoXDPMScheduler
+
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    if args.enable_slicing:
+        pipe.vae.enable_slicing()
+    if args.enable_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    mode.apply_to_pipeline(pipe, args.output_dir)
+    with torch.no_grad():
+        results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, "test")
+    log_videos(accelerator, results, "test", 0)
+    parity = None
+    if context.last_validation:
+        import numpy as np
+
+        differences = [
+            float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+            for (_, a), (_, b) in zip(context.last_validation, results)
+        ]
+        parity = {"max_abs_difference": max(differences), "exact": all(d == 0.0 for d in differences)}
+        if parity["exact"]:
+            logger.info("LoRA parity: the saved weights reproduce the last validation videos exactly")
+        else:
+            logger.warning(
+                "parity check: saved weights give videos differing from the last validation by up to %.3g "
+                "(expected 0 in fp32; small differences are rounding in reduced precision)",
+                parity["max_abs_difference"],
+            )
+    del pipe
+    memory.free_memory()
+    return parity
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def _tracker_config(args):
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
+
+
+def run(argv, conditioning, mode):
+    """Parse, validate, train, save, test. Returns a summary dict (also written as summary.json)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    # 1. Every check that needs no weights, before anything expensive.
+    transformer_config = validate_training_args(args, conditioning)
+    problems = mode.check_args(args, transformer_config)
+    if problems:
+        raise UsageError(problems)
+
+    accelerator = build_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    weight_dtype = weight_dtype_of(accelerator)
+
+    # 2. Data (cheap: headers only), so bad data fails before models load.
+    dataset, skipped = build_dataset(args, conditioning, transformer_config, accelerator)
+    report_skipped(skipped, args.output_dir, accelerator)
+    dataloader, sampler = build_dataloader(args, dataset, accelerator)
+
+    # 3. Models. The trainable part is decided by the mode.
+    transformer, context = load_models(args, accelerator, weight_dtype, transformer_config, not args.load_tensors)
+    mode.prepare(transformer, args)
+    cast_frozen(transformer, weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(accelerator.device)
+    parameters = mode.trainable_parameters(transformer)
+
+    # 4. Optimizer and schedule. One step = one optimizer step.
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(args, parameters)
+    lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
+    # The LR schedule is not passed to prepare(): accelerate would step it once per process.
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    parameters = mode.trainable_parameters(transformer)
+    _register_checkpoint_hooks(accelerator, mode, conditioning)
+
+    # 5. Resume.
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    resume_path = ckpt.resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume_path is None:
+        logger.info("no checkpoint in %s: starting a new run", args.output_dir)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        state = ckpt.read_state(resume_path)
+        global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_name or f"cogvideox-{mode.name}", config=_tracker_config(args))
+    logger.info(
+        "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, total batch %d",
+        conditioning.name,
+        mode.name,
+        len(dataset),
+        len(sampler),
+        max_train_steps,
+        count_parameters(parameters),
+        args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+    )
+    memory.reset_peak(accelerator.device)
+    logger.info(memory.format_stats("before training", memory.memory_stats(accelerator.device)))
+
+    # 6. The loop.
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    validated_at = None
+    last_loss = None
+    step_started = time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        transformer.train()
+        start = skip_batches if epoch == first_epoch else 0
+        sampler.set_epoch(epoch, start_batch=start)
+        batches_in_epoch = start
+        batches_this_epoch = len(sampler)
+        accumulated = torch.zeros((), device=accelerator.device)
+        micro = 0
+        for batch in dataloader:
+            batches_in_epoch += 1
+            micro += 1
+            sync = micro == args.gradient_accumulation_steps or batches_in_epoch == batches_this_epoch
+            with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
+                loss = compute_loss(transformer, batch, context, conditioning)
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            accumulated += loss.detach()
+            if not sync:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            mean_loss = (accumulated / micro).item()  # the one host sync per step
+            accumulated.zero_()
+            micro = 0
+            if not math.isfinite(mean_loss):
+                last = ckpt.complete_checkpoints(args.output_dir)
+                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"loss became {mean_loss} at step {global_step}; stopping ({where}). "
+                    "Try a lower --learning_rate, bf16 instead of fp16, or --max_grad_norm."
+                )
+            seconds = time.perf_counter() - step_started
+            step_started = time.perf_counter()
+            logs = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "s_per_step": seconds,
+            }
+            last_loss = mean_loss
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", s_step=f"{seconds:.2f}")
+            accelerator.log({k: v for k, v in logs.items() if v is not None}, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                if batches_in_epoch == batches_this_epoch:  # epoch finished: resume at the next one
+                    state.update(epoch=epoch + 1, batches_in_epoch=0)
+                path = ckpt.save_checkpoint(accelerator, args.output_dir, global_step, state, args.checkpoints_total_limit)
+                logger.info("saved checkpoint %s", path)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                run_validation(args, conditioning, context, transformer, global_step)
+                validated_at = global_step
+            if global_step >= max_train_steps:
+                break
+        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and validated_at != global_step:
+            run_validation(args, conditioning, context, transformer, global_step)
+            validated_at = global_step
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # 7. The artifact, then a final test that loads it back from disk.
+    summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped)}
+    if accelerator.is_main_process:
+        if conditioning.validation_cases(args) and validated_at != global_step:
+            run_validation(args, conditioning, context, transformer, global_step)
+        model = accelerator.unwrap_model(transformer)
+        mode.save(model, args.output_dir, conditioning.pipeline_class)
+        logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
+        del model
+    transformer, optimizer, lr_scheduler = None, None, None
+    accelerator.free_memory()
+    memory.free_memory()
+    if accelerator.is_main_process:
+        summary["parity"] = final_test(args, conditioning, mode, context)
+        summary["memory_after_testing"] = memory.memory_stats(accelerator.device)
+        logger.info(memory.format_stats("after testing", summary["memory_after_testing"]))
+        if args.push_to_hub:
+            _push_to_hub(args)
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    return summary
+
+
+def _register_checkpoint_hooks(accelerator, mode, conditioning):
+    """accelerate saves optimizer/scheduler/RNG; the mode saves the model its own way (LoRA only, not the base)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                mode.save(accelerator.unwrap_model(model), output_dir, conditioning.pipeline_class)
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            mode.load(accelerator.unwrap_model(model), input_dir, conditioning.pipeline_class)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _push_to_hub(args):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        token=args.hub_token,
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
+        commit_message="CogVideoX fine-tune",
+    )

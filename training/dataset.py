@@ -1,0 +1,329 @@
+"""Training data: the user's caption/video lists, bucket choice, datasets and the bucket sampler.
+
+Flow: `load_samples` reads the lists (txt files or a CSV) -> `assign_buckets` probes each
+video's header (no decoding, in parallel) and picks its frame and resolution bucket, or
+reports why the clip cannot be used -> `VideoDataset` decodes and resizes one clip per
+`__getitem__` (in DataLoader workers) -> `BucketBatchSampler` groups indices so every batch
+has one shape. `PrecomputedDataset` reads what prepare_dataset.py wrote instead.
+"""
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from .args import UsageError
+from .video_io import VideoReadError, probe_video, read_frames
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's list of samples
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    index: int  # position in the user's list, kept through skipping and bucketing
+    caption: str  # with the id token already prepended
+    video_path: Path
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    index: int
+    video_path: str
+    reason: str
+
+
+def _read_lines(path, flag):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def with_id_token(caption, id_token):
+    return f"{id_token.strip()} {caption}" if id_token else caption
+
+
+def load_samples(data_root, dataset_file, caption_column, video_column, id_token=None, check_files=True):
+    """Captions and video paths from txt lists in data_root, or from a CSV. Raises UsageError."""
+    if dataset_file is None:
+        root = Path(data_root)
+        captions = _read_lines(root / caption_column, "--caption_column")
+        videos = _read_lines(root / video_column, "--video_column")
+    else:
+        import pandas as pd
+
+        root = Path(data_root) if data_root is not None else Path(dataset_file).parent
+        frame = pd.read_csv(dataset_file, dtype=str, keep_default_na=False)
+        captions = [str(c).strip() for c in frame[caption_column]]
+        videos = [str(v).strip() for v in frame[video_column]]
+    if len(captions) != len(videos):
+        raise UsageError(
+            f"{len(captions)} captions but {len(videos)} videos: the caption and video lists must have one "
+            f"entry per sample, in the same order"
+        )
+    samples = [
+        Sample(index=i, caption=with_id_token(caption, id_token), video_path=(root / video))
+        for i, (caption, video) in enumerate(zip(captions, videos))
+    ]
+    if not samples:
+        raise UsageError("the data set is empty: no caption/video pairs found")
+    if check_files:
+        missing = [s for s in samples if not s.video_path.is_file()]
+        if missing:
+            lines = [f"video file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
+            if len(missing) > 10:
+                lines.append(f"... and {len(missing) - 10} more missing video files")
+            raise UsageError(lines)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Buckets
+# ----------------------------------------------------------------------------------------------
+
+
+def choose_frame_bucket(available_frames, frame_buckets, max_num_frames):
+    """The largest bucket not above min(available, max_num_frames): the nearest one the clip can fill.
+
+    None when the clip is shorter than every bucket (the original crashed on such clips).
+    """
+    target = min(available_frames, max_num_frames)
+    fitting = [b for b in frame_buckets if b <= target]
+    return max(fitting) if fitting else None
+
+
+def frame_indices(total_frames, bucket_frames, skip_start=0, skip_end=0):
+    """`bucket_frames` indices spread with a uniform stride over the usable part of the clip."""
+    usable = total_frames - skip_start - skip_end
+    stride = max(usable // bucket_frames, 1)
+    return [skip_start + i * stride for i in range(bucket_frames)]
+
+
+def choose_resolution_bucket(height, width, resolutions):
+    """Nearest (h, w) by |h - H| + |w - W| (the original's rule); ties go to the first listed."""
+    return min(resolutions, key=lambda hw: abs(hw[0] - height) + abs(hw[1] - width))
+
+
+@dataclass(frozen=True)
+class BucketedSample:
+    sample: Sample
+    bucket: tuple  # (frames, height, width)
+    frame_indices: tuple
+
+
+def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_num_frames,
+                   skip_frames_start=0, skip_frames_end=0, num_threads=8):
+    """Probe every clip's header in parallel and pick its bucket. Returns (usable, skipped)."""
+    resolutions = [(h, w) for h in height_buckets for w in width_buckets]
+
+    def probe(sample):
+        try:
+            return probe_video(sample.video_path)
+        except VideoReadError as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        infos = list(pool.map(probe, samples))
+
+    usable, skipped = [], []
+    for sample, info in zip(samples, infos):
+        if isinstance(info, VideoReadError):
+            skipped.append(SkippedSample(sample.index, str(sample.video_path), str(info)))
+            continue
+        available = info.num_frames - skip_frames_start - skip_frames_end
+        frames = choose_frame_bucket(available, frame_buckets, max_num_frames)
+        if frames is None:
+            skipped.append(
+                SkippedSample(
+                    sample.index,
+                    str(sample.video_path),
+                    f"{available} usable frames (of {info.num_frames}, after skipping "
+                    f"{skip_frames_start}+{skip_frames_end}) is fewer than the smallest frame bucket "
+                    f"{min(frame_buckets)}",
+                )
+            )
+            continue
+        height, width = choose_resolution_bucket(info.height, info.width, resolutions)
+        indices = frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end)
+        usable.append(BucketedSample(sample, (frames, height, width), tuple(indices)))
+    return usable, skipped
+
+
+def write_skip_report(skipped, path):
+    """One JSON line per skipped sample, so nothing the user gave disappears without a trace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for entry in skipped:
+            f.write(json.dumps({"entry": entry.index + 1, "video": entry.video_path, "reason": entry.reason}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames -> tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_to_bucket(frames, height, width, reshape_mode=None, generator=None):
+    """uint8 [F, H, W, C] -> float [F, C, height, width] in [-1, 1].
+
+    reshape_mode None stretches to the bucket (the original's default); "center"/"random"/"none"
+    resize keeping the aspect ratio so the frame covers the bucket, then crop. One crop offset
+    serves all frames of the clip.
+    """
+    video = frames.permute(0, 3, 1, 2).float()
+    if reshape_mode is None:
+        video = F.interpolate(video, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        src_h, src_w = video.shape[-2:]
+        scale = max(height / src_h, width / src_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+        video = F.interpolate(video, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        dh, dw = new_h - height, new_w - width
+        if reshape_mode == "center":
+            top, left = dh // 2, dw // 2
+        else:
+            top = int(torch.randint(0, dh + 1, (1,), generator=generator))
+            left = int(torch.randint(0, dw + 1, (1,), generator=generator))
+        video = video[..., top : top + height, left : left + width]
+    return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
+
+
+class VideoDataset(Dataset):
+    """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers."""
+
+    def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False):
+        self.items = list(bucketed_samples)
+        self.video_reshape_mode = video_reshape_mode
+        self.random_flip = random_flip
+        self.image_to_video = image_to_video
+
+    def __len__(self):
+        return len(self.items)
+
+    @property
+    def bucket_keys(self):
+        return [item.bucket for item in self.items]
+
+    def __getitem__(self, position):
+        item = self.items[position]
+        frames, height, width = item.bucket
+        raw = read_frames(item.sample.video_path, item.frame_indices)
+        video = fit_to_bucket(raw, height, width, self.video_reshape_mode)
+        if self.random_flip and torch.rand(()) < self.random_flip:
+            video = video.flip(-1)  # one decision for the whole clip, not per frame
+        return {
+            "index": item.sample.index,
+            "prompt": item.sample.caption,
+            "video": video,
+            "image": video[:1].clone() if self.image_to_video else None,
+        }
+
+
+class PrecomputedDataset(Dataset):
+    """Items written by prepare_dataset.py: latent distributions and prompt embeddings."""
+
+    def __init__(self, data_root, entries):
+        self.data_root = Path(data_root)
+        self.entries = list(entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def bucket_keys(self):
+        return [tuple(entry["bucket"]) for entry in self.entries]
+
+    def __getitem__(self, position):
+        from safetensors.torch import load_file
+
+        entry = self.entries[position]
+        tensors = load_file(self.data_root / entry["file"])
+        return {
+            "index": entry["index"],
+            "prompt": entry["caption"],
+            "prompt_embeds": tensors["prompt_embeds"],
+            "video_latent_dist": tensors["video_latent_dist"],
+            "image_latent_dist": tensors.get("image_latent_dist"),
+        }
+
+
+def collate(items):
+    batch = {"index": [item["index"] for item in items], "prompt": [item["prompt"] for item in items]}
+    for key in ("video", "image", "prompt_embeds", "video_latent_dist", "image_latent_dist"):
+        values = [item.get(key) for item in items]
+        batch[key] = torch.stack(values) if values and values[0] is not None else None
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of dataset positions that share one bucket (so one tensor shape per batch).
+
+    Every epoch: positions are shuffled within each bucket with a generator seeded by
+    (seed, epoch), cut into batches (a bucket's leftover partial batch is kept unless
+    drop_last), and the batches are shuffled. With several processes, each takes every
+    num_replicas-th batch; the list is first padded with repeats of whole batches so all ranks
+    run the same number of steps. `start_batch` skips batches already trained (resume).
+    """
+
+    def __init__(self, bucket_keys, batch_size, shuffle=True, drop_last=False, seed=0, num_replicas=1, rank=0):
+        self.bucket_keys = list(bucket_keys)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _all_batches(self):
+        buckets = {}
+        for position, key in enumerate(self.bucket_keys):
+            buckets.setdefault(key, []).append(position)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        batches = []
+        for key in sorted(buckets):
+            positions = buckets[key]
+            if self.shuffle:
+                positions = [positions[i] for i in torch.randperm(len(positions), generator=generator)]
+            for start in range(0, len(positions), self.batch_size):
+                batch = positions[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        if self.num_replicas > 1 and batches:
+            padding = (-len(batches)) % self.num_replicas
+            batches = batches + batches[:padding]
+        return batches
+
+    def __iter__(self):
+        batches = self._all_batches()[self.rank :: self.num_replicas]
+        yield from batches[self.start_batch :]
+
+    def __len__(self):
+        """Batches this rank yields in a full epoch."""
+        counts = {}
+        for key in self.bucket_keys:
+            counts[key] = counts.get(key, 0) + 1
+        rounding = math.floor if self.drop_last else math.ceil
+        total = sum(rounding(n / self.batch_size) for n in counts.values())
+        return math.ceil(total / self.num_replicas) if total else 0

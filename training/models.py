@@ -1,0 +1,130 @@
+"""Loading CogVideoX components and the encodings shared by precompute, training and validation.
+
+Loaders are split by role (text encoder, VAE, transformer, scheduler) so each phase loads
+only what it needs: training from precomputed data never loads the VAE or T5.
+"""
+
+import torch
+
+
+def _pretrained_kwargs(args):
+    return dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+def load_text_encoder(args, dtype):
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", torch_dtype=dtype, **_pretrained_kwargs(args)
+    )
+
+
+def load_vae(args, dtype):
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype, **_pretrained_kwargs(args)
+    )
+    if getattr(args, "enable_slicing", False) or getattr(args, "use_slicing", False):
+        vae.enable_slicing()
+    if getattr(args, "enable_tiling", False) or getattr(args, "use_tiling", False):
+        vae.enable_tiling()
+    return vae
+
+
+def load_transformer(args, dtype):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(args)
+    )
+
+
+def load_training_scheduler(args):
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts, max_sequence_length, device, dtype):
+    """T5 embeddings exactly as the CogVideoX pipelines compute them (padded, truncated, no mask)."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    embeds = text_encoder(tokens.input_ids.to(device))[0]
+    return embeds.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_video_distribution(vae, videos):
+    """[B, F, C, H, W] in [-1, 1] -> latent distribution parameters (mean and logvar) [B, 2C, f, h, w].
+
+    Stored instead of a sample so every training step draws a fresh latent.
+    """
+    videos = videos.permute(0, 2, 1, 3, 4).to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(videos).latent_dist.parameters
+
+
+def sample_latents(distribution_parameters, scaling_factor, generator=None):
+    """Draw a latent from stored (mean, logvar), scale it, and lay it out as [B, F, C, H, W]."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(distribution_parameters).sample(generator=generator) * scaling_factor
+    return latents.permute(0, 2, 1, 3, 4).contiguous()
+
+
+def vae_scale_factor_spatial(vae_config):
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def rotary_embeddings(transformer_config, latent_frames, latent_height, latent_width, device):
+    """(cos, sin) rotary tables for a latent grid, computed as the diffusers pipelines do.
+
+    None for models with sincos positions (CogVideoX-2b). CogVideoX 1.0 fits the grid into the
+    base grid keeping aspect ratio; 1.5 (patch_size_t set) uses the "slice" grid over
+    ceil(F / patch_size_t) temporal positions.
+    """
+    if not transformer_config["use_rotary_positional_embeddings"]:
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    patch = transformer_config["patch_size"]
+    patch_t = transformer_config.get("patch_size_t")
+    grid_h, grid_w = latent_height // patch, latent_width // patch
+    base_w = transformer_config["sample_width"] // patch
+    base_h = transformer_config["sample_height"] // patch
+    if patch_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(
+            embed_dim=transformer_config["attention_head_dim"],
+            crops_coords=crops,
+            grid_size=(grid_h, grid_w),
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=transformer_config["attention_head_dim"],
+        crops_coords=None,
+        grid_size=(grid_h, grid_w),
+        temporal_size=(latent_frames + patch_t - 1) // patch_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )

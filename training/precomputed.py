@@ -1,0 +1,64 @@
+"""The folder written by prepare_dataset.py, and the checks training makes before using it.
+
+Layout (see assets/dataset.md):
+    manifest.json            settings, model facts, and one entry per prepared sample
+    prompts.txt, videos.txt  the original's lists: caption and `videos/<stem>.mp4` per line
+    latents/<stem>.safetensors   video_latent_dist [2C, f, h, w], prompt_embeds [S, D]
+                                 (+ image_latent_dist [2C, 1, h, w] with --save_image_latents)
+    videos/<stem>.mp4        the clip as it was encoded (resized, cropped, sampled)
+"""
+
+import json
+from pathlib import Path
+
+from .args import UsageError, frame_rule_problem
+
+
+MANIFEST = "manifest.json"
+FORMAT = "cogvideox-factory/precomputed-v1"
+
+
+def load_manifest(data_root):
+    path = Path(data_root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"--load_tensors: cannot read {path} ({error}); re-run prepare_dataset.py") from error
+    if manifest.get("format") != FORMAT:
+        raise UsageError(f"--load_tensors: {path} is not a manifest of this toolkit (format {manifest.get('format')})")
+    return manifest
+
+
+def manifest_problems(manifest, transformer_config, conditioning, args):
+    """Why the prepared data cannot train this model with these flags (empty list: it can)."""
+    problems = []
+    settings, model = manifest["settings"], manifest["model"]
+    where = f"--load_tensors {args.data_root}"
+    if settings["max_sequence_length"] != transformer_config["max_text_seq_length"]:
+        problems.append(
+            f"{where}: prompts were embedded with --max_sequence_length {settings['max_sequence_length']} but the "
+            f"model takes {transformer_config['max_text_seq_length']}; re-run prepare_dataset.py with "
+            f"--max_sequence_length {transformer_config['max_text_seq_length']}"
+        )
+    if model["text_embed_dim"] != transformer_config["text_embed_dim"]:
+        problems.append(
+            f"{where}: prompt embeddings have width {model['text_embed_dim']}, the model expects "
+            f"{transformer_config['text_embed_dim']}: they were made with another text encoder ({model['path']})"
+        )
+    if model["latent_channels"] != transformer_config["out_channels"]:
+        problems.append(
+            f"{where}: latents have {model['latent_channels']} channels, the model expects "
+            f"{transformer_config['out_channels']}: they were made with another VAE ({model['path']})"
+        )
+    if conditioning.image_to_video and not settings.get("image_latents"):
+        problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
+    if not manifest["entries"]:
+        problems.append(f"{where}: the manifest lists no prepared sample")
+    for frames, height, width in sorted({tuple(e["bucket"]) for e in manifest["entries"]}):
+        problem = frame_rule_problem(frames, transformer_config)
+        if problem:
+            problems.append(f"{where}: prepared bucket {frames}x{height}x{width}: {problem}")
+    missing = [e["file"] for e in manifest["entries"] if not (Path(args.data_root) / e["file"]).is_file()]
+    if missing:
+        problems.append(f"{where}: {len(missing)} prepared file(s) missing, e.g. {missing[0]}; re-run prepare_dataset.py")
+    return problems

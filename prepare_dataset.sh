@@ -90,6 +90,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 : "${TARGET_FPS:=8}"
 : "${BATCH_SIZE:=1}"
 : "${DTYPE:=fp32}"
+: "${ID_TOKEN=BW_STYLE}"  # baked into the prompt embeddings; "" for none (must match training's --id_token)
 : "${EXTRA_ARGS:=}"
 : "${DRY_RUN:=0}"
 case $DRY_RUN in
@@ -128,6 +129,11 @@ cmd+=(
   --batch_size "$BATCH_SIZE"
   --dtype "$DTYPE"
   --save_latents_and_embeddings
+)
+if [[ -n "$ID_TOKEN" ]]; then
+  cmd+=(--id_token "$ID_TOKEN")
+fi
+cmd+=(
   ${extra_args[@]+"${extra_args[@]}"}
 )
 

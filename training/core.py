@@ -419,7 +419,8 @@ def run(argv, conditioning, mode):
         raise UsageError(problems)
 
     accelerator = build_accelerator(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     if args.seed is not None:

@@ -52,6 +52,12 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
         )
     if conditioning.image_to_video and not settings.get("image_latents"):
         problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
+    token = (args.id_token or "").strip()
+    if token and not all(e["caption"].startswith(token) for e in manifest["entries"]):
+        problems.append(
+            f"--id_token {token}: the prepared captions do not start with it (prompts are embedded by "
+            f"prepare_dataset.py); re-run it with --id_token {token}, or drop --id_token here"
+        )
     if not manifest["entries"]:
         problems.append(f"{where}: the manifest lists no prepared sample")
     for frames, height, width in sorted({tuple(e["bucket"]) for e in manifest["entries"]}):

@@ -280,7 +280,8 @@ def prepare(args):
 
 @exit_on_usage_error
 def main(argv=None):
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     prepare(args)
 

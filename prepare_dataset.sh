@@ -31,38 +31,8 @@ set -euo pipefail
 
 CALLER_DIR=$PWD
 
-die() {
-  echo "error: $*" >&2
-  exit 1
-}
-
-# resolve_from_caller VAR [existing]: make a relative path in $VAR absolute,
-# relative to the caller's directory. With "existing", only if it exists there
-# (so "THUDM/CogVideoX-2b" stays a hub id and repo-relative paths still work).
-resolve_from_caller() {
-  local value=${!1:-}
-  case $value in
-    '' | /*) return 0 ;;
-  esac
-  if [[ "${2:-}" == existing && ! -e "$CALLER_DIR/$value" ]]; then
-    return 0
-  fi
-  printf -v "$1" '%s/%s' "$CALLER_DIR" "$value"
-}
-
-# split_words STRING: split STRING on whitespace into the array `words`
-# (no quote removal, no globbing).
-split_words() {
-  local IFS=$' \t\n'
-  words=()
-  read -r -d '' -a words <<<"$1" || true
-}
-
-# split_list VAR: split_words on the value of $VAR, which must not be blank.
-split_list() {
-  [[ "${!1}" =~ [^[:space:]] ]] || die "$1 is empty"
-  split_words "${!1}"
-}
+# shellcheck source=scripts/sweep_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/sweep_lib.sh"
 
 resolve_from_caller MODEL_ID existing
 resolve_from_caller DATA_ROOT existing

@@ -24,38 +24,8 @@ set -euo pipefail
 
 CALLER_DIR=$PWD
 
-die() {
-  echo "error: $*" >&2
-  exit 1
-}
-
-# resolve_from_caller VAR [existing]: make a relative path in $VAR absolute,
-# relative to the caller's directory. With "existing", only if it exists there
-# (so "THUDM/CogVideoX-5b" stays a hub id and repo-relative paths still work).
-resolve_from_caller() {
-  local value=${!1:-}
-  case $value in
-    '' | /*) return 0 ;;
-  esac
-  if [[ "${2:-}" == existing && ! -e "$CALLER_DIR/$value" ]]; then
-    return 0
-  fi
-  printf -v "$1" '%s/%s' "$CALLER_DIR" "$value"
-}
-
-# split_words STRING: split STRING on whitespace into the array `words`
-# (no quote removal, no globbing).
-split_words() {
-  local IFS=$' \t\n'
-  words=()
-  read -r -d '' -a words <<<"$1" || true
-}
-
-# split_list VAR: split_words on the value of $VAR, which must not be blank.
-split_list() {
-  [[ "${!1}" =~ [^[:space:]] ]] || die "$1 is empty"
-  split_words "${!1}"
-}
+# shellcheck source=scripts/sweep_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/sweep_lib.sh"
 
 resolve_from_caller ACCELERATE_CONFIG_FILE existing
 resolve_from_caller MODEL_PATH existing
@@ -104,10 +74,9 @@ fi
 : "${VIDEO_COLUMN:=videos.txt}"
 : "${OUTPUT_ROOT:=outputs}"
 : "${ID_TOKEN:=BW_STYLE}"
-# Buckets: with LOAD_TENSORS=1 every prepared clip must fall in one of these
-# buckets, so use the values you gave prepare_dataset.sh. Its defaults
-# (heights 480 720, widths 720 960) are wider than these upstream values: a
-# clip it put in another bucket than 480x720 stops training here.
+# Buckets: used when training from raw videos (LOAD_TENSORS=0). With prepared
+# data every clip keeps the bucket prepare_dataset.sh gave it, and these only
+# set the validation video length (the largest frame bucket).
 : "${HEIGHT_BUCKETS:=480}"
 : "${WIDTH_BUCKETS:=720}"
 : "${FRAME_BUCKETS:=49}"
@@ -196,9 +165,9 @@ for learning_rate in "${learning_rates[@]}"; do
           --enable_tiling
           --enable_model_cpu_offload
         )
-        # --load_tensors needs prepared data: run prepare_dataset.sh first, with
-        # the same height/width/frame buckets as above, and point DATA_ROOT at
-        # its OUTPUT_DIR (checked above through its manifest.json).
+        # --load_tensors needs prepared data: run prepare_dataset.sh first (same
+        # ID_TOKEN), and point DATA_ROOT at its OUTPUT_DIR (checked above through
+        # its manifest.json).
         if [[ "$LOAD_TENSORS" == 1 ]]; then
           cmd+=(--load_tensors)
         fi

@@ -113,3 +113,18 @@ def test_frame_rule_for_cogvideox_1_5():
     assert frame_rule_problem(53, config) is None and frame_rule_problem(85, config) is None
     assert frame_rule_problem(49, config).endswith("nearest valid: 45 or 53")
     assert frame_rule_problem(49, {"patch_size_t": None}) is None
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (["--use_8bit", "--use_4bit"], "--use_8bit and --use_4bit exclude each other"),
+        (["--use_4bit"], "--use_4bit needs --use_torchao"),
+        (["--optimizer", "prodigy", "--use_8bit"], "--use_8bit/--use_4bit work with --optimizer adam or adamw"),
+        (["--use_cpu_offload_optimizer"], "are not available yet in this version"),
+        (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
+    ],
+)
+def test_optimizer_and_lora_flag_combinations(capsys, tiny_model_2b, tmp_path, changes, expected):
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
+    assert any(expected in line for line in lines), lines

@@ -201,3 +201,38 @@ def test_a_short_clip_is_skipped_and_reported(tiny_model_2b, clips, tmp_path):
     (line,) = (output / "skipped_samples.jsonl").read_text().splitlines()
     report = json.loads(line)
     assert report["entry"] == 7 and report["video"].endswith("short.mp4") and "3 usable frames" in report["reason"]
+
+
+def test_prepare_with_two_processes_matches_one(tiny_model_2b, tmp_path):
+    flags = [
+        "--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt",
+        "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+        "--save_latents_and_embeddings",
+    ]
+    run_prepare([*flags, "--output_dir", tmp_path / "one"])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               ROOT / "training" / "prepare_dataset.py", *flags, "--output_dir", tmp_path / "two", "--batch_size", "2"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1: 3 sample(s) to encode" in result.stderr
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())["entries"]
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())["entries"]
+    assert [e["file"] for e in one] == [e["file"] for e in two]
+    for entry in one:
+        a, b = load_file(tmp_path / "one" / entry["file"]), load_file(tmp_path / "two" / entry["file"])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output = tmp_path / "run"
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--report_to", "wandb",
+                          "--validation_prompt", "a dog runs", "--validation_steps", "2", *TINY_VALIDATION_FLAGS))
+    (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    videos = sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "videos").glob("*.mp4"))
+    assert videos == ["test", "validation"]
+    records = next(run_dir.glob("run-*.wandb")).read_bytes()  # the offline run log holds the metric names
+    assert b"loss" in records and b"grad_norm" in records

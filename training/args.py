@@ -327,7 +327,40 @@ def check_output_dir(path, problems):
         problems.append(f"--output_dir {path}: cannot write there ({probe} is not writable)")
 
 
-def validate_training_args(args, conditioning):
+def _missing_module(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+def optimizer_problems(args):
+    problems = []
+    if args.use_8bit and args.use_4bit:
+        problems.append("--use_8bit and --use_4bit exclude each other")
+    if args.use_4bit and not args.use_torchao:
+        problems.append("--use_4bit needs --use_torchao (4-bit AdamW comes from torchao)")
+    if (args.use_8bit or args.use_4bit) and args.optimizer not in ("adam", "adamw"):
+        problems.append(f"--use_8bit/--use_4bit work with --optimizer adam or adamw, not {args.optimizer}")
+    needed = {
+        "prodigy": ("prodigyopt", args.optimizer == "prodigy"),
+        "came": ("came_pytorch", args.optimizer == "came"),
+        "--use_8bit": ("bitsandbytes", args.use_8bit and not args.use_torchao),
+        "--use_torchao": ("torchao", args.use_torchao and (args.use_8bit or args.use_4bit)),
+    }
+    for what, (module, wanted) in needed.items():
+        if wanted and _missing_module(module):
+            problems.append(f"{what} needs the {module} package: pip install {module.replace('_', '-')}")
+    if args.optimizer == "came" and args.beta3 is None:
+        args.beta3 = 0.9999  # CAME needs three betas; the original crashed without --beta3
+    if args.use_cpu_offload_optimizer or args.offload_gradients:
+        problems.append(
+            "--use_cpu_offload_optimizer/--offload_gradients are not available yet in this version; "
+            "use accelerate_configs/deepspeed.yaml (ZeRO-2 with CPU optimizer offload) instead"
+        )
+    return problems
+
+
+def validate_training_args(args, conditioning, mode):
     """All checks that need no model weights. Returns the transformer config."""
     problems = []
     for name in (
@@ -357,8 +390,7 @@ def validate_training_args(args, conditioning):
     if args.validation_prompt and args.validation_epochs is None and args.validation_steps is None:
         # The original crashed here; validating once per epoch is the sensible reading.
         args.validation_epochs = 1
-    if args.use_8bit and args.use_4bit:
-        problems.append("--use_8bit and --use_4bit exclude each other")
+    problems.extend(optimizer_problems(args))
     if args.push_to_hub and args.report_to == "wandb" and args.hub_token is not None:
         problems.append("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
@@ -400,6 +432,7 @@ def validate_training_args(args, conditioning):
             if problem:
                 problems.append(f"--validation_num_frames: {problem}")
         problems.extend(conditioning.check_args(args, transformer_config))
+        problems.extend(mode.check_args(args, transformer_config))
     if problems:
         raise UsageError(problems)
     return transformer_config

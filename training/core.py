@@ -293,19 +293,16 @@ def generate_videos(pipe, cases, args, device, output_dir, tag):
     return results
 
 
-def build_pipeline(args, conditioning, context, transformer):
-    """An inference pipeline around `transformer`, reusing encoders already in memory."""
+def build_pipeline(args, conditioning, dtype, **components):
+    """The validation/test pipeline from the base model; `components` replace the ones on disk."""
     from diffusers import CogVideoXDPMScheduler
 
-    components = {"transformer": transformer}
-    if context.text_encoder is not None:
-        components.update(text_encoder=context.text_encoder, tokenizer=context.tokenizer, vae=context.vae)
     pipe = conditioning.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
-        torch_dtype=context.weight_dtype,
+        torch_dtype=dtype,
         **components,
     )
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
@@ -335,7 +332,10 @@ def run_validation(args, conditioning, context, transformer, step, tag="validati
     model = accelerator.unwrap_model(transformer)
     was_training = model.training
     model.eval()
-    pipe = build_pipeline(args, conditioning, context, model)
+    encoders = {}
+    if context.text_encoder is not None:  # reuse what training already holds in memory
+        encoders = dict(text_encoder=context.text_encoder, tokenizer=context.tokenizer, vae=context.vae)
+    pipe = build_pipeline(args, conditioning, context.weight_dtype, transformer=model, **encoders)
     with torch.no_grad():
         results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, f"{tag}_step{step}")
     context.last_validation = results
@@ -356,21 +356,7 @@ def final_test(args, conditioning, mode, context):
     if not cases:
         return None
     accelerator = context.accelerator
-    pipe = conditioning.pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-        torch_dtype=context.weight_dtype,
-    )
-    from diffusers import CogVideoXDPMScheduler
-
-    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-    if args.enable_slicing:
-        pipe.vae.enable_slicing()
-    if args.enable_tiling:
-        pipe.vae.enable_tiling()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(args, conditioning, context.weight_dtype)  # nothing reused: as a user loads it
     mode.apply_to_pipeline(pipe, args.output_dir)
     with torch.no_grad():
         results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, "test")
@@ -413,10 +399,7 @@ def run(argv, conditioning, mode):
 
     args = parse_args(argv)
     # 1. Every check that needs no weights, before anything expensive.
-    transformer_config = validate_training_args(args, conditioning)
-    problems = mode.check_args(args, transformer_config)
-    if problems:
-        raise UsageError(problems)
+    transformer_config = validate_training_args(args, conditioning, mode)
 
     accelerator = build_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
@@ -564,7 +547,9 @@ def run(argv, conditioning, mode):
         mode.save(model, args.output_dir, conditioning.pipeline_class)
         logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
         del model
+    # Free everything training held (encoders included) before the final test loads a fresh pipeline.
     transformer, optimizer, lr_scheduler = None, None, None
+    context.text_encoder = context.vae = context.tokenizer = None
     accelerator.free_memory()
     memory.free_memory()
     if accelerator.is_main_process:

@@ -264,6 +264,7 @@ def prepare(args):
             temporary = output / f".{MANIFEST}.tmp"
             temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
             os.replace(temporary, output / MANIFEST)
+        (output / "skipped_samples.jsonl").unlink(missing_ok=True)  # a report from an earlier run would mislead
         if skipped:
             write_skip_report(skipped, output / "skipped_samples.jsonl")
             logger.warning("%d sample(s) skipped, listed with reasons in %s", len(skipped), output / "skipped_samples.jsonl")

@@ -32,17 +32,38 @@ def reset_accelerate():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_2b(tmp_path_factory):
-    from tools.build_tiny_model import save_tiny_model
+def tiny_models(tmp_path_factory):
+    """tiny_models("5b-i2v") -> path of a tiny pipeline of that variant, built once per session."""
+    from tools.build_tiny_model import VARIANTS, save_tiny_model
 
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-2b"), variant="2b"))
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            built[variant] = str(save_tiny_model(tmp_path_factory.mktemp(f"tiny-{variant}"), variant=variant, seed=sorted(VARIANTS).index(variant)))
+        return built[variant]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_model_5b(tmp_path_factory):
-    from tools.build_tiny_model import save_tiny_model
+def tiny_model_2b(tiny_models):
+    return tiny_models("2b")
 
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-5b"), variant="5b", seed=1))
+
+@pytest.fixture(scope="session")
+def tiny_model_5b(tiny_models):
+    return tiny_models("5b")
+
+
+@pytest.fixture(scope="session")
+def first_frame_png(tmp_path_factory):
+    """A validation image: the first frame of one bundled clip."""
+    import imageio.v3 as iio
+
+    path = tmp_path_factory.mktemp("images") / "first.png"
+    iio.imwrite(path, iio.imread(ASSETS / "videos" / "square.mp4")[0])
+    return str(path)
 
 
 @pytest.fixture()

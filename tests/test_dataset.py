@@ -167,6 +167,18 @@ def test_bucket_sampler_invariants(drop_last, num_replicas):
             assert len(seen) == len(set(seen)) == expected
 
 
+@pytest.mark.parametrize("num_samples, num_replicas", [(1, 4), (3, 8), (5, 2)])
+def test_bucket_sampler_gives_every_rank_the_same_number_of_batches_on_tiny_data(num_samples, num_replicas):
+    keys = [(9, 32, 32)] * num_samples
+    per_rank = []
+    for rank in range(num_replicas):
+        sampler = BucketBatchSampler(keys, 2, seed=0, num_replicas=num_replicas, rank=rank)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) >= 1  # no rank waits alone in an all-reduce
+        per_rank.append(batches)
+    assert {i for batches in per_rank for batch in batches for i in batch} == set(range(num_samples))
+
+
 def test_bucket_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
     keys = [(9, 32, 32)] * 10 + [(5, 32, 64)] * 7
     sampler = BucketBatchSampler(keys, 3, seed=1)

@@ -43,11 +43,26 @@ SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
 )
 
-# Transformer settings per variant. "2b" uses sincos positions, "5b" rotary embeddings
-# (head dim 16 is the smallest the 3D rotary split accepts).
+# Per-variant differences, mirroring the real models' configs (only widths are tiny):
+#   2b      sincos positions                          (THUDM/CogVideoX-2b)
+#   5b      rotary embeddings                         (THUDM/CogVideoX-5b)
+#   5b-i2v  rotary + learned positions, image channels (THUDM/CogVideoX-5b-I2V)
+#   1.5     temporal patches, "slice" rotary grid      (THUDM/CogVideoX1.5-5B)
+#   1.5-i2v the same + image channels + ofs embedding  (THUDM/CogVideoX1.5-5B-I2V)
+# Rotary needs head dim 16 at least (the 3D split of the real 64). 1.5's "slice" rotary grid caps
+# the size at sample_height/width (300 latent px in the real models), so its tiny copy gets 32.
+_ROTARY = dict(attention_head_dim=16, use_rotary_positional_embeddings=True)
+_V15 = dict(_ROTARY, patch_size_t=2, patch_bias=False, sample_height=32, sample_width=32)
 VARIANTS = {
-    "2b": dict(attention_head_dim=8, use_rotary_positional_embeddings=False),
-    "5b": dict(attention_head_dim=16, use_rotary_positional_embeddings=True),
+    "2b": dict(transformer=dict(attention_head_dim=8, use_rotary_positional_embeddings=False)),
+    "5b": dict(transformer=_ROTARY),
+    "5b-i2v": dict(transformer=dict(_ROTARY, in_channels=8, use_learned_positional_embeddings=True), i2v=True),
+    "1.5": dict(transformer=_V15, vae=dict(invert_scale_latents=True)),
+    "1.5-i2v": dict(
+        transformer=dict(_V15, in_channels=8, ofs_embed_dim=4),
+        vae=dict(invert_scale_latents=True),
+        i2v=True,
+    ),
 }
 
 
@@ -76,7 +91,15 @@ def build_tokenizer(directory):
 
 
 def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, scratch_dir=None):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    spec = VARIANTS[variant]
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -108,8 +131,9 @@ def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, 
         layers_per_block=1,
         norm_num_groups=2,
         temporal_compression_ratio=4,
+        **spec.get("vae", {}),
     )
-    transformer = CogVideoXTransformer3DModel(
+    transformer_config = dict(
         num_attention_heads=2,
         in_channels=4,
         out_channels=4,
@@ -123,10 +147,11 @@ def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, 
         temporal_compression_ratio=4,
         max_text_seq_length=max_text_seq_length,
         use_learned_positional_embeddings=False,
-        **VARIANTS[variant],
     )
+    transformer = CogVideoXTransformer3DModel(**{**transformer_config, **spec["transformer"]})
     scheduler = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
-    return CogVideoXPipeline(
+    pipeline_class = CogVideoXImageToVideoPipeline if spec.get("i2v") else CogVideoXPipeline
+    return pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 

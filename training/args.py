@@ -160,6 +160,14 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Comma-separated module names of the transformer that get LoRA layers.",
     )
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    group.add_argument(
+        "--master_weight_dtype",
+        type=str,
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="Storage of the trained weights (compute follows --mixed_precision). fp32 keeps small updates; bf16 "
+        "(the original's full fine-tuning) halves their memory but rounds most fine-tuning updates away.",
+    )
     group.add_argument("--output_dir", type=str, default="cogvideox-sft")
     group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
     group.add_argument("--width", type=int, default=720, help="Width of validation videos.")

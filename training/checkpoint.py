@@ -54,6 +54,7 @@ def save_checkpoint(accelerator, output_dir, step, state, total_limit=None):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank's RNG file is in before the folder is renamed
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():

@@ -1,28 +1,14 @@
-"""Text-to-video LoRA fine-tuning of CogVideoX.
+"""Text-to-video LoRA fine-tuning of CogVideoX; writes pytorch_lora_weights.safetensors (diffusers format).
 
-    accelerate launch --config_file accelerate_configs/uncompiled_1.yaml \
-        training/cogvideox_text_to_video_lora.py --pretrained_model_name_or_path THUDM/CogVideoX-5b ...
-
-Writes `pytorch_lora_weights.safetensors` (diffusers format) to --output_dir.
+    accelerate launch --config_file accelerate_configs/uncompiled_1.yaml training/cogvideox_text_to_video_lora.py --pretrained_model_name_or_path THUDM/CogVideoX-5b ...
 """
 
-import sys
-from pathlib import Path
+import os, sys  # noqa: E401
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: find `training`
+from training.core import trainer_main  # noqa: E402
 
 
-if __package__ in (None, ""):  # run as a script: make `training` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training.args import exit_on_usage_error  # noqa: E402
-from training.conditioning import TextToVideo  # noqa: E402
-from training.core import run  # noqa: E402
-from training.modes import LoRA  # noqa: E402
-
-
-@exit_on_usage_error
-def main(argv=None):
-    return run(argv, conditioning=TextToVideo(), mode=LoRA())
-
-
+main = trainer_main("text-to-video", "lora")
 if __name__ == "__main__":
     main()

@@ -1,16 +1,33 @@
 """What the transformer is conditioned on: one small class per task.
 
-The training core asks its conditioning for the model input built from the noisy latents,
-for extra transformer keyword arguments, for the pipeline class used by validation, and for
-the validation cases. Text-to-video needs nothing beyond the prompt embeddings; the
-image-to-video conditioning (first-frame latents concatenated on the channel axis) plugs in
-through the same methods.
+The training core asks its conditioning for: the model input built from the noisy latents
+(`model_input`), extra transformer keyword arguments (`transformer_kwargs`), the pipeline
+class used for validation, and the validation cases. Text-to-video needs nothing beyond the
+prompt embeddings; image-to-video concatenates first-frame latents on the channel axis,
+exactly as `CogVideoXImageToVideoPipeline` does at inference (tests/test_conditioning.py pins it).
 """
+
+from pathlib import Path
+
+import torch
+
+
+# Every CogVideoX VAE downsamples 8x spatially; used only to state learned-position sizes in pixels.
+SPATIAL_SCALE = 8
+
+
+def _split(text, separator):
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def _prompts(args):
+    return _split(args.validation_prompt, args.validation_prompt_separator) if args.validation_prompt else []
 
 
 class TextToVideo:
     name = "text-to-video"
     image_to_video = False  # the dataset need not keep the first frame
+    needs_vae = False  # only to encode raw videos (not with --load_tensors)
 
     @property
     def pipeline_class(self):
@@ -24,21 +41,120 @@ class TextToVideo:
         if transformer_config["in_channels"] != transformer_config["out_channels"]:
             problems.append(
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is an image-to-video model "
-                f"({transformer_config['in_channels']} input channels); use training/cogvideox_image_to_video_lora.py"
+                f"({transformer_config['in_channels']} input channels); use training/cogvideox_image_to_video_lora.py "
+                "or training/cogvideox_image_to_video_sft.py"
             )
-        if args.validation_images:
-            problems.append("--validation_images is only for the image-to-video trainers")
+        for flag in ("validation_images", "ignore_learned_positional_embeddings"):
+            if getattr(args, flag):
+                problems.append(f"--{flag} is only for the image-to-video trainers")
         return problems
+
+    def adapt_transformer(self, transformer, args):
+        return transformer
 
     def model_input(self, noisy_latents, batch, context):
         return noisy_latents
 
-    def transformer_kwargs(self, batch_size, context):
+    def transformer_kwargs(self, noisy_latents, context):
         return {}
 
     def validation_cases(self, args):
         """One dict of pipeline keyword arguments per validation prompt."""
-        if not args.validation_prompt:
-            return []
-        prompts = [p.strip() for p in args.validation_prompt.split(args.validation_prompt_separator) if p.strip()]
-        return [{"prompt": prompt} for prompt in prompts]
+        return [{"prompt": prompt} for prompt in _prompts(args)]
+
+
+class ImageToVideo(TextToVideo):
+    name = "image-to-video"
+    image_to_video = True
+    needs_vae = True  # the first frame is noise-augmented and encoded every step, also from precomputed data
+
+    @property
+    def pipeline_class(self):
+        from diffusers import CogVideoXImageToVideoPipeline
+
+        return CogVideoXImageToVideoPipeline
+
+    def check_args(self, args, transformer_config):
+        problems = []
+        if transformer_config["in_channels"] != 2 * transformer_config["out_channels"]:
+            problems.append(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a text-to-video model; "
+                "use training/cogvideox_text_to_video_lora.py or training/cogvideox_text_to_video_sft.py"
+            )
+        if not 0.0 <= args.noised_image_dropout <= 1.0:
+            problems.append(f"--noised_image_dropout must be between 0 and 1 (got {args.noised_image_dropout})")
+        prompts = _prompts(args)
+        images = _split(args.validation_images, args.validation_prompt_separator) if args.validation_images else []
+        if prompts and not images:
+            problems.append("--validation_prompt needs --validation_images (one image per prompt, same separator)")
+        elif len(prompts) != len(images):
+            problems.append(f"{len(prompts)} validation prompts but {len(images)} validation images: give one image per prompt")
+        for image in images:
+            if "://" not in image and not Path(image).is_file():
+                problems.append(f"--validation_images: no such file {image}")
+        if transformer_config.get("use_learned_positional_embeddings") and not args.ignore_learned_positional_embeddings:
+            size = (transformer_config["sample_height"] * SPATIAL_SCALE, transformer_config["sample_width"] * SPATIAL_SCALE)
+            sizes = {(args.height, args.width)}
+            if not args.load_tensors:
+                sizes |= {(h, w) for h in args.height_buckets for w in args.width_buckets}
+            if sizes != {size}:
+                problems.append(
+                    f"this model has learned positional embeddings for {size[0]}x{size[1]} only; train and validate at "
+                    f"--height_buckets {size[0]} --width_buckets {size[1]} --height {size[0]} --width {size[1]}, or pass "
+                    "--ignore_learned_positional_embeddings for other sizes (see README: the same change is needed at inference)"
+                )
+        return problems
+
+    def adapt_transformer(self, transformer, args):
+        if args.ignore_learned_positional_embeddings:
+            drop_learned_positional_embeddings(transformer)
+        return transformer
+
+    def model_input(self, noisy_latents, batch, context):
+        """Noisy video latents with the (noise-augmented, maybe dropped) first-frame latents on the channel axis."""
+        images = batch["image"].to(context.accelerator.device, dtype=context.vae.dtype)  # [B, 1, C, H, W] in [-1, 1]
+        batch_size = images.shape[0]
+        sigmas = torch.exp(torch.randn(batch_size, device=images.device) * 0.5 - 3.0)  # log-normal(-3, 0.5) per sample
+        images = images + torch.randn_like(images) * sigmas.view(-1, 1, 1, 1, 1).to(images.dtype)
+        with torch.no_grad():
+            latents = image_condition_latents(
+                context.vae, images, noisy_latents.shape[1], context.vae_scaling_factor, context.vae_invert_scale_latents
+            )
+        keep = (torch.rand(batch_size, device=latents.device) >= context.args.noised_image_dropout).to(latents.dtype)
+        latents = latents * keep.view(-1, 1, 1, 1, 1)  # dropout decided per sample, not once per batch
+        return torch.cat([noisy_latents, latents.to(noisy_latents.dtype)], dim=2)
+
+    def transformer_kwargs(self, noisy_latents, context):
+        if context.transformer_config.get("ofs_embed_dim") is None:
+            return {}
+        return {"ofs": noisy_latents.new_full((1,), 2.0)}  # the value the 1.5 I2V pipeline uses
+
+    def validation_cases(self, args):
+        from diffusers.utils import load_image
+
+        images = _split(args.validation_images, args.validation_prompt_separator) if args.validation_images else []
+        return [{"prompt": prompt, "image": load_image(image)} for prompt, image in zip(_prompts(args), images)]
+
+
+def image_condition_latents(vae, images, num_latent_frames, scaling_factor, invert_scale_latents, generator=None):
+    """[B, 1, C, H, W] images -> [B, F, C, h, w] latents: the first frame's latent, then zeros.
+
+    The scaling follows the pipeline, including CogVideoX 1.5's inverted scale.
+    """
+    encoded = vae.encode(images.permute(0, 2, 1, 3, 4)).latent_dist.sample(generator=generator)
+    encoded = encoded.permute(0, 2, 1, 3, 4)  # [B, 1, C, h, w]
+    encoded = encoded / scaling_factor if invert_scale_latents else encoded * scaling_factor
+    padding = encoded.new_zeros((encoded.shape[0], num_latent_frames - 1, *encoded.shape[2:]))
+    return torch.cat([encoded, padding], dim=1)
+
+
+def drop_learned_positional_embeddings(transformer):
+    """Multi-resolution I2V: CogVideoX-5b-I2V's learned positions exist for one size only (and are ~0)."""
+    patch_embed = transformer.patch_embed
+    if getattr(patch_embed, "pos_embedding", None) is not None:
+        del patch_embed.pos_embedding
+    patch_embed.use_learned_positional_embeddings = False
+    transformer.register_to_config(use_learned_positional_embeddings=False)
+
+
+CONDITIONINGS = {"text-to-video": TextToVideo, "image-to-video": ImageToVideo}

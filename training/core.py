@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import memory
-from .args import UsageError, parse_args, validate_training_args
+from .args import UsageError, exit_on_usage_error, parse_args, validate_training_args
 from .dataset import (
     BucketBatchSampler,
     PrecomputedDataset,
@@ -43,7 +43,8 @@ from .models import (
     sample_latents,
     vae_scale_factor_spatial,
 )
-from .modes import cast_frozen, count_parameters
+from .conditioning import CONDITIONINGS
+from .modes import MODES, cast_frozen, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
 from .precomputed import load_manifest, manifest_problems
 
@@ -68,6 +69,7 @@ class Context:
     weight_dtype: torch.dtype
     transformer_config: dict
     vae_scaling_factor: float
+    vae_invert_scale_latents: bool
     vae_spatial_scale: int
     scheduler: object
     tokenizer: object = None
@@ -79,6 +81,22 @@ class Context:
 # ----------------------------------------------------------------------------------------------
 # Setup pieces, in the order run() calls them
 # ----------------------------------------------------------------------------------------------
+
+
+def _configure_deepspeed(accelerator, args):
+    """DeepSpeed takes batch size, accumulation and clipping from its own config: fill them from the flags."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    if config.get("gradient_accumulation_steps") not in (None, "auto", 1):
+        raise UsageError("set gradient_accumulation_steps to 1 or auto in the DeepSpeed config; use --gradient_accumulation_steps")
+    if args.gradient_accumulation_steps != 1:
+        raise UsageError("--gradient_accumulation_steps > 1 with DeepSpeed is not supported yet; raise --train_batch_size")
+    config["gradient_accumulation_steps"] = 1
+    config["gradient_clipping"] = args.max_grad_norm
+    config["train_batch_size"] = args.train_batch_size * accelerator.num_processes
 
 
 def build_accelerator(args):
@@ -96,6 +114,7 @@ def build_accelerator(args):
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout)),
         ],
     )
+    _configure_deepspeed(accelerator, args)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -108,6 +127,7 @@ def weight_dtype_of(accelerator):
 def build_dataset(args, conditioning, transformer_config, accelerator):
     """Dataset plus the report of samples that cannot be used. Cheap: no model is loaded yet."""
     if args.load_tensors:
+        _warn_ignored_with_load_tensors(args)
         manifest = load_manifest(args.data_root)
         problems = manifest_problems(manifest, transformer_config, conditioning, args)
         if problems:
@@ -130,6 +150,20 @@ def build_dataset(args, conditioning, transformer_config, accelerator):
         raise UsageError(["no usable sample: every clip was skipped"] + reasons)
     dataset = VideoDataset(usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video)
     return dataset, skipped
+
+
+RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_frames_start", "skip_frames_end",
+                  "video_reshape_mode", "random_flip", "dataset_file")
+
+
+def _warn_ignored_with_load_tensors(args):
+    defaults = vars(parse_args(["--pretrained_model_name_or_path", "-"]))
+    changed = [f"--{name}" for name in RAW_DATA_FLAGS if getattr(args, name) != defaults[name]]
+    if changed:
+        logger.warning(
+            "%s ignored with --load_tensors: clips were sampled, resized and captioned by prepare_dataset.py "
+            "(pass these to it instead)", ", ".join(changed)
+        )
 
 
 def _select_entries(args, entries):
@@ -182,12 +216,12 @@ def build_dataloader(args, dataset, accelerator):
     return loader, sampler
 
 
-def load_models(args, accelerator, weight_dtype, transformer_config, need_encoders):
-    """Transformer and scheduler always; tokenizer, T5 and VAE only when training encodes raw data."""
+def load_models(args, accelerator, weight_dtype, transformer_config, conditioning):
+    """Transformer and scheduler always; T5 only to encode raw captions; the VAE for raw videos or I2V images."""
     from diffusers import AutoencoderKLCogVideoX
 
     device = accelerator.device
-    transformer = load_transformer(args, weight_dtype)
+    transformer = conditioning.adapt_transformer(load_transformer(args, weight_dtype), args)
     vae_config = AutoencoderKLCogVideoX.load_config(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
     )
@@ -197,12 +231,14 @@ def load_models(args, accelerator, weight_dtype, transformer_config, need_encode
         weight_dtype=weight_dtype,
         transformer_config=dict(transformer_config),
         vae_scaling_factor=vae_config["scaling_factor"],
+        vae_invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)),
         vae_spatial_scale=vae_scale_factor_spatial(vae_config),
         scheduler=load_training_scheduler(args),
     )
-    if need_encoders:
+    if not args.load_tensors:
         context.tokenizer = load_tokenizer(args)
         context.text_encoder = load_text_encoder(args, weight_dtype).to(device).requires_grad_(False).eval()
+    if not args.load_tensors or conditioning.needs_vae:
         context.vae = load_vae(args, weight_dtype).to(device).requires_grad_(False).eval()
     return transformer, context
 
@@ -229,13 +265,14 @@ def compute_loss(transformer, batch, context, conditioning):
             device,
             dtype,
         )
-    latents = sample_latents(distribution.float(), context.vae_scaling_factor).to(dtype)  # [B, F, C, H, W]
+    latents = sample_latents(distribution.float(), context.vae_scaling_factor)  # fp32 [B, F, C, H, W]
     batch_size, latent_frames, _, latent_height, latent_width = latents.shape
 
+    # Noise is mixed in fp32: in bf16, alpha_bar near 1 rounds to exactly 1 (no noise at the smallest t).
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    model_input = conditioning.model_input(noisy, batch, context)
+    model_input = conditioning.model_input(noisy.to(dtype), batch, context)
     rotary = rotary_embeddings(context.transformer_config, latent_frames, latent_height, latent_width, device)
 
     prediction = transformer(
@@ -244,12 +281,12 @@ def compute_loss(transformer, batch, context, conditioning):
         timestep=timesteps,
         image_rotary_emb=rotary,
         return_dict=False,
-        **conditioning.transformer_kwargs(batch_size, context),
+        **conditioning.transformer_kwargs(noisy, context),
     )[0]
-    predicted_x0 = scheduler.get_velocity(prediction.float(), noisy.float(), timesteps)
+    predicted_x0 = scheduler.get_velocity(prediction.float(), noisy, timesteps)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps]
     weights = (1.0 / (1.0 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
-    per_sample = (weights * (predicted_x0 - latents.float()) ** 2).reshape(batch_size, -1).mean(dim=1)
+    per_sample = (weights * (predicted_x0 - latents) ** 2).reshape(batch_size, -1).mean(dim=1)
     return per_sample.mean()
 
 
@@ -332,12 +369,20 @@ def run_validation(args, conditioning, context, transformer, step, tag="validati
     model = accelerator.unwrap_model(transformer)
     was_training = model.training
     model.eval()
-    encoders = {}
-    if context.text_encoder is not None:  # reuse what training already holds in memory
-        encoders = dict(text_encoder=context.text_encoder, tokenizer=context.tokenizer, vae=context.vae)
+    encoders = {}  # reuse what training already holds in memory
+    if context.text_encoder is not None:
+        encoders.update(text_encoder=context.text_encoder, tokenizer=context.tokenizer)
+    if context.vae is not None:
+        encoders.update(vae=context.vae)
     pipe = build_pipeline(args, conditioning, context.weight_dtype, transformer=model, **encoders)
     with torch.no_grad():
         results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, f"{tag}_step{step}")
+    if args.enable_model_cpu_offload:
+        # Offloading parked the modules shared with training on the CPU, behind hooks: bring them back.
+        pipe.remove_all_hooks()
+        for module in (model, context.vae, context.text_encoder):
+            if module is not None:
+                module.to(accelerator.device)
     context.last_validation = results
     log_videos(accelerator, results, tag, step)
     del pipe
@@ -356,7 +401,10 @@ def final_test(args, conditioning, mode, context):
     if not cases:
         return None
     accelerator = context.accelerator
-    pipe = build_pipeline(args, conditioning, context.weight_dtype)  # nothing reused: as a user loads it
+    # Nothing reused from training: the pipeline is built from files, as a user would.
+    artifact = mode.inference_components(args.output_dir, context.weight_dtype)
+    pipe = build_pipeline(args, conditioning, context.weight_dtype, **artifact)
+    conditioning.adapt_transformer(pipe.transformer, args)
     mode.apply_to_pipeline(pipe, args.output_dir)
     with torch.no_grad():
         results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, "test")
@@ -371,7 +419,7 @@ def final_test(args, conditioning, mode, context):
         ]
         parity = {"max_abs_difference": max(differences), "exact": all(d == 0.0 for d in differences)}
         if parity["exact"]:
-            logger.info("LoRA parity: the saved weights reproduce the last validation videos exactly")
+            logger.info("parity: the saved %s reproduces the last validation videos exactly", mode.name)
         else:
             logger.warning(
                 "parity check: saved weights give videos differing from the last validation by up to %.3g "
@@ -407,7 +455,7 @@ def run(argv, conditioning, mode):
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     if args.seed is not None:
-        set_seed(args.seed)
+        set_seed(args.seed, device_specific=True)  # each rank its own noise; rank 0 as a single process
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     weight_dtype = weight_dtype_of(accelerator)
@@ -418,7 +466,7 @@ def run(argv, conditioning, mode):
     dataloader, sampler = build_dataloader(args, dataset, accelerator)
 
     # 3. Models. The trainable part is decided by the mode.
-    transformer, context = load_models(args, accelerator, weight_dtype, transformer_config, not args.load_tensors)
+    transformer, context = load_models(args, accelerator, weight_dtype, transformer_config, conditioning)
     mode.prepare(transformer, args)
     cast_frozen(transformer, weight_dtype)
     if args.gradient_checkpointing:
@@ -474,6 +522,8 @@ def run(argv, conditioning, mode):
     last_loss = None
     step_started = time.perf_counter()
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:  # e.g. resumed from the final checkpoint
+            break
         transformer.train()
         start = skip_batches if epoch == first_epoch else 0
         sampler.set_epoch(epoch, start_batch=start)
@@ -482,12 +532,14 @@ def run(argv, conditioning, mode):
         accumulated = torch.zeros((), device=accelerator.device)
         micro = 0
         for batch in dataloader:
+            if micro == 0:  # a new accumulation group; the epoch's last one may be shorter
+                group_size = min(args.gradient_accumulation_steps, batches_this_epoch - batches_in_epoch)
             batches_in_epoch += 1
             micro += 1
-            sync = micro == args.gradient_accumulation_steps or batches_in_epoch == batches_this_epoch
+            sync = micro == group_size
             with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
                 loss = compute_loss(transformer, batch, context, conditioning)
-                accelerator.backward(loss / args.gradient_accumulation_steps)
+                accelerator.backward(loss / group_size)
             accumulated += loss.detach()
             if not sync:
                 continue
@@ -496,7 +548,8 @@ def run(argv, conditioning, mode):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            mean_loss = (accumulated / micro).item()  # the one host sync per step
+            # Mean over ranks: every rank sees the same loss, so a NaN stops all of them together.
+            mean_loss = accelerator.reduce(accumulated / micro, reduction="mean").item()  # one host sync per step
             accumulated.zero_()
             micro = 0
             if not math.isfinite(mean_loss):
@@ -538,19 +591,21 @@ def run(argv, conditioning, mode):
     progress.close()
     accelerator.wait_for_everyone()
 
-    # 7. The artifact, then a final test that loads it back from disk.
+    # 7. The artifact first (nothing lost if what follows runs out of memory), then a last validation
+    #    with the in-memory model, then a final test that loads the artifact back from disk.
     summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped)}
+    model = accelerator.unwrap_model(transformer)
     if accelerator.is_main_process:
-        if conditioning.validation_cases(args) and validated_at != global_step:
-            run_validation(args, conditioning, context, transformer, global_step)
-        model = accelerator.unwrap_model(transformer)
-        mode.save(model, args.output_dir, conditioning.pipeline_class)
+        mode.save(model, args.output_dir, conditioning.pipeline_class, dtype=weight_dtype)
         logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
-        del model
+    optimizer = lr_scheduler = None
+    accelerator.free_memory()  # drops the prepared model and optimizer references held by accelerate
+    memory.free_memory()
+    if accelerator.is_main_process and conditioning.validation_cases(args) and validated_at != global_step:
+        run_validation(args, conditioning, context, model, global_step)
     # Free everything training held (encoders included) before the final test loads a fresh pipeline.
-    transformer, optimizer, lr_scheduler = None, None, None
+    model = transformer = None
     context.text_encoder = context.vae = context.tokenizer = None
-    accelerator.free_memory()
     memory.free_memory()
     if accelerator.is_main_process:
         summary["parity"] = final_test(args, conditioning, mode, context)
@@ -594,3 +649,14 @@ def _push_to_hub(args):
         ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
         commit_message="CogVideoX fine-tune",
     )
+
+
+def trainer_main(conditioning, mode):
+    """The `main(argv)` of an entry point: e.g. trainer_main("image-to-video", "sft")."""
+
+    @exit_on_usage_error
+    def main(argv=None):
+        return run(argv, conditioning=CONDITIONINGS[conditioning](), mode=MODES[mode]())
+
+    main.__doc__ = f"CogVideoX {conditioning} {mode} training."
+    return main

@@ -253,6 +253,7 @@ class PrecomputedDataset(Dataset):
             "prompt_embeds": tensors["prompt_embeds"],
             "video_latent_dist": tensors["video_latent_dist"],
             "image_latent_dist": tensors.get("image_latent_dist"),
+            "image": tensors.get("first_frame"),  # [1, C, H, W] in [-1, 1]: I2V noise-augments and encodes it
         }
 
 
@@ -311,8 +312,8 @@ class BucketBatchSampler(Sampler):
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         if self.num_replicas > 1 and batches:
-            padding = (-len(batches)) % self.num_replicas
-            batches = batches + batches[:padding]
+            padding = (-len(batches)) % self.num_replicas  # may exceed len(batches): cycle through them
+            batches = batches + [batches[i % len(batches)] for i in range(padding)]
         return batches
 
     def __iter__(self):

@@ -1,34 +1,36 @@
 """Which parameters train and how the result is saved: one small class per training mode.
 
 `LoRA` adds peft adapters to the transformer and writes `pytorch_lora_weights.safetensors`
-in the diffusers format, with the adapter's rank/alpha/targets in the file's metadata so
+in the diffusers format, with the adapter's rank/alpha/targets in the file's metadata, so
 `pipe.load_lora_weights(...)` at weight 1.0 reproduces exactly what training validated.
+`Full` trains every transformer weight and writes `transformer/` with `save_pretrained`.
+
+Both keep trainable weights in `--master_weight_dtype` (fp32 by default) while the frozen
+ones and the compute use the mixed-precision dtype: in bf16 a weight cannot take an update
+smaller than about 1/256 of itself, so at fine-tuning learning rates most updates of a
+bf16-stored weight round away to nothing.
 """
 
+import json
 from pathlib import Path
 
-
+import torch
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "cogvideox-lora"
+TRANSFORMER_FOLDER = "transformer"
+MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _to_master_dtype(parameters, args):
+    dtype = MASTER_DTYPES[args.master_weight_dtype]
+    for parameter in parameters:
+        parameter.data = parameter.data.to(dtype)
 
 
 class LoRA:
     name = "lora"
-
-    def prepare(self, transformer, args):
-        """Freeze the base model and add trainable adapters (kept in fp32: small updates survive)."""
-        from peft import LoraConfig
-
-        transformer.requires_grad_(False)
-        target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-        transformer.add_adapter(
-            LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True, target_modules=target_modules)
-        )
-        for parameter in transformer.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
 
     def check_args(self, args, transformer_config):
         problems = []
@@ -38,19 +40,27 @@ class LoRA:
             problems.append("--lora_target_modules is empty")
         return problems
 
+    def prepare(self, transformer, args):
+        """Freeze the base model and add trainable adapters."""
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+        transformer.add_adapter(
+            LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True, target_modules=target_modules)
+        )
+        _to_master_dtype(self.trainable_parameters(transformer), args)
+
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
 
     def save(self, transformer, directory, pipeline_class, dtype=None):
-        """Write the adapter in diffusers format (keys prefixed `transformer.`)."""
+        """Write the adapter in diffusers format (keys prefixed `transformer.`); LoRA files stay in their own dtype."""
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(transformer)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
         pipeline_class.save_lora_weights(
             directory,
-            transformer_lora_layers=state,
+            transformer_lora_layers=get_peft_model_state_dict(transformer),
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
 
@@ -59,7 +69,7 @@ class LoRA:
         from peft import set_peft_model_state_dict
 
         state = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
-        if isinstance(state, tuple):  # newer diffusers may return (state_dict, metadata)
+        if isinstance(state, tuple):  # some diffusers versions return (state_dict, metadata)
             state = state[0]
         prefix = "transformer."
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -67,6 +77,9 @@ class LoRA:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (unexpected keys {unexpected[:3]})")
+
+    def inference_components(self, directory, dtype):
+        return {}  # the base pipeline, then apply_to_pipeline loads the adapter
 
     def apply_to_pipeline(self, pipe, directory):
         """Load the saved artifact into a fresh inference pipeline, as a user would."""
@@ -78,8 +91,62 @@ class LoRA:
         return [Path(output_dir) / LORA_WEIGHT_NAME]
 
 
+class Full:
+    name = "sft"
+
+    def check_args(self, args, transformer_config):
+        return []
+
+    def prepare(self, transformer, args):
+        transformer.requires_grad_(True)
+        _to_master_dtype(transformer.parameters(), args)
+
+    def trainable_parameters(self, transformer):
+        return [p for p in transformer.parameters() if p.requires_grad]
+
+    def save(self, transformer, directory, pipeline_class, dtype=None):
+        """`transformer/` in diffusers format (sharded safetensors); `dtype` casts a copy of each tensor."""
+        state = None
+        if dtype is not None:
+            state = {k: v.detach().to("cpu", dtype) for k, v in transformer.state_dict().items()}
+        transformer.save_pretrained(
+            Path(directory) / TRANSFORMER_FOLDER, safe_serialization=True, max_shard_size="5GB", state_dict=state
+        )
+
+    def load(self, transformer, directory, pipeline_class):
+        """Weights from a checkpoint's `transformer/`, one shard at a time (no second model in memory)."""
+        from safetensors.torch import load_file
+
+        folder = Path(directory) / TRANSFORMER_FOLDER
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "diffusion_pytorch_model.safetensors"
+        ]
+        expected, loaded = set(transformer.state_dict()), set()
+        for shard in shards:
+            tensors = load_file(folder / shard)
+            transformer.load_state_dict(tensors, strict=False)
+            loaded |= set(tensors)
+        if expected - loaded:
+            raise RuntimeError(f"{folder}: {len(expected - loaded)} weights missing, e.g. {sorted(expected - loaded)[0]}")
+
+    def inference_components(self, directory, dtype):
+        from diffusers import CogVideoXTransformer3DModel
+
+        return {"transformer": CogVideoXTransformer3DModel.from_pretrained(Path(directory) / TRANSFORMER_FOLDER, torch_dtype=dtype)}
+
+    def apply_to_pipeline(self, pipe, directory):
+        return pipe
+
+    def artifact_paths(self, output_dir):
+        return [Path(output_dir) / TRANSFORMER_FOLDER]
+
+
+MODES = {"lora": LoRA, "sft": Full}
+
+
 def cast_frozen(transformer, dtype):
-    """Frozen weights in the compute dtype; trainable ones stay fp32."""
+    """Frozen weights in the compute dtype; trainable ones stay in the master dtype."""
     for parameter in transformer.parameters():
         if not parameter.requires_grad:
             parameter.data = parameter.data.to(dtype)
@@ -87,5 +154,3 @@ def cast_frozen(transformer, dtype):
 
 def count_parameters(parameters):
     return sum(p.numel() for p in parameters)
-
-

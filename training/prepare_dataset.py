@@ -221,6 +221,7 @@ def prepare(args):
                         entry["prompt_embeds"] = embeds[j].cpu()
                         if image_dist is not None:
                             entry["image_latent_dist"] = image_dist[j].cpu()
+                            entry["first_frame"] = batch["image"][j].to(dtype)
                 for j, sample_index in enumerate(batch["index"]):
                     position = position_of[sample_index]
                     stem, item = stems[position], usable[position]

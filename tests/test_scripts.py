@@ -3,6 +3,7 @@
 import os
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +12,19 @@ from training.args import build_parser
 from training.prepare_dataset import build_parser as build_prepare_parser
 
 
-def _dry_run(script, **env):
-    result = subprocess.run(
-        ["bash", str(ROOT / script)], capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, DRY_RUN="1", **env), cwd=ROOT,
+def _run_script(script, cwd=ROOT, **env):
+    """Run a top-level script with these environment settings added (None removes one)."""
+    environment = {name: value for name, value in dict(os.environ, **env).items() if value is not None}
+    return subprocess.run(
+        ["bash", str(ROOT / script)], capture_output=True, text=True, timeout=60, env=environment, cwd=cwd,
     )
+
+
+def _dry_run(script, cwd=ROOT, stderr=None, **env):
+    result = _run_script(script, cwd=cwd, DRY_RUN="1", **env)
     assert result.returncode == 0, result.stderr
+    if stderr is not None:
+        stderr.append(result.stderr)
     return [shlex.split(line) for line in result.stdout.splitlines() if ".py" in line]
 
 
@@ -54,3 +62,126 @@ def test_prepare_script_command_parses(num_gpus, launcher):
     assert command[0] == launcher
     args = build_prepare_parser().parse_args(_script_args(command))
     assert args.save_latents_and_embeddings and args.id_token == "BW_STYLE"
+
+
+def _launch_option(command, name):
+    return command[command.index(name) + 1]
+
+
+# Upstream's defaults for each sweep script (a-r-r-o-w/cogvideox-factory at 80d1150), as parsed flags.
+COMMON = dict(
+    height_buckets=[480], width_buckets=[720], lr_scheduler="cosine_with_restarts", train_batch_size=1,
+    dataloader_num_workers=8, pin_memory=True, seed=42, mixed_precision="bf16", lr_num_cycles=1,
+    gradient_checkpointing=True, enable_slicing=True, enable_tiling=True, beta1=0.9, beta2=0.95,
+    weight_decay=0.001, max_grad_norm=1.0, allow_tf32=True, report_to="wandb", nccl_timeout=1800,
+)
+EXPECTED = {
+    "train_text_to_video_lora.sh": dict(
+        trainer="cogvideox_text_to_video_lora.py", runs=4, config="accelerate_configs/uncompiled_1.yaml", gpus="0",
+        pretrained_model_name_or_path="THUDM/CogVideoX-5b", id_token="BW_STYLE", caption_column="prompts.txt",
+        frame_buckets=[49], max_num_frames=49, rank=128, lora_alpha=128, max_train_steps=3000, validation_epochs=10,
+        checkpointing_steps=1000, gradient_accumulation_steps=1, lr_warmup_steps=400, load_tensors=True,
+        enable_model_cpu_offload=True,
+    ),
+    "train_text_to_video_sft.sh": dict(
+        trainer="cogvideox_text_to_video_sft.py", runs=1, config="accelerate_configs/uncompiled_1.yaml", gpus="0",
+        pretrained_model_name_or_path="THUDM/CogVideoX-5b", id_token=None, caption_column="captions.txt",
+        data_root="data/tom-and-jerry", frame_buckets=[49], max_num_frames=49, learning_rate=1e-4, optimizer="adamw",
+        max_train_steps=20000, validation_epochs=1, checkpointing_steps=2000, gradient_accumulation_steps=4,
+        lr_warmup_steps=800, load_tensors=False, enable_model_cpu_offload=False,
+    ),
+    "train_image_to_video_lora.sh": dict(
+        trainer="cogvideox_image_to_video_lora.py", runs=4, config="accelerate_configs/uncompiled_1.yaml", gpus="0",
+        pretrained_model_name_or_path="THUDM/CogVideoX-5b-I2V", id_token="BW_STYLE", caption_column="prompt.txt",
+        data_root="data/disney", frame_buckets=[49], max_num_frames=49, rank=128, lora_alpha=128,
+        noised_image_dropout=0.05, max_train_steps=3000, checkpointing_steps=1000, gradient_accumulation_steps=1,
+        lr_warmup_steps=400, load_tensors=False, enable_model_cpu_offload=False,
+    ),
+    "train_image_to_video_sft.sh": dict(
+        trainer="cogvideox_image_to_video_sft.py", runs=1, config="accelerate_configs/deepspeed.yaml", gpus="0,1",
+        pretrained_model_name_or_path="THUDM/CogVideoX1.5-5B-I2V", id_token="BW_STYLE", caption_column="prompt.txt",
+        data_root="data/disney", frame_buckets=[77], max_num_frames=77, noised_image_dropout=0.05,
+        learning_rate=1e-4, optimizer="adamw", max_train_steps=20000, checkpointing_steps=2000,
+        # upstream: 4; our trainer rejects accumulation under DeepSpeed, so the script keeps 1
+        gradient_accumulation_steps=1, lr_warmup_steps=800, load_tensors=False, enable_model_cpu_offload=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_every_sweep_script_carries_upstream_defaults(script, tmp_path):
+    expected = dict(EXPECTED[script])
+    trainer, runs = expected.pop("trainer"), expected.pop("runs")
+    config, gpus = expected.pop("config"), expected.pop("gpus")
+    env = {"DATA_ROOT": str(tmp_path)} if expected["load_tensors"] else {}
+    (tmp_path / "manifest.json").write_text("{}")
+    commands = _dry_run(script, **env)
+    assert len(commands) == runs
+    outputs = set()
+    for command in commands:
+        assert command[:2] == ["accelerate", "launch"]
+        assert _launch_option(command, "--config_file") == config and _launch_option(command, "--gpu_ids") == gpus
+        (trainer_path,) = [word for word in command if word.endswith(".py")]
+        assert trainer_path == f"training/{trainer}" and (ROOT / trainer_path).is_file()
+        args = build_parser().parse_args(_script_args(command))
+        for name, value in {**COMMON, **expected}.items():
+            assert getattr(args, name) == value, name
+        if "lora" not in trainer:
+            assert "--rank" not in command and "--lora_alpha" not in command
+        if "image_to_video" in trainer:
+            assert args.validation_prompt is None and args.validation_images is None  # no images given
+        else:
+            assert len(args.validation_prompt.split(args.validation_prompt_separator)) == 2
+        outputs.add(args.output_dir)
+    assert len(outputs) == runs
+    assert len({Path(output).name.split("__")[0] for output in outputs}) == 1
+
+
+def test_sweep_scripts_write_to_separate_output_folders():
+    names = set()
+    for script in EXPECTED:
+        (command, *_) = _dry_run(script, LEARNING_RATES="1e-4", OPTIMIZERS="adamw", MAX_TRAIN_STEPS="10")
+        names.add(Path(_launch_option(command, "--output_dir")).name)
+    assert len(names) == len(EXPECTED)
+
+
+@pytest.mark.parametrize("script", ["train_image_to_video_lora.sh", "train_image_to_video_sft.sh"])
+def test_image_to_video_validation_images(script, tmp_path):
+    stderr = []
+    (command, *_) = _dry_run(script, stderr=stderr)
+    assert "--validation_prompt" not in command and "VALIDATION_IMAGES is empty" in stderr[0]
+
+    (tmp_path / "first.png").write_bytes(b"")
+    (tmp_path / "second.png").write_bytes(b"")
+    # Relative paths are taken from the directory the script is run from.
+    commands = _dry_run(script, cwd=tmp_path, stderr=stderr, VALIDATION_IMAGES="first.png:::second.png")
+    for command in commands:
+        args = build_parser().parse_args(_script_args(command))
+        prompts = args.validation_prompt.split(args.validation_prompt_separator)
+        images = args.validation_images.split(args.validation_prompt_separator)
+        assert images == [str(tmp_path / "first.png"), str(tmp_path / "second.png")]
+        assert len(prompts) == len(images) and all(prompt.startswith("BW_STYLE ") for prompt in prompts)
+    assert "VALIDATION_IMAGES is empty" not in stderr[1]
+
+    result = _run_script(script, DRY_RUN="1", VALIDATION_IMAGES=str(tmp_path / "first.png"))
+    assert result.returncode != 0 and "1 images for 2 prompts" in result.stderr
+
+
+def test_image_to_video_sft_environment_and_deepspeed_accumulation(tmp_path):
+    launcher = tmp_path / "accelerate"
+    launcher.write_text(
+        '#!/usr/bin/env bash\n'
+        'echo "$TOKENIZERS_PARALLELISM $OMP_NUM_THREADS $NCCL_P2P_DISABLE $WANDB_MODE" >"$(dirname "$0")/env.txt"\n'
+        'printf "%s\\n" "$@" >"$(dirname "$0")/args.txt"\n'
+    )
+    launcher.chmod(0o755)
+    unset = dict.fromkeys(["TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "NCCL_P2P_DISABLE", "WANDB_MODE"])
+    result = _run_script("train_image_to_video_sft.sh", ACCELERATE_BIN=str(launcher), TRAIN_BATCH_SIZE="2", **unset)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "env.txt").read_text().split() == ["true", "16", "0", "offline"]
+    command = (tmp_path / "args.txt").read_text().splitlines()
+    args = build_parser().parse_args(_script_args(command))
+    assert args.train_batch_size == 2 and args.gradient_accumulation_steps == 1
+
+    result = _run_script("train_image_to_video_sft.sh", ACCELERATE_BIN=str(launcher), GRADIENT_ACCUMULATION_STEPS="4")
+    assert result.returncode != 0 and "DeepSpeed" in result.stderr and "TRAIN_BATCH_SIZE" in result.stderr

@@ -128,3 +128,22 @@ def test_frame_rule_for_cogvideox_1_5():
 def test_optimizer_and_lora_flag_combinations(capsys, tiny_model_2b, tmp_path, changes, expected):
     lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
     assert any(expected in line for line in lines), lines
+
+
+def test_load_tensors_refuses_latents_of_another_vae(capsys, tiny_models, tmp_path):
+    prepared = tmp_path / "prepared"
+    run_prepare(["--model_id", tiny_models("2b"), "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+                 "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+                 "--save_latents_and_embeddings", "--output_dir", str(prepared)])
+    model_15 = tiny_models("1.5")
+    capsys.readouterr()  # only the trainer's own messages below
+    argv = ["--pretrained_model_name_or_path", model_15, "--data_root", str(prepared), "--load_tensors",
+            "--output_dir", str(tmp_path / "o"), "--frame_buckets", "13"]
+    lines = _errors(capsys, argv)
+    assert any("latents were made by the VAE of" in line and "re-run prepare_dataset.py with --model_id" in line
+               for line in lines), lines
+    # Same VAE and text encoder architecture (2b and 5b share them): accepted.
+    argv[1] = tiny_models("5b")
+    argv[argv.index("--frame_buckets") + 1] = "9"
+    summary = run_trainer([*argv, "--max_train_steps", "1", "--train_batch_size", "2"])
+    assert summary["global_step"] == 1

@@ -98,20 +98,22 @@ def test_dataset_items_have_their_bucket_shape_and_range():
             assert video.min() >= -1 and video.max() <= 1
 
 
-def test_random_flip_is_one_decision_per_clip():
+def test_random_flip_is_one_decision_per_clip_and_repeatable():
     samples = load_samples(ASSETS, None, "prompts.txt", "videos.txt")
     items = assign_buckets(samples, **BUCKETS)[0]
     plain = VideoDataset(items)
-    flipping = VideoDataset(items, random_flip=0.5)
-    torch.manual_seed(0)
+    flipping = VideoDataset(items, random_flip=0.5, seed=4)
     outcomes = set()
-    for _ in range(6):
+    for epoch in range(4):
+        flipping.set_epoch(epoch)
         for position in range(len(plain)):
             reference, video = plain[position]["video"], flipping[position]["video"]
             per_frame = [torch.equal(video[f], reference[f].flip(-1)) for f in range(video.shape[0])]
             assert all(per_frame) or not any(per_frame)
             assert all(per_frame) or torch.equal(video, reference)
             outcomes.add(all(per_frame))
+            # The same (seed, epoch, position) gives the same clip, whichever worker or order loads it.
+            assert torch.equal(video, flipping[position]["video"])
     assert outcomes == {True, False}
 
 

@@ -26,8 +26,13 @@ class UsageError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. the loss became NaN); the message says what to do."""
+
+
 def exit_on_usage_error(function):
-    """Run `function(argv)`; turn a UsageError into `error: ...` lines and exit status 2."""
+    """Run `function(argv)`; a UsageError becomes `error: ...` lines and exit status 2, a TrainingError
+    one `error: ...` line and exit status 1 (no traceback: the message is the whole story)."""
 
     def wrapper(argv=None):
         try:
@@ -36,6 +41,9 @@ def exit_on_usage_error(function):
             for problem in error.problems:
                 print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
+        except TrainingError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__

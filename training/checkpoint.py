@@ -13,6 +13,14 @@ STATE_FILE = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def simulate_crash(where, step):
+    """Tests only: COGVIDEOX_FACTORY_CRASH_AT="step:K" or "checkpoint:K" SIGKILLs this process there."""
+    if os.environ.get("COGVIDEOX_FACTORY_CRASH_AT") == f"{where}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def complete_checkpoints(output_dir):
     """[(step, path)] of finished checkpoints, oldest first."""
     root = Path(output_dir)
@@ -55,6 +63,7 @@ def save_checkpoint(accelerator, output_dir, step, state, total_limit=None):
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every rank's RNG file is in before the folder is renamed
+    simulate_crash("checkpoint", step)
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import memory
-from .args import UsageError, exit_on_usage_error, parse_args, validate_training_args
+from .args import TrainingError, UsageError, exit_on_usage_error, parse_args, validate_training_args
 from .dataset import (
     BucketBatchSampler,
     PrecomputedDataset,
@@ -54,10 +54,6 @@ logger = logging.getLogger("cogvideox_factory")
 warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
 
 SKIP_REPORT = "skipped_samples.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. the loss became NaN); the message says what to do."""
 
 
 @dataclass
@@ -148,7 +144,9 @@ def build_dataset(args, conditioning, transformer_config, accelerator):
     if not usable:
         reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
         raise UsageError(["no usable sample: every clip was skipped"] + reasons)
-    dataset = VideoDataset(usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video)
+    dataset = VideoDataset(
+        usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video, seed=args.seed or 0
+    )
     return dataset, skipped
 
 
@@ -208,7 +206,6 @@ def build_dataloader(args, dataset, accelerator):
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         pin_memory=args.pin_memory and torch.cuda.is_available(),
-        persistent_workers=args.dataloader_num_workers > 0,
         # Its own generator: making an iterator must not draw from the global RNG, or a resumed
         # run's noise would differ from an uninterrupted one.
         generator=torch.Generator().manual_seed(args.seed or 0),
@@ -527,6 +524,8 @@ def run(argv, conditioning, mode):
         transformer.train()
         start = skip_batches if epoch == first_epoch else 0
         sampler.set_epoch(epoch, start_batch=start)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         batches_in_epoch = start
         batches_this_epoch = len(sampler)
         accumulated = torch.zeros((), device=accelerator.device)
@@ -552,7 +551,9 @@ def run(argv, conditioning, mode):
             mean_loss = accelerator.reduce(accumulated / micro, reduction="mean").item()  # one host sync per step
             accumulated.zero_()
             micro = 0
+            ckpt.simulate_crash("step", global_step)
             if not math.isfinite(mean_loss):
+                progress.close()  # end the bar's line so the error stands on its own
                 last = ckpt.complete_checkpoints(args.output_dir)
                 where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
                 raise TrainingError(

@@ -198,13 +198,22 @@ def fit_to_bucket(frames, height, width, reshape_mode=None, generator=None):
 
 
 class VideoDataset(Dataset):
-    """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers."""
+    """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers.
 
-    def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False):
+    Random choices (flip, crop offset) come from a generator seeded by (seed, epoch, position),
+    so they do not depend on which worker loads the item, and a resumed run repeats them.
+    """
+
+    def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False, seed=0):
         self.items = list(bucketed_samples)
         self.video_reshape_mode = video_reshape_mode
         self.random_flip = random_flip
         self.image_to_video = image_to_video
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch  # workers are not persistent: each epoch's workers get a fresh copy
 
     def __len__(self):
         return len(self.items)
@@ -215,10 +224,11 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, position):
         item = self.items[position]
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, position)) % (2**63))
         frames, height, width = item.bucket
         raw = read_frames(item.sample.video_path, item.frame_indices)
-        video = fit_to_bucket(raw, height, width, self.video_reshape_mode)
-        if self.random_flip and torch.rand(()) < self.random_flip:
+        video = fit_to_bucket(raw, height, width, self.video_reshape_mode, generator=generator)
+        if self.random_flip and torch.rand((), generator=generator) < self.random_flip:
             video = video.flip(-1)  # one decision for the whole clip, not per frame
         return {
             "index": item.sample.index,

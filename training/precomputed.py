@@ -18,6 +18,25 @@ MANIFEST = "manifest.json"
 FORMAT = "cogvideox-factory/precomputed-v1"
 
 
+def vae_fingerprint(args):
+    """The VAE's config (what decides its latents), from `args.pretrained_model_name_or_path` or `args.model_id`."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
+    config = AutoencoderKLCogVideoX.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def text_encoder_fingerprint(args):
+    """The text encoder's architecture settings (not the weights: they are identified by the model path)."""
+    from transformers import AutoConfig
+
+    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
+    config = AutoConfig.from_pretrained(path, subfolder="text_encoder", revision=args.revision, cache_dir=args.cache_dir)
+    keys = ("model_type", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "vocab_size", "feed_forward_proj")
+    return {k: getattr(config, k, None) for k in keys}
+
+
 def load_manifest(data_root):
     path = Path(data_root) / MANIFEST
     try:
@@ -50,6 +69,11 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
             f"{where}: latents have {model['latent_channels']} channels, the model expects "
             f"{transformer_config['out_channels']}: they were made with another VAE ({model['path']})"
         )
+    made_with = f"re-run prepare_dataset.py with --model_id {args.pretrained_model_name_or_path}"
+    if settings.get("vae_config") is not None and settings["vae_config"] != vae_fingerprint(args):
+        problems.append(f"{where}: latents were made by the VAE of {model['path']}, which differs from this model's; {made_with}")
+    if settings.get("text_encoder_config") is not None and settings["text_encoder_config"] != text_encoder_fingerprint(args):
+        problems.append(f"{where}: prompts were embedded by the text encoder of {model['path']}, which differs; {made_with}")
     if conditioning.image_to_video and not settings.get("image_latents"):
         problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
     token = (args.id_token or "").strip()

@@ -146,12 +146,11 @@ def _barrier(world_size):
 
 def prepare(args):
     import torch
-    from diffusers import AutoencoderKLCogVideoX
     from tqdm.auto import tqdm
 
     from training.dataset import BucketBatchSampler, VideoDataset, assign_buckets, collate, load_samples, write_skip_report
     from training.models import encode_prompts, encode_video_distribution, load_text_encoder, load_tokenizer, load_vae
-    from training.precomputed import FORMAT, MANIFEST
+    from training.precomputed import FORMAT, MANIFEST, text_encoder_fingerprint, vae_fingerprint
 
     transformer_config = validate(args)
     rank, world_size, device = _distributed()
@@ -166,14 +165,13 @@ def prepare(args):
         samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
         args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8,
     )
-    vae_config = AutoencoderKLCogVideoX.load_config(
-        args.model_id, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
-    )
+    vae_config = vae_fingerprint(args)
     settings = {
         "model": args.model_id,
         "revision": args.revision,
-        "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
+        "vae_config": vae_config,
         "text_embed_dim": transformer_config["text_embed_dim"],
+        "text_encoder_config": text_encoder_fingerprint(args),
         "max_sequence_length": args.max_sequence_length,
         "dtype": args.dtype,
         "video_reshape_mode": args.video_reshape_mode,

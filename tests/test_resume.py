@@ -1,0 +1,88 @@
+"""Long-run guarantees: a run killed with SIGKILL resumes to bitwise the same weights; NaN stops the run."""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ASSETS, ROOT, lora_argv, run_trainer
+
+
+RANDOM_DATA = ["--random_flip", "0.5", "--video_reshape_mode", "random", "--dataloader_num_workers", "2"]
+
+
+def _killed_run(trainer, argv, crash_at):
+    command = [sys.executable, ROOT / "training" / f"{trainer}.py", *argv]
+    env = dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at)
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no cleanup ran
+
+
+def _weights(output, trainer):
+    if trainer.endswith("sft"):
+        return load_file(output / "transformer" / "diffusion_pytorch_model.safetensors")
+    return load_file(output / "pytorch_lora_weights.safetensors")
+
+
+def _main(trainer):
+    import importlib
+
+    return importlib.import_module(f"training.{trainer}").main
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_2b, tmp_path_factory):
+    """Reference runs, never killed: 6 steps with random flips and crops, 2 loader workers."""
+    runs = {}
+    for trainer in ("cogvideox_text_to_video_lora", "cogvideox_text_to_video_sft"):
+        output = tmp_path_factory.mktemp(trainer)
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                              *RANDOM_DATA), main=_main(trainer))
+        runs[trainer] = _weights(output, trainer)
+    return runs
+
+
+@pytest.mark.parametrize("trainer", ["cogvideox_text_to_video_lora", "cogvideox_text_to_video_sft"])
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tiny_model_2b, tmp_path, uninterrupted, trainer):
+    output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "6", "--checkpointing_steps", "2", *RANDOM_DATA)
+    step = random.Random().randint(3, 5)
+    _killed_run(trainer, argv, f"step:{step}")
+    assert not (output / "summary.json").exists()
+    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=_main(trainer))
+    assert summary["global_step"] == 6
+    ours, reference = _weights(output, trainer), uninterrupted[trainer]
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours), f"killed at step {step}"
+
+
+def test_kill_while_writing_a_checkpoint_never_leaves_a_picked_partial(tiny_model_2b, tmp_path, uninterrupted):
+    trainer = "cogvideox_text_to_video_lora"
+    output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                     "--checkpoints_total_limit", "1", *RANDOM_DATA)
+    _killed_run(trainer, argv, "checkpoint:4")
+    assert (output / ".checkpoint-4.partial").is_dir() and not (output / "checkpoint-4").exists()
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-2"]
+    run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=_main(trainer))
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-6"]  # the limit keeps exactly the newest
+    ours = _weights(output, trainer)
+    assert all(torch.equal(ours[k], uninterrupted[trainer][k]) for k in ours)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(capsys, tiny_model_2b, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "8", "--checkpointing_steps", "1",
+                              "--learning_rate", "1e30", "--max_grad_norm", "1e30", "--optimizer", "adam"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-1500:]
+    line = lines[0]
+    assert "loss became" in line and " at step " in line and "the last good checkpoint is" in line
+    assert not (output / "pytorch_lora_weights.safetensors").exists()

@@ -267,3 +267,23 @@ def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
     assert "resumed from" in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["parity"]["exact"]
+
+
+def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
+    """accelerate keeps the torch.compile wrapper by default; its `_orig_mod.` prefix must not reach the LoRA file."""
+    from accelerate import Accelerator
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    from types import SimpleNamespace
+
+    from training.core import unwrap
+    from training.modes import LoRA
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
+    mode = LoRA()
+    mode.prepare(transformer, SimpleNamespace(rank=2, lora_alpha=2, lora_target_modules="to_q,to_v", master_weight_dtype="fp32"))
+    plain = unwrap(Accelerator(cpu=True), torch.compile(transformer))  # compile is lazy: nothing is built here
+    assert plain is transformer
+    mode.save(plain, tmp_path, CogVideoXPipeline)
+    assert not [k for k in load_file(tmp_path / "pytorch_lora_weights.safetensors") if "_orig_mod" in k]
+    pipe = CogVideoXPipeline.from_pretrained(tiny_model_2b)
+    mode.apply_to_pipeline(pipe, tmp_path)  # raises if a saved tensor does not arrive

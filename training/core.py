@@ -116,6 +116,15 @@ def build_accelerator(args):
     return accelerator
 
 
+def unwrap(accelerator, model):
+    """The plain transformer: no DDP/DeepSpeed wrapper and no torch.compile wrapper (whose `_orig_mod.`
+    prefix would otherwise end up in every saved key)."""
+    try:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    except TypeError:  # accelerate < 1.2 always strips the compile wrapper
+        return accelerator.unwrap_model(model)
+
+
 def weight_dtype_of(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -363,7 +372,7 @@ def run_validation(args, conditioning, context, transformer, step, tag="validati
         return
     logger.info("running validation at step %d: %d prompt(s)", step, len(cases))
     logger.info(memory.format_stats("before validation", memory.memory_stats(accelerator.device)))
-    model = accelerator.unwrap_model(transformer)
+    model = unwrap(accelerator, transformer)
     was_training = model.training
     model.eval()
     encoders = {}  # reuse what training already holds in memory
@@ -595,7 +604,7 @@ def run(argv, conditioning, mode):
     # 7. The artifact first (nothing lost if what follows runs out of memory), then a last validation
     #    with the in-memory model, then a final test that loads the artifact back from disk.
     summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped)}
-    model = accelerator.unwrap_model(transformer)
+    model = unwrap(accelerator, transformer)
     if accelerator.is_main_process:
         mode.save(model, args.output_dir, conditioning.pipeline_class, dtype=weight_dtype)
         logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
@@ -625,14 +634,14 @@ def _register_checkpoint_hooks(accelerator, mode, conditioning):
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                mode.save(accelerator.unwrap_model(model), output_dir, conditioning.pipeline_class)
+                mode.save(unwrap(accelerator, model), output_dir, conditioning.pipeline_class)
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
             model = models.pop()
-            mode.load(accelerator.unwrap_model(model), input_dir, conditioning.pipeline_class)
+            mode.load(unwrap(accelerator, model), input_dir, conditioning.pipeline_class)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

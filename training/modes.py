@@ -83,8 +83,16 @@ class LoRA:
 
     def apply_to_pipeline(self, pipe, directory):
         """Load the saved artifact into a fresh inference pipeline, as a user would."""
+        from safetensors import safe_open
+
         pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
         pipe.set_adapters([ADAPTER_NAME], [1.0])
+        # diffusers only warns about keys it cannot place: check every saved tensor arrived.
+        with safe_open(Path(directory) / LORA_WEIGHT_NAME, "pt") as f:
+            saved = len(list(f.keys()))
+        loaded = [p for n, p in pipe.transformer.named_parameters() if f".{ADAPTER_NAME}." in n and p.device.type != "meta"]
+        if len(loaded) != saved:
+            raise RuntimeError(f"{directory}: only {len(loaded)} of {saved} saved LoRA tensors load into the pipeline")
         return pipe
 
     def artifact_paths(self, output_dir):

@@ -196,7 +196,7 @@ def test_a_short_clip_is_skipped_and_reported(tiny_model_2b, clips, tmp_path):
     with open(clips / "videos.txt", "a") as f:
         f.write("videos/short.mp4\n")
     output = tmp_path / "run"
-    summary = run_trainer(lora_argv(tiny_model_2b, clips, output, "--max_train_steps", "1"))
+    summary = run_trainer(lora_argv(tiny_model_2b, clips, output, "--max_train_steps", "1", "--skip_bad_samples"))
     assert summary["skipped_samples"] == 1
     (line,) = (output / "skipped_samples.jsonl").read_text().splitlines()
     report = json.loads(line)

@@ -123,6 +123,12 @@ def add_dataset_arguments(parser, caption_column_default="text"):
         help="How a clip is fitted to its resolution bucket: not given = stretch to the bucket; center/random "
         "= resize keeping aspect ratio, then crop (centre or random offset); none = same as random.",
     )
+    group.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="Go on without unusable samples (unreadable, too short, empty caption), listing them in "
+        "skipped_samples.jsonl in the output folder. Without it such samples stop the run before any model loads.",
+    )
     group.add_argument("--max_num_frames", type=int, default=49, help="Most frames taken from one clip.")
     group.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
     group.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")

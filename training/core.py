@@ -27,6 +27,7 @@ from .dataset import (
     PrecomputedDataset,
     VideoDataset,
     assign_buckets,
+    bad_sample_error,
     collate,
     load_samples,
     write_skip_report,
@@ -188,12 +189,15 @@ def _select_entries(args, entries):
     return [by_stem[Path(line).stem] for line in lines]
 
 
-def report_skipped(skipped, output_dir, accelerator):
+def report_skipped(skipped, args, accelerator):
+    """Unusable samples stop the run before any model loads, unless --skip_bad_samples; listed either way."""
     if not skipped:
         return
-    path = Path(output_dir) / SKIP_REPORT
+    path = Path(args.output_dir) / SKIP_REPORT
     if accelerator.is_main_process:
         write_skip_report(skipped, path)
+    if not args.skip_bad_samples:
+        raise bad_sample_error(skipped, path)
     logger.warning("%d sample(s) skipped; each is listed with its reason in %s", len(skipped), path)
     for entry in skipped[:5]:
         logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
@@ -468,7 +472,7 @@ def run(argv, conditioning, mode):
 
     # 2. Data (cheap: headers only), so bad data fails before models load.
     dataset, skipped = build_dataset(args, conditioning, transformer_config, accelerator)
-    report_skipped(skipped, args.output_dir, accelerator)
+    report_skipped(skipped, args, accelerator)
     dataloader, sampler = build_dataloader(args, dataset, accelerator)
 
     # 3. Models. The trainable part is decided by the mode.

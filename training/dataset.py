@@ -71,7 +71,8 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
             f"entry per sample, in the same order"
         )
     samples = [
-        Sample(index=i, caption=with_id_token(caption, id_token), video_path=(root / video))
+        # An empty caption stays empty (not just the id token) so the scan reports it.
+        Sample(index=i, caption=with_id_token(caption, id_token) if caption else "", video_path=(root / video))
         for i, (caption, video) in enumerate(zip(captions, videos))
     ]
     if not samples:
@@ -136,6 +137,9 @@ def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_nu
 
     usable, skipped = [], []
     for sample, info in zip(samples, infos):
+        if not sample.caption.strip():
+            skipped.append(SkippedSample(sample.index, str(sample.video_path), "empty caption"))
+            continue
         if isinstance(info, VideoReadError):
             skipped.append(SkippedSample(sample.index, str(sample.video_path), str(info)))
             continue
@@ -156,6 +160,20 @@ def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_nu
         indices = frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end)
         usable.append(BucketedSample(sample, (frames, height, width), tuple(indices)))
     return usable, skipped
+
+
+def bad_sample_error(skipped, report_path, what="training"):
+    """UsageError listing every unusable sample (the first 20 in full) and how to go on."""
+    from .args import UsageError
+
+    lines = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:20]]
+    if len(skipped) > 20:
+        lines.append(f"... and {len(skipped) - 20} more")
+    lines.append(
+        f"{len(skipped)} sample(s) cannot be used (all listed in {report_path}); fix or remove them, or pass "
+        f"--skip_bad_samples to go on with the rest ({what} has not started)"
+    )
+    return UsageError(lines)
 
 
 def write_skip_report(skipped, path):

@@ -37,6 +37,18 @@ def text_encoder_fingerprint(args):
     return {k: getattr(config, k, None) for k in keys}
 
 
+def readable_entry(path):
+    """True for a complete safetensors file (a truncated one has an unreadable header or short data)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            return bool(keys) and f.get_slice(keys[-1]) is not None
+    except Exception:
+        return False
+
+
 def load_manifest(data_root):
     path = Path(data_root) / MANIFEST
     try:
@@ -91,4 +103,11 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
     missing = [e["file"] for e in manifest["entries"] if not (Path(args.data_root) / e["file"]).is_file()]
     if missing:
         problems.append(f"{where}: {len(missing)} prepared file(s) missing, e.g. {missing[0]}; re-run prepare_dataset.py")
+    broken = [e["file"] for e in manifest["entries"]
+              if e["file"] not in missing and not readable_entry(Path(args.data_root) / e["file"])]
+    if broken:
+        problems.append(
+            f"{where}: {len(broken)} prepared file(s) truncated or corrupt, e.g. {broken[0]}; re-run "
+            "prepare_dataset.py with the same flags (it recomputes exactly those)"
+        )
     return problems

@@ -148,9 +148,17 @@ def prepare(args):
     import torch
     from tqdm.auto import tqdm
 
-    from training.dataset import BucketBatchSampler, VideoDataset, assign_buckets, collate, load_samples, write_skip_report
+    from training.dataset import (
+        BucketBatchSampler,
+        VideoDataset,
+        assign_buckets,
+        bad_sample_error,
+        collate,
+        load_samples,
+        write_skip_report,
+    )
     from training.models import encode_prompts, encode_video_distribution, load_text_encoder, load_tokenizer, load_vae
-    from training.precomputed import FORMAT, MANIFEST, text_encoder_fingerprint, vae_fingerprint
+    from training.precomputed import FORMAT, MANIFEST, readable_entry, text_encoder_fingerprint, vae_fingerprint
 
     transformer_config = validate(args)
     rank, world_size, device = _distributed()
@@ -165,6 +173,10 @@ def prepare(args):
         samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
         args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8,
     )
+    if skipped and not args.skip_bad_samples:
+        if rank == 0:
+            write_skip_report(skipped, output / "skipped_samples.jsonl")
+        raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
     vae_config = vae_fingerprint(args)
     settings = {
         "model": args.model_id,
@@ -182,7 +194,7 @@ def prepare(args):
     stems = [entry_key(item, settings) for item in usable]
 
     def is_done(stem):
-        latents_ready = not args.save_latents_and_embeddings or (output / "latents" / f"{stem}.safetensors").is_file()
+        latents_ready = not args.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
         return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
 
     mine = [i for i in range(len(usable)) if i % world_size == rank and not is_done(stems[i])]

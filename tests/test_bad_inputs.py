@@ -1,0 +1,102 @@
+"""Broken samples among good ones: one report before any model loads; --skip_bad_samples trains on the rest."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_DATA_FLAGS, run_prepare, run_trainer
+
+
+@pytest.fixture()
+def broken_csv(clips):
+    """The bundled clips plus five unusable entries, in CSV mode."""
+    import imageio
+
+    videos = clips / "videos"
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "notes.mp4").write_text("this is not a video\n")
+    whole = (videos / "waves.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
+    imageio.mimwrite(videos / "short.mp4", [np.zeros((32, 32, 3), np.uint8)] * 3, fps=8, macro_block_size=1)
+    rows = list(csv.reader(open(clips / "metadata.csv")))
+    rows += [["videos/empty.mp4", "an empty file"], ["videos/notes.mp4", "a text file"],
+             ["videos/truncated.mp4", "a cut download"], ["videos/short.mp4", "three frames"],
+             ["videos/ball.mp4", ""]]
+    with open(clips / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return clips
+
+
+EXPECTED = {  # entry number -> what the report says
+    7: "cannot read as a video", 8: "cannot read as a video", 9: "cannot read as a video",
+    10: "fewer than the smallest frame bucket", 11: "empty caption",
+}
+
+
+def _argv(model, data, output):
+    return ["--pretrained_model_name_or_path", model, "--dataset_file", str(data / "metadata.csv"),
+            "--caption_column", "caption", "--video_column", "video", *TINY_DATA_FLAGS, "--output_dir", str(output),
+            "--max_train_steps", "2", "--train_batch_size", "2"]
+
+
+def test_bad_samples_stop_the_run_with_one_report(capsys, tiny_model_2b, broken_csv, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(_argv(tiny_model_2b, broken_csv, output))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 6
+    for entry, reason in EXPECTED.items():
+        assert any(line.startswith(f"error: entry {entry} (") and reason in line for line in lines), (entry, lines)
+    assert "pass --skip_bad_samples" in lines[-1] and "training has not started" in lines[-1]
+    report = [json.loads(line) for line in (output / "skipped_samples.jsonl").read_text().splitlines()]
+    assert sorted(r["entry"] for r in report) == sorted(EXPECTED)
+    assert not list(output.glob("checkpoint-*"))
+
+
+def test_skip_bad_samples_trains_on_the_rest_and_lists_them(tiny_model_2b, broken_csv, tmp_path):
+    output = tmp_path / "run"
+    summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--skip_bad_samples"])
+    assert summary["global_step"] == 2 and summary["skipped_samples"] == 5
+    report = {json.loads(line)["entry"]: json.loads(line)["reason"]
+              for line in (output / "skipped_samples.jsonl").read_text().splitlines()}
+    assert all(reason in report[entry] for entry, reason in EXPECTED.items())
+
+
+def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, tiny_model_2b, broken_csv, tmp_path):
+    output = tmp_path / "prepared"
+    argv = ["--model_id", tiny_model_2b, "--dataset_file", str(broken_csv / "metadata.csv"), "--caption_column", "caption",
+            "--video_column", "video", *TINY_DATA_FLAGS, "--max_sequence_length", "16", "--save_latents_and_embeddings",
+            "--output_dir", str(output)]
+    with pytest.raises(SystemExit):
+        run_prepare(argv)
+    assert "encoding has not started" in capsys.readouterr().err
+    assert not list((output / "latents").iterdir())
+    run_prepare([*argv, "--skip_bad_samples"])
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert len(manifest["entries"]) == 6 and len(manifest["skipped"]) == 5
+
+
+def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, tmp_path):
+    from conftest import ASSETS
+
+    output = tmp_path / "prepared"
+    argv = ["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+            "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+            "--save_latents_and_embeddings", "--output_dir", str(output)]
+    run_prepare(argv)
+    entry = sorted((output / "latents").iterdir())[0]
+    entry.write_bytes(entry.read_bytes()[:100])  # a write cut short
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(output), "--load_tensors",
+                     "--output_dir", str(tmp_path / "o")])
+    assert "1 prepared file(s) truncated or corrupt" in capsys.readouterr().err
+    from training.precomputed import readable_entry
+
+    others = {p: p.stat().st_mtime_ns for p in (output / "latents").iterdir() if p != entry}
+    run_prepare(argv)  # recomputes just that entry
+    assert readable_entry(entry) and "preparing (rank 0): 100%|██████████| 1/1" in capsys.readouterr().err
+    assert others == {p: p.stat().st_mtime_ns for p in others}

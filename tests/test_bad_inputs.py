@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import TINY_DATA_FLAGS, run_prepare, run_trainer
@@ -100,3 +101,71 @@ def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, 
     run_prepare(argv)  # recomputes just that entry
     assert readable_entry(entry) and "preparing (rank 0): 100%|██████████| 1/1" in capsys.readouterr().err
     assert others == {p: p.stat().st_mtime_ns for p in others}
+
+
+def test_notes_for_duplicates_upscaling_and_stretching(tiny_model_2b, clips, tmp_path):
+    import imageio
+
+    videos = clips / "videos"
+    imageio.mimwrite(videos / "tiny.mp4", [np.full((16, 16, 3), 90, np.uint8)] * 9, fps=8, macro_block_size=1)
+    imageio.mimwrite(videos / "strip.mp4", [np.full((32, 256, 3), 90, np.uint8)] * 9, fps=8, macro_block_size=1)
+    with open(clips / "prompts.txt", "a") as f:
+        f.write("a red ball bounces in the park\na tiny clip\na very wide strip\n")
+    with open(clips / "videos.txt", "a") as f:
+        f.write("videos/ball.mp4\nvideos/tiny.mp4\nvideos/strip.mp4\n")
+    output = tmp_path / "run"
+    run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(clips), "--caption_column",
+                 "prompts.txt", "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--output_dir", str(output),
+                 "--max_train_steps", "1"])
+    notes = [json.loads(line) for line in (output / "data_notes.jsonl").read_text().splitlines()]
+    reasons = {note["entry"]: note["reason"] for note in notes}
+    assert reasons[7] == "duplicate of entry 3"
+    assert reasons[8].startswith("upscaled from 16x16 to its bucket 32x32")
+    assert "stretched" in reasons[9] and "--video_reshape_mode center" in reasons[9]
+
+
+@pytest.mark.parametrize("pix_fmt, codec, suffix", [("gray", "libx264", "mp4"), ("rgba", "png", "mov")])
+def test_grayscale_and_alpha_videos_read_as_rgb(tmp_path, pix_fmt, codec, suffix):
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from training.video_io import probe_video, read_frames
+
+    source, path = tmp_path / "src.mp4", tmp_path / f"clip.{suffix}"
+    import imageio
+
+    imageio.mimwrite(source, [np.full((32, 64, 3), 40 * i, np.uint8) for i in range(5)], fps=8, macro_block_size=1)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(source), "-c:v", codec,
+                    "-pix_fmt", pix_fmt, str(path)], check=True)
+    assert probe_video(path).num_frames == 5
+    frames = read_frames(path, [0, 2, 4])
+    assert frames.shape == (3, 32, 64, 3) and frames.dtype == torch.uint8
+    assert frames[2].float().mean() > frames[0].float().mean() + 100  # content, not a blank decode
+
+
+def test_output_dir_below_a_file(capsys, tiny_model_2b, tmp_path):
+    from conftest import ASSETS
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column",
+                     "prompts.txt", "--video_column", "videos.txt", "--output_dir", str(tmp_path / "afile" / "run")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, tiny_model_2b, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from conftest import ASSETS
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemExit):
+        run_prepare(["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+                     "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+                     "--save_latents_and_embeddings", "--output_dir", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert "GiB but only 0.00 GiB are free there" in err
+    assert not list((tmp_path / "p" / "latents").iterdir())

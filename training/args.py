@@ -345,7 +345,9 @@ def check_output_dir(path, problems):
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        problems.append(f"--output_dir {path}: cannot create it ({probe} is a file, not a folder)")
+    elif not os.access(probe, os.W_OK):
         problems.append(f"--output_dir {path}: cannot write there ({probe} is not writable)")
 
 

@@ -28,6 +28,7 @@ from .dataset import (
     VideoDataset,
     assign_buckets,
     bad_sample_error,
+    data_notes,
     collate,
     load_samples,
     write_skip_report,
@@ -154,6 +155,7 @@ def build_dataset(args, conditioning, transformer_config, accelerator):
     if not usable:
         reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
         raise UsageError(["no usable sample: every clip was skipped"] + reasons)
+    report_notes(data_notes(usable, args.video_reshape_mode), args, accelerator)
     dataset = VideoDataset(
         usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video, seed=args.seed or 0
     )
@@ -187,6 +189,21 @@ def _select_entries(args, entries):
             [f"--load_tensors: {line} (in {listing}) has no prepared entry; re-run prepare_dataset.py" for line in missing[:10]]
         )
     return [by_stem[Path(line).stem] for line in lines]
+
+
+NOTES_REPORT = "data_notes.jsonl"
+
+
+def report_notes(notes, args, accelerator):
+    """Samples that train but deserve a look (duplicates, upscaling, stretching): warned and listed."""
+    if not notes:
+        return
+    path = Path(args.output_dir) / NOTES_REPORT
+    if accelerator.is_main_process:
+        write_skip_report(notes, path)
+    logger.warning("%d note(s) about the data, all in %s:", len(notes), path)
+    for note in notes[:5]:
+        logger.warning("  entry %d (%s): %s", note.index + 1, note.video_path, note.reason)
 
 
 def report_skipped(skipped, args, accelerator):

@@ -119,6 +119,7 @@ class BucketedSample:
     sample: Sample
     bucket: tuple  # (frames, height, width)
     frame_indices: tuple
+    source_size: tuple = (0, 0)  # (height, width) of the file
 
 
 def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_num_frames,
@@ -158,8 +159,34 @@ def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_nu
             continue
         height, width = choose_resolution_bucket(info.height, info.width, resolutions)
         indices = frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end)
-        usable.append(BucketedSample(sample, (frames, height, width), tuple(indices)))
+        usable.append(BucketedSample(sample, (frames, height, width), tuple(indices), (info.height, info.width)))
     return usable, skipped
+
+
+def data_notes(usable, video_reshape_mode=None):
+    """Usable samples that still deserve a look: duplicates, upscaled clips, strongly stretched clips.
+
+    Returns SkippedSample-shaped records (nothing is skipped: they train)."""
+    notes, seen = [], {}
+    for item in usable:
+        sample = item.sample
+        key = (str(Path(sample.video_path).resolve()), sample.caption)
+        if key in seen:
+            notes.append(SkippedSample(sample.index, str(sample.video_path), f"duplicate of entry {seen[key] + 1}"))
+        seen.setdefault(key, sample.index)
+        (src_h, src_w), (_, height, width) = item.source_size, item.bucket
+        if src_h < height and src_w < width:
+            notes.append(SkippedSample(sample.index, str(sample.video_path),
+                                       f"upscaled from {src_h}x{src_w} to its bucket {height}x{width} (blurrier)"))
+        if video_reshape_mode is None and src_h and src_w:
+            stretch = (src_w / src_h) / (width / height)
+            if not 2 / 3 <= stretch <= 3 / 2:
+                notes.append(SkippedSample(
+                    sample.index, str(sample.video_path),
+                    f"aspect ratio {src_w / src_h:.2f} stretched to {width / height:.2f} for bucket {height}x{width}; "
+                    "add a closer bucket or use --video_reshape_mode center",
+                ))
+    return notes
 
 
 def bad_sample_error(skipped, report_path, what="training"):
@@ -177,7 +204,7 @@ def bad_sample_error(skipped, report_path, what="training"):
 
 
 def write_skip_report(skipped, path):
-    """One JSON line per skipped sample, so nothing the user gave disappears without a trace."""
+    """One JSON line per sample (skipped, or noted), so nothing the user gave disappears without a trace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

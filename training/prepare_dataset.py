@@ -101,6 +101,27 @@ def entry_key(item, settings):
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def check_free_space(output, buckets, vae_config, transformer_config, args):
+    """Stop before encoding if the entries still to write cannot fit on the disk (with 10 % to spare)."""
+    import shutil
+
+    element = 2 if args.dtype in ("fp16", "bf16") else 4
+    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    channels = 2 * vae_config["latent_channels"]  # mean and log-variance
+    needed = 0
+    for frames, height, width in buckets:
+        latent = channels * ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
+        image = (channels * (height // spatial) * (width // spatial) + 3 * height * width) if args.save_image_latents else 0
+        text = args.max_sequence_length * transformer_config["text_embed_dim"]
+        needed += (latent + image + text) * element
+    free = shutil.disk_usage(output).free
+    if needed * 1.1 > free:
+        raise UsageError(
+            f"--output_dir {output}: the prepared data need about {needed / 2**30:.2f} GiB but only "
+            f"{free / 2**30:.2f} GiB are free there; free space or choose another --output_dir"
+        )
+
+
 def _atomic_save(tensors, path, metadata):
     from safetensors.torch import save_file
 
@@ -154,6 +175,7 @@ def prepare(args):
         assign_buckets,
         bad_sample_error,
         collate,
+        data_notes,
         load_samples,
         write_skip_report,
     )
@@ -173,6 +195,11 @@ def prepare(args):
         samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
         args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8,
     )
+    notes = data_notes(usable, args.video_reshape_mode)
+    if notes and rank == 0:
+        write_skip_report(notes, output / "data_notes.jsonl")
+        logger.warning("%d note(s) about the data (duplicates, upscaling, stretching), all in %s", len(notes),
+                       output / "data_notes.jsonl")
     if skipped and not args.skip_bad_samples:
         if rank == 0:
             write_skip_report(skipped, output / "skipped_samples.jsonl")
@@ -198,6 +225,9 @@ def prepare(args):
         return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
 
     mine = [i for i in range(len(usable)) if i % world_size == rank and not is_done(stems[i])]
+    if args.save_latents_and_embeddings and rank == 0:
+        check_free_space(output, [usable[i].bucket for i in range(len(usable)) if not is_done(stems[i])], vae_config,
+                         transformer_config, args)
     cached = sum(1 for i in range(len(usable)) if i % world_size == rank) - len(mine)
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(mine), cached)
 

@@ -147,3 +147,16 @@ def test_load_tensors_refuses_latents_of_another_vae(capsys, tiny_models, tmp_pa
     argv[argv.index("--frame_buckets") + 1] = "9"
     summary = run_trainer([*argv, "--max_train_steps", "1", "--train_batch_size", "2"])
     assert summary["global_step"] == 1
+
+
+def test_load_tensors_with_an_id_token_the_prepared_captions_lack(capsys, tiny_model_2b, tmp_path):
+    prepared = tmp_path / "prepared"
+    run_prepare(["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+                 "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+                 "--save_latents_and_embeddings", "--output_dir", str(prepared)])
+    capsys.readouterr()
+    lines = _errors(capsys, ["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(prepared),
+                             "--load_tensors", "--id_token", "BW_STYLE", "--output_dir", str(tmp_path / "o"),
+                             "--frame_buckets", "9"])
+    assert lines == ["error: --id_token BW_STYLE: the prepared captions do not start with it (prompts are embedded "
+                     "by prepare_dataset.py); re-run it with --id_token BW_STYLE, or drop --id_token here"]

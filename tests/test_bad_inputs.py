@@ -169,3 +169,25 @@ def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, tin
     err = capsys.readouterr().err
     assert "GiB but only 0.00 GiB are free there" in err
     assert not list((tmp_path / "p" / "latents").iterdir())
+
+
+def test_dry_run_shows_the_plan_and_trains_nothing(capsys, tiny_model_2b, broken_csv, tmp_path):
+    output = tmp_path / "run"
+    summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--dry_run", "--eval_split", "0.2"])
+    plan = summary["dry_run"]
+    assert plan["samples_for_training"] + plan["samples_held_out"] == 6
+    assert len(plan["samples_unusable"]) == 5 and sum(plan["buckets"].values()) == plan["samples_for_training"]
+    assert plan["trainable_parameters"] > 0 and plan["optimizer_steps"] == 2
+    out = capsys.readouterr().out
+    assert "dry run: nothing will be trained" in out and "the run would stop" in out
+    assert not (output / "pytorch_lora_weights.safetensors").exists() and not list(output.glob("checkpoint-*"))
+
+
+def test_prepare_dry_run_encodes_nothing(capsys, tiny_model_2b, broken_csv, tmp_path):
+    output = tmp_path / "prepared"
+    run_prepare(["--model_id", tiny_model_2b, "--dataset_file", str(broken_csv / "metadata.csv"), "--caption_column",
+                 "caption", "--video_column", "video", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
+                 "--save_latents_and_embeddings", "--output_dir", str(output), "--dry_run"])
+    out = capsys.readouterr().out
+    assert "usable samples: 6; to encode: 6" in out and "unusable samples: 5" in out
+    assert not list((output / "latents").iterdir()) and not (output / "manifest.json").exists()

@@ -163,6 +163,32 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Frames of validation videos (default: the largest frame bucket).",
     )
 
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, static "
+        "memory) and exit without loading any weights.",
+    )
+
+    group = parser.add_argument_group("Held-out evaluation")
+    group.add_argument(
+        "--eval_split",
+        type=float,
+        default=0.0,
+        help="Fraction of the samples held out of training (chosen by --seed) to measure an evaluation loss on.",
+    )
+    group.add_argument(
+        "--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (default: --checkpointing_steps)."
+    )
+    group.add_argument(
+        "--eval_timesteps",
+        nargs="+",
+        type=int,
+        default=[100, 300, 500, 700, 900],
+        help="Diffusion timesteps the evaluation loss averages over. Noise is fixed per sample and timestep, so "
+        "the number is comparable from one evaluation to the next.",
+    )
+
     group = parser.add_argument_group("Training")
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
@@ -402,6 +428,12 @@ def validate_training_args(args, conditioning, mode):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1 when given (got {value})")
+    if not 0.0 <= args.eval_split < 1.0:
+        problems.append(f"--eval_split must be at least 0 and below 1 (got {args.eval_split})")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        problems.append(f"--eval_steps must be at least 1 when given (got {args.eval_steps})")
+    if any(not 0 <= t < 1000 for t in args.eval_timesteps):
+        problems.append("--eval_timesteps must lie in 0..999")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.dataloader_num_workers < 0:

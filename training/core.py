@@ -27,6 +27,7 @@ from .dataset import (
     PrecomputedDataset,
     VideoDataset,
     assign_buckets,
+    split_for_eval,
     bad_sample_error,
     data_notes,
     collate,
@@ -131,35 +132,44 @@ def weight_dtype_of(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def build_dataset(args, conditioning, transformer_config, accelerator):
-    """Dataset plus the report of samples that cannot be used. Cheap: no model is loaded yet."""
+def build_datasets(args, conditioning, transformer_config, accelerator):
+    """(train dataset, held-out dataset or None, unusable samples). Cheap: no model is loaded yet."""
     if args.load_tensors:
         _warn_ignored_with_load_tensors(args)
         manifest = load_manifest(args.data_root)
         problems = manifest_problems(manifest, transformer_config, conditioning, args)
         if problems:
             raise UsageError(problems)
-        entries = manifest["entries"]
-        selected = _select_entries(args, entries)
-        return PrecomputedDataset(args.data_root, selected), []
-    samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
-    usable, skipped = assign_buckets(
-        samples,
-        args.frame_buckets,
-        args.height_buckets,
-        args.width_buckets,
-        args.max_num_frames,
-        args.skip_frames_start,
-        args.skip_frames_end,
-    )
-    if not usable:
-        reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
-        raise UsageError(["no usable sample: every clip was skipped"] + reasons)
-    report_notes(data_notes(usable, args.video_reshape_mode), args, accelerator)
-    dataset = VideoDataset(
-        usable, args.video_reshape_mode, args.random_flip, conditioning.image_to_video, seed=args.seed or 0
-    )
-    return dataset, skipped
+        items, skipped = _select_entries(args, manifest["entries"]), []
+
+        def make(entries):
+            return PrecomputedDataset(args.data_root, entries)
+
+    else:
+        samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
+        items, skipped = assign_buckets(
+            samples,
+            args.frame_buckets,
+            args.height_buckets,
+            args.width_buckets,
+            args.max_num_frames,
+            args.skip_frames_start,
+            args.skip_frames_end,
+        )
+        if not items:
+            reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
+            raise UsageError(["no usable sample: every clip was skipped"] + reasons)
+        report_notes(data_notes(items, args.video_reshape_mode), args, accelerator)
+
+        def make(bucketed):
+            return VideoDataset(
+                bucketed, args.video_reshape_mode, args.random_flip, conditioning.image_to_video, seed=args.seed or 0
+            )
+
+    train, held_out = split_for_eval(items, args.eval_split, args.seed or 0)
+    if args.eval_split and not train:
+        raise UsageError(f"--eval_split {args.eval_split} leaves no sample to train on ({len(items)} usable)")
+    return make(train), (make(held_out) if held_out else None), skipped
 
 
 RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_frames_start", "skip_frames_end",
@@ -220,11 +230,11 @@ def report_skipped(skipped, args, accelerator):
         logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
 
 
-def build_dataloader(args, dataset, accelerator):
+def build_dataloader(args, dataset, accelerator, shuffle=True):
     sampler = BucketBatchSampler(
         dataset.bucket_keys,
         batch_size=args.train_batch_size,
-        shuffle=True,
+        shuffle=shuffle,
         drop_last=False,
         seed=args.seed or 0,
         num_replicas=accelerator.num_processes,
@@ -275,8 +285,10 @@ def load_models(args, accelerator, weight_dtype, transformer_config, conditionin
 # ----------------------------------------------------------------------------------------------
 
 
-def compute_loss(transformer, batch, context, conditioning):
-    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space with 1/(1 - alpha_bar) weights."""
+def compute_loss(transformer, batch, context, conditioning, timestep=None):
+    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space with 1/(1 - alpha_bar) weights.
+
+    Timesteps are drawn uniformly, or all equal to `timestep` (held-out evaluation)."""
     device, dtype = context.accelerator.device, context.weight_dtype
     scheduler = context.scheduler
     if batch["video_latent_dist"] is not None:
@@ -297,7 +309,10 @@ def compute_loss(transformer, batch, context, conditioning):
 
     # Noise is mixed in fp32: in bf16, alpha_bar near 1 rounds to exactly 1 (no noise at the smallest t).
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+    if timestep is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+    else:
+        timesteps = torch.full((batch_size,), timestep, device=device, dtype=torch.long)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     model_input = conditioning.model_input(noisy.to(dtype), batch, context)
     rotary = rotary_embeddings(context.transformer_config, latent_frames, latent_height, latent_width, device)
@@ -320,6 +335,28 @@ def compute_loss(transformer, batch, context, conditioning):
 # ----------------------------------------------------------------------------------------------
 # Validation and the final test
 # ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(transformer, loader, context, conditioning, args):
+    """Mean loss over the held-out samples and --eval_timesteps, with noise fixed per (batch, timestep).
+
+    Runs inside a forked RNG, so training's random stream (and exact resume) is untouched."""
+    accelerator = context.accelerator
+    model = unwrap(accelerator, transformer)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=accelerator.device)
+    count = 0
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    for batch_index, batch in enumerate(loader):
+        for timestep in args.eval_timesteps:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed((args.seed or 0) * 1_000_003 + batch_index * 1009 + timestep)
+                total += compute_loss(model, batch, context, conditioning, timestep=timestep).detach()
+            count += 1
+    model.train(was_training)
+    return accelerator.reduce(total / max(count, 1), reduction="mean").item()
 
 
 def _slug(text, length=25):
@@ -463,6 +500,53 @@ def final_test(args, conditioning, mode, context):
 # ----------------------------------------------------------------------------------------------
 
 
+def dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch, max_train_steps, num_epochs,
+                 transformer_config, mode, weight_dtype, accelerator):
+    """What the run would do, printed and returned; nothing is loaded but configs."""
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    with init_empty_weights():
+        transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
+    mode.prepare(transformer, args)
+    trainable = count_parameters(mode.trainable_parameters(transformer))
+    total = count_parameters(transformer.parameters())
+    master = 4 if args.master_weight_dtype == "fp32" else 2
+    compute = torch.tensor([], dtype=weight_dtype).element_size()
+    # Frozen weights in the compute dtype; trained ones, their gradients and two Adam moments in the master dtype.
+    static = (total - trainable) * compute + trainable * master * 4
+    buckets = {}
+    for key in dataset.bucket_keys:
+        buckets[key] = buckets.get(key, 0) + 1
+    plan = {
+        "samples_for_training": len(dataset),
+        "samples_held_out": len(eval_dataset) if eval_dataset else 0,
+        "samples_unusable": [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped],
+        "buckets": {f"{f}x{h}x{w}": n for (f, h, w), n in sorted(buckets.items())},
+        "batches_per_epoch_per_process": len(sampler),
+        "optimizer_steps_per_epoch": steps_per_epoch,
+        "optimizer_steps": max_train_steps,
+        "epochs": num_epochs,
+        "processes": accelerator.num_processes,
+        "transformer_parameters": total,
+        "trainable_parameters": trainable,
+        "static_training_memory_gib": round(static / 2**30, 3),
+    }
+    if accelerator.is_main_process:
+        print("dry run: nothing will be trained")
+        for key, value in plan.items():
+            if key == "samples_unusable":
+                print(f"  {key}: {len(value)}" + ("" if args.skip_bad_samples or not value else " (the run would stop: "
+                                                    "fix them or pass --skip_bad_samples)"))
+                for line in value:
+                    print(f"    {line}")
+            else:
+                print(f"  {key}: {value}")
+        print("  static_training_memory_gib counts weights, gradients and Adam states only; activations, the VAE/T5 "
+              "and validation come on top (see README)")
+    return plan
+
+
 def _tracker_config(args):
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
 
@@ -488,9 +572,21 @@ def run(argv, conditioning, mode):
     weight_dtype = weight_dtype_of(accelerator)
 
     # 2. Data (cheap: headers only), so bad data fails before models load.
-    dataset, skipped = build_dataset(args, conditioning, transformer_config, accelerator)
-    report_skipped(skipped, args, accelerator)
+    dataset, eval_dataset, skipped = build_datasets(args, conditioning, transformer_config, accelerator)
+    if not args.dry_run:  # a dry run lists them in its plan instead of stopping
+        report_skipped(skipped, args, accelerator)
     dataloader, sampler = build_dataloader(args, dataset, accelerator)
+    eval_loader = build_dataloader(args, eval_dataset, accelerator, shuffle=False)[0] if eval_dataset else None
+    eval_every = args.eval_steps or args.checkpointing_steps
+    eval_losses = {}
+    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.dry_run:
+        plan = dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch, max_train_steps, num_epochs,
+                            transformer_config, mode, weight_dtype, accelerator)
+        accelerator.end_training()
+        return {"dry_run": plan}
 
     # 3. Models. The trainable part is decided by the mode.
     transformer, context = load_models(args, accelerator, weight_dtype, transformer_config, conditioning)
@@ -502,9 +598,6 @@ def run(argv, conditioning, mode):
     parameters = mode.trainable_parameters(transformer)
 
     # 4. Optimizer and schedule. One step = one optimizer step.
-    steps_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, parameters)
@@ -609,6 +702,11 @@ def run(argv, conditioning, mode):
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
                 path = ckpt.save_checkpoint(accelerator, args.output_dir, global_step, state, args.checkpoints_total_limit)
                 logger.info("saved checkpoint %s", path)
+            if eval_loader is not None and (global_step % eval_every == 0 or global_step == max_train_steps):
+                eval_losses[global_step] = evaluate(transformer, eval_loader, context, conditioning, args)
+                accelerator.log({"eval_loss": eval_losses[global_step]}, step=global_step)
+                logger.info("step %d: eval_loss %.5f (%d held-out samples)", global_step, eval_losses[global_step],
+                            len(eval_dataset))
             if args.validation_steps and global_step % args.validation_steps == 0:
                 run_validation(args, conditioning, context, transformer, global_step)
                 validated_at = global_step
@@ -624,7 +722,8 @@ def run(argv, conditioning, mode):
 
     # 7. The artifact first (nothing lost if what follows runs out of memory), then a last validation
     #    with the in-memory model, then a final test that loads the artifact back from disk.
-    summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped)}
+    summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped),
+               "eval_loss": eval_losses}
     model = unwrap(accelerator, transformer)
     if accelerator.is_main_process:
         mode.save(model, args.output_dir, conditioning.pipeline_class, dtype=weight_dtype)

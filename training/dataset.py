@@ -203,6 +203,17 @@ def bad_sample_error(skipped, report_path, what="training"):
     return UsageError(lines)
 
 
+def split_for_eval(items, fraction, seed):
+    """(train, held_out): a fixed random `fraction` of the items (at least one when fraction > 0)."""
+    if fraction <= 0:
+        return list(items), []
+    import random
+
+    count = max(1, round(len(items) * fraction))
+    held = set(random.Random(seed).sample(range(len(items)), count))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def write_skip_report(skipped, path):
     """One JSON line per sample (skipped, or noted), so nothing the user gave disappears without a trace."""
     path = Path(path)

@@ -57,6 +57,7 @@ def build_parser():
     parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num_artifact_workers", type=int, default=4, help="Kept for compatibility; writes are synchronous.")
+    parser.add_argument("--dry_run", action="store_true", help="Print what would be encoded (and disk needed); exit.")
     return parser
 
 
@@ -101,25 +102,44 @@ def entry_key(item, settings):
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def check_free_space(output, buckets, vae_config, transformer_config, args):
-    """Stop before encoding if the entries still to write cannot fit on the disk (with 10 % to spare)."""
-    import shutil
-
+def estimate_bytes(buckets, vae_config, transformer_config, args):
+    """Disk size of the entries for these buckets (latent moments, prompt embeddings, first frames)."""
     element = 2 if args.dtype in ("fp16", "bf16") else 4
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     channels = 2 * vae_config["latent_channels"]  # mean and log-variance
-    needed = 0
+    total = 0
     for frames, height, width in buckets:
         latent = channels * ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
         image = (channels * (height // spatial) * (width // spatial) + 3 * height * width) if args.save_image_latents else 0
         text = args.max_sequence_length * transformer_config["text_embed_dim"]
-        needed += (latent + image + text) * element
+        total += (latent + image + text) * element
+    return total
+
+
+def check_free_space(output, needed):
+    """Stop before encoding if the entries still to write cannot fit on the disk (with 10 % to spare)."""
+    import shutil
+
     free = shutil.disk_usage(output).free
     if needed * 1.1 > free:
         raise UsageError(
             f"--output_dir {output}: the prepared data need about {needed / 2**30:.2f} GiB but only "
             f"{free / 2**30:.2f} GiB are free there; free space or choose another --output_dir"
         )
+
+
+def print_prepare_plan(usable, skipped, to_encode, needed, args):
+    buckets = {}
+    for item in usable:
+        buckets[item.bucket] = buckets.get(item.bucket, 0) + 1
+    print("dry run: nothing will be encoded")
+    print(f"  usable samples: {len(usable)}; to encode: {to_encode}; already prepared: {len(usable) - to_encode}")
+    print("  buckets: " + ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in sorted(buckets.items())))
+    print(f"  disk needed for new entries: {needed / 2**30:.3f} GiB")
+    print(f"  unusable samples: {len(skipped)}" + (" (the run would stop: fix them or pass --skip_bad_samples)"
+                                                  if skipped and not args.skip_bad_samples else ""))
+    for entry in skipped:
+        print(f"    entry {entry.index + 1} ({entry.video_path}): {entry.reason}")
 
 
 def _atomic_save(tensors, path, metadata):
@@ -200,7 +220,7 @@ def prepare(args):
         write_skip_report(notes, output / "data_notes.jsonl")
         logger.warning("%d note(s) about the data (duplicates, upscaling, stretching), all in %s", len(notes),
                        output / "data_notes.jsonl")
-    if skipped and not args.skip_bad_samples:
+    if skipped and not args.skip_bad_samples and not args.dry_run:
         if rank == 0:
             write_skip_report(skipped, output / "skipped_samples.jsonl")
         raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
@@ -225,10 +245,15 @@ def prepare(args):
         return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
 
     mine = [i for i in range(len(usable)) if i % world_size == rank and not is_done(stems[i])]
-    if args.save_latents_and_embeddings and rank == 0:
-        check_free_space(output, [usable[i].bucket for i in range(len(usable)) if not is_done(stems[i])], vae_config,
-                         transformer_config, args)
+    todo = [usable[i].bucket for i in range(len(usable)) if not is_done(stems[i])]
+    needed = estimate_bytes(todo, vae_config, transformer_config, args) if args.save_latents_and_embeddings else 0
     cached = sum(1 for i in range(len(usable)) if i % world_size == rank) - len(mine)
+    if args.dry_run:
+        if rank == 0:
+            print_prepare_plan(usable, skipped, len(todo), needed, args)
+        return output
+    if rank == 0:
+        check_free_space(output, needed)
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(mine), cached)
 
     if mine:

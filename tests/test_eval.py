@@ -1,0 +1,32 @@
+"""Held-out evaluation loss: fixed noise and timesteps, so it is comparable over a run; it never disturbs training."""
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ASSETS, lora_argv, run_trainer
+
+
+def test_eval_loss_is_fixed_when_weights_are(tiny_model_2b, tmp_path):
+    # lr 0: the weights never change, so every evaluation must give the very same number.
+    summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "frozen", "--max_train_steps", "4",
+                                    "--learning_rate", "1e-30", "--eval_split", "0.34", "--eval_steps", "1"))
+    losses = list(summary["eval_loss"].values())
+    assert len(losses) == 4 and len(set(losses)) == 1 and losses[0] > 0
+
+    summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "trained", "--max_train_steps", "4",
+                                    "--eval_split", "0.34", "--eval_steps", "2", "--report_to", "tensorboard"))
+    assert sorted(summary["eval_loss"]) == [2, 4]
+    assert summary["eval_loss"][4] != losses[0]  # training moved it
+    events = b"".join(p.read_bytes() for p in (tmp_path / "trained" / "logs").rglob("events.out.tfevents.*"))
+    assert b"eval_loss" in events
+
+
+def test_evaluation_does_not_change_training(tiny_model_2b, tmp_path):
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, plain, "--max_train_steps", "3", "--eval_split", "0.34",
+                          "--eval_steps", "100"))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, evaluated, "--max_train_steps", "3", "--eval_split", "0.34",
+                          "--eval_steps", "1"))
+    a = load_file(plain / "pytorch_lora_weights.safetensors")
+    b = load_file(evaluated / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -86,3 +86,26 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, tiny_model_2b, tmp_path)
     line = lines[0]
     assert "loss became" in line and " at step " in line and "the last good checkpoint is" in line
     assert not (output / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):
+    from conftest import TINY_DATA_FLAGS, run_prepare
+    from training.precomputed import readable_entry
+
+    output = tmp_path / "prepared"
+    argv = ["--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt", "--video_column",
+            "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16", "--save_latents_and_embeddings",
+            "--output_dir", output]
+    command = [sys.executable, ROOT / "training" / "prepare_dataset.py", *argv]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT="prepare:3"))
+    assert result.returncode == -9, result.stderr[-2000:]
+    done = sorted((output / "latents").glob("*.safetensors"))
+    assert len(done) == 3 and all(readable_entry(p) for p in done) and not (output / "manifest.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    run_prepare([str(a) for a in argv])
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps  # finished entries are reused, not redone
+    import json
+
+    entries = json.loads((output / "manifest.json").read_text())["entries"]
+    assert len(entries) == 6 and all(readable_entry(output / e["file"]) for e in entries)

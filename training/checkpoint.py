@@ -14,7 +14,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def simulate_crash(where, step):
-    """Tests only: COGVIDEOX_FACTORY_CRASH_AT="step:K" or "checkpoint:K" SIGKILLs this process there."""
+    """Tests only: COGVIDEOX_FACTORY_CRASH_AT="step:K", "checkpoint:K" or "prepare:K" (after K written entries)
+    SIGKILLs this process there."""
     if os.environ.get("COGVIDEOX_FACTORY_CRASH_AT") == f"{where}:{step}":
         import signal
 

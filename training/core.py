@@ -204,16 +204,18 @@ def _select_entries(args, entries):
 NOTES_REPORT = "data_notes.jsonl"
 
 
+def _write_and_warn(entries, path, accelerator, headline):
+    if accelerator.is_main_process:
+        write_skip_report(entries, path)
+    logger.warning("%d %s, all listed in %s; the first:", len(entries), headline, path)
+    for entry in entries[:5]:
+        logger.warning("  entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
+
+
 def report_notes(notes, args, accelerator):
     """Samples that train but deserve a look (duplicates, upscaling, stretching): warned and listed."""
-    if not notes:
-        return
-    path = Path(args.output_dir) / NOTES_REPORT
-    if accelerator.is_main_process:
-        write_skip_report(notes, path)
-    logger.warning("%d note(s) about the data, all in %s:", len(notes), path)
-    for note in notes[:5]:
-        logger.warning("  entry %d (%s): %s", note.index + 1, note.video_path, note.reason)
+    if notes:
+        _write_and_warn(notes, Path(args.output_dir) / NOTES_REPORT, accelerator, "note(s) about the data")
 
 
 def report_skipped(skipped, args, accelerator):
@@ -221,13 +223,11 @@ def report_skipped(skipped, args, accelerator):
     if not skipped:
         return
     path = Path(args.output_dir) / SKIP_REPORT
-    if accelerator.is_main_process:
-        write_skip_report(skipped, path)
     if not args.skip_bad_samples:
+        if accelerator.is_main_process:
+            write_skip_report(skipped, path)
         raise bad_sample_error(skipped, path)
-    logger.warning("%d sample(s) skipped; each is listed with its reason in %s", len(skipped), path)
-    for entry in skipped[:5]:
-        logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
+    _write_and_warn(skipped, path, accelerator, "sample(s) skipped")
 
 
 def build_dataloader(args, dataset, accelerator, shuffle=True):

@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.checkpoint import simulate_crash  # noqa: E402
 from training.args import (  # noqa: E402
     UsageError,
     add_dataset_arguments,
@@ -272,6 +273,7 @@ def prepare(args):
         )
         position_of = {usable[i].sample.index: i for i in mine}
         progress = tqdm(total=len(mine), desc=f"preparing (rank {rank})", disable=rank != 0)
+        written = 0
         with torch.no_grad():
             for batch in loader:
                 tensors = [{} for _ in batch["index"]]
@@ -294,6 +296,8 @@ def prepare(args):
                     if tensors[j]:
                         metadata = {"caption": item.sample.caption, "bucket": json.dumps(list(item.bucket))}
                         _atomic_save(tensors[j], output / "latents" / f"{stem}.safetensors", metadata)
+                    written += 1
+                    simulate_crash("prepare", written)
                 progress.update(len(batch["index"]))
         progress.close()
     _barrier(world_size)

@@ -287,3 +287,22 @@ def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     assert not [k for k in load_file(tmp_path / "pytorch_lora_weights.safetensors") if "_orig_mod" in k]
     pipe = CogVideoXPipeline.from_pretrained(tiny_model_2b)
     mode.apply_to_pipeline(pipe, tmp_path)  # raises if a saved tensor does not arrive
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer", "prodigy", "--learning_rate", "1.0", "--prodigy_use_bias_correction", "--prodigy_decouple"],
+        ["--optimizer", "came", "--learning_rate", "1e-3"],
+        ["--optimizer", "adamw", "--use_8bit"],
+    ],
+    ids=["prodigy", "came", "bnb-adamw8bit"],
+)
+def test_optional_optimizers_train_and_resume(tiny_model_2b, tmp_path, flags):
+    output = tmp_path / "run"
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--checkpointing_steps", "1", *flags))
+    summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "3", "--checkpointing_steps",
+                                    "1", "--resume_from_checkpoint", "latest", *flags))
+    assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
+    lora = load_file(output / "pytorch_lora_weights.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())

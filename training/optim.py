@@ -45,7 +45,7 @@ def build_optimizer(args, parameters):
         import came_pytorch
 
         return came_pytorch.CAME(
-            groups, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, args.beta3),
+            groups, lr=args.learning_rate, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, args.beta3),
             weight_decay=args.weight_decay,
         )
     raise ValueError(f"unknown optimizer {args.optimizer}")

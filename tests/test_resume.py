@@ -109,3 +109,26 @@ def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):
 
     entries = json.loads((output / "manifest.json").read_text())["entries"]
     assert len(entries) == 6 and all(readable_entry(output / e["file"]) for e in entries)
+
+
+def test_resume_runs_no_pickle(monkeypatch, tiny_model_2b, tmp_path):
+    import pickle
+
+    output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--checkpointing_steps", "2")
+    run_trainer([*argv, "--max_train_steps", "2"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint file was unpickled")
+
+    real_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, "torch.load without weights_only=True"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", safe_load)
+    summary = run_trainer([*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert summary["global_step"] == 3

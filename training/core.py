@@ -602,9 +602,8 @@ def run(argv, conditioning, mode):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, parameters)
     lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
-    # The LR schedule is not passed to prepare(): accelerate would step it once per process.
+    # The LR schedule is not passed to prepare(): accelerate would step it once per process (checkpoint.py saves it).
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
     parameters = mode.trainable_parameters(transformer)
     _register_checkpoint_hooks(accelerator, mode, conditioning)
 
@@ -614,7 +613,10 @@ def run(argv, conditioning, mode):
     if args.resume_from_checkpoint and resume_path is None:
         logger.info("no checkpoint in %s: starting a new run", args.output_dir)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        ckpt.load_checkpoint(
+            accelerator, resume_path, transformer, optimizer, lr_scheduler,
+            lambda folder: mode.load(unwrap(accelerator, transformer), folder, conditioning.pipeline_class),
+        )
         state = ckpt.read_state(resume_path)
         global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
         logger.info("resumed from %s at step %d", resume_path, global_step)
@@ -700,7 +702,9 @@ def run(argv, conditioning, mode):
                 state = {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
                 if batches_in_epoch == batches_this_epoch:  # epoch finished: resume at the next one
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
-                path = ckpt.save_checkpoint(accelerator, args.output_dir, global_step, state, args.checkpoints_total_limit)
+                path = ckpt.save_checkpoint(
+                    accelerator, args.output_dir, global_step, state, lr_scheduler, args.checkpoints_total_limit
+                )
                 logger.info("saved checkpoint %s", path)
             if eval_loader is not None and (global_step % eval_every == 0 or global_step == max_train_steps):
                 eval_losses[global_step] = evaluate(transformer, eval_loader, context, conditioning, args)

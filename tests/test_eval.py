@@ -30,3 +30,22 @@ def test_evaluation_does_not_change_training(tiny_model_2b, tmp_path):
     a = load_file(plain / "pytorch_lora_weights.safetensors")
     b = load_file(evaluated / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_separate_held_out_list(tiny_model_2b, clips, tmp_path):
+    (clips / "eval_prompts.txt").write_text("a red ball bounces in the park\nbirds fly above the mountains at sunset\n")
+    (clips / "eval_videos.txt").write_text("videos/ball.mp4\nvideos/sunset.mp4\n")
+    summary = run_trainer(lora_argv(tiny_model_2b, clips, tmp_path / "run", "--max_train_steps", "2",
+                                    "--eval_video_column", "eval_videos.txt", "--eval_caption_column",
+                                    "eval_prompts.txt", "--eval_steps", "1"))
+    assert sorted(summary["eval_loss"]) == [1, 2] and all(v > 0 for v in summary["eval_loss"].values())
+
+
+def test_held_out_list_flag_errors(capsys, tiny_model_2b, tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "run", "--eval_split", "0.2",
+                              "--eval_video_column", "videos.txt"))
+    err = capsys.readouterr().err
+    assert "exclude each other" in err and "--eval_video_column needs --eval_caption_column" in err

@@ -178,6 +178,16 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Fraction of the samples held out of training (chosen by --seed) to measure an evaluation loss on.",
     )
     group.add_argument(
+        "--eval_video_column",
+        type=str,
+        default=None,
+        help="A separate held-out list instead of --eval_split: a file in --data_root with one video per line (with "
+        "--eval_caption_column), a column of --eval_dataset_file, or, with --load_tensors, a list of prepared "
+        "entries (lines like those of the prepared videos.txt).",
+    )
+    group.add_argument("--eval_caption_column", type=str, default=None, help="Captions of the held-out list.")
+    group.add_argument("--eval_dataset_file", type=str, default=None, help="A held-out CSV (same columns as training).")
+    group.add_argument(
         "--eval_steps", type=int, default=None, help="Evaluate every N optimizer steps (default: --checkpointing_steps)."
     )
     group.add_argument(
@@ -430,6 +440,18 @@ def validate_training_args(args, conditioning, mode):
             problems.append(f"--{name} must be at least 1 when given (got {value})")
     if not 0.0 <= args.eval_split < 1.0:
         problems.append(f"--eval_split must be at least 0 and below 1 (got {args.eval_split})")
+    separate_eval = bool(args.eval_video_column or args.eval_dataset_file)
+    if separate_eval and args.eval_split:
+        problems.append("--eval_split and a separate held-out list (--eval_video_column/--eval_dataset_file) exclude each other")
+    if args.eval_dataset_file and not Path(args.eval_dataset_file).is_file():
+        problems.append(f"--eval_dataset_file {args.eval_dataset_file}: no such file")
+    if args.eval_video_column and not args.eval_dataset_file and args.data_root:
+        for flag, name in (("--eval_video_column", args.eval_video_column),
+                           ("--eval_caption_column", args.eval_caption_column if not args.load_tensors else None)):
+            if name is None and flag == "--eval_caption_column":
+                problems.append("--eval_video_column needs --eval_caption_column (a captions file in --data_root)")
+            elif name is not None and not (Path(args.data_root) / name).is_file():
+                problems.append(f"{flag} {name}: no file {Path(args.data_root) / name}")
     if args.eval_steps is not None and args.eval_steps < 1:
         problems.append(f"--eval_steps must be at least 1 when given (got {args.eval_steps})")
     if any(not 0 <= t < 1000 for t in args.eval_timesteps):

@@ -13,7 +13,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -141,6 +141,7 @@ def build_datasets(args, conditioning, transformer_config, accelerator):
         if problems:
             raise UsageError(problems)
         items, skipped = _select_entries(args, manifest["entries"]), []
+        listed = _select_entries(args, manifest["entries"], args.eval_video_column) if args.eval_video_column else []
 
         def make(entries):
             return PrecomputedDataset(args.data_root, entries)
@@ -160,6 +161,20 @@ def build_datasets(args, conditioning, transformer_config, accelerator):
             reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
             raise UsageError(["no usable sample: every clip was skipped"] + reasons)
         report_notes(data_notes(items, args.video_reshape_mode), args, accelerator)
+        listed = []
+        if args.eval_video_column or args.eval_dataset_file:
+            eval_samples = load_samples(
+                args.data_root,
+                args.eval_dataset_file,
+                args.eval_caption_column or args.caption_column,
+                args.eval_video_column or args.video_column,
+                args.id_token,
+            )
+            listed, eval_skipped = assign_buckets(
+                eval_samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
+                args.skip_frames_start, args.skip_frames_end,
+            )
+            skipped = skipped + [replace(s, reason=f"held-out list: {s.reason}") for s in eval_skipped]
 
         def make(bucketed):
             return VideoDataset(
@@ -167,6 +182,7 @@ def build_datasets(args, conditioning, transformer_config, accelerator):
             )
 
     train, held_out = split_for_eval(items, args.eval_split, args.seed or 0)
+    held_out = held_out or listed
     if args.eval_split and not train:
         raise UsageError(f"--eval_split {args.eval_split} leaves no sample to train on ({len(items)} usable)")
     return make(train), (make(held_out) if held_out else None), skipped
@@ -186,9 +202,9 @@ def _warn_ignored_with_load_tensors(args):
         )
 
 
-def _select_entries(args, entries):
+def _select_entries(args, entries, column=None):
     """With --video_column naming a list in the prepared folder, train on those entries, in that order."""
-    listing = Path(args.data_root) / args.video_column
+    listing = Path(args.data_root) / (column or args.video_column)
     if not listing.is_file():
         return entries
     by_stem = {Path(entry["file"]).stem: entry for entry in entries}

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
+
 from training.args import frame_rule_problem
 
 

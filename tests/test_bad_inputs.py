@@ -4,9 +4,8 @@ import csv
 import json
 
 import numpy as np
-import torch
 import pytest
-
+import torch
 from conftest import TINY_DATA_FLAGS, run_prepare, run_trainer
 
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import ASSETS
+
 from training.args import UsageError
 from training.dataset import (
     BucketBatchSampler,

@@ -1,9 +1,8 @@
 """Held-out evaluation loss: fixed noise and timesteps, so it is comparable over a run; it never disturbs training."""
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import ASSETS, lora_argv, run_trainer
+from safetensors.torch import load_file
 
 
 def test_eval_loss_is_fixed_when_weights_are(tiny_model_2b, tmp_path):

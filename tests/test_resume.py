@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ASSETS, ROOT, lora_argv, run_trainer
+from safetensors.torch import load_file
 
 
 RANDOM_DATA = ["--random_flip", "0.5", "--video_reshape_mode", "random", "--dataloader_num_workers", "2"]
@@ -90,6 +89,7 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, tiny_model_2b, tmp_path)
 
 def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):
     from conftest import TINY_DATA_FLAGS, run_prepare
+
     from training.precomputed import readable_entry
 
     output = tmp_path / "prepared"

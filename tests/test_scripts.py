@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from training.args import build_parser
 from training.prepare_dataset import build_parser as build_prepare_parser
 

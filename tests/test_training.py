@@ -4,14 +4,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ASSETS, ROOT, TINY_DATA_FLAGS, TINY_VALIDATION_FLAGS, lora_argv, run_prepare, run_trainer
+from safetensors.torch import load_file
 
 
 def _pipeline(model):
@@ -271,9 +269,10 @@ def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
 
 def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     """accelerate keeps the torch.compile wrapper by default; its `_orig_mod.` prefix must not reach the LoRA file."""
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
-    from types import SimpleNamespace
 
     from training.core import unwrap
     from training.modes import LoRA

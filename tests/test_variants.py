@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_prepare, run_trainer
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_prepare, run_trainer
 
 
 FRAMES_1_5 = ["--frame_buckets", "5", "13", "--max_num_frames", "13"]

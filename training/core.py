@@ -22,16 +22,17 @@ import torch
 from . import checkpoint as ckpt
 from . import memory
 from .args import TrainingError, UsageError, exit_on_usage_error, parse_args, validate_training_args
+from .conditioning import CONDITIONINGS
 from .dataset import (
     BucketBatchSampler,
     PrecomputedDataset,
     VideoDataset,
     assign_buckets,
-    split_for_eval,
     bad_sample_error,
-    data_notes,
     collate,
+    data_notes,
     load_samples,
+    split_for_eval,
     write_skip_report,
 )
 from .models import (
@@ -46,7 +47,6 @@ from .models import (
     sample_latents,
     vae_scale_factor_spatial,
 )
-from .conditioning import CONDITIONINGS
 from .modes import MODES, cast_frozen, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
 from .precomputed import load_manifest, manifest_problems

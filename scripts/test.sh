@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-.venv/bin/ruff check training tests tools  # lint first: seconds, and catches unused or missing names
+.venv/bin/ruff check training tests tools benchmarks  # lint first: seconds, and catches unused or missing names
 exec .venv/bin/python -m pytest -q "$@"

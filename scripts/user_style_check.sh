@@ -8,6 +8,11 @@
 # T2V LoRA runs txt mode and CSV mode, each from raw videos and from prepare_dataset.py output
 # (--load_tensors); I2V full trains from prepared data with image latents. Every result is then
 # loaded in the matching diffusers pipeline, which must produce a different video than without it.
+# Bad data: the real clips with five broken files mixed in (zero bytes, a download cut mid-stream behind
+# an intact header, corrupt bytes in the middle, not a video, too short): the trainer must stop with exit
+# status 2 and one report naming exactly those, before any model loads; with --skip_bad_samples it trains
+# on the rest and skipped_samples.jsonl lists exactly them. prepare_dataset.py --hash_videos on the same
+# folder, then on a copy of it (new paths), must encode nothing the second time.
 #
 #   bash scripts/user_style_check.sh        # work folder: user-check/ (WORK to change)
 set -euo pipefail
@@ -113,6 +118,85 @@ echo "== I2V full fine-tuning (1.5-I2V-style, 8k-3 frames), prepared with image 
   --pretrained_model_name_or_path "$WORK/model-15-i2v" --data_root "$WORK/prepared-i2v" --caption_column prompts.txt \
   --video_column videos.txt --load_tensors --frame_buckets 13 --output_dir "$WORK/out-i2v-sft" --train_batch_size 2 \
   --max_train_steps 4 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 5 "${IMAGES[@]}"
+
+echo "== real clips with broken files mixed in: one report before any model loads, then --skip_bad_samples"
+rm -rf "$WORK/clips-broken" "$WORK/clips-moved" "$WORK/out-broken" "$WORK/out-broken-skip" "$WORK/prepared-broken"
+cp -r "$WORK/clips" "$WORK/clips-broken"
+"$PY" - "$WORK/clips-broken" <<'PYEOF'
+import sys, pathlib, subprocess, imageio_ffmpeg, av
+root = pathlib.Path(sys.argv[1]); videos = root / "videos"; ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+def faststart(src, dst):  # moov (the index) first, as web exports are: cut or corrupt, the header still reads fine
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(videos / src), "-c", "copy", "-movflags", "+faststart",
+                    str(dst)], check=True)
+    with av.open(str(dst)) as container:
+        return dst.read_bytes(), [e.pos for e in container.streams.video[0].index_entries]
+(videos / "empty.mp4").write_bytes(b"")
+(videos / "notes.mp4").write_text("shot list: bunny, bikes, car\n")
+data, offsets = faststart("bigbuckbunny.mp4", root / "tmp.mp4")
+(videos / "cut_download.mp4").write_bytes(data[: offsets[len(offsets) // 2]])  # cut mid-stream, in the frame data
+data, offsets = faststart("bikes.mp4", root / "tmp.mp4")
+middle = offsets[len(offsets) // 2]
+(videos / "corrupt.mp4").write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64 :])
+(root / "tmp.mp4").unlink()
+subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(videos / "bikes.mp4"), "-frames:v", "5", "-vf",
+                "scale=320:136", "-pix_fmt", "yuv420p", str(videos / "too_short.mp4")], check=True)
+broken = ["empty.mp4", "cut_download.mp4", "corrupt.mp4", "notes.mp4", "too_short.mp4"]
+with open(root / "videos.txt", "a") as f:
+    f.writelines(f"videos/{name}\n" for name in broken)
+with open(root / "prompts.txt", "a") as f:
+    f.writelines(f"a clip that cannot be used ({name})\n" for name in broken)
+(root / "broken.txt").write_text("\n".join(broken) + "\n")
+PYEOF
+BROKEN_DATA=("${COMMON[@]}" "${BUCKETS[@]}" --data_root "$WORK/clips-broken" --caption_column prompts.txt
+             --video_column videos.txt)
+# Run directly: `accelerate launch` turns every failure into exit status 1 (and adds a traceback unless --quiet).
+status=0
+"$PY" training/cogvideox_text_to_video_lora.py "${BROKEN_DATA[@]}" --output_dir "$WORK/out-broken" \
+  2>"$WORK/broken-stderr.txt" || status=$?
+grep '^error: ' "$WORK/broken-stderr.txt" || true
+"${launch[@]}" "${BROKEN_DATA[@]}" --output_dir "$WORK/out-broken-skip" --skip_bad_samples
+prepare_broken() {
+  "$PY" training/prepare_dataset.py --model_id "$WORK/model" --data_root "$1" --caption_column prompts.txt \
+    --video_column videos.txt "${BUCKETS[@]}" --video_reshape_mode center --max_sequence_length 16 \
+    --save_latents_and_embeddings --skip_bad_samples --hash_videos --output_dir "$WORK/prepared-broken"
+}
+prepare_broken "$WORK/clips-broken"
+cp -r "$WORK/clips-broken" "$WORK/clips-moved"  # as if copied to another machine: new paths, inodes and times
+(cd "$WORK/prepared-broken/latents" && stat -c '%n %i %y' *) >"$WORK/prepared-before.txt"
+prepare_broken "$WORK/clips-moved"
+(cd "$WORK/prepared-broken/latents" && stat -c '%n %i %y' *) >"$WORK/prepared-after.txt"
+"$PY" - "$WORK" "$status" <<'PYEOF'
+import sys, json, pathlib
+work, status = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+broken = set((work / "clips-broken" / "broken.txt").read_text().split())
+assert status == 2, f"the run with broken files exited with status {status}, not 2"
+stderr = (work / "broken-stderr.txt").read_text()
+errors = [line for line in stderr.splitlines() if line.startswith("error: entry ")]
+named = {line.split(" (", 1)[1].split(")", 1)[0].rsplit("/", 1)[-1] for line in errors}
+assert named == broken and len(errors) == len(broken), errors
+assert "training has not started" in stderr and "Loading" not in stderr, "a model was loaded before the report"
+assert "Traceback" not in stderr, "the report came with a traceback"
+assert not (work / "out-broken" / "summary.json").exists() and not list((work / "out-broken").glob("checkpoint-*"))
+
+def report(run):
+    lines = [json.loads(line) for line in (work / run / "skipped_samples.jsonl").read_text().splitlines()]
+    return {entry["video"].rsplit("/", 1)[-1]: entry["reason"] for entry in lines}
+
+assert set(report("out-broken")) == broken
+summary = json.loads((work / "out-broken-skip" / "summary.json").read_text())
+skipped = report("out-broken-skip")
+assert set(skipped) == broken and summary["skipped_samples"] == len(broken) and summary["global_step"] == 6, summary
+manifest = json.loads((work / "prepared-broken" / "manifest.json").read_text())
+assert len(manifest["entries"]) == 6 and {s["video"].rsplit("/", 1)[-1] for s in manifest["skipped"]} == broken
+assert all(e["source_video"].startswith(str(work / "clips-moved")) and e["video_sha256"] for e in manifest["entries"])
+before, after = (work / "prepared-before.txt").read_text(), (work / "prepared-after.txt").read_text()
+assert before == after, "the copied data folder was encoded again"
+print(f"broken files: exit status {status}, the report named exactly {len(named)} files, before any model loaded; "
+      f"with --skip_bad_samples: {summary['global_step']} steps on the other 6 clips, skipped_samples.jsonl:")
+for name, reason in sorted(skipped.items()):
+    print(f"  {name}: {reason.split(': ', 1)[-1][:120]}")
+print(f"prepare --hash_videos: {len(manifest['entries'])} entries; on a copy of the folder it encoded none again")
+PYEOF
 
 echo "== loading every result in its diffusers pipeline"
 "$PY" - "$WORK" <<'PYEOF'

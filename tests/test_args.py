@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
 
 from training.args import frame_rule_problem
@@ -121,13 +122,37 @@ def test_frame_rule_for_cogvideox_1_5():
         (["--use_8bit", "--use_4bit"], "--use_8bit and --use_4bit exclude each other"),
         (["--use_4bit"], "--use_4bit needs --use_torchao"),
         (["--optimizer", "prodigy", "--use_8bit"], "--use_8bit/--use_4bit work with --optimizer adam or adamw"),
-        (["--use_cpu_offload_optimizer"], "are not available yet in this version"),
+        (["--offload_gradients"], "--offload_gradients needs --use_cpu_offload_optimizer"),
+        (["--use_cpu_offload_optimizer", "--optimizer", "prodigy"], "changes Prodigy's global step size estimate"),
+        (["--use_cpu_offload_optimizer", "--offload_gradients", "--gradient_accumulation_steps", "2"],
+         "micro-batches cannot add up"),
+        (["--use_cpu_offload_optimizer", "--mixed_precision", "fp16"], "use --mixed_precision bf16"),
         (["--lora_target_modules", " , "], "--lora_target_modules is empty"),
     ],
 )
 def test_optimizer_and_lora_flag_combinations(capsys, tiny_model_2b, tmp_path, changes, expected):
     lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
     assert any(expected in line for line in lines), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on machines without a CUDA GPU")
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (["--use_cpu_offload_optimizer"], "--use_cpu_offload_optimizer needs a CUDA GPU"),
+        (["--quantize_base", "nf4"], "--quantize_base nf4 needs a CUDA GPU"),
+    ],
+)
+def test_cuda_only_options_say_so_on_cpu(capsys, tiny_model_2b, tmp_path, changes, expected):
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
+    assert any(expected in line for line in lines), lines
+
+
+def test_quantized_base_is_for_lora_only(capsys, tiny_model_2b, tmp_path):
+    from training.cogvideox_text_to_video_sft import main
+
+    lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", "--quantize_base", "fp8"), runner=lambda a: run_trainer(a, main=main))
+    assert any("--quantize_base fp8 is for LoRA" in line for line in lines), lines
 
 
 def test_load_tensors_refuses_latents_of_another_vae(capsys, tiny_models, tmp_path):

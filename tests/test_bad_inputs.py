@@ -9,9 +9,49 @@ import torch
 from conftest import TINY_DATA_FLAGS, run_prepare, run_trainer
 
 
+def faststart_clip(path, frames=17, height=64, width=96):
+    """An mp4 with its index (moov) before the frame data, as web-ready exports are (`-movflags +faststart`):
+    cut short or corrupted in the frame data, its header still reads fine. Noise frames: about 10 kB each."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def packet_offsets(path):
+    """Byte offset of every frame's packet, in decode order (from the mp4's index)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [entry.pos for entry in container.streams.video[0].index_entries]
+
+
+def cut_in_the_frame_data(source, target):
+    """A faststart mp4 cut inside frame 9's packet: the header (moov, at the front) is whole."""
+    data = source.read_bytes()
+    target.write_bytes(data[: packet_offsets(source)[8] + 100])
+    return target
+
+
+def corrupt_in_the_middle(source, target):
+    """A faststart mp4 with frame 9's packet overwritten with 0xff (its NAL size field among them)."""
+    data = bytearray(source.read_bytes())
+    offset = packet_offsets(source)[8]
+    data[offset : offset + 64] = b"\xff" * 64
+    target.write_bytes(bytes(data))
+    return target
+
+
 @pytest.fixture()
 def broken_csv(clips):
-    """The bundled clips plus five unusable entries, in CSV mode."""
+    """The bundled clips plus seven unusable entries, in CSV mode."""
     import imageio
 
     videos = clips / "videos"
@@ -20,10 +60,14 @@ def broken_csv(clips):
     whole = (videos / "waves.mp4").read_bytes()
     (videos / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
     imageio.mimwrite(videos / "short.mp4", [np.zeros((32, 32, 3), np.uint8)] * 3, fps=8, macro_block_size=1)
+    good = faststart_clip(clips / "faststart.mp4")
+    cut_in_the_frame_data(good, videos / "cut_faststart.mp4")
+    corrupt_in_the_middle(good, videos / "corrupt.mp4")
     rows = list(csv.reader(open(clips / "metadata.csv")))
     rows += [["videos/empty.mp4", "an empty file"], ["videos/notes.mp4", "a text file"],
              ["videos/truncated.mp4", "a cut download"], ["videos/short.mp4", "three frames"],
-             ["videos/ball.mp4", ""]]
+             ["videos/ball.mp4", ""], ["videos/cut_faststart.mp4", "a cut download, header intact"],
+             ["videos/corrupt.mp4", "corrupt bytes in the middle"]]
     with open(clips / "metadata.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return clips
@@ -32,6 +76,7 @@ def broken_csv(clips):
 EXPECTED = {  # entry number -> what the report says
     7: "cannot read as a video", 8: "cannot read as a video", 9: "cannot read as a video",
     10: "fewer than the smallest frame bucket", 11: "empty caption",
+    12: "truncated: frame 9 of 17 lies beyond the end of the file", 13: "corrupt video data at frame 9 of 17",
 }
 
 
@@ -47,7 +92,7 @@ def test_bad_samples_stop_the_run_with_one_report(capsys, tiny_model_2b, broken_
         run_trainer(_argv(tiny_model_2b, broken_csv, output))
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 6
+    assert len(lines) == len(EXPECTED) + 1
     for entry, reason in EXPECTED.items():
         assert any(line.startswith(f"error: entry {entry} (") and reason in line for line in lines), (entry, lines)
     assert "pass --skip_bad_samples" in lines[-1] and "training has not started" in lines[-1]
@@ -59,7 +104,7 @@ def test_bad_samples_stop_the_run_with_one_report(capsys, tiny_model_2b, broken_
 def test_skip_bad_samples_trains_on_the_rest_and_lists_them(tiny_model_2b, broken_csv, tmp_path):
     output = tmp_path / "run"
     summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--skip_bad_samples"])
-    assert summary["global_step"] == 2 and summary["skipped_samples"] == 5
+    assert summary["global_step"] == 2 and summary["skipped_samples"] == len(EXPECTED)
     report = {json.loads(line)["entry"]: json.loads(line)["reason"]
               for line in (output / "skipped_samples.jsonl").read_text().splitlines()}
     assert all(reason in report[entry] for entry, reason in EXPECTED.items())
@@ -76,7 +121,7 @@ def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, tiny_model_2b, b
     assert not list((output / "latents").iterdir())
     run_prepare([*argv, "--skip_bad_samples"])
     manifest = json.loads((output / "manifest.json").read_text())
-    assert len(manifest["entries"]) == 6 and len(manifest["skipped"]) == 5
+    assert len(manifest["entries"]) == 6 and len(manifest["skipped"]) == len(EXPECTED)
 
 
 def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, tmp_path):
@@ -87,6 +132,7 @@ def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, 
             "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
             "--save_latents_and_embeddings", "--output_dir", str(output)]
     run_prepare(argv)
+    assert not (output / "video_hashes.json").exists()  # without --hash_videos: keyed by path, size and mtime
     entry = sorted((output / "latents").iterdir())[0]
     entry.write_bytes(entry.read_bytes()[:100])  # a write cut short
     capsys.readouterr()
@@ -175,7 +221,7 @@ def test_dry_run_shows_the_plan_and_trains_nothing(capsys, tiny_model_2b, broken
     summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--dry_run", "--eval_split", "0.2"])
     plan = summary["dry_run"]
     assert plan["samples_for_training"] + plan["samples_held_out"] == 6
-    assert len(plan["samples_unusable"]) == 5 and sum(plan["buckets"].values()) == plan["samples_for_training"]
+    assert len(plan["samples_unusable"]) == len(EXPECTED) and sum(plan["buckets"].values()) == plan["samples_for_training"]
     assert plan["trainable_parameters"] > 0 and plan["optimizer_steps"] == 2
     out = capsys.readouterr().out
     assert "dry run: nothing will be trained" in out and "the run would stop" in out
@@ -188,5 +234,60 @@ def test_prepare_dry_run_encodes_nothing(capsys, tiny_model_2b, broken_csv, tmp_
                  "caption", "--video_column", "video", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
                  "--save_latents_and_embeddings", "--output_dir", str(output), "--dry_run"])
     out = capsys.readouterr().out
-    assert "usable samples: 6; to encode: 6" in out and "unusable samples: 5" in out
+    assert "usable samples: 6; to encode: 6" in out and f"unusable samples: {len(EXPECTED)}" in out
     assert not list((output / "latents").iterdir()) and not (output / "manifest.json").exists()
+
+
+def test_a_stream_broken_behind_a_good_header_is_found_by_the_scan(clips):
+    """Cut in the frame data or corrupt in the middle: the header probe passes and decoding fails, so only the
+    stream check of the scan finds them before training; a clip cut after the frames training takes is usable."""
+    from training.dataset import assign_buckets, load_samples
+    from training.video_io import VideoReadError, probe_video, read_frames
+
+    good = faststart_clip(clips / "good.mp4", frames=40, height=32, width=32)
+    cut = cut_in_the_frame_data(good, clips / "videos" / "cut.mp4")
+    corrupt = corrupt_in_the_middle(good, clips / "videos" / "corrupt.mp4")
+    tail = clips / "videos" / "tail_cut.mp4"  # frames 37-40 missing; with the last 20 skipped, 0-16 are taken
+    tail.write_bytes(good.read_bytes()[: packet_offsets(good)[36]])
+    for path in (cut, corrupt):
+        assert probe_video(path).num_frames == 40  # the header reads fine...
+        with pytest.raises(VideoReadError):  # ...but this is what a loader worker would hit in training
+            read_frames(path, list(range(0, 40, 4)))
+
+    (clips / "prompts.txt").write_text("a cut clip\na corrupt clip\nthe end cut\n")
+    (clips / "videos.txt").write_text("videos/cut.mp4\nvideos/corrupt.mp4\nvideos/tail_cut.mp4\n")
+    samples = load_samples(clips, None, "prompts.txt", "videos.txt")
+    usable, skipped = assign_buckets(samples, [5], [32], [32], max_num_frames=5, skip_frames_end=20)
+    reasons = {s.video_path.split("/")[-1]: s.reason for s in skipped}
+    assert "truncated: frame 9 of 40 lies beyond the end of the file" in reasons["cut.mp4"]
+    assert "corrupt video data at frame 9 of 40" in reasons["corrupt.mp4"]
+    assert [u.sample.video_path.name for u in usable] == ["tail_cut.mp4"] and max(usable[0].frame_indices) == 16
+    assert read_frames(tail, usable[0].frame_indices).shape == (5, 32, 32, 3)
+    # Without the stream check (as before) both broken clips pass the scan.
+    assert len(assign_buckets(samples, [5], [32], [32], max_num_frames=5, check_streams=False)[0]) == 3
+
+
+def test_a_clip_failing_in_a_loader_worker_stops_training_with_one_line_naming_it(capsys, monkeypatch, tiny_model_2b,
+                                                                                   clips, tmp_path):
+    """If a clip passes the scan and still fails to decode (here the stream check is switched off), the run
+    stops with one `error:` line naming the entry and file and saying what to do, not a worker traceback."""
+    import training.dataset
+
+    corrupt_in_the_middle(faststart_clip(tmp_path / "good.mp4"), clips / "videos" / "corrupt.mp4")
+    with open(clips / "prompts.txt", "a") as f:
+        f.write("corrupt bytes in the middle\n")
+    with open(clips / "videos.txt", "a") as f:
+        f.write("videos/corrupt.mp4\n")
+    unchecked = training.dataset.probe_video
+    monkeypatch.setattr(training.dataset, "probe_video", lambda path, last_frame_for=None: unchecked(path))
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(clips), "--caption_column",
+                     "prompts.txt", "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--output_dir",
+                     str(tmp_path / "run"), "--max_train_steps", "7", "--train_batch_size", "1",
+                     "--dataloader_num_workers", "1"])
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(lines) == 1, lines
+    message = lines[0][lines[0].index("error: "):]
+    assert message.startswith("error: entry 7: ") and str(clips / "videos" / "corrupt.mp4") in message
+    assert "remove this clip from the data list" in message and "Traceback" not in message

@@ -1,5 +1,6 @@
 """Training must condition the model exactly as inference does."""
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,6 +116,7 @@ def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
     context = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu")), weight_dtype=torch.float32, scheduler=scheduler,
         vae_scaling_factor=0.7, transformer_config={"use_rotary_positional_embeddings": False},
+        saved_tensors=contextlib.nullcontext,
     )
     batch = {"video_latent_dist": moments, "prompt_embeds": torch.zeros(2, 16, 32)}
     loss = compute_loss(transformer, batch, context, TextToVideo())

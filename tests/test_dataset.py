@@ -193,3 +193,22 @@ def test_bucket_sampler_reshuffles_each_epoch_and_resumes_mid_epoch():
     assert list(sampler) == epoch0  # deterministic per (seed, epoch)
     sampler.set_epoch(0, start_batch=2)
     assert list(sampler) == epoch0[2:]
+
+
+def test_the_scan_hashes_when_asked_and_notes_the_same_clip_under_two_names(tmp_path):
+    import shutil
+
+    from training.dataset import data_notes
+    from training.precomputed import ContentHashes, sha256_of_file
+
+    (tmp_path / "videos").mkdir()
+    for name in ("a.mp4", "copy_of_a.mp4"):
+        shutil.copy(ASSETS / "videos" / "ball.mp4", tmp_path / "videos" / name)
+    (tmp_path / "prompts.txt").write_text("a red ball\na red ball\n")
+    (tmp_path / "videos.txt").write_text("videos/a.mp4\nvideos/copy_of_a.mp4\n")
+    samples = load_samples(tmp_path, None, "prompts.txt", "videos.txt")
+    plain, _ = assign_buckets(samples, **BUCKETS)
+    assert [u.content_hash for u in plain] == [None, None] and not data_notes(plain)
+    hashed, _ = assign_buckets(samples, **BUCKETS, hashes=ContentHashes(tmp_path / "hashes.json"))
+    assert [u.content_hash for u in hashed] == [sha256_of_file(ASSETS / "videos" / "ball.mp4")] * 2
+    assert [n.reason for n in data_notes(hashed)] == ["duplicate of entry 1"]

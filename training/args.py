@@ -218,6 +218,15 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Storage of the trained weights (compute follows --mixed_precision). fp32 keeps small updates; bf16 "
         "(the original's full fine-tuning) halves their memory but rounds most fine-tuning updates away.",
     )
+    group.add_argument(
+        "--quantize_base",
+        type=str,
+        default="none",
+        choices=["none", "fp8", "nf4"],
+        help="LoRA only: how the frozen base transformer is stored. fp8: FP8 (e4m3) weights, each layer cast to the "
+        "compute dtype while it runs (diffusers layerwise casting; about half the memory of bf16). nf4: 4-bit NF4 "
+        "(QLoRA, bitsandbytes; CUDA only; about a quarter). Load the base the same way at inference (see README).",
+    )
     group.add_argument("--output_dir", type=str, default="cogvideox-sft")
     group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
     group.add_argument("--width", type=int, default=720, help="Width of validation videos.")
@@ -232,6 +241,13 @@ def build_parser(description="CogVideoX fine-tuning"):
     )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument(
+        "--offload_activations",
+        action="store_true",
+        help="Keep the tensors the backward pass needs in pinned CPU memory instead of on the GPU (with "
+        "--gradient_checkpointing: each block's inputs, e.g. about 4.5 GB for CogVideoX-5b at 49x480x720). Costs "
+        "one copy to the CPU and back per step.",
+    )
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument(
         "--scale_lr", action="store_true", help="Multiply the lr by accumulation × batch size × processes."
@@ -412,11 +428,39 @@ def optimizer_problems(args):
             problems.append(f"{what} needs the {module} package: pip install {module.replace('_', '-')}")
     if args.optimizer == "came" and args.beta3 is None:
         args.beta3 = 0.9999  # CAME needs three betas; the original crashed without --beta3
-    if args.use_cpu_offload_optimizer or args.offload_gradients:
-        problems.append(
-            "--use_cpu_offload_optimizer/--offload_gradients are not available yet in this version; "
-            "use accelerate_configs/deepspeed.yaml (ZeRO-2 with CPU optimizer offload) instead"
-        )
+    problems.extend(_offload_problems(args))
+    if args.quantize_base == "nf4":
+        if _missing_module("bitsandbytes"):
+            problems.append("--quantize_base nf4 needs the bitsandbytes package: pip install bitsandbytes")
+        if not _cuda_available():
+            problems.append("--quantize_base nf4 needs a CUDA GPU (bitsandbytes 4-bit layers); on CPU use --quantize_base fp8")
+    return problems
+
+
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _offload_problems(args):
+    """torchao's CPUOffloadOptimizer: which flag combinations it can honour."""
+    if not args.use_cpu_offload_optimizer:
+        return ["--offload_gradients needs --use_cpu_offload_optimizer"] if args.offload_gradients else []
+    problems = []
+    if _missing_module("torchao"):
+        problems.append("--use_cpu_offload_optimizer needs the torchao package: pip install torchao")
+    if not _cuda_available():
+        problems.append("--use_cpu_offload_optimizer needs a CUDA GPU (without one the optimizer runs on the CPU anyway)")
+    if args.optimizer == "prodigy":
+        problems.append("--use_cpu_offload_optimizer runs one optimizer per tensor, which changes Prodigy's global step "
+                        "size estimate; use adamw, adam or came")
+    if args.offload_gradients and args.gradient_accumulation_steps > 1:
+        problems.append("--offload_gradients frees each gradient once copied to the CPU, so micro-batches cannot add "
+                        "up: use --gradient_accumulation_steps 1 (raise --train_batch_size) or drop --offload_gradients")
+    if args.mixed_precision == "fp16":
+        problems.append("--use_cpu_offload_optimizer with fp16: the loss scaler cannot unscale gradients already on the "
+                        "CPU; use --mixed_precision bf16")
     return problems
 
 

@@ -43,12 +43,13 @@ from .models import (
     load_training_scheduler,
     load_transformer,
     load_vae,
+    prepare_frozen_base,
     rotary_embeddings,
     sample_latents,
     vae_scale_factor_spatial,
 )
 from .modes import MODES, cast_frozen, count_parameters
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, clip_gradients, offload_runtime_problems, offloaded_optimizer
 from .precomputed import load_manifest, manifest_problems
 
 
@@ -75,6 +76,8 @@ class Context:
     text_encoder: object = None
     vae: object = None
     last_validation: list = field(default_factory=list)
+    # Where tensors saved for backward live during the transformer's forward (--offload_activations: CPU).
+    saved_tensors: object = contextlib.nullcontext
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,19 +86,71 @@ class Context:
 
 
 def _configure_deepspeed(accelerator, args):
-    """DeepSpeed takes batch size, accumulation and clipping from its own config: fill them from the flags."""
+    """DeepSpeed takes batch size, accumulation and clipping from its own config: fill them from the flags, which win
+    over the accelerate config (where 1 or auto means "not set"; any other accumulation value that disagrees is an
+    error rather than silently one or the other).
+
+    The loop still decides where an accumulation group ends and scales the loss itself (`backward`): DeepSpeed is
+    told the boundary, so it reduces the gradients and steps there, clipping to --max_grad_norm."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
     config = plugin.deepspeed_config
+    if config.get("gradient_accumulation_steps") not in (None, "auto", 1, args.gradient_accumulation_steps):
+        raise UsageError(
+            f"the DeepSpeed config sets gradient_accumulation_steps to {config['gradient_accumulation_steps']} and "
+            f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: set it to auto (or 1) in the "
+            "config and use the flag"
+        )
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    if config.get("gradient_accumulation_steps") not in (None, "auto", 1):
-        raise UsageError("set gradient_accumulation_steps to 1 or auto in the DeepSpeed config; use --gradient_accumulation_steps")
-    if args.gradient_accumulation_steps != 1:
-        raise UsageError("--gradient_accumulation_steps > 1 with DeepSpeed is not supported yet; raise --train_batch_size")
-    config["gradient_accumulation_steps"] = 1
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["gradient_clipping"] = args.max_grad_norm
-    config["train_batch_size"] = args.train_batch_size * accelerator.num_processes
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    # So accelerate's prepare() finds no mismatch to warn about; its backward() does not scale under DeepSpeed.
+    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    # accelerate registers the config with transformers, which then builds every transformers model it loads under
+    # ZeRO-3's zero.Init, partitioned: the frozen T5 would be split across ranks and unusable. Only the transformer
+    # handed to prepare() belongs to DeepSpeed (zero3_init_flag is therefore not supported).
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def backward(accelerator, loss, sync):
+    """`accelerator.backward(loss)`; under DeepSpeed the engine is also told whether this micro-batch ends the
+    accumulation group (`sync`): it reduces the gradients and steps the optimizer (clipping first) there. The loss
+    arrives already divided by the group size, so the engine must not divide it again by its configured steps (the
+    last group of an epoch may be shorter)."""
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if engine is None:
+        accelerator.backward(loss)
+    else:
+        engine.backward(loss, sync_gradients=sync, scale_wrt_gas=False)
+
+
+# Ranks waiting for the main process to finish validation wait on a gloo group with this timeout rather than in the
+# next NCCL collective, which --nccl_timeout (10 minutes by default) would abort during a long validation.
+VALIDATION_WAIT = timedelta(hours=24)
+_waiting_room = {}
+
+
+def _open_waiting_room(accelerator):
+    """Create the gloo group used by `_wait_for_main` (a collective: every rank, at the same point)."""
+    import torch.distributed as dist
+
+    _waiting_room.clear()
+    if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        _waiting_room["group"] = dist.new_group(backend="gloo", timeout=VALIDATION_WAIT)
+
+
+def _wait_for_main(accelerator):
+    """Every rank meets here; the others may wait up to VALIDATION_WAIT while the main process validates. A crash on
+    the main process still ends the run at once: the launcher (torchrun / accelerate) stops every rank."""
+    group = _waiting_room.get("group")
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
 
 
 def build_accelerator(args):
@@ -114,6 +169,7 @@ def build_accelerator(args):
         ],
     )
     _configure_deepspeed(accelerator, args)
+    _open_waiting_room(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -126,6 +182,14 @@ def unwrap(accelerator, model):
         return accelerator.unwrap_model(model, keep_torch_compile=False)
     except TypeError:  # accelerate < 1.2 always strips the compile wrapper
         return accelerator.unwrap_model(model)
+
+
+def save_artifact(accelerator, mode, transformer, directory, pipeline_class, dtype=None):
+    """The mode's artifact (LoRA file or transformer/), written once, by the main process. Under ZeRO-3 / FSDP the
+    weights are gathered first, so every rank must call this."""
+    state = ckpt.gather_state_dict(accelerator, transformer, trainable_only=not mode.saves_frozen_weights)
+    if accelerator.is_main_process:
+        mode.save(unwrap(accelerator, transformer), directory, pipeline_class, dtype=dtype, state_dict=state)
 
 
 def weight_dtype_of(accelerator):
@@ -288,6 +352,9 @@ def load_models(args, accelerator, weight_dtype, transformer_config, conditionin
         vae_spatial_scale=vae_scale_factor_spatial(vae_config),
         scheduler=load_training_scheduler(args),
     )
+    if args.offload_activations:
+        pin = accelerator.device.type == "cuda"
+        context.saved_tensors = lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin)
     if not args.load_tensors:
         context.tokenizer = load_tokenizer(args)
         context.text_encoder = load_text_encoder(args, weight_dtype).to(device).requires_grad_(False).eval()
@@ -333,14 +400,15 @@ def compute_loss(transformer, batch, context, conditioning, timestep=None):
     model_input = conditioning.model_input(noisy.to(dtype), batch, context)
     rotary = rotary_embeddings(context.transformer_config, latent_frames, latent_height, latent_width, device)
 
-    prediction = transformer(
-        hidden_states=model_input,
-        encoder_hidden_states=prompt_embeds,
-        timestep=timesteps,
-        image_rotary_emb=rotary,
-        return_dict=False,
-        **conditioning.transformer_kwargs(noisy, context),
-    )[0]
+    with context.saved_tensors():
+        prediction = transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+            **conditioning.transformer_kwargs(noisy, context),
+        )[0]
     predicted_x0 = scheduler.get_velocity(prediction.float(), noisy, timesteps)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps]
     weights = (1.0 / (1.0 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
@@ -440,13 +508,34 @@ def log_videos(accelerator, results, tag, step):
 
 
 def run_validation(args, conditioning, context, transformer, step, tag="validation"):
+    """Validation videos from the in-training model. Every rank calls this, at the same point.
+
+    Whole weights on every rank (one process, DDP, ZeRO-1/2): the main process generates while the others wait in
+    `_wait_for_main` (a gloo group with a long timeout), not in the next NCCL collective, which a validation longer
+    than --nccl_timeout would abort. Sharded weights (ZeRO-3, FSDP): each forward gathers its layers from every rank,
+    so every rank runs the same pipeline calls in step (same prompts, same seed); only the main process keeps them."""
+    import copy
+    import tempfile
+
     accelerator = context.accelerator
     cases = conditioning.validation_cases(args)
-    if not cases or not accelerator.is_main_process:
+    if not cases:
+        return
+    sharded = ckpt.weights_sharded(accelerator)
+    main = accelerator.is_main_process
+    if not sharded and not main:
+        _wait_for_main(accelerator)
         return
     logger.info("running validation at step %d: %d prompt(s)", step, len(cases))
     logger.info(memory.format_stats("before validation", memory.memory_stats(accelerator.device)))
-    model = unwrap(accelerator, transformer)
+    if sharded and args.enable_model_cpu_offload:
+        # Offload hooks would move a sharded transformer (and DeepSpeed's own parameter offload) around.
+        logger.warning("--enable_model_cpu_offload is ignored for validation while the weights are sharded")
+        args = copy.copy(args)
+        args.enable_model_cpu_offload = False
+    # FSDP1 gathers the top-level weights in its root wrapper; ZeRO-3 and FSDP2 hook the module itself.
+    fsdp1 = ckpt.engine_kind(accelerator) == "fsdp" and not accelerator.is_fsdp2
+    model = transformer if fsdp1 else unwrap(accelerator, transformer)
     was_training = model.training
     model.eval()
     encoders = {}  # reuse what training already holds in memory
@@ -455,20 +544,24 @@ def run_validation(args, conditioning, context, transformer, step, tag="validati
     if context.vae is not None:
         encoders.update(vae=context.vae)
     pipe = build_pipeline(args, conditioning, context.weight_dtype, transformer=model, **encoders)
-    with torch.no_grad():
-        results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, f"{tag}_step{step}")
+    with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+        output_dir = args.output_dir if main else scratch  # the other ranks' copies are thrown away
+        results = generate_videos(pipe, cases, args, accelerator.device, output_dir, f"{tag}_step{step}")
     if args.enable_model_cpu_offload:
         # Offloading parked the modules shared with training on the CPU, behind hooks: bring them back.
         pipe.remove_all_hooks()
         for module in (model, context.vae, context.text_encoder):
             if module is not None:
                 module.to(accelerator.device)
-    context.last_validation = results
-    log_videos(accelerator, results, tag, step)
+    if main:
+        context.last_validation = results
+        log_videos(accelerator, results, tag, step)
     del pipe
     memory.free_memory()
     model.train(was_training)
     logger.info(memory.format_stats("after validation", memory.memory_stats(accelerator.device)))
+    if not sharded:
+        _wait_for_main(accelerator)
 
 
 def final_test(args, conditioning, mode, context):
@@ -483,9 +576,12 @@ def final_test(args, conditioning, mode, context):
     accelerator = context.accelerator
     # Nothing reused from training: the pipeline is built from files, as a user would.
     artifact = mode.inference_components(args.output_dir, context.weight_dtype)
+    if args.quantize_base == "nf4" and "transformer" not in artifact:
+        artifact["transformer"] = load_transformer(args, context.weight_dtype)  # quantized as in training
     pipe = build_pipeline(args, conditioning, context.weight_dtype, **artifact)
     conditioning.adapt_transformer(pipe.transformer, args)
     mode.apply_to_pipeline(pipe, args.output_dir)
+    prepare_frozen_base(pipe.transformer, args, context.weight_dtype)  # FP8 storage as in training, if chosen
     with torch.no_grad():
         results = generate_videos(pipe, cases, args, accelerator.device, args.output_dir, "test")
     log_videos(accelerator, results, "test", 0)
@@ -517,23 +613,26 @@ def final_test(args, conditioning, mode, context):
 
 
 def dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch, max_train_steps, num_epochs,
-                 transformer_config, mode, weight_dtype, accelerator):
+                 transformer_config, conditioning, mode, weight_dtype, accelerator):
     """What the run would do, printed and returned; nothing is loaded but configs."""
     from accelerate import init_empty_weights
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import AutoConfig
+
+    from .memory_estimate import estimate_phases
 
     with init_empty_weights():
         transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
     mode.prepare(transformer, args)
-    trainable = count_parameters(mode.trainable_parameters(transformer))
-    total = count_parameters(transformer.parameters())
-    master = 4 if args.master_weight_dtype == "fp32" else 2
-    compute = torch.tensor([], dtype=weight_dtype).element_size()
-    # Frozen weights in the compute dtype; trained ones, their gradients and two Adam moments in the master dtype.
-    static = (total - trainable) * compute + trainable * master * 4
     buckets = {}
     for key in dataset.bucket_keys:
         buckets[key] = buckets.get(key, 0) + 1
+    where = dict(revision=args.revision, cache_dir=args.cache_dir)
+    vae_config = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae", **where)
+    text_encoder_config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                     **where)
+    phases = estimate_phases(args, transformer_config, vae_config, text_encoder_config, conditioning, mode,
+                             weight_dtype, buckets)
     plan = {
         "samples_for_training": len(dataset),
         "samples_held_out": len(eval_dataset) if eval_dataset else 0,
@@ -544,13 +643,17 @@ def dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch,
         "optimizer_steps": max_train_steps,
         "epochs": num_epochs,
         "processes": accelerator.num_processes,
-        "transformer_parameters": total,
-        "trainable_parameters": trainable,
-        "static_training_memory_gib": round(static / 2**30, 3),
+        "transformer_parameters": count_parameters(transformer.parameters()),
+        "trainable_parameters": count_parameters(mode.trainable_parameters(transformer)),
+        "peak_memory_gib": {k: (round(v / 2**30, 3) if k in ("training", "validation", "final_test") else v)
+                            for k, v in phases.items()},
+        "peak_memory_bytes": phases,
     }
     if accelerator.is_main_process:
         print("dry run: nothing will be trained")
         for key, value in plan.items():
+            if key == "peak_memory_bytes":
+                continue
             if key == "samples_unusable":
                 print(f"  {key}: {len(value)}" + ("" if args.skip_bad_samples or not value else " (the run would stop: "
                                                     "fix them or pass --skip_bad_samples)"))
@@ -558,8 +661,8 @@ def dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch,
                     print(f"    {line}")
             else:
                 print(f"  {key}: {value}")
-        print("  static_training_memory_gib counts weights, gradients and Adam states only; activations, the VAE/T5 "
-              "and validation come on top (see README)")
+        print("  peak_memory_gib: per process, for the largest bucket, simulated with the real training code on "
+              "fake tensors; CUDA context, kernel workspaces and allocator cache come on top (docs/memory.md)")
     return plan
 
 
@@ -577,6 +680,8 @@ def run(argv, conditioning, mode):
     transformer_config = validate_training_args(args, conditioning, mode)
 
     accelerator = build_accelerator(args)
+    if offload_runtime_problems(args, accelerator):
+        raise UsageError(offload_runtime_problems(args, accelerator))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
     if not accelerator.is_main_process:
@@ -600,12 +705,13 @@ def run(argv, conditioning, mode):
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     if args.dry_run:
         plan = dry_run_plan(args, dataset, eval_dataset, skipped, sampler, steps_per_epoch, max_train_steps, num_epochs,
-                            transformer_config, mode, weight_dtype, accelerator)
+                            transformer_config, conditioning, mode, weight_dtype, accelerator)
         accelerator.end_training()
         return {"dry_run": plan}
 
     # 3. Models. The trainable part is decided by the mode.
     transformer, context = load_models(args, accelerator, weight_dtype, transformer_config, conditioning)
+    prepare_frozen_base(transformer, args, weight_dtype)  # before LoRA layers exist: they keep their precision
     mode.prepare(transformer, args)
     cast_frozen(transformer, weight_dtype)
     if args.gradient_checkpointing:
@@ -619,7 +725,10 @@ def run(argv, conditioning, mode):
     optimizer = build_optimizer(args, parameters)
     lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
     # The LR schedule is not passed to prepare(): accelerate would step it once per process (checkpoint.py saves it).
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    # An offloaded optimizer keeps its states on the CPU: accelerate must not move them to the device.
+    # (Only then: accelerate refuses any device_placement under DeepSpeed.)
+    placement = None if offloaded_optimizer(optimizer) is None else [True, False]
+    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=placement)
     parameters = mode.trainable_parameters(transformer)
     _register_checkpoint_hooks(accelerator, mode, conditioning)
 
@@ -632,6 +741,7 @@ def run(argv, conditioning, mode):
         ckpt.load_checkpoint(
             accelerator, resume_path, transformer, optimizer, lr_scheduler,
             lambda folder: mode.load(unwrap(accelerator, transformer), folder, conditioning.pipeline_class),
+            read_model=lambda folder: mode.read(unwrap(accelerator, transformer), folder, conditioning.pipeline_class),
         )
         state = ckpt.read_state(resume_path)
         global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
@@ -650,6 +760,7 @@ def run(argv, conditioning, mode):
         args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
     )
     memory.reset_peak(accelerator.device)
+    tracker = memory.start_allocation_tracking(transformer, optimizer, context)  # None unless asked for
     logger.info(memory.format_stats("before training", memory.memory_stats(accelerator.device)))
 
     # 6. The loop.
@@ -679,11 +790,11 @@ def run(argv, conditioning, mode):
             sync = micro == group_size
             with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
                 loss = compute_loss(transformer, batch, context, conditioning)
-                accelerator.backward(loss / group_size)
+                backward(accelerator, loss / group_size, sync)
             accumulated += loss.detach()
             if not sync:
                 continue
-            grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
+            grad_norm = clip_gradients(accelerator, optimizer, parameters, args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -719,7 +830,10 @@ def run(argv, conditioning, mode):
                 if batches_in_epoch == batches_this_epoch:  # epoch finished: resume at the next one
                     state.update(epoch=epoch + 1, batches_in_epoch=0)
                 path = ckpt.save_checkpoint(
-                    accelerator, args.output_dir, global_step, state, lr_scheduler, args.checkpoints_total_limit
+                    accelerator, args.output_dir, global_step, state, lr_scheduler, args.checkpoints_total_limit,
+                    model=transformer, optimizer=optimizer,
+                    save_model=lambda folder: save_artifact(accelerator, mode, transformer, folder,
+                                                            conditioning.pipeline_class),
                 )
                 logger.info("saved checkpoint %s", path)
             if eval_loader is not None and (global_step % eval_every == 0 or global_step == max_train_steps):
@@ -744,14 +858,21 @@ def run(argv, conditioning, mode):
     #    with the in-memory model, then a final test that loads the artifact back from disk.
     summary = {"global_step": global_step, "final_loss": last_loss, "skipped_samples": len(skipped),
                "eval_loss": eval_losses}
+    if tracker is not None:
+        tracker.__exit__(None, None, None)
+        summary["tracked_training_peak_bytes"] = tracker.peak
+    save_artifact(accelerator, mode, transformer, args.output_dir, conditioning.pipeline_class, dtype=weight_dtype)
+    logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
+    final_validation = conditioning.validation_cases(args) and validated_at != global_step
+    if final_validation and ckpt.weights_sharded(accelerator):
+        # Sharded weights are only usable while the engine / FSDP is alive: validate before releasing anything.
+        run_validation(args, conditioning, context, transformer, global_step)
+        final_validation = False
     model = unwrap(accelerator, transformer)
-    if accelerator.is_main_process:
-        mode.save(model, args.output_dir, conditioning.pipeline_class, dtype=weight_dtype)
-        logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
     optimizer = lr_scheduler = None
     accelerator.free_memory()  # drops the prepared model and optimizer references held by accelerate
     memory.free_memory()
-    if accelerator.is_main_process and conditioning.validation_cases(args) and validated_at != global_step:
+    if final_validation:  # every rank: the others wait for the main process
         run_validation(args, conditioning, context, model, global_step)
     # Free everything training held (encoders included) before the final test loads a fresh pipeline.
     model = transformer = None
@@ -769,7 +890,8 @@ def run(argv, conditioning, mode):
 
 
 def _register_checkpoint_hooks(accelerator, mode, conditioning):
-    """accelerate saves optimizer/scheduler/RNG; the mode saves the model its own way (LoRA only, not the base)."""
+    """accelerate saves optimizer/scheduler/RNG; the mode saves the model its own way (LoRA only, not the base).
+    Plain and DDP runs only: under DeepSpeed and FSDP checkpoint.save_checkpoint writes the state itself."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:

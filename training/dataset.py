@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from .args import UsageError
+from .args import TrainingError, UsageError
 from .video_io import VideoReadError, probe_video, read_frames
 
 
@@ -120,46 +120,70 @@ class BucketedSample:
     bucket: tuple  # (frames, height, width)
     frame_indices: tuple
     source_size: tuple = (0, 0)  # (height, width) of the file
+    content_hash: str = None  # sha256 of the video file, when the scan was asked to hash
 
 
 def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_num_frames,
-                   skip_frames_start=0, skip_frames_end=0, num_threads=8):
-    """Probe every clip's header in parallel and pick its bucket. Returns (usable, skipped)."""
+                   skip_frames_start=0, skip_frames_end=0, num_threads=8, check_streams=True, hashes=None):
+    """Scan every clip in parallel and pick its bucket. Returns (usable, skipped).
+
+    The scan reads each header and, with `check_streams`, checks the packets up to the last frame the clip will
+    give (demux and parse, no decoding: about a millisecond per clip), so a file cut short or corrupt behind a
+    good header is reported here rather than stopping training in a loader worker. With `hashes` (a
+    `precomputed.ContentHashes`), each file's content hash is taken in the same pass (the file is read once).
+    """
     resolutions = [(h, w) for h in height_buckets for w in width_buckets]
 
-    def probe(sample):
-        try:
-            return probe_video(sample.video_path)
-        except VideoReadError as error:
-            return error
-
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        infos = list(pool.map(probe, samples))
-
-    usable, skipped = [], []
-    for sample, info in zip(samples, infos):
-        if not sample.caption.strip():
-            skipped.append(SkippedSample(sample.index, str(sample.video_path), "empty caption"))
-            continue
-        if isinstance(info, VideoReadError):
-            skipped.append(SkippedSample(sample.index, str(sample.video_path), str(info)))
-            continue
+    def choose(info):
         available = info.num_frames - skip_frames_start - skip_frames_end
         frames = choose_frame_bucket(available, frame_buckets, max_num_frames)
         if frames is None:
-            skipped.append(
-                SkippedSample(
-                    sample.index,
-                    str(sample.video_path),
-                    f"{available} usable frames (of {info.num_frames}, after skipping "
-                    f"{skip_frames_start}+{skip_frames_end}) is fewer than the smallest frame bucket "
-                    f"{min(frame_buckets)}",
-                )
+            return None, available
+        return frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end), frames
+
+    def last_frame(info):  # the stream is checked up to the last frame the clip gives (none if too short)
+        indices, _ = choose(info)
+        return indices[-1] if indices else None
+
+    def scan(sample):
+        path = sample.video_path
+        if not sample.caption.strip():
+            return SkippedSample(sample.index, str(path), "empty caption")
+        digest = None
+        try:
+            if hashes is not None:  # first: reading the whole file also warms the cache for the probe
+                digest = hashes.digest(path)
+            info = probe_video(path, last_frame if check_streams else None)
+        except VideoReadError as error:
+            return SkippedSample(sample.index, str(path), str(error))
+        except OSError as error:
+            return SkippedSample(sample.index, str(path), f"cannot read the file ({error})")
+        indices, frames = choose(info)
+        if indices is None:
+            return SkippedSample(
+                sample.index,
+                str(path),
+                f"{frames} usable frames (of {info.num_frames}, after skipping "
+                f"{skip_frames_start}+{skip_frames_end}) is fewer than the smallest frame bucket "
+                f"{min(frame_buckets)}",
             )
-            continue
         height, width = choose_resolution_bucket(info.height, info.width, resolutions)
-        indices = frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end)
-        usable.append(BucketedSample(sample, (frames, height, width), tuple(indices), (info.height, info.width)))
+        return BucketedSample(sample, (frames, height, width), tuple(indices), (info.height, info.width), digest)
+
+    from tqdm.auto import tqdm
+
+    # A bar where the scan takes a while: hashing reads every byte, and large sets take long anyway.
+    show = hashes is not None or len(samples) >= 2000
+    what = "scanning videos" + (" (headers, streams, sha256)" if hashes is not None else "")
+    with ThreadPoolExecutor(max_workers=num_threads) as pool, tqdm(total=len(samples), desc=what, disable=not show) as bar:
+        def scan_and_count(sample):
+            result = scan(sample)
+            bar.update(1)
+            return result
+
+        results = list(pool.map(scan_and_count, samples))
+    usable = [r for r in results if isinstance(r, BucketedSample)]
+    skipped = [r for r in results if isinstance(r, SkippedSample)]
     return usable, skipped
 
 
@@ -170,7 +194,7 @@ def data_notes(usable, video_reshape_mode=None):
     notes, seen = [], {}
     for item in usable:
         sample = item.sample
-        key = (str(Path(sample.video_path).resolve()), sample.caption)
+        key = (item.content_hash or str(Path(sample.video_path).resolve()), sample.caption)
         if key in seen:
             notes.append(SkippedSample(sample.index, str(sample.video_path), f"duplicate of entry {seen[key] + 1}"))
         seen.setdefault(key, sample.index)
@@ -253,6 +277,19 @@ def fit_to_bucket(frames, height, width, reshape_mode=None, generator=None):
     return (video / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
+class ClipDecodeError(TrainingError):
+    """A clip that passed the scan but fails to decode in training: one `error:` line naming it (exit status 1).
+
+    Raised in a DataLoader worker, it comes back to the main process re-built from the worker's formatted
+    traceback; the constructor keeps just the message, so the user sees one line, not a worker traceback."""
+
+    def __init__(self, message):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:  # torch's ExceptionWrapper re-raise
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class VideoDataset(Dataset):
     """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers.
 
@@ -282,7 +319,15 @@ class VideoDataset(Dataset):
         item = self.items[position]
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, position)) % (2**63))
         frames, height, width = item.bucket
-        raw = read_frames(item.sample.video_path, item.frame_indices)
+        try:
+            raw = read_frames(item.sample.video_path, item.frame_indices)
+        except VideoReadError as error:
+            raise ClipDecodeError(
+                f"entry {item.sample.index + 1}: {error}. The scan found its header and stream intact, but it does "
+                "not decode: remove this clip from the data list (or re-encode it) and run again (training: "
+                "--resume_from_checkpoint latest goes on from the last checkpoint; prepare_dataset.py keeps what it "
+                "finished)"
+            ) from None
         video = fit_to_bucket(raw, height, width, self.video_reshape_mode, generator=generator)
         if self.random_flip and torch.rand((), generator=generator) < self.random_flip:
             video = video.flip(-1)  # one decision for the whole clip, not per frame

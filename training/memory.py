@@ -1,6 +1,7 @@
 """Memory figures per phase: accelerator memory on CUDA, peak resident memory on CPU."""
 
 import gc
+import os
 import resource
 import sys
 
@@ -34,3 +35,20 @@ def memory_stats(device):
 
 def format_stats(phase, stats):
     return f"memory {phase}: " + ", ".join(f"{k}={v} GiB" for k, v in stats.items())
+
+
+TRACK_ALLOCATIONS = "COGVIDEOX_FACTORY_TRACK_ALLOCATIONS"
+
+
+def start_allocation_tracking(transformer, optimizer, context):
+    """With COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1, count the bytes of every live tensor from here on (any device,
+    no allocator cache; slow) -- the same counter the --dry_run estimate uses, so the two can be compared."""
+    if os.environ.get(TRACK_ALLOCATIONS) != "1":
+        return None
+    from .memory_estimate import AllocationTracker
+
+    tracker = AllocationTracker()
+    modules = [m for m in (transformer, context.vae, context.text_encoder) if m is not None]
+    tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules], optimizer.state_dict()["state"])
+    tracker.__enter__()
+    return tracker

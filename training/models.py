@@ -41,11 +41,42 @@ def load_vae(args, dtype):
 
 
 def load_transformer(args, dtype):
+    """The transformer in `dtype`; with --quantize_base nf4 its linear weights are loaded as 4-bit NF4 (QLoRA)."""
     from diffusers import CogVideoXTransformer3DModel
 
+    kwargs = {}
+    if getattr(args, "quantize_base", "none") == "nf4":
+        from diffusers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
     return CogVideoXTransformer3DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(args)
+        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(args),
+        **kwargs,
     )
+
+
+def prepare_frozen_base(transformer, args, compute_dtype):
+    """--quantize_base fp8: store the frozen base weights in FP8 and cast each layer to `compute_dtype` only while
+    it runs (diffusers layerwise casting). Norms, embeddings and LoRA layers keep their own precision, so this may
+    run before or after adapters are added (training adds them after; the final test loads them before)."""
+    if getattr(args, "quantize_base", "none") == "fp8":
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        transformer.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn,
+            compute_dtype=compute_dtype,
+            skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "lora_"),
+        )
+    return transformer
+
+
+def nf4_bytes_saved(transformer):
+    """Bytes NF4 saves against 16-bit storage: bitsandbytes packs two weights per byte plus an fp32 scale per
+    64 weights, in every linear layer (used by the memory estimate, which cannot run bitsandbytes kernels)."""
+    linear = [m.weight for m in transformer.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    return int(sum(w.numel() * (2 - 0.5 - 4 / 64) for w in linear))
 
 
 def load_training_scheduler(args):

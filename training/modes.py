@@ -54,13 +54,26 @@ class LoRA:
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
 
-    def save(self, transformer, directory, pipeline_class, dtype=None):
-        """Write the adapter in diffusers format (keys prefixed `transformer.`); LoRA files stay in their own dtype."""
+    saves_frozen_weights = False  # the artifact is the adapter only
+
+    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None):
+        """Write the adapter in diffusers format (keys prefixed `transformer.`); LoRA files stay in their own dtype.
+
+        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
         from peft.utils import get_peft_model_state_dict
 
+        layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
+        if state_dict is not None:
+            from .checkpoint import plain_name
+
+            expected = {plain_name(k) for k in get_peft_model_state_dict(transformer)}
+            empty = [k for k, v in layers.items() if v.numel() == 0]
+            if set(layers) != set(expected) or empty:
+                raise RuntimeError(f"gathered LoRA does not match the model ({len(layers)} of {len(expected)} tensors, "
+                                   f"{len(empty)} empty)")
         pipeline_class.save_lora_weights(
             directory,
-            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
 
@@ -77,6 +90,26 @@ class LoRA:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (unexpected keys {unexpected[:3]})")
+
+    def read(self, transformer, directory, pipeline_class):
+        """The adapter saved by `save`, keyed by the model's own parameter names (resume under FSDP, where torch
+        spreads it over the shards): the inverse of the renaming get_peft_model_state_dict did when saving."""
+        from .checkpoint import plain_name
+
+        state = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
+        if isinstance(state, tuple):
+            state = state[0]
+        names = {}
+        for name, _ in transformer.named_parameters():
+            name = plain_name(name)
+            if "lora_" in name:
+                names[name.replace(".default", "")] = name
+        prefix = "transformer."
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(state) != set(names):
+            unknown = sorted(set(state) ^ set(names))
+            raise RuntimeError(f"{directory}: LoRA weights do not match the model (e.g. {unknown[:3]})")
+        return {names[k]: v for k, v in state.items()}
 
     def inference_components(self, directory, dtype):
         return {}  # the base pipeline, then apply_to_pipeline loads the adapter
@@ -103,6 +136,8 @@ class Full:
     name = "sft"
 
     def check_args(self, args, transformer_config):
+        if getattr(args, "quantize_base", "none") != "none":
+            return [f"--quantize_base {args.quantize_base} is for LoRA: a full fine-tune trains the base weights themselves"]
         return []
 
     def prepare(self, transformer, args):
@@ -112,14 +147,28 @@ class Full:
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
 
-    def save(self, transformer, directory, pipeline_class, dtype=None):
-        """`transformer/` in diffusers format (sharded safetensors); `dtype` casts a copy of each tensor."""
-        state = None
+    saves_frozen_weights = True  # every weight (none is frozen)
+
+    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None):
+        """`transformer/` in diffusers format (sharded safetensors); `dtype` casts a copy of each tensor.
+
+        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
+        state = state_dict
+        if state_dict is not None:
+            from .checkpoint import plain_name
+
+            missing = {plain_name(k) for k in transformer.state_dict()} - set(state_dict)
+            empty = [k for k, v in state_dict.items() if v.numel() == 0]
+            if missing or empty:
+                raise RuntimeError(f"gathered transformer is incomplete ({len(missing)} missing, {len(empty)} empty)")
         if dtype is not None:
-            state = {k: v.detach().to("cpu", dtype) for k, v in transformer.state_dict().items()}
-        transformer.save_pretrained(
-            Path(directory) / TRANSFORMER_FOLDER, safe_serialization=True, max_shard_size="5GB", state_dict=state
-        )
+            source = transformer.state_dict() if state_dict is None else state_dict
+            state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in source.items()}
+        folder = Path(directory) / TRANSFORMER_FOLDER
+        if state is None:
+            transformer.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+        else:  # diffusers' save_pretrained takes no state_dict (it would silently save the model's own tensors)
+            _save_pretrained_state(transformer, folder, state)
 
     def load(self, transformer, directory, pipeline_class):
         """Weights from a checkpoint's `transformer/`, one shard at a time (no second model in memory)."""
@@ -138,6 +187,26 @@ class Full:
         if expected - loaded:
             raise RuntimeError(f"{folder}: {len(expected - loaded)} weights missing, e.g. {sorted(expected - loaded)[0]}")
 
+    def read(self, transformer, directory, pipeline_class):
+        """Every weight of a checkpoint's `transformer/` as one state dict (resume under FSDP: the main process reads
+        it, torch spreads it over the shards)."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import plain_name
+
+        folder = Path(directory) / TRANSFORMER_FOLDER
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "diffusion_pytorch_model.safetensors"
+        ]
+        state = {}
+        for shard in shards:
+            state.update(load_file(folder / shard))
+        expected = {plain_name(name) for name in transformer.state_dict()}
+        if expected - set(state):
+            raise RuntimeError(f"{folder}: {len(expected - set(state))} weights missing, e.g. {sorted(expected - set(state))[0]}")
+        return state
+
     def inference_components(self, directory, dtype):
         from diffusers import CogVideoXTransformer3DModel
 
@@ -153,10 +222,31 @@ class Full:
 MODES = {"lora": LoRA, "sft": Full}
 
 
+def _save_pretrained_state(model, folder, state):
+    """What `model.save_pretrained(folder)` writes (config, safetensors shards of at most 5GB, index), from `state`."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("diffusion_pytorch_model*.safetensors*"):
+        old.unlink()
+    model.save_config(folder)
+    split = split_torch_state_dict_into_shards(
+        state, max_shard_size="5GB", filename_pattern="diffusion_pytorch_model{suffix}.safetensors"
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state[name].contiguous() for name in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
 def cast_frozen(transformer, dtype):
     """Frozen weights in the compute dtype; trainable ones stay in the master dtype."""
     for parameter in transformer.parameters():
-        if not parameter.requires_grad:
+        # Only 16/32-bit floats: FP8-stored (--quantize_base fp8) and 4-bit packed weights keep their format.
+        if not parameter.requires_grad and parameter.dtype in (torch.float32, torch.float16, torch.bfloat16):
             parameter.data = parameter.data.to(dtype)
 
 

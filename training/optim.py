@@ -1,16 +1,24 @@
-"""Optimizers and learning-rate schedules from the flags."""
+"""Optimizers and learning-rate schedules from the flags.
+
+`--use_cpu_offload_optimizer` wraps the chosen optimizer in torchao's CPUOffloadOptimizer: each
+large tensor's optimizer state and step live on the CPU, gradients are copied there during the
+backward pass, and updated weights are copied back. Because the copies happen inside backward,
+clipping must act on the CPU copies: `clip_gradients` does that (the original ran this optimizer
+without clipping, accumulation or an LR schedule; here all three work, see args._offload_problems).
+"""
 
 import logging
+
+import torch
 
 
 logger = logging.getLogger("cogvideox_factory")
 
 
-def build_optimizer(args, parameters):
-    import torch
-
-    groups = [{"params": parameters, "lr": args.learning_rate}]
+def optimizer_class_and_kwargs(args):
+    """(optimizer class, keyword arguments besides the parameters) for the flags."""
     betas = (args.beta1, args.beta2)
+    common = dict(lr=args.learning_rate, eps=args.epsilon, weight_decay=args.weight_decay)
     if args.optimizer in ("adam", "adamw"):
         decoupled = args.optimizer == "adamw"
         if args.use_8bit and not args.use_torchao:
@@ -25,30 +33,91 @@ def build_optimizer(args, parameters):
             cls = ao.AdamW8bit if args.use_8bit else ao.AdamW4bit
         else:
             cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-        return cls(groups, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay)
+        return cls, dict(betas=betas, **common)
     if args.optimizer == "prodigy":
         import prodigyopt
 
         if args.learning_rate <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0 (got %s)", args.learning_rate)
-        return prodigyopt.Prodigy(
-            groups,
+        return prodigyopt.Prodigy, dict(
             betas=betas,
             beta3=args.beta3,
-            eps=args.epsilon,
-            weight_decay=args.weight_decay,
             decouple=args.prodigy_decouple,
             use_bias_correction=args.prodigy_use_bias_correction,
             safeguard_warmup=args.prodigy_safeguard_warmup,
+            **common,
         )
     if args.optimizer == "came":
         import came_pytorch
 
-        return came_pytorch.CAME(
-            groups, lr=args.learning_rate, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, args.beta3),
+        # CAME's eps is a pair; the lr must be passed explicitly (its default is None).
+        return came_pytorch.CAME, dict(
+            lr=args.learning_rate, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, args.beta3),
             weight_decay=args.weight_decay,
         )
     raise ValueError(f"unknown optimizer {args.optimizer}")
+
+
+def build_optimizer(args, parameters):
+    cls, kwargs = optimizer_class_and_kwargs(args)
+    groups = [{"params": list(parameters)}]
+    if args.use_cpu_offload_optimizer:
+        from torchao.optim import CPUOffloadOptimizer
+
+        optimizer = CPUOffloadOptimizer(groups, optimizer_class=cls, offload_gradients=args.offload_gradients, **kwargs)
+        for needed in ("queue", "param_d2h_map", "d_param_groups"):  # what clip_gradients relies on
+            if not hasattr(optimizer, needed):
+                raise RuntimeError(f"this torchao's CPUOffloadOptimizer has no {needed}; install torchao 0.5 to 0.18")
+        return optimizer
+    return cls(groups, **kwargs)
+
+
+def offloaded_optimizer(optimizer):
+    """The CPUOffloadOptimizer inside `optimizer` (accelerate may wrap it), or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if type(inner).__name__ == "CPUOffloadOptimizer" else None
+
+
+def offload_runtime_problems(args, accelerator):
+    """Checks that need the launched configuration (processes, DeepSpeed, precision)."""
+    if not args.use_cpu_offload_optimizer:
+        return []
+    problems = []
+    if accelerator.num_processes > 1 or accelerator.state.deepspeed_plugin is not None:
+        problems.append("--use_cpu_offload_optimizer works with one process only; for several GPUs use "
+                        "accelerate_configs/deepspeed.yaml (ZeRO-2 with CPU optimizer offload)")
+    if accelerator.mixed_precision == "fp16":
+        problems.append("--use_cpu_offload_optimizer with fp16 (from the accelerate config): use bf16")
+    return problems
+
+
+def clip_gradients(accelerator, optimizer, parameters, max_norm):
+    """Clip the gradients the optimizer will use to `max_norm` in total; returns the norm before clipping."""
+    offloaded = offloaded_optimizer(optimizer)
+    if offloaded is None:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    return _clip_offloaded(offloaded, max_norm)
+
+
+@torch.no_grad()
+def _clip_offloaded(optimizer, max_norm):
+    """The CPU copies of large gradients (made during backward) and the small on-device ones, clipped together."""
+    for copied in optimizer.queue.values():
+        copied.synchronize()  # the device-to-host copy of that gradient has finished
+    host = [optimizer.param_d2h_map[p].grad for p in optimizer.queue]
+    device = [p.grad for group in optimizer.d_param_groups for p in group["params"] if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64)
+    for grads in (host, device):
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+            squares += norms.double().pow(2).sum().cpu()
+    total = squares.sqrt().float()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if host:
+        torch._foreach_mul_(host, scale)
+    if device:
+        torch._foreach_mul_(device, scale.to(device[0].device))
+    return total
 
 
 def build_lr_scheduler(args, optimizer, max_train_steps):

@@ -6,9 +6,13 @@ Layout (see assets/dataset.md):
     latents/<stem>.safetensors   video_latent_dist [2C, f, h, w], prompt_embeds [S, D]
                                  (+ image_latent_dist [2C, 1, h, w] with --save_image_latents)
     videos/<stem>.mp4        the clip as it was encoded (resized, cropped, sampled)
+    video_hashes.json        with --hash_videos: sha256 of each source video, with the file's stat when hashed
 """
 
+import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 
 from .args import UsageError, frame_rule_problem
@@ -16,6 +20,70 @@ from .args import UsageError, frame_rule_problem
 
 MANIFEST = "manifest.json"
 FORMAT = "cogvideox-factory/precomputed-v1"
+HASHES = "video_hashes.json"
+HASHES_FORMAT = "cogvideox-factory/video-hashes-v1"
+
+
+def sha256_of_file(path, chunk_size=1 << 20):
+    """sha256 hex digest, read in 1 MiB chunks (hashlib releases the GIL on them: threads hash in parallel)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ContentHashes:
+    """Content hashes of the source videos, remembered in `video_hashes.json` so an unchanged file is not read again.
+
+    A remembered hash is reused only while the file's path, size, mtime, ctime and inode are all the same as when
+    it was hashed. `touch -r` and copying with preserved times (`cp -p`, rsync -t) restore the mtime but cannot
+    restore the ctime, which the kernel sets on every write or rename, so a file replaced by another of the same
+    size and mtime is hashed again. A moved, renamed or copied data folder is hashed again too (new paths), which
+    reads the files but, the contents being the same, recomputes no prepared entry.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.known, self.used = {}, {}
+        self.hashed = self.reused = 0  # files read and hashed in this run / taken from video_hashes.json
+        self._lock = threading.Lock()
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("format") == HASHES_FORMAT:
+                self.known = dict(saved["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no file yet, or unreadable: everything is hashed
+
+    @staticmethod
+    def _stat(path):
+        stat = os.stat(path)
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+
+    def digest(self, video):
+        """sha256 of the file's bytes (OSError if it cannot be read)."""
+        resolved = str(Path(video).resolve())
+        before = self._stat(resolved)
+        known = self.known.get(resolved)
+        if known and all(known.get(key) == value for key, value in before.items()):
+            digest = known["sha256"]
+            with self._lock:
+                self.reused += 1
+        else:
+            digest = sha256_of_file(resolved)
+            with self._lock:
+                self.hashed += 1
+            if self._stat(resolved) != before:  # written while being read: hash it again next time
+                return digest
+        with self._lock:
+            self.used[resolved] = {**before, "sha256": digest}
+        return digest
+
+    def save(self):
+        """Write the hashes of the files seen in this run (atomically: temporary file, then rename)."""
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"format": HASHES_FORMAT, "files": self.used}, indent=1), encoding="utf-8")
+        os.replace(temporary, self.path)
 
 
 def vae_fingerprint(args):

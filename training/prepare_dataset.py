@@ -7,7 +7,8 @@
 
 Every sample's file name is a hash of what it depends on (video file, caption, model,
 bucket, frame sampling, dtype, ...), so running again reuses finished entries and a killed
-run resumes where it stopped. Writes are atomic (temporary file, then rename).
+run resumes where it stopped. Writes are atomic (temporary file, then rename). The video file
+counts by its path, size and mtime, or with --hash_videos by the sha256 of its bytes.
 """
 
 import argparse
@@ -54,7 +55,15 @@ def build_parser():
     parser.add_argument("--use_slicing", action="store_true", help="VAE slicing.")
     parser.add_argument("--use_tiling", action="store_true", help="VAE tiling.")
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--num_decode_threads", type=int, default=0, help="Threads probing video headers (0: 8).")
+    parser.add_argument("--num_decode_threads", type=int, default=0,
+                        help="Threads scanning the videos (headers, stream check, --hash_videos) (0: 8).")
+    parser.add_argument(
+        "--hash_videos", action="store_true",
+        help="Key each prepared entry by the sha256 of its video's bytes instead of the file's path, size and mtime: "
+        "a replaced video is recomputed even if its size and mtime were kept (touch -r, cp -p), and a moved, renamed "
+        "or copied data folder reuses every entry. Hashes are remembered in video_hashes.json in --output_dir; a file "
+        "is read again only when its path, size, mtime, ctime or inode changed.",
+    )
     parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num_artifact_workers", type=int, default=4, help="Kept for compatibility; writes are synchronous.")
@@ -92,9 +101,12 @@ def _file_fingerprint(path):
 
 
 def entry_key(item, settings):
-    """Hash of everything an entry depends on: change any of it and the entry is recomputed."""
+    """Hash of everything an entry depends on: change any of it and the entry is recomputed.
+
+    The video counts by its content hash when the scan took one (--hash_videos), else by path, size and mtime."""
+    video = {"sha256": item.content_hash} if item.content_hash else _file_fingerprint(item.sample.video_path)
     payload = {
-        "video": _file_fingerprint(item.sample.video_path),
+        "video": video,
         "caption": item.sample.caption,
         "bucket": list(item.bucket),
         "frame_indices": list(item.frame_indices),
@@ -201,7 +213,15 @@ def prepare(args):
         write_skip_report,
     )
     from training.models import encode_prompts, encode_video_distribution, load_text_encoder, load_tokenizer, load_vae
-    from training.precomputed import FORMAT, MANIFEST, readable_entry, text_encoder_fingerprint, vae_fingerprint
+    from training.precomputed import (
+        FORMAT,
+        HASHES,
+        MANIFEST,
+        ContentHashes,
+        readable_entry,
+        text_encoder_fingerprint,
+        vae_fingerprint,
+    )
 
     transformer_config = validate(args)
     rank, world_size, device = _distributed()
@@ -212,10 +232,18 @@ def prepare(args):
         (output / sub).mkdir(parents=True, exist_ok=True)
 
     samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
+    hashes = ContentHashes(output / HASHES) if args.hash_videos else None
+    if hashes is not None and rank != 0:  # rank 0 hashes (below); the others then find every hash remembered
+        _barrier(world_size)
+        hashes = ContentHashes(output / HASHES)
     usable, skipped = assign_buckets(
         samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
-        args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8,
+        args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8, hashes=hashes,
     )
+    if hashes is not None and rank == 0:
+        hashes.save()
+        logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
+        _barrier(world_size)
     notes = data_notes(usable, args.video_reshape_mode)
     if notes and rank == 0:
         write_skip_report(notes, output / "data_notes.jsonl")
@@ -313,6 +341,7 @@ def prepare(args):
                     "video": f"videos/{stem}.mp4",
                     "file": f"latents/{stem}.safetensors",
                     "bucket": list(item.bucket),
+                    **({"video_sha256": item.content_hash} if item.content_hash else {}),
                 }
             )
         (output / "prompts.txt").write_text("".join(e["caption"].replace("\n", " ") + "\n" for e in entries), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Reproducible training benchmarks (see benchmarks/README.md)."""

@@ -1,0 +1,152 @@
+"""The --dry_run memory estimate against real runs, and the optimizer-state layouts it assumes."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import ASSETS, lora_argv, run_trainer
+
+from training.memory import TRACK_ALLOCATIONS
+
+
+def _main(trainer):
+    import importlib
+
+    return importlib.import_module(f"training.{trainer}").main
+
+
+@pytest.mark.parametrize(
+    "trainer, variant, flags",
+    [
+        # Raw videos: the VAE and T5 encode every step, LoRA on a checkpointed transformer.
+        ("cogvideox_text_to_video_lora", "2b", ["--gradient_checkpointing"]),
+        # Image-to-video full fine-tune in bf16: the VAE encodes the first frame every step.
+        ("cogvideox_image_to_video_sft", "5b-i2v", ["--mixed_precision", "bf16", "--ignore_learned_positional_embeddings"]),
+        # CogVideoX 1.5 with an FP8-stored base.
+        ("cogvideox_text_to_video_lora", "1.5", ["--quantize_base", "fp8", "--mixed_precision", "bf16",
+                                                 "--frame_buckets", "5", "13", "--max_num_frames", "13"]),
+    ],
+    ids=["t2v-lora-raw", "i2v-sft-bf16", "1.5-lora-fp8"],
+)
+def test_dry_run_estimate_matches_the_tracked_peak_of_a_real_run(tiny_models, tmp_path, monkeypatch, trainer, variant,
+                                                                 flags):
+    """The estimate simulates one batch of the heaviest bucket; the real run goes through every batch of an
+    epoch with the same allocation counter switched on (COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1)."""
+    argv = lora_argv(tiny_models(variant), ASSETS, tmp_path / "run", "--max_train_steps", "5",
+                     "--checkpointing_steps", "100", *flags)
+    plan = run_trainer([*argv, "--dry_run"], main=_main(trainer))["dry_run"]
+    estimate = plan["peak_memory_bytes"]["training"]
+    monkeypatch.setenv(TRACK_ALLOCATIONS, "1")
+    measured = run_trainer(argv, main=_main(trainer))["tracked_training_peak_bytes"]
+    assert abs(estimate / measured - 1) < 0.03, (estimate, measured)
+
+
+def _mid_size_config():
+    """A CogVideoX-5b-shaped transformer, narrow enough to simulate in a second: activations dominate."""
+    return {
+        "num_attention_heads": 4, "attention_head_dim": 32, "in_channels": 16, "out_channels": 16,
+        "flip_sin_to_cos": True, "freq_shift": 0, "time_embed_dim": 64, "text_embed_dim": 128, "num_layers": 4,
+        "dropout": 0.0, "attention_bias": True, "sample_width": 90, "sample_height": 60, "sample_frames": 49,
+        "patch_size": 2, "patch_size_t": None, "temporal_compression_ratio": 4, "max_text_seq_length": 32,
+        "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu", "norm_elementwise_affine": True,
+        "norm_eps": 1e-5, "spatial_interpolation_scale": 1.875, "temporal_interpolation_scale": 1.0,
+        "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False,
+        "patch_bias": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def estimate():
+    from training.args import parse_args
+    from training.conditioning import TextToVideo
+    from training.memory_estimate import estimate_training
+    from training.modes import MODES
+
+    vae_config = {"block_out_channels": [8, 8, 8, 8], "scaling_factor": 0.7, "temporal_compression_ratio": 4}
+    base = parse_args(["--pretrained_model_name_or_path", "-", "--load_tensors", "--train_batch_size", "1",
+                       "--mixed_precision", "bf16", "--optimizer", "adamw"])
+
+    def run(mode="lora", bucket=(17, 256, 384), **changes):
+        args = copy.copy(base)
+        vars(args).update(changes)
+        return estimate_training(args, _mid_size_config(), vae_config, None, TextToVideo(), MODES[mode](),
+                                 torch.bfloat16, bucket)
+
+    return run
+
+
+def test_estimate_follows_the_options_that_change_memory(estimate):
+    plain = estimate()
+    assert estimate(gradient_checkpointing=True)["training_peak"] < 0.6 * plain["training_peak"]
+    assert estimate(train_batch_size=2)["training_peak"] > 1.5 * plain["training_peak"] - plain["static"]
+    assert estimate(bucket=(33, 256, 384))["training_peak"] > plain["training_peak"]
+    checkpointed = estimate(gradient_checkpointing=True)
+    offloaded = estimate(gradient_checkpointing=True, offload_activations=True)
+    block_input = 5 * 16 * 24 * 128 * 2  # one block's hidden states: 5 latent frames of 16x24 patches, width 128, bf16
+    assert offloaded["training_peak"] < checkpointed["training_peak"] - block_input
+    fp8 = estimate(quantize_base="fp8")
+    assert fp8["static"] < plain["static"]  # frozen linear weights: 1 byte instead of 2
+    full = estimate(mode="sft")
+    assert estimate(mode="sft", use_8bit=True)["static"] < full["static"]
+    assert estimate(mode="sft", master_weight_dtype="bf16")["static"] < full["static"]
+
+
+def _state_bytes(optimizer):
+    """Bytes of distinct state storages (bitsandbytes shares its quantization maps between tensors)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for state in optimizer.state.values()
+                for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"optimizer": "adamw"},
+        {"optimizer": "adamw", "use_8bit": True},
+        {"optimizer": "prodigy"},
+        {"optimizer": "came", "beta3": 0.9999},
+    ],
+    ids=["adamw", "bnb-adamw8bit", "prodigy", "came"],
+)
+def test_optimizer_state_bytes_match_what_the_optimizer_allocates(flags):
+    """The estimate counts states from documented layouts (bitsandbytes kernels cannot run on fake tensors);
+    check each layout against a real step on the CPU."""
+    from training.args import parse_args
+    from training.memory_estimate import optimizer_state_bytes
+    from training.optim import build_optimizer
+
+    args = parse_args(["--pretrained_model_name_or_path", "-"])
+    vars(args).update(flags)
+    parameters = [torch.nn.Parameter(torch.randn(512, 256)), torch.nn.Parameter(torch.randn(1024, 64)),
+                  torch.nn.Parameter(torch.randn(100))]
+    optimizer = build_optimizer(args, parameters)
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    expected = optimizer_state_bytes(args, parameters)
+    assert abs(expected / _state_bytes(optimizer) - 1) < 0.05, (expected, _state_bytes(optimizer))
+
+
+def test_allocation_tracker_counts_views_once_and_frees():
+    from training.memory_estimate import AllocationTracker
+
+    tracker = AllocationTracker(granularity=1)
+    with tracker:
+        a = torch.zeros(1000)
+        view = a[10:]  # same storage
+        b = a * 2
+        assert tracker.current == 8000
+        del a, view, b
+    assert tracker.current == 0 and tracker.peak == 8000
+
+
+def test_dry_run_prints_every_phase(capsys, tiny_model_2b, tmp_path):
+    argv = lora_argv(tiny_model_2b, ASSETS, tmp_path / "run", "--max_train_steps", "2", "--validation_prompt", "a cat",
+                     "--height", "32", "--width", "32", "--validation_num_frames", "9", "--dry_run")
+    plan = run_trainer(argv)["dry_run"]
+    phases = plan["peak_memory_bytes"]
+    assert set(phases) >= {"training", "validation", "final_test", "bucket", "batch_size"}
+    assert all(phases[k] > 0 for k in ("training", "validation", "final_test"))
+    out = capsys.readouterr().out
+    assert "peak_memory_gib" in out and json.dumps(plan["peak_memory_gib"]["bucket"]).strip('"') in out

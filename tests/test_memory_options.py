@@ -1,0 +1,116 @@
+"""Memory-saving options end to end: low-bit optimizers, an FP8-stored base, and (on a CUDA GPU) the CPU-offloaded
+optimizer and a 4-bit NF4 base. Each trains, checkpoints, resumes, validates and saves a LoRA diffusers loads."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_trainer
+from safetensors.torch import load_file
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torchao CPUOffloadOptimizer and "
+                          "bitsandbytes 4-bit layers run only on CUDA); runs on the GPU machine")
+
+
+def _train_and_resume(model, output, *flags, steps=3, validation=()):
+    """Train steps - 1, resume from the last checkpoint to `steps`; validation flags apply to the resumed run."""
+    common = ["--checkpointing_steps", "1", *flags]
+    run_trainer(lora_argv(model, ASSETS, output, "--max_train_steps", str(steps - 1), *common))
+    return run_trainer(lora_argv(model, ASSETS, output, "--max_train_steps", str(steps), "--resume_from_checkpoint",
+                                 "latest", *common, *validation))
+
+
+def _assert_trained_lora(output):
+    lora = load_file(output / "pytorch_lora_weights.safetensors")
+    assert lora and any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    assert all(v.dtype == torch.float32 for v in lora.values())  # adapters keep their precision
+
+
+@pytest.mark.parametrize("bits", ["--use_8bit", "--use_4bit"])
+def test_torchao_low_bit_adamw_trains_and_resumes(tiny_model_2b, tmp_path, bits):
+    # Rank 256 makes the adapter matrices large enough (>= 4096 values) for torchao to quantize their states.
+    summary = _train_and_resume(tiny_model_2b, tmp_path / "run", "--optimizer", "adamw", "--use_torchao", bits,
+                                "--rank", "256", "--lora_alpha", "256", "--learning_rate", "1e-3")
+    assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
+    state = torch.load(tmp_path / "run" / "checkpoint-3" / "optimizer.bin", weights_only=True)
+    quantized = [v for s in state["state"].values() for v in s.values() if type(v).__name__.startswith("OptimState")]
+    assert quantized, "no optimizer state was stored in low-bit form"
+    _assert_trained_lora(tmp_path / "run")
+
+
+def test_fp8_base_trains_resumes_validates_and_reproduces(tiny_model_2b, tmp_path):
+    output = tmp_path / "run"
+    validation = ["--validation_prompt", "a cat walks", "--validation_steps", "3", *TINY_VALIDATION_FLAGS]
+    summary = _train_and_resume(tiny_model_2b, output, "--quantize_base", "fp8", validation=validation)
+    assert summary["global_step"] == 3 and summary["parity"]["exact"]
+    _assert_trained_lora(output)
+
+
+def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    from training.models import prepare_frozen_base
+    from training.modes import LoRA, cast_frozen
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
+    args = SimpleNamespace(quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
+                           master_weight_dtype="fp32")
+    prepare_frozen_base(transformer, args, torch.float32)
+    LoRA().prepare(transformer, args)
+    cast_frozen(transformer, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
+    assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.ff.net.0.proj.weight"] == torch.float8_e4m3fn
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".norm" in n)  # norms are not stored in FP8
+
+
+@CUDA
+@pytest.mark.parametrize("flags", [[], ["--offload_gradients"], ["--use_8bit"]], ids=["offload", "offload-grads", "bnb8"])
+def test_cpu_offloaded_optimizer_matches_the_plain_one(tiny_model_2b, tmp_path, flags):
+    """Clipping acts on the CPU copies of the gradients, the LR schedule runs: same weights as on-device AdamW."""
+    # Rank 256: adapter matrices of >= 4096 values, which torchao moves to the CPU (smaller ones stay on the GPU).
+    common = ["--optimizer", "adamw", "--max_grad_norm", "0.01", "--lr_scheduler", "linear", "--lr_warmup_steps", "1",
+              "--rank", "256", "--lora_alpha", "256"]
+    same_optimizer = [flag for flag in flags if flag == "--use_8bit"]
+    steps = ["--max_train_steps", "3", "--checkpointing_steps", "10"]
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "plain", *common, *steps, *same_optimizer))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "offload", *common, *steps, "--use_cpu_offload_optimizer",
+                          *flags))
+    plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    offloaded = load_file(tmp_path / "offload" / "pytorch_lora_weights.safetensors")
+    for key in plain:
+        torch.testing.assert_close(offloaded[key], plain[key], rtol=1e-3, atol=1e-5)
+    summary = _train_and_resume(tiny_model_2b, tmp_path / "resumed", *common, "--use_cpu_offload_optimizer", *flags)
+    assert summary["global_step"] == 3
+
+
+@CUDA
+def test_nf4_base_trains_resumes_and_validates(tiny_model_2b, tmp_path):
+    output = tmp_path / "run"
+    validation = ["--validation_prompt", "a cat walks", "--validation_steps", "3", *TINY_VALIDATION_FLAGS]
+    summary = _train_and_resume(tiny_model_2b, output, "--quantize_base", "nf4", "--mixed_precision", "bf16",
+                                validation=validation)
+    assert summary["global_step"] == 3 and summary["parity"] is not None
+    _assert_trained_lora(output)
+    from diffusers import BitsAndBytesConfig, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        tiny_model_2b, subfolder="transformer", torch_dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    )
+    pipe = CogVideoXPipeline.from_pretrained(tiny_model_2b, transformer=transformer, torch_dtype=torch.bfloat16)
+    pipe.load_lora_weights(output, adapter_name="trained")  # the README's inference recipe for a QLoRA
+    assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_offloaded_activations_train_to_the_same_weights(tiny_model_2b, tmp_path):
+    """save_on_cpu only moves the saved tensors (a copy on a GPU, a no-op here): training is unchanged."""
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "10", "--gradient_checkpointing"]
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "plain", *common))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "offloaded", *common, "--offload_activations"))
+    plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    offloaded = load_file(tmp_path / "offloaded" / "pytorch_lora_weights.safetensors")
+    assert plain.keys() == offloaded.keys() and all(torch.equal(plain[k], offloaded[k]) for k in plain)

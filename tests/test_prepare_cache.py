@@ -1,0 +1,88 @@
+"""prepare_dataset.py --hash_videos: entries keyed by the video's bytes, not its path, size and mtime."""
+
+import json
+import os
+import shutil
+import time
+
+from conftest import TINY_DATA_FLAGS, run_prepare
+
+
+def _argv(model, data, output, *extra):
+    return ["--model_id", model, "--data_root", str(data), "--caption_column", "prompts.txt", "--video_column",
+            "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16", "--save_latents_and_embeddings",
+            "--output_dir", str(output), "--hash_videos", *extra]
+
+
+def _latents(output):
+    return {p.name: p.stat().st_mtime_ns for p in (output / "latents").iterdir()}
+
+
+def test_hash_videos_recomputes_a_video_replaced_with_the_same_size_and_mtime(capsys, tiny_model_2b, clips, tmp_path):
+    output = tmp_path / "prepared"
+    run_prepare(_argv(tiny_model_2b, clips, output))
+    before = _latents(output)
+    hashes = json.loads((output / "video_hashes.json").read_text())["files"]
+    assert len(before) == 6 and len(hashes) == 6
+    capsys.readouterr()
+
+    # Another file of the same size in its place, its mtime set back (as `touch -r` or `cp -p` would).
+    video = clips / "videos" / "waves.mp4"
+    stat = video.stat()
+    data = video.read_bytes()
+    video.write_bytes(data.replace(b"Lavf", b"LAVF", 1))  # the encoder tag: still a valid, readable video
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (video.stat().st_size, video.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+    run_prepare(_argv(tiny_model_2b, clips, output))
+    assert "preparing (rank 0): 100%|██████████| 1/1" in capsys.readouterr().err  # exactly that one
+    after = _latents(output)
+    (new,) = set(after) - set(before)
+    assert {name: after[name] for name in before if name in after} == {n: t for n, t in before.items() if n in after}
+    manifest = json.loads((output / "manifest.json").read_text())
+    changed = [e for e in manifest["entries"] if e["source_video"].endswith("waves.mp4")]
+    assert changed[0]["file"] == f"latents/{new}" and changed[0]["video_sha256"] != hashes[str(video.resolve())]["sha256"]
+
+
+def test_hash_videos_reuses_every_entry_after_the_folder_is_moved_and_a_file_renamed(capsys, tiny_model_2b, clips,
+                                                                                   tmp_path):
+    output = tmp_path / "prepared"
+    run_prepare(_argv(tiny_model_2b, clips, output))
+    before = _latents(output)
+    capsys.readouterr()
+
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(clips, moved)  # a copy (new inodes and times), as on another machine
+    shutil.rmtree(clips)
+    (moved / "videos" / "waves.mp4").rename(moved / "videos" / "sea.mp4")
+    listing = moved / "videos.txt"
+    listing.write_text(listing.read_text().replace("videos/waves.mp4", "videos/sea.mp4"))
+
+    run_prepare(_argv(tiny_model_2b, moved, output))
+    assert "preparing (rank 0)" not in capsys.readouterr().err  # nothing encoded
+    assert _latents(output) == before
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert all(e["source_video"].startswith(str(moved)) for e in manifest["entries"])
+    hashed = json.loads((output / "video_hashes.json").read_text())["files"]
+    assert str((moved / "videos" / "sea.mp4").resolve()) in hashed and len(hashed) == 6
+
+
+def test_hashes_are_remembered_and_taken_again_only_for_changed_files(clips, tmp_path):
+    from training.precomputed import ContentHashes, sha256_of_file
+
+    store = tmp_path / "video_hashes.json"
+    videos = sorted((clips / "videos").iterdir())
+    first = ContentHashes(store)
+    digests = [first.digest(v) for v in videos]
+    first.save()
+    assert first.hashed == len(videos) and digests[0] == sha256_of_file(videos[0])
+
+    again = ContentHashes(store)
+    assert [again.digest(v) for v in videos] == digests and (again.hashed, again.reused) == (0, len(videos))
+
+    stat = videos[0].stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick (a few ms), so the rewrite gets a later ctime
+    videos[0].write_bytes(videos[0].read_bytes())  # same bytes, same mtime restored: only the ctime moved
+    os.utime(videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    third = ContentHashes(store)
+    assert third.digest(videos[0]) == digests[0] and third.hashed == 1

@@ -53,6 +53,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def restore_functional_linear():
+    """ZeRO-3 replaces torch.nn.functional.linear for the rest of the process ("persists unless manually reset"):
+    harmless in a training process, but later tests in this one (FP8 layers) would get DeepSpeed's version."""
+    original = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = original
+
+
 @pytest.fixture()
 def deepspeed_job(monkeypatch):
     """deepspeed_job("deepspeed_zero3.yaml"): this process becomes rank 0 of a one-process DeepSpeed job with that

@@ -45,10 +45,10 @@ sweep_data data/disney prompt.txt
 : "${VALIDATION_EPOCHS:=1}"
 : "${CHECKPOINTING_STEPS:=2000}"
 : "${LR_WARMUP_STEPS:=800}"
-# Upstream accumulated 4 batches per step. Our trainer does not support
-# gradient accumulation under DeepSpeed yet (it stops with an error), so this
-# stays at 1: raise TRAIN_BATCH_SIZE (per GPU) for a larger effective batch.
-: "${GRADIENT_ACCUMULATION_STEPS:=1}"
+# Accumulate 4 batches per optimizer step, as upstream did. Under DeepSpeed the
+# trainer hands this (and TRAIN_BATCH_SIZE, per GPU) to the DeepSpeed config, so
+# the effective batch is TRAIN_BATCH_SIZE x GPUs x GRADIENT_ACCUMULATION_STEPS.
+: "${GRADIENT_ACCUMULATION_STEPS:=4}"
 
 sweep_run training/cogvideox_image_to_video_sft.py cogvideox-i2v-sft \
   --noised_image_dropout "$NOISED_IMAGE_DROPOUT"

@@ -2,11 +2,11 @@
 
 The transformer is built from the published configs with random weights (nothing is downloaded), fed
 synthetic precomputed inputs of the real shapes (what `prepare_dataset.py --save_latents_and_embeddings`
-stores), and trained with the trainer's own pieces: `training.args.parse_args` and its checks for every flag,
-`training.models.prepare_frozen_base` and `training.modes` to choose and cast the trained weights,
-`training.optim` for the optimizer and clipping, and `training.core.compute_loss` and `backward` for the step,
-in `training.core.run`'s order. T5 and the VAE are not part of it (as with `--load_tensors`);
-only image-to-video builds the VAE encoder, because its trainer encodes the first frame at every step.
+stores), and trained by the trainer's own code: `training.args.parse_args` and `training.settings.model_problems`
+check the flags, `training.backend` starts accelerate (or DeepSpeed/FSDP), `training.step.build_trainer` prepares
+the transformer and builds the optimizer and schedule, and `training.step.train_step` is the step, the one the
+trainer runs. T5 and the VAE are not part of it (as with `--load_tensors`); only image-to-video builds the VAE
+encoder, because its trainer encodes the first frame at every step.
 
     python benchmarks/benchmark_training.py --model 5b --mode lora -- --rank 64 --gradient_checkpointing
     python benchmarks/benchmark_training.py --model 2b --mode sft --scale tiny -- --optimizer adamw --use_8bit
@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import re
 import shlex
@@ -42,13 +43,9 @@ if str(ROOT) not in sys.path:  # run as a script: make `training` and `tools` im
 
 from tools.build_tiny_model import SCHEDULER_CONFIG  # noqa: E402  the published CogVideoX scheduler_config.json
 from training import memory  # noqa: E402
-from training.args import (  # noqa: E402
-    UsageError,
-    check_buckets,
-    frame_rule_problem,
-    optimizer_problems,
-    parse_args,
-)
+from training.args import UsageError, parse_args, validation_frames  # noqa: E402
+from training.models import latent_grid  # noqa: E402
+from training.modes import count_parameters  # noqa: E402
 
 
 SCRIPT = Path(__file__).resolve()
@@ -176,14 +173,6 @@ def model_spec(name, scale):
     return tiny(MODELS[name]) if scale == "tiny" else MODELS[name]
 
 
-def latent_grid(frames, height, width, transformer_config, spatial_scale=8):
-    """(latent frames, height, width) of a clip; frames padded to a multiple of patch_size_t as pipeline_cogvideox does."""
-    latent_frames = (frames - 1) // transformer_config["temporal_compression_ratio"] + 1
-    patch_t = transformer_config.get("patch_size_t") or 1
-    latent_frames += -latent_frames % patch_t
-    return latent_frames, height // spatial_scale, width // spatial_scale
-
-
 # ----------------------------------------------------------------------------------------------
 # Building the models
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +201,7 @@ def build_random(model_class, config, dtype, device):
 
 
 def load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, through_loader):
-    """The transformer as `training.core.load_models` gets it, before `conditioning.adapt_transformer`.
+    """The transformer as the trainer loads it (`training.models.load_transformer`), with random weights.
 
     By default random weights are built in place (seconds, even for 5b on a GPU). With `through_loader` they are
     written to `scratch` and read back by the trainer's own `training.models.load_transformer`, so whatever that
@@ -229,41 +218,6 @@ def load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, thr
     transformer = None
     memory.free_memory()
     return load_transformer(argparse.Namespace(**{**vars(args), "pretrained_model_name_or_path": scratch}), weight_dtype)
-
-
-def prepare_like_trainer(transformer, args, mode, weight_dtype, device):
-    """What `training.core.run` does between loading the transformer and building the optimizer (its step 3)."""
-    from training.models import prepare_frozen_base
-    from training.modes import cast_frozen
-
-    prepare_frozen_base(transformer, args, weight_dtype)  # before LoRA layers exist: they keep their precision
-    mode.prepare(transformer, args)
-    cast_frozen(transformer, weight_dtype)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.to(device)
-    return mode.trainable_parameters(transformer)
-
-
-def synthetic_batch(spec, transformer_config, args, image_to_video):
-    """A collated batch shaped like the prepared dataset's: fp32 latent distributions (prepare_dataset's default
-    --dtype), prompt embeddings, and for image-to-video the first frame in pixels."""
-    from training.dataset import collate
-
-    frames, height, width = args.frame_buckets[0], args.height_buckets[0], args.width_buckets[0]
-    latent_frames, latent_height, latent_width = latent_grid(frames, height, width, transformer_config)
-    channels = transformer_config["out_channels"]
-    items = [
-        {
-            "index": index,
-            "prompt": "",
-            "video_latent_dist": torch.randn(2 * channels, latent_frames, latent_height, latent_width),
-            "prompt_embeds": torch.randn(transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"]),
-            "image": torch.rand(1, 3, height, width) * 2 - 1 if image_to_video else None,
-        }
-        for index in range(args.train_batch_size)
-    ]
-    return collate(items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,63 +400,22 @@ class TransformerTimer:
 
 
 # ----------------------------------------------------------------------------------------------
-# The training step (training.core.run's loop body) and the validation-style pass
+# The validation-style pass (training is training.step.train_step itself)
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Training:
-    """What one optimizer step works on (the training loop's locals in core.run)."""
-
-    transformer: object
-    optimizer: object
-    lr_scheduler: object
-    parameters: list
-    context: object
-    conditioning: object
-    batch: dict
-
-
-def optimizer_step(training, timer, loss_fn=None):
-    """One optimizer step exactly as training.core.run's loop takes it; returns the mean loss (a host sync, as there)."""
-    from training.core import backward, compute_loss
-    from training.optim import clip_gradients
-
-    loss_fn = loss_fn or compute_loss
-    context = training.context
-    accelerator, args = context.accelerator, context.args
-    group_size = args.gradient_accumulation_steps
-    accumulated = torch.zeros((), device=accelerator.device)
-    for micro in range(group_size):
-        sync = micro == group_size - 1
-        with accelerator.no_sync(training.transformer) if not sync else contextlib.nullcontext():
-            loss = loss_fn(training.transformer, training.batch, context, training.conditioning)
-            backward(accelerator, loss / group_size, sync)
-            timer.backward_finished()
-        accumulated += loss.detach()
-    clip_gradients(accelerator, training.optimizer, training.parameters, args.max_grad_norm)
-    training.optimizer.step()
-    training.lr_scheduler.step()
-    training.optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(accumulated / group_size, reduction="mean").item()
-
-
 @torch.no_grad()
-def denoise(transformer, context, conditioning):
+def denoise(model, context, conditioning):
     """The transformer's share of validation: `--num_inference_steps` denoising steps with classifier-free guidance
     (batch 2) at the validation size, as CogVideoXPipeline runs them with the DPM scheduler. No T5, no VAE decode."""
     from diffusers import CogVideoXDPMScheduler
 
-    from training.core import unwrap
     from training.models import rotary_embeddings
 
-    args, accelerator, dtype = context.args, context.accelerator, context.weight_dtype
-    device, config = accelerator.device, context.transformer_config
-    model = unwrap(accelerator, transformer)
+    args, dtype, device, config = context.args, context.weight_dtype, context.device, context.transformer_config
     was_training = model.training
     model.eval()
-    frames = args.validation_num_frames or max(args.frame_buckets)
-    latent_frames, latent_height, latent_width = latent_grid(frames, args.height, args.width, config)
+    latent_frames, latent_height, latent_width = latent_grid(validation_frames(args), args.height, args.width, config)
     shape = (1, latent_frames, config["out_channels"], latent_height, latent_width)
     scheduler = CogVideoXDPMScheduler.from_config(context.scheduler.config)
     scheduler.set_timesteps(args.num_inference_steps, device=device)
@@ -556,16 +469,12 @@ def base_trainer_argv(spec, output_dir):
     return [str(value) for value in argv]
 
 
-def check_trainer_args(args, transformer_config, conditioning, mode):
+def check_trainer_args(args, transformer_config, conditioning, mode, data_source):
     """The trainer's own checks that concern the model, the clip sizes and the optimizer (its data checks do not
     apply: there is no data)."""
-    problems = optimizer_problems(args)
-    check_buckets(args, transformer_config, problems)
-    if args.validation_num_frames is not None:
-        problem = frame_rule_problem(args.validation_num_frames, transformer_config)
-        if problem:
-            problems.append(f"--validation_num_frames: {problem}")
-    problems += conditioning.check_args(args, transformer_config) + mode.check_args(args, transformer_config)
+    from training.settings import model_problems
+
+    problems = model_problems(args, transformer_config, conditioning, mode, data_source)
     if problems:
         raise UsageError(problems)
 
@@ -635,7 +544,7 @@ def describe(options, args, spec):
         frames=frames,
         resolution=f"{height}x{width}",
         latent_grid=list(latent_grid(frames, height, width, spec.transformer)),
-        validation=dict(frames=args.validation_num_frames or max(args.frame_buckets),
+        validation=dict(frames=validation_frames(args),
                         resolution=f"{args.height}x{args.width}", denoising_steps=args.num_inference_steps,
                         guidance_batch=2),
     )
@@ -648,26 +557,67 @@ def run_configuration(options, trainer_flags, row):
 
 
 def _run_configuration(options, trainer_flags, row, scratch):
+    spec = model_spec(options.model, options.scale)
+    backend, trainer, batch = build_like_trainer(options, trainer_flags, row, spec, scratch)
+    device, model = backend.device, backend.unwrap(trainer.transformer)
+    row["parameters"] = dict(total=count_parameters(model.parameters()), trainable=count_parameters(trainer.parameters))
+    memory_phase(device)
+    row["memory_before_training"] = memory.memory_stats(device)
+
+    row["phase"] = "training"
+    steps, loss, saved = measure_training_steps(trainer, batch, options)
+    row["memory_before_validation"] = memory.memory_stats(device)
+    row.update(saved, final_loss=loss)
+    row.update(speed_figures(steps, spec.transformer, trainer.context.args, row["latent_grid"], options.mode, device,
+                             options.peak_tflops))
+
+    # Validation with the optimizer state still held, as during training.
+    row["phase"] = "validation"
+    memory_phase(device)
+    context, conditioning = trainer.context, trainer.conditioning
+    denoise(model, context, conditioning)
+    row["memory_after_validation"] = memory.memory_stats(device)
+
+    # The final test: optimizer and gradients gone, the trained weights in the compute dtype as the saved artifact
+    # loads them (the frozen base keeps its storage, FP8 or NF4 included), then the same denoising pass.
+    row["phase"] = "testing"
+    trained = trainer.parameters
+    trainer = batch = None
+    backend.release()
+    for parameter in trained:
+        parameter.requires_grad_(False)
+        parameter.data = parameter.data.to(context.weight_dtype)
+    trained = None
+    memory_phase(device)
+    denoise(model, context, conditioning)
+    row["memory_after_testing"] = memory.memory_stats(device)
+    del row["phase"]  # kept only when a phase fails: where it failed
+    backend.end()
+
+
+def build_like_trainer(options, trainer_flags, row, spec, scratch):
+    """(backend, step.Trainer, a batch): the trainer's flags, checks, backend and Trainer, on random weights."""
     import accelerate
     import diffusers
     import peft
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
 
+    from training.backend import build_backend
     from training.conditioning import CONDITIONINGS
-    from training.core import Context, build_accelerator, unwrap, weight_dtype_of
-    from training.modes import MODES, count_parameters
-    from training.optim import build_lr_scheduler, build_optimizer, offload_runtime_problems, offloaded_optimizer
+    from training.data_source import PreparedEntries
+    from training.modes import MODES
+    from training.optim import offload_runtime_problems
+    from training.step import build_context, build_trainer
 
-    spec = model_spec(options.model, options.scale)
-    conditioning, mode = CONDITIONINGS[spec.conditioning](), MODES[options.mode]()
+    conditioning, mode, source = CONDITIONINGS[spec.conditioning](), MODES[options.mode](), PreparedEntries()
     args = parse_args(base_trainer_argv(spec, scratch) + trainer_flags)  # --output_dir: nothing is written there
     row.update(describe(options, args, spec))
-    check_trainer_args(args, spec.transformer, conditioning, mode)
-    accelerator = build_accelerator(args)
-    if offload_runtime_problems(args, accelerator):
-        raise UsageError(offload_runtime_problems(args, accelerator))
-    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+    check_trainer_args(args, spec.transformer, conditioning, mode, source)
+    backend = build_backend(args)
+    if offload_runtime_problems(args, backend):
+        raise UsageError(offload_runtime_problems(args, backend))
+    device, weight_dtype = backend.device, backend.weight_dtype
     set_seed(args.seed)
     row.update(
         device=device_name(device),
@@ -680,91 +630,53 @@ def _run_configuration(options, trainer_flags, row, scratch):
             "to GPU figures"
         ),
     )
-
-    # Models, trainable part, optimizer: training.core.run steps 3 and 4.
     row["phase"] = "build"
     # --quantize_base nf4 quantises inside from_pretrained: only the trainer's loader can do that.
     through_loader = options.through_trainer_loader or args.quantize_base == "nf4"
     transformer = load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, through_loader)
-    transformer = conditioning.adapt_transformer(transformer, args)
-    context = Context(
-        args=args,
-        accelerator=accelerator,
-        weight_dtype=weight_dtype,
-        transformer_config=dict(spec.transformer),  # core.load_models: the config as published, before adapting
-        vae_scaling_factor=spec.vae["scaling_factor"],
-        vae_invert_scale_latents=spec.vae["invert_scale_latents"],
-        vae_spatial_scale=2 ** (len(spec.vae["block_out_channels"]) - 1),
-        scheduler=CogVideoXDPMScheduler(**spec.scheduler),
-    )
+    encoders = {}
     if conditioning.needs_vae:
-        context.vae = build_random(AutoencoderKLCogVideoX, spec.vae, weight_dtype, device).requires_grad_(False).eval()
-    parameters = prepare_like_trainer(transformer, args, mode, weight_dtype, device)
-    optimizer = build_optimizer(args, parameters)
-    lr_scheduler = build_lr_scheduler(args, optimizer, options.warmup_steps + options.steps)
-    # An offloaded optimizer keeps its states on the CPU: accelerate must not move them to the device.
-    transformer, optimizer = accelerator.prepare(
-        transformer, optimizer, device_placement=[True, offloaded_optimizer(optimizer) is None]
-    )
-    model = unwrap(accelerator, transformer)
-    training = Training(
-        transformer, optimizer, lr_scheduler, mode.trainable_parameters(transformer), context, conditioning,
-        synthetic_batch(spec, context.transformer_config, args, conditioning.image_to_video),
-    )
-    row["parameters"] = dict(total=count_parameters(model.parameters()), trainable=count_parameters(training.parameters))
-    memory_phase(device)
-    row["memory_before_training"] = memory.memory_stats(device)
+        encoders["vae"] = build_random(AutoencoderKLCogVideoX, spec.vae, weight_dtype, device).requires_grad_(False).eval()
+    context = build_context(args, spec.transformer, spec.vae, CogVideoXDPMScheduler(**spec.scheduler), device,
+                            weight_dtype, source, encoders)
+    trainer = build_trainer(transformer, context, conditioning, mode, backend, options.warmup_steps + options.steps)
+    bucket = (args.frame_buckets[0], args.height_buckets[0], args.width_buckets[0])
+    batch = source.example_batch(args.train_batch_size, bucket, spec.transformer, spec.vae,
+                                 conditioning.image_to_video, fill=torch.randn)
+    return backend, trainer, batch
 
-    # Training steps: the first warm-up step also measures what its forward saves for backward.
-    row["phase"] = "training"
-    transformer.train()
-    clock = Clock(device)
+
+def measure_training_steps(trainer, batch, options):
+    """Warm-up and timed optimizer steps (training.step.train_step, each micro-batch the same batch); the first
+    warm-up step also measures what its forward saves for backward. Returns (timed steps, last loss, saved bytes)."""
+    from training.step import compute_loss, train_step
+
+    model = trainer.backend.unwrap(trainer.transformer)
+    clock = Clock(trainer.backend.device)
     timer = TransformerTimer(model, clock)
     saved = {}
 
     def measured_loss(*loss_args):
-        from training.core import compute_loss
-
         weights = [*model.parameters(), *model.buffers()]
         measurement = saved_activation_bytes(lambda: compute_loss(*loss_args), weights=weights)
         saved.update(activation_bytes=measurement.activations, weight_copy_bytes=measurement.weight_copies)
         return measurement.result
 
+    trainer.transformer.train()
+    group_size = trainer.context.args.gradient_accumulation_steps
     steps = []
     for step in range(options.warmup_steps + options.steps):
         started = clock.mark()
-        loss = optimizer_step(training, timer, measured_loss if step == 0 else None)
+        outcome = train_step(trainer, itertools.repeat(batch, group_size), group_size,
+                             loss_fn=measured_loss if step == 0 else compute_loss,
+                             after_backward=timer.backward_finished)
+        loss = outcome.loss.item()  # the host sync the trainer makes every step
         finished = clock.mark()
         forward, backward = timer.take()
         if step >= options.warmup_steps:
             steps.append(dict(step=clock.seconds(started, finished), forward=forward, backward=backward))
     timer.remove()
-    row["memory_before_validation"] = memory.memory_stats(device)
-    row.update(saved, final_loss=loss)
-    row.update(speed_figures(steps, spec.transformer, args, row["latent_grid"], options.mode, device,
-                             options.peak_tflops))
-
-    # Validation with the optimizer state still held, as during training.
-    row["phase"] = "validation"
-    memory_phase(device)
-    denoise(transformer, context, conditioning)
-    row["memory_after_validation"] = memory.memory_stats(device)
-
-    # The final test: optimizer and gradients gone, the trained weights in the compute dtype as the saved artifact
-    # loads them (the frozen base keeps its storage, FP8 or NF4 included), then the same denoising pass.
-    row["phase"] = "testing"
-    trained = training.parameters
-    training = optimizer = lr_scheduler = parameters = transformer = None
-    accelerator.free_memory()
-    for parameter in trained:
-        parameter.requires_grad_(False)
-        parameter.data = parameter.data.to(weight_dtype)
-    trained = None
-    memory_phase(device)
-    denoise(model, context, conditioning)
-    row["memory_after_testing"] = memory.memory_stats(device)
-    del row["phase"]  # kept only when a phase fails: where it failed
-    accelerator.end_training()
+    return steps, loss, saved
 
 
 def speed_figures(steps, transformer_config, args, latent, mode_name, device, peak_override):
@@ -969,6 +881,8 @@ def build_parser():
     parser.add_argument("--output", help="Append each row to this JSONL file.")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="Run a preset matrix, one process per row, into --output.")
     parser.add_argument("--markdown", metavar="JSONL", help="Print the rows of a JSONL file as Markdown tables and exit.")
+    parser.add_argument("--gpu_slug", action="store_true", help="Print this machine's GPU name as a file name (what "
+                        "run_gpu_benchmarks.sh names its results after) and exit; an error without a CUDA GPU.")
     return parser
 
 
@@ -978,6 +892,8 @@ def parse_options(argv):
     own, after = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = build_parser()
     options, unknown = parser.parse_known_args(own)
+    if options.gpu_slug:
+        return options, unknown + after
     if not (options.sweep or options.markdown or options.model):
         parser.error("--model is required (or --sweep, or --markdown)")
     if options.sweep and not options.output:
@@ -989,6 +905,12 @@ def parse_options(argv):
 
 def main(argv=None):
     options, trainer_flags = parse_options(sys.argv[1:] if argv is None else argv)
+    if options.gpu_slug:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU here: these tables are GPU measurements (see benchmarks/README.md for --scale tiny "
+                     "on a CPU)")
+        print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-"))
+        return 0
     if options.markdown:
         print(render_markdown(read_rows(options.markdown)))
         return 0

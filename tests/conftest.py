@@ -2,6 +2,7 @@
 helpers that run the real entry points in this process (imports are paid once)."""
 
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def run_trainer(argv, main=None):
         reset_accelerate()
 
 
+def trainer_main(name):
+    """The `main` of an entry point, e.g. trainer_main("cogvideox_text_to_video_sft")."""
+    import importlib
+
+    return importlib.import_module(f"training.{name}").main
+
+
 def run_prepare(argv):
     from training.prepare_dataset import main
 
@@ -123,3 +131,53 @@ def trained_lora(tiny_model_2b, tmp_path_factory):
         )
     )
     return {"model": tiny_model_2b, "output": Path(output), "summary": summary}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run wrote, and the pipelines that load it
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_weights(output):
+    from safetensors.torch import load_file
+
+    return load_file(Path(output) / "pytorch_lora_weights.safetensors")
+
+
+def transformer_weights(output):
+    from safetensors.torch import load_file
+
+    return load_file(Path(output) / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def trained_weights(output, trainer):
+    """The artifact of an entry point's run: the transformer of a *_sft trainer, else the LoRA."""
+    return transformer_weights(output) if trainer.endswith("sft") else lora_weights(output)
+
+
+def tiny_pipeline(model, image_to_video=False):
+    """The model's diffusers pipeline with the DPM scheduler the trainer validates with, quiet."""
+    from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    pipe = (CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline).from_pretrained(model)
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt="a cat walks on the grass", image=None, num_frames=9, seed=42):
+    """A 32x32 video (frames as numpy) in two denoising steps; `image`: a path, for image-to-video."""
+    import torch
+    from PIL import Image
+
+    kwargs = {"image": Image.open(image).convert("RGB")} if image else {}
+    return pipe(
+        prompt=prompt, height=32, width=32, num_frames=num_frames, num_inference_steps=2, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs,
+    ).frames[0]

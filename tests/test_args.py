@@ -185,3 +185,44 @@ def test_load_tensors_with_an_id_token_the_prepared_captions_lack(capsys, tiny_m
                              "--frame_buckets", "9"])
     assert lines == ["error: --id_token BW_STYLE: the prepared captions do not start with it (prompts are embedded "
                      "by prepare_dataset.py); re-run it with --id_token BW_STYLE, or drop --id_token here"]
+
+
+def test_the_default_validation_frame_count_is_checked_too(capsys, tiny_models, tmp_path):
+    """Without --validation_num_frames, validation videos take the largest frame bucket. With --load_tensors the
+    buckets are not checked (prepared entries keep theirs), so the default 49 must be, for CogVideoX 1.5 (8k-3)."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")  # the flags are checked before the manifest is read
+    model = tiny_models("1.5")
+    capsys.readouterr()  # only the trainer's own messages below
+    argv = ["--pretrained_model_name_or_path", model, "--data_root", str(prepared), "--load_tensors",
+            "--output_dir", str(tmp_path / "o"), "--validation_prompt", "a cat"]
+    lines = _errors(capsys, argv)
+    assert lines == ["error: validation videos default to the largest --frame_buckets value: 49 frames do not suit "
+                     "this model ((F-1)/4+1 a multiple of patch_size_t=2, i.e. 8k-3); nearest valid: 45 or 53; pass "
+                     "--validation_num_frames"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_leaves_the_parsed_flags_as_given(tiny_model_2b, tmp_path, monkeypatch):
+    """Derived values (--scale_lr's learning rate, the default validation schedule and frame count, CAME's third
+    beta) live in the run's settings, not written back into the flags."""
+    import copy
+
+    import training.core
+    from training.args import parse_args
+
+    parsed = []
+
+    def keep(argv):
+        parsed.append(parse_args(argv))
+        return parsed[-1]
+
+    monkeypatch.setattr(training.core, "parse_args", keep)
+    argv = [*_argv(tiny_model_2b, tmp_path / "out", "--scale_lr", "--optimizer", "came", "--train_batch_size", "2",
+                   "--validation_prompt", "a cat", "--num_inference_steps", "1", "--height", "32", "--width", "32",
+                   "--rank", "2")]
+    summary = run_trainer(argv)
+    assert summary["global_step"] == 1 and summary["parity"]["exact"]
+    as_given = copy.deepcopy(vars(parse_args([str(a) for a in argv])))
+    assert vars(parsed[0]) == as_given

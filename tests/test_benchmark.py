@@ -9,6 +9,9 @@ from conftest import reset_accelerate
 from benchmarks import benchmark_training as bench
 
 
+pytestmark = pytest.mark.slow  # the benchmark's own processes and runs
+
+
 TINY = ["--scale", "tiny", "--steps", "2", "--warmup_steps", "1"]
 ROW_FIELDS = [
     "name", "model", "mode", "rank", "batch", "resolution", "frames", "flags", "device", "versions", "parameters",
@@ -207,3 +210,15 @@ def test_memory_estimate_table_row_has_its_command(capsys):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[:2] == ["5b", "lora"] and all(float(cells[i]) >= 0 for i in (5, 6, 7))
     assert "benchmarks/estimate_memory.py --model 5b --mode lora -- --rank 4 --gradient_checkpointing" in cells[8]
+
+
+def test_gpu_slug_needs_a_gpu_and_names_it_as_a_file_name(monkeypatch, capsys):
+    """What run_gpu_benchmarks.sh names its results after."""
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU here"):
+            bench.main(["--gpu_slug"])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    assert bench.main(["--gpu_slug"]) == 0
+    slug = capsys.readouterr().out.strip()
+    assert slug and all(c.isalnum() or c == "-" for c in slug) and not slug.startswith("-")

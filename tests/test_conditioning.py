@@ -42,7 +42,7 @@ def test_image_condition_equals_the_pipeline(tiny_models, variant):
 
 def _context(vae, dropout, ofs_embed_dim=None):
     return SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        device=torch.device("cpu"),
         vae=vae,
         vae_scaling_factor=vae.config.scaling_factor,
         vae_invert_scale_latents=vae.config.invert_scale_latents,
@@ -101,7 +101,8 @@ def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
 
     from tools.build_tiny_model import SCHEDULER_CONFIG
     from training.conditioning import TextToVideo
-    from training.core import compute_loss
+    from training.data_source import PreparedEntries
+    from training.step import compute_loss
 
     scheduler = CogVideoXDPMScheduler(**SCHEDULER_CONFIG)
     mean = torch.randn(2, 4, 3, 4, 4)
@@ -114,7 +115,7 @@ def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
         return (seen["prediction"],)
 
     context = SimpleNamespace(
-        accelerator=SimpleNamespace(device=torch.device("cpu")), weight_dtype=torch.float32, scheduler=scheduler,
+        device=torch.device("cpu"), data_source=PreparedEntries(), weight_dtype=torch.float32, scheduler=scheduler,
         vae_scaling_factor=0.7, transformer_config={"use_rotary_positional_embeddings": False},
         saved_tensors=contextlib.nullcontext,
     )

@@ -10,14 +10,26 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ASSETS, ROOT, TINY_VALIDATION_FLAGS, lora_argv, run_trainer
+from conftest import (
+    ASSETS,
+    ROOT,
+    TINY_VALIDATION_FLAGS,
+    free_port,
+    lora_argv,
+    lora_weights,
+    run_trainer,
+    trainer_main,
+    transformer_weights,
+)
 from safetensors.torch import load_file
+
+
+pytestmark = pytest.mark.slow  # several processes, DeepSpeed and FSDP: minutes on 2 CPU cores
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -25,10 +37,6 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 CONFIGS = ROOT / "accelerate_configs"
 LORA = "cogvideox_text_to_video_lora"
 SFT = "cogvideox_text_to_video_sft"
-
-
-def _main(trainer):
-    return importlib.import_module(f"training.{trainer}").main
 
 
 def launch_env(config_file, *overrides):
@@ -45,12 +53,6 @@ def launch_env(config_file, *overrides):
     else:
         env = prepare_multi_gpu_env(args)
     return {k: v for k, v in env.items() if os.environ.get(k) != v}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -71,25 +73,25 @@ def deepspeed_job(monkeypatch):
     shipped config either way."""
     import accelerate.accelerator
 
-    from training import core
+    from training import backend, core
 
     def use(config, cpu_adam=False):
         env = launch_env(CONFIGS / config, "--num_processes", "1", "--mixed_precision", "no")
         env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+                   MASTER_PORT=str(free_port()))
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         if not cpu_adam:
-            configure = core._configure_deepspeed
+            configure = backend.configure_deepspeed
 
             def with_torch_adam(accelerator, args):
                 configure(accelerator, args)
                 if accelerator.state.deepspeed_plugin is not None:
                     accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
 
-            monkeypatch.setattr(core, "_configure_deepspeed", with_torch_adam)
+            monkeypatch.setattr(backend, "configure_deepspeed", with_torch_adam)
             monkeypatch.setattr(accelerate.accelerator, "map_pytorch_optim_to_deepspeed", lambda optimizer: optimizer)
-        build = core.build_accelerator
+        build = core.build_backend
 
         def fresh_job(args):
             # Each run ends its process group (accelerator.end_training); DeepSpeed's cache of groups would
@@ -100,7 +102,7 @@ def deepspeed_job(monkeypatch):
                 groups._release_process_group_references()
             return build(args)
 
-        monkeypatch.setattr(core, "build_accelerator", fresh_job)
+        monkeypatch.setattr(core, "build_backend", fresh_job)
 
     yield use
     if torch.distributed.is_initialized():  # the next test starts without a process group
@@ -136,15 +138,7 @@ def _killed_here(monkeypatch, trainer, argv, crash_at):
         patch.setenv("COGVIDEOX_FACTORY_CRASH_AT", crash_at)
         patch.setattr(os, "kill", kill)
         with pytest.raises(Killed):
-            run_trainer(argv, main=_main(trainer))
-
-
-def _lora(output):
-    return load_file(output / "pytorch_lora_weights.safetensors")
-
-
-def _transformer(output):
-    return load_file(output / "transformer" / "diffusion_pytorch_model.safetensors")
+            run_trainer(argv, main=trainer_main(trainer))
 
 
 def _assert_identical(ours, reference):
@@ -185,7 +179,7 @@ def test_deepspeed_zero2_lora_with_accumulation_killed_and_resumed(tiny_model_2b
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1",
              "--gradient_accumulation_steps", "2"]
     reference = tmp_path / "reference"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=_main(LORA))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(LORA))
     assert (reference / "checkpoint-2" / "pytorch_model").is_dir()  # the engine's own partitioned files
 
     output = tmp_path / "run"
@@ -207,17 +201,17 @@ def test_deepspeed_zero2_lora_with_accumulation_killed_and_resumed(tiny_model_2b
         patch.setattr(pickle, "load", refuse)
         patch.setattr(pickle, "loads", refuse)
         summary = run_trainer([*argv, "--resume_from_checkpoint", "latest", "--validation_prompt", "a dog runs",
-                               *TINY_VALIDATION_FLAGS], main=_main(LORA))
+                               *TINY_VALIDATION_FLAGS], main=trainer_main(LORA))
     assert summary["global_step"] == 4
-    _assert_identical(_lora(output), _lora(reference))
+    _assert_identical(lora_weights(output), lora_weights(reference))
     assert summary["parity"] == {"max_abs_difference": 0.0, "exact": True}  # validated once the engine was released
 
     # DeepSpeed steps where the loop's accumulation group ends: the same update as without DeepSpeed.
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     plain = tmp_path / "plain"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, plain, *flags), main=_main(LORA))
-    for key, value in _lora(plain).items():
-        torch.testing.assert_close(_lora(reference)[key], value, rtol=1e-5, atol=1e-6)
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, plain, *flags), main=trainer_main(LORA))
+    for key, value in lora_weights(plain).items():
+        torch.testing.assert_close(lora_weights(reference)[key], value, rtol=1e-5, atol=1e-6)
     _assert_lora_loads_in_diffusers(tiny_model_2b, output)
 
 
@@ -228,15 +222,15 @@ def test_deepspeed_zero3_sft_killed_and_resumed(tiny_model_2b, tmp_path, monkeyp
     deepspeed_job("deepspeed_zero3.yaml")
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
     reference = tmp_path / "reference"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=_main(SFT))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(SFT))
     assert (reference / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO-3
     output = tmp_path / "run"
     argv = lora_argv(tiny_model_2b, ASSETS, output, *flags)
     _killed_here(monkeypatch, SFT, argv, "step:3")
-    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=_main(SFT))
+    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(SFT))
     assert summary["global_step"] == 4
-    _assert_identical(_transformer(output), _transformer(reference))
-    _assert_complete_transformer(_transformer(output), tiny_model_2b)
+    _assert_identical(transformer_weights(output), transformer_weights(reference))
+    _assert_complete_transformer(transformer_weights(output), tiny_model_2b)
 
 
 @needs_deepspeed
@@ -245,9 +239,9 @@ def test_deepspeed_zero3_lora_is_gathered_and_validates_on_the_sharded_model(tin
     deepspeed_job("deepspeed_zero3.yaml")
     output = tmp_path / "run"
     summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--validation_prompt",
-                                    "a dog runs", "--validation_steps", "2", *TINY_VALIDATION_FLAGS), main=_main(LORA))
+                                    "a dog runs", "--validation_steps", "2", *TINY_VALIDATION_FLAGS), main=trainer_main(LORA))
     assert summary["parity"] == {"max_abs_difference": 0.0, "exact": True}
-    _assert_real_lora(_lora(output))
+    _assert_real_lora(lora_weights(output))
     _assert_lora_loads_in_diffusers(tiny_model_2b, output)
 
 
@@ -264,11 +258,11 @@ def test_deepspeed_zero3_as_shipped_with_cpu_adam_resumes(tiny_model_2b, tmp_pat
                         lambda optimizer: made.append(convert(optimizer)) or made[-1])
     flags = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--optimizer", "adamw"]
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, first, *flags), main=_main(LORA))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, first, *flags), main=trainer_main(LORA))
     run_trainer(lora_argv(tiny_model_2b, ASSETS, resumed, *flags, "--resume_from_checkpoint", first / "checkpoint-1"),
-                main=_main(LORA))
-    _assert_identical(_lora(resumed), _lora(first))
-    _assert_real_lora(_lora(resumed))
+                main=trainer_main(LORA))
+    _assert_identical(lora_weights(resumed), lora_weights(first))
+    _assert_real_lora(lora_weights(resumed))
     assert [type(o).__name__ for o in made] == ["DeepSpeedCPUAdam"] * 2
 
 
@@ -299,12 +293,12 @@ def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_
     assert stderr.count("resumed from") == 2
     first, second = tmp_path / f"{LORA}-first", tmp_path / f"{LORA}-resumed"
     assert (first / "checkpoint-2" / "optimizer_full_state.bin").is_file()
-    _assert_identical(_lora(second), _lora(first))
-    _assert_real_lora(_lora(second))
+    _assert_identical(lora_weights(second), lora_weights(first))
+    _assert_real_lora(lora_weights(second))
     assert json.loads((second / "summary.json").read_text())["parity"]["exact"] is True
     first, second = tmp_path / f"{SFT}-first", tmp_path / f"{SFT}-resumed"
-    _assert_identical(_transformer(second), _transformer(first))
-    _assert_complete_transformer(_transformer(second), tiny_model_2b)
+    _assert_identical(transformer_weights(second), transformer_weights(first))
+    _assert_complete_transformer(transformer_weights(second), tiny_model_2b)
     assert json.loads((second / "summary.json").read_text())["parity"]["exact"] is True
 
 
@@ -312,21 +306,19 @@ def _waiting_worker(rank, port):
     """Rank 0 'validates' for 4 s; collectives time out after 2 s (like --nccl_timeout)."""
     import time
     from datetime import timedelta
-    from types import SimpleNamespace
 
     import torch.distributed as dist
 
-    from training import core
+    from training.backend import WaitingRoom
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     training_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
-    accelerator = SimpleNamespace(num_processes=2)
-    core._open_waiting_room(accelerator)
+    waiting_room = WaitingRoom(num_processes=2)
 
     if rank == 0:
         time.sleep(4)
-    core._wait_for_main(accelerator)  # what run_validation does on every rank
+    waiting_room.wait()  # what validation does on every rank
     dist.all_reduce(torch.ones(1), group=training_group)  # the next training collective: in time
 
     # The same without the waiting room: the waiting rank's collective times out.
@@ -342,4 +334,4 @@ def _waiting_worker(rank, port):
 def test_ranks_wait_for_a_validation_longer_than_the_collective_timeout():
     import torch.multiprocessing as mp
 
-    mp.start_processes(_waiting_worker, args=(_free_port(),), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_waiting_worker, args=(free_port(),), nprocs=2, start_method="spawn", join=True)

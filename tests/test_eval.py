@@ -1,10 +1,12 @@
 """Held-out evaluation loss: fixed noise and timesteps, so it is comparable over a run; it never disturbs training."""
 
+import pytest
 import torch
 from conftest import ASSETS, lora_argv, run_trainer
 from safetensors.torch import load_file
 
 
+@pytest.mark.slow  # several runs with evaluation
 def test_eval_loss_is_fixed_when_weights_are(tiny_model_2b, tmp_path):
     # lr 0: the weights never change, so every evaluation must give the very same number.
     summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "frozen", "--max_train_steps", "4",
@@ -20,6 +22,7 @@ def test_eval_loss_is_fixed_when_weights_are(tiny_model_2b, tmp_path):
     assert b"eval_loss" in events
 
 
+@pytest.mark.slow  # several runs with evaluation
 def test_evaluation_does_not_change_training(tiny_model_2b, tmp_path):
     plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
     run_trainer(lora_argv(tiny_model_2b, ASSETS, plain, "--max_train_steps", "3", "--eval_split", "0.34",

@@ -5,17 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, run_trainer
+from conftest import ASSETS, lora_argv, run_trainer, trainer_main
 
 from training.memory import TRACK_ALLOCATIONS
 
 
-def _main(trainer):
-    import importlib
-
-    return importlib.import_module(f"training.{trainer}").main
-
-
+@pytest.mark.slow  # a dry run and a tracked real run, three times
 @pytest.mark.parametrize(
     "trainer, variant, flags",
     [
@@ -35,10 +30,10 @@ def test_dry_run_estimate_matches_the_tracked_peak_of_a_real_run(tiny_models, tm
     epoch with the same allocation counter switched on (COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1)."""
     argv = lora_argv(tiny_models(variant), ASSETS, tmp_path / "run", "--max_train_steps", "5",
                      "--checkpointing_steps", "100", *flags)
-    plan = run_trainer([*argv, "--dry_run"], main=_main(trainer))["dry_run"]
+    plan = run_trainer([*argv, "--dry_run"], main=trainer_main(trainer))["dry_run"]
     estimate = plan["peak_memory_bytes"]["training"]
     monkeypatch.setenv(TRACK_ALLOCATIONS, "1")
-    measured = run_trainer(argv, main=_main(trainer))["tracked_training_peak_bytes"]
+    measured = run_trainer(argv, main=trainer_main(trainer))["tracked_training_peak_bytes"]
     assert abs(estimate / measured - 1) < 0.03, (estimate, measured)
 
 
@@ -129,7 +124,7 @@ def test_optimizer_state_bytes_match_what_the_optimizer_allocates(flags):
 
 
 def test_allocation_tracker_counts_views_once_and_frees():
-    from training.memory_estimate import AllocationTracker
+    from training.memory import AllocationTracker
 
     tracker = AllocationTracker(granularity=1)
     with tracker:

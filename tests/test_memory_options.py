@@ -26,6 +26,7 @@ def _assert_trained_lora(output):
     assert all(v.dtype == torch.float32 for v in lora.values())  # adapters keep their precision
 
 
+@pytest.mark.slow  # torchao compiles its kernels
 @pytest.mark.parametrize("bits", ["--use_8bit", "--use_4bit"])
 def test_torchao_low_bit_adamw_trains_and_resumes(tiny_model_2b, tmp_path, bits):
     # Rank 256 makes the adapter matrices large enough (>= 4096 values) for torchao to quantize their states.

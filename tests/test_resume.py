@@ -7,8 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ASSETS, ROOT, lora_argv, run_trainer
-from safetensors.torch import load_file
+from conftest import ASSETS, ROOT, lora_argv, run_trainer, trained_weights, trainer_main
+
+
+pytestmark = pytest.mark.slow  # runs killed in subprocesses, then resumed
 
 
 RANDOM_DATA = ["--random_flip", "0.5", "--video_reshape_mode", "random", "--dataloader_num_workers", "2"]
@@ -21,18 +23,6 @@ def _killed_run(trainer, argv, crash_at):
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no cleanup ran
 
 
-def _weights(output, trainer):
-    if trainer.endswith("sft"):
-        return load_file(output / "transformer" / "diffusion_pytorch_model.safetensors")
-    return load_file(output / "pytorch_lora_weights.safetensors")
-
-
-def _main(trainer):
-    import importlib
-
-    return importlib.import_module(f"training.{trainer}").main
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_2b, tmp_path_factory):
     """Reference runs, never killed: 6 steps with random flips and crops, 2 loader workers."""
@@ -40,8 +30,8 @@ def uninterrupted(tiny_model_2b, tmp_path_factory):
     for trainer in ("cogvideox_text_to_video_lora", "cogvideox_text_to_video_sft"):
         output = tmp_path_factory.mktemp(trainer)
         run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "6", "--checkpointing_steps", "2",
-                              *RANDOM_DATA), main=_main(trainer))
-        runs[trainer] = _weights(output, trainer)
+                              *RANDOM_DATA), main=trainer_main(trainer))
+        runs[trainer] = trained_weights(output, trainer)
     return runs
 
 
@@ -52,9 +42,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tiny_model
     step = random.Random().randint(3, 5)
     _killed_run(trainer, argv, f"step:{step}")
     assert not (output / "summary.json").exists()
-    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=_main(trainer))
+    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(trainer))
     assert summary["global_step"] == 6
-    ours, reference = _weights(output, trainer), uninterrupted[trainer]
+    ours, reference = trained_weights(output, trainer), uninterrupted[trainer]
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours), f"killed at step {step}"
 
@@ -67,9 +57,9 @@ def test_kill_while_writing_a_checkpoint_never_leaves_a_picked_partial(tiny_mode
     _killed_run(trainer, argv, "checkpoint:4")
     assert (output / ".checkpoint-4.partial").is_dir() and not (output / "checkpoint-4").exists()
     assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-2"]
-    run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=_main(trainer))
+    run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(trainer))
     assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-6"]  # the limit keeps exactly the newest
-    ours = _weights(output, trainer)
+    ours = trained_weights(output, trainer)
     assert all(torch.equal(ours[k], uninterrupted[trainer][k]) for k in ours)
 
 

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_trainer
 
 from training.args import build_parser
 from training.prepare_dataset import build_parser as build_prepare_parser
@@ -34,7 +34,6 @@ def _script_args(command):
 
 
 def test_sweep_script_commands_parse(tmp_path):
-    (tmp_path / "manifest.json").write_text("{}")
     commands = _dry_run("train_text_to_video_lora.sh", DATA_ROOT=str(tmp_path))
     assert len(commands) == 4  # 2 learning rates x 1 schedule x 2 optimizers x 1 step count
     outputs = set()
@@ -102,8 +101,7 @@ EXPECTED = {
         pretrained_model_name_or_path="THUDM/CogVideoX1.5-5B-I2V", id_token="BW_STYLE", caption_column="prompt.txt",
         data_root="data/disney", frame_buckets=[77], max_num_frames=77, noised_image_dropout=0.05,
         learning_rate=1e-4, optimizer="adamw", max_train_steps=20000, checkpointing_steps=2000,
-        # upstream: 4; our trainer rejects accumulation under DeepSpeed, so the script keeps 1
-        gradient_accumulation_steps=1, lr_warmup_steps=800, load_tensors=False, enable_model_cpu_offload=False,
+        gradient_accumulation_steps=4, lr_warmup_steps=800, load_tensors=False, enable_model_cpu_offload=False,
     ),
 }
 
@@ -114,7 +112,6 @@ def test_every_sweep_script_carries_upstream_defaults(script, tmp_path):
     trainer, runs = expected.pop("trainer"), expected.pop("runs")
     config, gpus = expected.pop("config"), expected.pop("gpus")
     env = {"DATA_ROOT": str(tmp_path)} if expected["load_tensors"] else {}
-    (tmp_path / "manifest.json").write_text("{}")
     commands = _dry_run(script, **env)
     assert len(commands) == runs
     outputs = set()
@@ -163,11 +160,33 @@ def test_image_to_video_validation_images(script, tmp_path):
         assert len(prompts) == len(images) and all(prompt.startswith("BW_STYLE ") for prompt in prompts)
     assert "VALIDATION_IMAGES is empty" not in stderr[1]
 
-    result = _run_script(script, DRY_RUN="1", VALIDATION_IMAGES=str(tmp_path / "first.png"))
-    assert result.returncode != 0 and "1 images for 2 prompts" in result.stderr
+
+def test_image_to_video_image_problems_are_left_to_the_trainer(capsys, tiny_models, tmp_path):
+    """One image for two prompts, and that image missing: the script passes VALIDATION_IMAGES on as given (a check of
+    its own could only drift from the trainer's), and the trainer refuses it, one `error:` line per problem."""
+    missing = tmp_path / "missing.png"
+    stderr = []
+    (command,) = _dry_run(
+        "train_image_to_video_sft.sh", stderr=stderr, MODEL_PATH=tiny_models("1.5-i2v"),
+        OUTPUT_ROOT=str(tmp_path / "outputs"), VALIDATION_IMAGES=str(missing),
+    )
+    assert stderr == [""]
+    argv = _script_args(command)
+    assert _launch_option(argv, "--validation_images") == str(missing)
+    from training.cogvideox_image_to_video_sft import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(argv, main=main)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert any("2 validation prompts but 1 validation images" in line for line in errors), errors
+    assert any(f"--validation_images: no such file {missing}" in line for line in errors), errors
+    assert not (tmp_path / "outputs").exists()
 
 
-def test_image_to_video_sft_environment_and_deepspeed_accumulation(tmp_path):
+@pytest.fixture()
+def fake_accelerate(tmp_path):
+    """An ACCELERATE_BIN that records its environment (env.txt) and arguments (args.txt) and succeeds."""
     launcher = tmp_path / "accelerate"
     launcher.write_text(
         '#!/usr/bin/env bash\n'
@@ -175,13 +194,50 @@ def test_image_to_video_sft_environment_and_deepspeed_accumulation(tmp_path):
         'printf "%s\\n" "$@" >"$(dirname "$0")/args.txt"\n'
     )
     launcher.chmod(0o755)
-    unset = dict.fromkeys(["TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "NCCL_P2P_DISABLE", "WANDB_MODE"])
-    result = _run_script("train_image_to_video_sft.sh", ACCELERATE_BIN=str(launcher), TRAIN_BATCH_SIZE="2", **unset)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "env.txt").read_text().split() == ["true", "16", "0", "offline"]
-    command = (tmp_path / "args.txt").read_text().splitlines()
-    args = build_parser().parse_args(_script_args(command))
-    assert args.train_batch_size == 2 and args.gradient_accumulation_steps == 1
+    return launcher
 
-    result = _run_script("train_image_to_video_sft.sh", ACCELERATE_BIN=str(launcher), GRADIENT_ACCUMULATION_STEPS="4")
-    assert result.returncode != 0 and "DeepSpeed" in result.stderr and "TRAIN_BATCH_SIZE" in result.stderr
+
+def _launched_args(launcher):
+    return build_parser().parse_args(_script_args((launcher.parent / "args.txt").read_text().splitlines()))
+
+
+def test_image_to_video_sft_environment_and_deepspeed_accumulation(fake_accelerate):
+    unset = dict.fromkeys(["TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "NCCL_P2P_DISABLE", "WANDB_MODE"])
+    result = _run_script(
+        "train_image_to_video_sft.sh", ACCELERATE_BIN=str(fake_accelerate), TRAIN_BATCH_SIZE="2",
+        GRADIENT_ACCUMULATION_STEPS=None, **unset,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (fake_accelerate.parent / "env.txt").read_text().split() == ["true", "16", "0", "offline"]
+    args = _launched_args(fake_accelerate)
+    # deepspeed.yaml with upstream's accumulation of 4: the trainer supports it, so the script launches it.
+    assert args.train_batch_size == 2 and args.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("config", ["accelerate_configs/deepspeed.yaml", "accelerate_configs/deepspeed_zero3.yaml"])
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_deepspeed_with_gradient_accumulation_is_not_refused(script, config):
+    stderr = []
+    commands = _dry_run(script, stderr=stderr, ACCELERATE_CONFIG_FILE=config, GRADIENT_ACCUMULATION_STEPS="4")
+    assert "warning" not in stderr[0] and "DeepSpeed" not in stderr[0], stderr[0]
+    assert commands
+    for command in commands:
+        assert _launch_option(command, "--config_file") == str(ROOT / config)
+        position = command.index("--gradient_accumulation_steps")
+        assert command[position : position + 2] == ["--gradient_accumulation_steps", "4"]
+        assert build_parser().parse_args(_script_args(command)).gradient_accumulation_steps == 4
+
+
+def test_missing_manifest_is_left_to_the_trainer(fake_accelerate, tmp_path):
+    """LOAD_TENSORS=1 on a folder without manifest.json: the trainer reports it (tests/test_args.py), the script
+    launches it with --load_tensors and warns about nothing, also under DRY_RUN=1."""
+    unprepared = tmp_path / "unprepared"
+    unprepared.mkdir()
+    env = dict(LOAD_TENSORS="1", DATA_ROOT=str(unprepared), LEARNING_RATES="1e-4", OPTIMIZERS="adamw")
+    stderr = []
+    (command,) = _dry_run("train_text_to_video_lora.sh", stderr=stderr, **env)
+    assert stderr == [""]
+    result = _run_script("train_text_to_video_lora.sh", ACCELERATE_BIN=str(fake_accelerate), **env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    args = _launched_args(fake_accelerate)
+    assert args.load_tensors and args.data_root == str(unprepared)

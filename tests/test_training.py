@@ -8,24 +8,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, ROOT, TINY_DATA_FLAGS, TINY_VALIDATION_FLAGS, lora_argv, run_prepare, run_trainer
+from conftest import (
+    ASSETS,
+    ROOT,
+    TINY_DATA_FLAGS,
+    TINY_VALIDATION_FLAGS,
+    generate,
+    lora_argv,
+    run_prepare,
+    run_trainer,
+    tiny_pipeline,
+)
 from safetensors.torch import load_file
-
-
-def _pipeline(model):
-    from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
-
-    pipe = CogVideoXPipeline.from_pretrained(model)
-    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, prompt="a cat walks on the grass", seed=42):
-    return pipe(
-        prompt, height=32, width=32, num_frames=9, num_inference_steps=2, max_sequence_length=16,
-        generator=torch.Generator().manual_seed(seed), output_type="np",
-    ).frames[0]
 
 
 def _read_mp4(path):
@@ -60,14 +54,14 @@ def test_lora_parity_saved_file_reproduces_last_validation(trained_lora):
 
 
 def test_saved_lora_loads_in_diffusers_and_changes_output(trained_lora):
-    pipe = _pipeline(trained_lora["model"])
-    base = _generate(pipe)
+    pipe = tiny_pipeline(trained_lora["model"])
+    base = generate(pipe)
     pipe.load_lora_weights(trained_lora["output"], adapter_name="mine")
     pipe.set_adapters(["mine"], [1.0])
-    with_lora = _generate(pipe)
+    with_lora = generate(pipe)
     assert np.abs(with_lora - base).mean() > 1e-4
     pipe.set_adapters(["mine"], [0.0])
-    assert np.array_equal(_generate(pipe), base)
+    assert np.array_equal(generate(pipe), base)
 
 
 def test_lora_alpha_is_stored_so_weight_one_is_the_trained_scale(trained_lora):
@@ -111,7 +105,7 @@ def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path):
 def test_precomputed_embeddings_match_the_pipeline(tiny_model_2b):
     from training.models import encode_prompts
 
-    pipe = _pipeline(tiny_model_2b)
+    pipe = tiny_pipeline(tiny_model_2b)
     prompts = ["a dog runs in the park", "BW_STYLE a red car drives along the coast road"]
     ours = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, 16, "cpu", torch.float32)
     with torch.no_grad():
@@ -122,7 +116,7 @@ def test_precomputed_embeddings_match_the_pipeline(tiny_model_2b):
 def test_rotary_embeddings_match_the_pipeline(tiny_model_5b):
     from training.models import rotary_embeddings
 
-    pipe = _pipeline(tiny_model_5b)
+    pipe = tiny_pipeline(tiny_model_5b)
     for frames, height, width in [(3, 32, 32), (2, 48, 96), (3, 64, 32)]:
         ours = rotary_embeddings(dict(pipe.transformer.config), frames, height // 8, width // 8, "cpu")
         theirs = pipe._prepare_rotary_positional_embeddings(height, width, frames, torch.device("cpu"))
@@ -168,6 +162,7 @@ def test_resume_from_checkpoint_continues_to_the_same_weights(tiny_model_2b, tmp
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # subprocesses or several runs
 def test_accelerate_launch_runs_the_entry_point(tiny_model_2b, tmp_path):
     output = tmp_path / "launched"
     command = [
@@ -201,6 +196,7 @@ def test_a_short_clip_is_skipped_and_reported(tiny_model_2b, clips, tmp_path):
     assert report["entry"] == 7 and report["video"].endswith("short.mp4") and "3 usable frames" in report["reason"]
 
 
+@pytest.mark.slow  # subprocesses or several runs
 def test_prepare_with_two_processes_matches_one(tiny_model_2b, tmp_path):
     flags = [
         "--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt",
@@ -243,6 +239,7 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
     assert b"loss" in records and b"grad_norm" in records
 
 
+@pytest.mark.slow  # subprocesses or several runs
 def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
     """Two ranks (gloo), one clip: padding keeps ranks in step; checkpoints, resume and the artifact work."""
     (clips / "prompts.txt").write_text("a blue square moves across a black background\n")
@@ -274,13 +271,13 @@ def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     from accelerate import Accelerator
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from training.core import unwrap
+    from training.backend import Backend
     from training.modes import LoRA
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
     mode = LoRA()
     mode.prepare(transformer, SimpleNamespace(rank=2, lora_alpha=2, lora_target_modules="to_q,to_v", master_weight_dtype="fp32"))
-    plain = unwrap(Accelerator(cpu=True), torch.compile(transformer))  # compile is lazy: nothing is built here
+    plain = Backend(Accelerator(cpu=True)).unwrap(torch.compile(transformer))  # compile is lazy: nothing is built here
     assert plain is transformer
     mode.save(plain, tmp_path, CogVideoXPipeline)
     assert not [k for k in load_file(tmp_path / "pytorch_lora_weights.safetensors") if "_orig_mod" in k]
@@ -288,6 +285,7 @@ def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     mode.apply_to_pipeline(pipe, tmp_path)  # raises if a saved tensor does not arrive
 
 
+@pytest.mark.slow  # subprocesses or several runs
 @pytest.mark.parametrize(
     "flags",
     [

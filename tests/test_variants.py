@@ -5,56 +5,41 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_prepare, run_trainer
-from PIL import Image
+from conftest import (
+    ASSETS,
+    TINY_VALIDATION_FLAGS,
+    generate,
+    lora_argv,
+    run_prepare,
+    run_trainer,
+    tiny_pipeline,
+    trainer_main,
+)
 from safetensors.torch import load_file
 
 
 FRAMES_1_5 = ["--frame_buckets", "5", "13", "--max_num_frames", "13"]
 
 
-def _main(name):
-    import importlib
-
-    return importlib.import_module(f"training.{name}").main
-
-
-def _generate(pipe, image=None, num_frames=9, seed=3):
-    kwargs = {"image": Image.open(image).convert("RGB")} if image else {}
-    return pipe(
-        prompt="a cat walks on the grass", height=32, width=32, num_frames=num_frames, num_inference_steps=2,
-        max_sequence_length=16, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs,
-    ).frames[0]
-
-
-def _pipeline(model, image_to_video):
-    from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
-
-    pipe = (CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline).from_pretrained(model)
-    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _assert_lora_changes_output(model, output, image=None, num_frames=9, drop_positions=False):
     from training.conditioning import drop_learned_positional_embeddings
 
-    pipe = _pipeline(model, image is not None)
+    pipe = tiny_pipeline(model, image is not None)
     if drop_positions:  # what the README tells users of --ignore_learned_positional_embeddings to do
         drop_learned_positional_embeddings(pipe.transformer)
-    base = _generate(pipe, image, num_frames)
+    base = generate(pipe, image=image, num_frames=num_frames, seed=3)
     pipe.load_lora_weights(output, adapter_name="trained")
     pipe.set_adapters(["trained"], [1.0])
-    assert np.abs(_generate(pipe, image, num_frames) - base).mean() > 1e-4
+    assert np.abs(generate(pipe, image=image, num_frames=num_frames, seed=3) - base).mean() > 1e-4
 
 
 def _assert_transformer_changes_output(model, output, image=None, num_frames=9):
     from diffusers import CogVideoXTransformer3DModel
 
-    pipe = _pipeline(model, image is not None)
-    base = _generate(pipe, image, num_frames)
+    pipe = tiny_pipeline(model, image is not None)
+    base = generate(pipe, image=image, num_frames=num_frames, seed=3)
     pipe.transformer = CogVideoXTransformer3DModel.from_pretrained(output / "transformer")
-    assert np.abs(_generate(pipe, image, num_frames) - base).mean() > 1e-4
+    assert np.abs(generate(pipe, image=image, num_frames=num_frames, seed=3) - base).mean() > 1e-4
 
 
 def test_text_to_video_sft(tiny_model_2b, tmp_path):
@@ -62,7 +47,7 @@ def test_text_to_video_sft(tiny_model_2b, tmp_path):
     summary = run_trainer(
         lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "3", "--learning_rate", "1e-3",
                   "--validation_prompt", "a cat walks on the grass", *TINY_VALIDATION_FLAGS),
-        main=_main("cogvideox_text_to_video_sft"),
+        main=trainer_main("cogvideox_text_to_video_sft"),
     )
     assert summary["parity"]["exact"]  # the final test ran the saved transformer, not the base model
     assert (output / "transformer" / "config.json").is_file() and not (output / "pytorch_lora_weights.safetensors").exists()
@@ -70,7 +55,7 @@ def test_text_to_video_sft(tiny_model_2b, tmp_path):
 
 
 def test_sft_resume_gives_the_same_weights(tiny_model_2b, tmp_path):
-    sft = _main("cogvideox_text_to_video_sft")
+    sft = trainer_main("cogvideox_text_to_video_sft")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ("--learning_rate", "1e-3", "--checkpointing_steps", "2")
     run_trainer(lora_argv(tiny_model_2b, ASSETS, straight, "--max_train_steps", "4", *flags), main=sft)
@@ -91,7 +76,7 @@ def test_image_to_video_lora_multiresolution(tiny_models, first_frame_png, tmp_p
         lora_argv(model, ASSETS, output, "--max_train_steps", "3", "--ignore_learned_positional_embeddings",
                   "--noised_image_dropout", "0.2", "--validation_prompt", "a cat walks on the grass",
                   "--validation_images", first_frame_png, *TINY_VALIDATION_FLAGS),
-        main=_main("cogvideox_image_to_video_lora"),
+        main=trainer_main("cogvideox_image_to_video_lora"),
     )
     assert summary["parity"]["exact"]
     assert list(output.glob("validation_step3_video_0_0_*.mp4"))
@@ -103,7 +88,7 @@ def test_image_to_video_learned_positions_at_their_size(tiny_models, tmp_path):
     argv = lora_argv(model, ASSETS, output, "--max_train_steps", "2")
     argv[argv.index("--height_buckets") + 1 : argv.index("--frame_buckets")] = ["64", "--width_buckets", "64"]
     argv += ["--height", "64", "--width", "64"]
-    summary = run_trainer(argv, main=_main("cogvideox_image_to_video_lora"))
+    summary = run_trainer(argv, main=trainer_main("cogvideox_image_to_video_lora"))
     assert summary["global_step"] == 2
 
 
@@ -113,7 +98,7 @@ def test_image_to_video_sft_cogvideox_1_5(tiny_models, first_frame_png, tmp_path
                      "--validation_prompt", "a cat", "--validation_images", first_frame_png, *TINY_VALIDATION_FLAGS)
     argv[argv.index("--frame_buckets") : argv.index("--max_num_frames") + 2] = FRAMES_1_5
     argv[argv.index("--validation_num_frames") + 1] = "13"
-    summary = run_trainer(argv, main=_main("cogvideox_image_to_video_sft"))
+    summary = run_trainer(argv, main=trainer_main("cogvideox_image_to_video_sft"))
     assert summary["parity"]["exact"]
     _assert_transformer_changes_output(model, output, image=first_frame_png, num_frames=13)
 
@@ -142,7 +127,7 @@ def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
         ["--pretrained_model_name_or_path", model, "--data_root", prepared, "--load_tensors", "--output_dir", output,
          "--max_train_steps", "2", "--train_batch_size", "2", "--rank", "4", "--lora_alpha", "4", "--seed", "1",
          "--frame_buckets", "13"],
-        main=_main("cogvideox_image_to_video_lora"),
+        main=trainer_main("cogvideox_image_to_video_lora"),
     )
     assert summary["global_step"] == 2 and np.isfinite(summary["final_loss"])
 
@@ -161,7 +146,7 @@ def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
 )
 def test_variant_errors(capsys, tiny_models, tmp_path, trainer, variant, extra, expected):
     with pytest.raises(SystemExit) as exit_info:
-        run_trainer(lora_argv(tiny_models(variant), ASSETS, tmp_path / "o", *extra), main=_main(trainer))
+        run_trainer(lora_argv(tiny_models(variant), ASSETS, tmp_path / "o", *extra), main=trainer_main(trainer))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert expected in err, err

@@ -135,6 +135,7 @@ def add_dataset_arguments(parser, caption_column_default="text"):
 
 
 def build_parser(description="CogVideoX fine-tuning"):
+    """Every trainer flag, with the original cogvideox-factory's names and defaults."""
     parser = argparse.ArgumentParser(description=description)
     add_model_arguments(parser)
     add_dataset_arguments(parser)
@@ -144,7 +145,14 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
         "--output_dir); the VAE and text encoder are then not loaded for training.",
     )
+    add_validation_arguments(parser)
+    add_training_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_configuration_arguments(parser)
+    return parser
 
+
+def add_validation_arguments(parser):
     group = parser.add_argument_group("Validation")
     group.add_argument("--validation_prompt", type=str, default=None, help="Prompts joined by the separator.")
     group.add_argument("--validation_images", type=str, default=None, help="Image paths joined by the separator (I2V).")
@@ -199,6 +207,8 @@ def build_parser(description="CogVideoX fine-tuning"):
         "the number is comparable from one evaluation to the next.",
     )
 
+
+def add_training_arguments(parser):
     group = parser.add_argument_group("Training")
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
@@ -266,6 +276,8 @@ def build_parser(description="CogVideoX fine-tuning"):
     group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
     group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
 
+
+def add_optimizer_arguments(parser):
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy", "came"])
     group.add_argument("--use_8bit", action="store_true")
@@ -283,6 +295,8 @@ def build_parser(description="CogVideoX fine-tuning"):
     group.add_argument("--use_cpu_offload_optimizer", action="store_true")
     group.add_argument("--offload_gradients", action="store_true")
 
+
+def add_configuration_arguments(parser):
     group = parser.add_argument_group("Configuration")
     group.add_argument("--tracker_name", type=str, default=None)
     group.add_argument("--push_to_hub", action="store_true")
@@ -294,7 +308,6 @@ def build_parser(description="CogVideoX fine-tuning"):
     group.add_argument(
         "--report_to", type=str, default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"]
     )
-    return parser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,8 +439,6 @@ def optimizer_problems(args):
     for what, (module, wanted) in needed.items():
         if wanted and _missing_module(module):
             problems.append(f"{what} needs the {module} package: pip install {module.replace('_', '-')}")
-    if args.optimizer == "came" and args.beta3 is None:
-        args.beta3 = 0.9999  # CAME needs three betas; the original crashed without --beta3
     problems.extend(_offload_problems(args))
     if args.quantize_base == "nf4":
         if _missing_module("bitsandbytes"):
@@ -464,102 +475,11 @@ def _offload_problems(args):
     return problems
 
 
-def validate_training_args(args, conditioning, mode):
-    """All checks that need no model weights. Returns the transformer config."""
-    problems = []
-    for name in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "checkpointing_steps",
-        "rank",
-        "num_validation_videos",
-        "num_inference_steps",
-    ):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("max_train_steps", "validation_epochs", "validation_steps", "checkpoints_total_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            problems.append(f"--{name} must be at least 1 when given (got {value})")
-    if not 0.0 <= args.eval_split < 1.0:
-        problems.append(f"--eval_split must be at least 0 and below 1 (got {args.eval_split})")
-    separate_eval = bool(args.eval_video_column or args.eval_dataset_file)
-    if separate_eval and args.eval_split:
-        problems.append("--eval_split and a separate held-out list (--eval_video_column/--eval_dataset_file) exclude each other")
-    if args.eval_dataset_file and not Path(args.eval_dataset_file).is_file():
-        problems.append(f"--eval_dataset_file {args.eval_dataset_file}: no such file")
-    if args.eval_video_column and not args.eval_dataset_file and args.data_root:
-        for flag, name in (("--eval_video_column", args.eval_video_column),
-                           ("--eval_caption_column", args.eval_caption_column if not args.load_tensors else None)):
-            if name is None and flag == "--eval_caption_column":
-                problems.append("--eval_video_column needs --eval_caption_column (a captions file in --data_root)")
-            elif name is not None and not (Path(args.data_root) / name).is_file():
-                problems.append(f"{flag} {name}: no file {Path(args.data_root) / name}")
-    if args.eval_steps is not None and args.eval_steps < 1:
-        problems.append(f"--eval_steps must be at least 1 when given (got {args.eval_steps})")
-    if any(not 0 <= t < 1000 for t in args.eval_timesteps):
-        problems.append("--eval_timesteps must lie in 0..999")
-    if args.learning_rate <= 0:
-        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
-    if args.dataloader_num_workers < 0:
-        problems.append("--dataloader_num_workers must be 0 or more")
-    for name in ("height", "width"):
-        if getattr(args, name) % 16:
-            problems.append(f"--{name} {getattr(args, name)}: validation size must be a multiple of 16")
-    if args.validation_prompt is not None and not args.validation_prompt.strip():
-        problems.append("--validation_prompt is empty")
-    if args.validation_prompt and args.validation_epochs is None and args.validation_steps is None:
-        # The original crashed here; validating once per epoch is the sensible reading.
-        args.validation_epochs = 1
-    problems.extend(optimizer_problems(args))
-    if args.push_to_hub and args.report_to == "wandb" and args.hub_token is not None:
-        problems.append("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not Path(args.resume_from_checkpoint).is_dir() and not (
-            Path(args.output_dir) / args.resume_from_checkpoint
-        ).is_dir():
-            problems.append(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
-                f'(give a path, or "latest" to pick the newest in --output_dir)'
-            )
-    if args.report_to == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            problems.append("--report_to wandb: wandb is not installed (pip install wandb)")
-    check_output_dir(args.output_dir, problems)
-
-    if args.load_tensors:
-        if args.data_root is None:
-            problems.append("--load_tensors needs --data_root: the --output_dir of training/prepare_dataset.py")
-        elif not (Path(args.data_root) / "manifest.json").is_file():
-            problems.append(
-                f"--load_tensors: {args.data_root} has no manifest.json; run training/prepare_dataset.py "
-                f"--save_latents_and_embeddings --output_dir {args.data_root} first (see prepare_dataset.sh)"
-            )
-    else:
-        check_data_source(args, problems)
-
-    transformer_config = None
-    try:
-        transformer_config = load_transformer_config(args)
-    except UsageError as error:
-        problems.extend(error.problems)
-    if transformer_config is not None:
-        if not args.load_tensors:
-            check_buckets(args, transformer_config, problems)
-        if args.validation_num_frames is not None:
-            problem = frame_rule_problem(args.validation_num_frames, transformer_config)
-            if problem:
-                problems.append(f"--validation_num_frames: {problem}")
-        problems.extend(conditioning.check_args(args, transformer_config))
-        problems.extend(mode.check_args(args, transformer_config))
-    if problems:
-        raise UsageError(problems)
-    return transformer_config
+def validation_frames(args):
+    """Frames of validation videos (and the final test): --validation_num_frames, or the largest frame bucket."""
+    return args.validation_num_frames or max(args.frame_buckets)
 
 
 def parse_args(argv=None, description="CogVideoX fine-tuning"):
-    """Parse only (validation needs to know the trainer variant: see validate_training_args)."""
+    """Parse only (validation needs to know the trainer variant: see settings.validate_training_args)."""
     return build_parser(description).parse_args(argv)

@@ -27,7 +27,7 @@ def _prompts(args):
 class TextToVideo:
     name = "text-to-video"
     image_to_video = False  # the dataset need not keep the first frame
-    needs_vae = False  # only to encode raw videos (not with --load_tensors)
+    needs_vae = False  # the conditioning itself encodes nothing (raw clips need the VAE: see data_source.py)
 
     @property
     def pipeline_class(self):
@@ -35,8 +35,8 @@ class TextToVideo:
 
         return CogVideoXPipeline
 
-    def check_args(self, args, transformer_config):
-        """Problems (one line each) that make this conditioning unusable with these flags/model."""
+    def check_args(self, args, transformer_config, data_source):
+        """Problems (one line each) that make this conditioning unusable with these flags/model/data."""
         problems = []
         if transformer_config["in_channels"] != transformer_config["out_channels"]:
             problems.append(
@@ -74,7 +74,7 @@ class ImageToVideo(TextToVideo):
 
         return CogVideoXImageToVideoPipeline
 
-    def check_args(self, args, transformer_config):
+    def check_args(self, args, transformer_config, data_source):
         problems = []
         if transformer_config["in_channels"] != 2 * transformer_config["out_channels"]:
             problems.append(
@@ -94,9 +94,7 @@ class ImageToVideo(TextToVideo):
                 problems.append(f"--validation_images: no such file {image}")
         if transformer_config.get("use_learned_positional_embeddings") and not args.ignore_learned_positional_embeddings:
             size = (transformer_config["sample_height"] * SPATIAL_SCALE, transformer_config["sample_width"] * SPATIAL_SCALE)
-            sizes = {(args.height, args.width)}
-            if not args.load_tensors:
-                sizes |= {(h, w) for h in args.height_buckets for w in args.width_buckets}
+            sizes = {(args.height, args.width)} | data_source.training_resolutions(args)
             if sizes != {size}:
                 problems.append(
                     f"this model has learned positional embeddings for {size[0]}x{size[1]} only; train and validate at "
@@ -112,7 +110,7 @@ class ImageToVideo(TextToVideo):
 
     def model_input(self, noisy_latents, batch, context):
         """Noisy video latents with the (noise-augmented, maybe dropped) first-frame latents on the channel axis."""
-        images = batch["image"].to(context.accelerator.device, dtype=context.vae.dtype)  # [B, 1, C, H, W] in [-1, 1]
+        images = batch["image"].to(context.device, dtype=context.vae.dtype)  # [B, 1, C, H, W] in [-1, 1]
         batch_size = images.shape[0]
         sigmas = torch.exp(torch.randn(batch_size, device=images.device) * 0.5 - 3.0)  # log-normal(-3, 0.5) per sample
         images = images + torch.randn_like(images) * sigmas.view(-1, 1, 1, 1, 1).to(images.dtype)

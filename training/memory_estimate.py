@@ -17,60 +17,16 @@ layouts instead. docs/memory.md states how close it comes to measurements.
 
 import contextlib
 import copy
-import weakref
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-
-GIB = 2**30
-# The CUDA caching allocator hands out blocks in multiples of 512 bytes.
-ALLOCATION_GRANULARITY = 512
-
-
-class AllocationTracker(TorchDispatchMode):
-    """Bytes of live tensor storages, updated at every operator; `peak` is the high-water mark.
-
-    Works on real, meta and fake tensors alike. A storage is counted once however many views
-    share it, and uncounted when it is freed (a weak reference to the storage tells us).
-    """
-
-    def __init__(self, granularity=ALLOCATION_GRANULARITY):
-        super().__init__()
-        self.granularity = granularity
-        self.live = {}
-        self.current = 0
-        self.peak = 0
-
-    def track(self, *tensors):
-        for tensor in tree_flatten(tensors)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._add(tensor.untyped_storage())
-
-    def _add(self, storage):
-        key = id(storage)
-        if key in self.live:
-            return
-        size = -(-storage.nbytes() // self.granularity) * self.granularity
-
-        def freed(_, key=key):
-            entry = self.live.pop(key, None)
-            if entry is not None:
-                self.current -= entry[1]
-
-        self.live[key] = (weakref.ref(storage, freed), size)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-
-    def reset_peak(self):
-        self.peak = self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.track(out)
-        return out
+from .args import validation_frames
+from .data_source import choose_data_source
+from .memory import ALLOCATION_GRANULARITY, AllocationTracker
+from .models import latent_grid, nf4_bytes_saved, rotary_embeddings, vae_scale_factor_spatial
+from .optim import build_lr_scheduler
+from .step import Trainer, build_context, prepare_transformer, train_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,23 +84,60 @@ def fake_text_encoder(text_encoder_config, dtype, fake_mode):
 
 
 def fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode):
-    """The transformer exactly as core.run prepares it: adapted, mode-prepared, frozen part cast, checkpointed."""
+    """The transformer exactly as training prepares it (step.prepare_transformer), with fake weights."""
     from diffusers import CogVideoXTransformer3DModel
-
-    from .models import prepare_frozen_base
-    from .modes import cast_frozen
 
     transformer = _on_meta(lambda: CogVideoXTransformer3DModel.from_config(transformer_config))
     _cast(transformer, weight_dtype)
-    conditioning.adapt_transformer(transformer, args)
     with _module_conversion_assigns():  # the hooks bind their methods when registered
-        prepare_frozen_base(transformer, args, weight_dtype)
-    mode.prepare(transformer, args)
-    cast_frozen(transformer, weight_dtype)
-    transformer = _make_fake(transformer, fake_mode)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return transformer
+        prepare_transformer(transformer, args, conditioning, mode, weight_dtype)
+    return _make_fake(transformer, fake_mode)
+
+
+def fake_encoders(args, data_source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode):
+    """The encoders training loads for this data source and conditioning, fake; a stand-in tokenizer for T5."""
+    encoders = {}
+    if data_source.needs_text_encoder:
+        encoders.update(tokenizer=_token_ids, text_encoder=fake_text_encoder(text_encoder_config, weight_dtype, fake_mode))
+    if data_source.needs_vae or conditioning.needs_vae:
+        encoders["vae"] = fake_vae(vae_config, weight_dtype, fake_mode, args)
+    return encoders
+
+
+def _token_ids(prompts, max_length, **kwargs):
+    """What the T5 tokenizer gives `models.encode_prompts` (padded to max_length), with made-up ids."""
+    return SimpleNamespace(input_ids=torch.zeros(len(prompts), max_length, dtype=torch.long))
+
+
+class SimulatedBackend:
+    """What the training backend does within a step, for one process and fake tensors: autocast around the
+    transformer's forward (as accelerate's mixed precision wraps it), plain backward and clipping, no reduction."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, weight_dtype):
+        self.weight_dtype = weight_dtype
+
+    def prepare(self, transformer):
+        """The forward wrapped as accelerate's prepare wraps it under mixed precision (outputs back in fp32)."""
+        from accelerate.utils import convert_outputs_to_fp32
+
+        if self.weight_dtype != torch.float32:
+            forward = torch.autocast("cpu", dtype=self.weight_dtype)(type(transformer).forward)
+            transformer.forward = MethodType(convert_outputs_to_fp32(forward), transformer)
+        return transformer
+
+    def accumulating(self, model, sync):
+        return contextlib.nullcontext()
+
+    def backward(self, loss, sync):
+        loss.backward()
+
+    def clip_gradients(self, optimizer, parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def reduce_mean(self, tensor):
+        return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,17 +185,6 @@ def _adamw_state_bytes(parameters):
 # ----------------------------------------------------------------------------------------------
 
 
-def latent_shape(num_frames, height, width, transformer_config, vae_config):
-    """[F, C, h, w] latents for a clip, as the pipelines size them (1.5 pads F to a multiple of patch_size_t)."""
-    temporal = vae_config.get("temporal_compression_ratio", 4)
-    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    frames = (num_frames - 1) // temporal + 1
-    patch_t = transformer_config.get("patch_size_t")
-    if patch_t and frames % patch_t:
-        frames += patch_t - frames % patch_t
-    return frames, transformer_config["out_channels"], height // spatial, width // spatial
-
-
 def _cast_parameters(module, dtype):
     for name, parameter in list(module._parameters.items()):
         if parameter is not None and parameter.dtype != dtype:
@@ -247,100 +229,46 @@ def _fake_save_on_cpu():
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _autocast(weight_dtype):
-    if weight_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=weight_dtype)
-
-
-def _context(args, transformer_config, vae_config, weight_dtype, vae=None, text_encoder=None):
+def _training_scheduler():
+    """The CogVideoX training noise schedule (its values do not change memory)."""
     from diffusers import CogVideoXDPMScheduler
 
-    from .core import Context
-
-    return Context(
-        args=args,
-        accelerator=SimpleNamespace(device=torch.device("cpu")),
-        weight_dtype=weight_dtype,
-        transformer_config=dict(transformer_config),
-        vae_scaling_factor=vae_config["scaling_factor"],
-        vae_invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)),
-        vae_spatial_scale=2 ** (len(vae_config["block_out_channels"]) - 1),
-        scheduler=CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True),
-        vae=vae,
-        text_encoder=text_encoder,
-    )
-
-
-def _training_batch(args, bucket, transformer_config, vae_config, conditioning, context):
-    """A batch as the data loader delivers it, at the bucket's shape, already on the accelerator."""
-    frames, height, width = bucket
-    size = args.train_batch_size
-    latent_frames, channels, latent_h, latent_w = latent_shape(frames, height, width, transformer_config, vae_config)
-    image = torch.zeros(size, 1, 3, height, width) if conditioning.image_to_video else None
-    if context.text_encoder is None:  # --load_tensors: what prepare_dataset.py stored
-        distribution = torch.zeros(size, 2 * channels, latent_frames, latent_h, latent_w, dtype=context.weight_dtype)
-        embeds = torch.zeros(size, transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"],
-                             dtype=context.weight_dtype)
-        return {"video_latent_dist": distribution, "prompt_embeds": embeds, "image": image}
-    # Raw videos: the VAE and T5 encode every step; the pixels arrive as float in [-1, 1].
-    return {"video_latent_dist": None, "video": torch.zeros(size, frames, 3, height, width), "image": image,
-            "prompt": ["x"] * size}
-
-
-def _encode_raw_batch(batch, context):
-    """What compute_loss does with raw data, but with token ids made up (no tokenizer is loaded)."""
-    from .models import encode_video_distribution
-
-    if batch["video_latent_dist"] is not None:
-        return batch
-    distribution = encode_video_distribution(context.vae, batch["video"])
-    ids = torch.zeros(len(batch["prompt"]), context.transformer_config["max_text_seq_length"], dtype=torch.long)
-    with torch.no_grad():
-        embeds = context.text_encoder(ids)[0].to(context.weight_dtype)
-    return {**batch, "video_latent_dist": distribution, "prompt_embeds": embeds}
+    return CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
 def estimate_training(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
                       bucket):
-    """Bytes: {"static": weights + optimizer states, "training_peak": the high-water mark over two steps,
-    "resident_after_step": what stays between steps}. Runs the core's compute_loss on fake tensors."""
+    """Bytes: {"static": weights + optimizer states, "training_peak": the high-water mark over two optimizer steps,
+    "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .core import compute_loss
-
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    sim_args = copy.copy(args)
-    transformer = fake_training_transformer(transformer_config, sim_args, conditioning, mode, weight_dtype, fake_mode)
+    source = choose_data_source(args)
+    backend = SimulatedBackend(weight_dtype)
+    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode)
     parameters = mode.trainable_parameters(transformer)
-    needs_vae = conditioning.needs_vae or not args.load_tensors
-    vae = fake_vae(vae_config, weight_dtype, fake_mode, args) if needs_vae else None
-    text_encoder = None if args.load_tensors else fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
-    context = _context(args, transformer_config, vae_config, weight_dtype, vae=vae, text_encoder=text_encoder)
-    if args.offload_activations:
-        context.saved_tensors = _fake_save_on_cpu
+    encoders = fake_encoders(args, source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode)
+    context = build_context(args, transformer_config, vae_config, _training_scheduler(), backend.device, weight_dtype,
+                            source, encoders, save_on_cpu=_fake_save_on_cpu)
     correction = optimizer_state_bytes(args, parameters) - _adamw_state_bytes(parameters) - _nf4_saving(args, transformer)
+    modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 
     tracker = AllocationTracker()
-    tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder) if m is not None])
+    tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules])
     with fake_mode, tracker, _module_conversion_assigns():
         optimizer = _simulated_optimizer(parameters, args)
+        trainer = Trainer(backend.prepare(transformer), optimizer, build_lr_scheduler(args, optimizer, 2), parameters,
+                          context, conditioning, mode, backend)
+        group_size = min(args.gradient_accumulation_steps, 2)  # a third micro-batch holds no more than the second
         for _ in range(2):  # the second step has the optimizer states of the first
-            batch = _encode_raw_batch(_training_batch(args, bucket, transformer_config, vae_config, conditioning,
-                                                      context), context)
-            for _ in range(args.gradient_accumulation_steps if args.gradient_accumulation_steps <= 2 else 2):
-                with _autocast(weight_dtype):
-                    loss = compute_loss(transformer, batch, context, conditioning)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del batch, loss
-    resident = tracker.current + correction
+            batch = source.example_batch(args.train_batch_size, bucket, transformer_config, vae_config,
+                                         conditioning.image_to_video)
+            train_step(trainer, [batch] * group_size, group_size)
+            del batch
     return {
-        "static": resident,
+        "static": tracker.current + correction,
         "training_peak": tracker.peak + correction,
-        "encoders": sum(_module_bytes(m) for m in (vae, text_encoder) if m is not None),
+        "encoders": sum(_module_bytes(m) for m in modules[1:]),
     }
 
 
@@ -348,8 +276,6 @@ def _nf4_saving(args, transformer):
     """The NF4 base is simulated in 16-bit (bitsandbytes kernels cannot run on fake tensors): bytes to take off."""
     if args.quantize_base != "nf4":
         return 0
-    from .models import nf4_bytes_saved
-
     return nf4_bytes_saved(transformer)
 
 
@@ -359,15 +285,14 @@ def _module_bytes(module):
 
 
 def estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
-                       weight_dtype, fake_mode, tracker, offload, autocast=False):
+                       weight_dtype, fake_mode, tracker, offload):
     """Peak bytes of generating one validation video: T5 on prompt and negative prompt, the
     transformer at guidance batch 2, then the VAE decode (respecting --enable_slicing/--enable_tiling).
 
-    With `offload` (--enable_model_cpu_offload) only the module at work sits on the accelerator. `autocast`: the
-    training transformer (validation) keeps accelerate's autocast wrapper around its forward."""
-    frames = args.validation_num_frames or max(args.frame_buckets)
-    latent_frames, channels, latent_h, latent_w = latent_shape(frames, args.height, args.width, transformer_config,
-                                                               vae_config)
+    With `offload` (--enable_model_cpu_offload) only the module at work sits on the accelerator."""
+    latent_frames, latent_h, latent_w = latent_grid(validation_frames(args), args.height, args.width,
+                                                    transformer_config, vae_scale_factor_spatial(vae_config))
+    channels = transformer_config["out_channels"]
     guidance = 2 if args.guidance_scale > 1 else 1
     peaks = []
     with fake_mode, tracker, torch.no_grad(), _module_conversion_assigns():
@@ -383,15 +308,12 @@ def estimate_inference(args, transformer, vae, text_encoder, transformer_config,
             condition = torch.cat([encoded, encoded.new_zeros(1, latent_frames - 1, channels, latent_h, latent_w)], 1)
             latents = torch.cat([latents, condition.expand(guidance, -1, -1, -1, -1)], dim=2)
             peaks.append((tracker.peak, vae))
-        from .models import rotary_embeddings
-
         rotary = rotary_embeddings(transformer_config, latent_frames, latent_h, latent_w, torch.device("cpu"))
         timestep = torch.zeros(guidance, dtype=torch.long)
         kwargs = {"ofs": latents.new_full((1,), 2.0)} if transformer_config.get("ofs_embed_dim") else {}
         tracker.reset_peak()
-        with _autocast(weight_dtype) if autocast else contextlib.nullcontext():
-            transformer(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep,
-                        image_rotary_emb=rotary, return_dict=False, **kwargs)
+        transformer(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep, image_rotary_emb=rotary,
+                    return_dict=False, **kwargs)
         peaks.append((tracker.peak, transformer))
         del latents, embeds
         decoded = torch.zeros(1, channels, latent_frames, latent_h, latent_w, dtype=weight_dtype)
@@ -432,16 +354,17 @@ def estimate_phases(args, transformer_config, vae_config, text_encoder_config, c
 
     offload = bool(args.enable_model_cpu_offload)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    sim_args = copy.copy(args)
-    # Validation: the training transformer (in eval) plus encoders the training did not hold.
-    transformer = fake_training_transformer(transformer_config, sim_args, conditioning, mode, weight_dtype, fake_mode)
+    # Validation: the training transformer (in eval, its forward still wrapped for mixed precision) plus encoders
+    # the training did not hold.
+    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode)
+    transformer = SimulatedBackend(weight_dtype).prepare(transformer)
     vae = fake_vae(vae_config, weight_dtype, fake_mode, args)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
     optimizer_states = optimizer_state_bytes(args, mode.trainable_parameters(transformer))
     peak = estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
-                              weight_dtype, fake_mode, tracker, offload, autocast=True)
+                              weight_dtype, fake_mode, tracker, offload)
     phases["validation"] = peak + optimizer_states - _nf4_saving(args, transformer)
 
     # Final test: a fresh pipeline in the compute dtype with the artifact applied; nothing from training.

@@ -124,6 +124,14 @@ def vae_scale_factor_spatial(vae_config):
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
+def latent_grid(num_frames, height, width, transformer_config, spatial_scale=8):
+    """(latent frames, height, width) of a clip, as the pipelines size them: CogVideoX 1.5 pads the latent frames to
+    a multiple of patch_size_t (frame counts the trainer accepts need no padding)."""
+    latent_frames = (num_frames - 1) // transformer_config.get("temporal_compression_ratio", 4) + 1
+    latent_frames += -latent_frames % (transformer_config.get("patch_size_t") or 1)
+    return latent_frames, height // spatial_scale, width // spatial_scale
+
+
 def rotary_embeddings(transformer_config, latent_frames, latent_height, latent_width, device):
     """(cos, sin) rotary tables for a latent grid, computed as the diffusers pipelines do.
 

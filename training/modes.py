@@ -64,7 +64,7 @@ class LoRA:
 
         layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
         if state_dict is not None:
-            from .checkpoint import plain_name
+            from .backend import plain_name
 
             expected = {plain_name(k) for k in get_peft_model_state_dict(transformer)}
             empty = [k for k, v in layers.items() if v.numel() == 0]
@@ -81,12 +81,7 @@ class LoRA:
         """Load adapter weights saved by `save` into a transformer prepared by `prepare` (resume)."""
         from peft import set_peft_model_state_dict
 
-        state = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
-        if isinstance(state, tuple):  # some diffusers versions return (state_dict, metadata)
-            state = state[0]
-        prefix = "transformer."
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+        result = set_peft_model_state_dict(transformer, _saved_adapter(directory, pipeline_class), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (unexpected keys {unexpected[:3]})")
@@ -94,18 +89,14 @@ class LoRA:
     def read(self, transformer, directory, pipeline_class):
         """The adapter saved by `save`, keyed by the model's own parameter names (resume under FSDP, where torch
         spreads it over the shards): the inverse of the renaming get_peft_model_state_dict did when saving."""
-        from .checkpoint import plain_name
+        from .backend import plain_name
 
-        state = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
-        if isinstance(state, tuple):
-            state = state[0]
         names = {}
         for name, _ in transformer.named_parameters():
             name = plain_name(name)
             if "lora_" in name:
                 names[name.replace(".default", "")] = name
-        prefix = "transformer."
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        state = _saved_adapter(directory, pipeline_class)
         if set(state) != set(names):
             unknown = sorted(set(state) ^ set(names))
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (e.g. {unknown[:3]})")
@@ -155,7 +146,7 @@ class Full:
         `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
         state = state_dict
         if state_dict is not None:
-            from .checkpoint import plain_name
+            from .backend import plain_name
 
             missing = {plain_name(k) for k in transformer.state_dict()} - set(state_dict)
             empty = [k for k, v in state_dict.items() if v.numel() == 0]
@@ -175,12 +166,8 @@ class Full:
         from safetensors.torch import load_file
 
         folder = Path(directory) / TRANSFORMER_FOLDER
-        index = folder / "diffusion_pytorch_model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-            "diffusion_pytorch_model.safetensors"
-        ]
         expected, loaded = set(transformer.state_dict()), set()
-        for shard in shards:
+        for shard in _weight_files(folder):
             tensors = load_file(folder / shard)
             transformer.load_state_dict(tensors, strict=False)
             loaded |= set(tensors)
@@ -192,15 +179,11 @@ class Full:
         it, torch spreads it over the shards)."""
         from safetensors.torch import load_file
 
-        from .checkpoint import plain_name
+        from .backend import plain_name
 
         folder = Path(directory) / TRANSFORMER_FOLDER
-        index = folder / "diffusion_pytorch_model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-            "diffusion_pytorch_model.safetensors"
-        ]
         state = {}
-        for shard in shards:
+        for shard in _weight_files(folder):
             state.update(load_file(folder / shard))
         expected = {plain_name(name) for name in transformer.state_dict()}
         if expected - set(state):
@@ -220,6 +203,23 @@ class Full:
 
 
 MODES = {"lora": LoRA, "sft": Full}
+
+
+def _saved_adapter(directory, pipeline_class):
+    """The adapter a LoRA `save` wrote, keyed as peft names it (without the `transformer.` prefix)."""
+    state = pipeline_class.lora_state_dict(directory, weight_name=LORA_WEIGHT_NAME)
+    if isinstance(state, tuple):  # some diffusers versions return (state_dict, metadata)
+        state = state[0]
+    prefix = "transformer."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _weight_files(folder):
+    """The safetensors files of a saved transformer/ (one, or the shards its index lists)."""
+    index = Path(folder) / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["diffusion_pytorch_model.safetensors"]
 
 
 def _save_pretrained_state(model, folder, state):

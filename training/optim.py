@@ -13,12 +13,14 @@ import torch
 
 
 logger = logging.getLogger("cogvideox_factory")
+CAME_BETA3 = 0.9999  # CAME's third beta when --beta3 is not given
 
 
-def optimizer_class_and_kwargs(args):
+def optimizer_class_and_kwargs(args, learning_rate=None):
     """(optimizer class, keyword arguments besides the parameters) for the flags."""
+    lr = args.learning_rate if learning_rate is None else learning_rate
     betas = (args.beta1, args.beta2)
-    common = dict(lr=args.learning_rate, eps=args.epsilon, weight_decay=args.weight_decay)
+    common = dict(lr=lr, eps=args.epsilon, weight_decay=args.weight_decay)
     if args.optimizer in ("adam", "adamw"):
         decoupled = args.optimizer == "adamw"
         if args.use_8bit and not args.use_torchao:
@@ -37,8 +39,8 @@ def optimizer_class_and_kwargs(args):
     if args.optimizer == "prodigy":
         import prodigyopt
 
-        if args.learning_rate <= 0.1:
-            logger.warning("Prodigy usually wants --learning_rate around 1.0 (got %s)", args.learning_rate)
+        if lr <= 0.1:
+            logger.warning("Prodigy usually wants --learning_rate around 1.0 (got %s)", lr)
         return prodigyopt.Prodigy, dict(
             betas=betas,
             beta3=args.beta3,
@@ -50,16 +52,19 @@ def optimizer_class_and_kwargs(args):
     if args.optimizer == "came":
         import came_pytorch
 
-        # CAME's eps is a pair; the lr must be passed explicitly (its default is None).
+        # CAME's eps is a pair, it needs three betas (the original crashed without --beta3), and the lr must be
+        # passed explicitly (its default is None).
+        beta3 = CAME_BETA3 if args.beta3 is None else args.beta3
         return came_pytorch.CAME, dict(
-            lr=args.learning_rate, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, args.beta3),
+            lr=lr, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, beta3),
             weight_decay=args.weight_decay,
         )
     raise ValueError(f"unknown optimizer {args.optimizer}")
 
 
-def build_optimizer(args, parameters):
-    cls, kwargs = optimizer_class_and_kwargs(args)
+def build_optimizer(args, parameters, learning_rate=None):
+    """The optimizer for the flags; `learning_rate` (e.g. scaled by --scale_lr) replaces --learning_rate."""
+    cls, kwargs = optimizer_class_and_kwargs(args, learning_rate)
     groups = [{"params": list(parameters)}]
     if args.use_cpu_offload_optimizer:
         from torchao.optim import CPUOffloadOptimizer
@@ -78,15 +83,15 @@ def offloaded_optimizer(optimizer):
     return inner if type(inner).__name__ == "CPUOffloadOptimizer" else None
 
 
-def offload_runtime_problems(args, accelerator):
+def offload_runtime_problems(args, backend):
     """Checks that need the launched configuration (processes, DeepSpeed, precision)."""
     if not args.use_cpu_offload_optimizer:
         return []
     problems = []
-    if accelerator.num_processes > 1 or accelerator.state.deepspeed_plugin is not None:
+    if backend.num_processes > 1 or backend.kind == "deepspeed":
         problems.append("--use_cpu_offload_optimizer works with one process only; for several GPUs use "
                         "accelerate_configs/deepspeed.yaml (ZeRO-2 with CPU optimizer offload)")
-    if accelerator.mixed_precision == "fp16":
+    if backend.weight_dtype == torch.float16:
         problems.append("--use_cpu_offload_optimizer with fp16 (from the accelerate config): use bf16")
     return problems
 

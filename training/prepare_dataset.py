@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
 if __package__ in (None, ""):  # run as a script: make `training` importable
@@ -72,12 +74,16 @@ def build_parser():
 
 
 def validate(args):
+    """Every usage problem at once (UsageError); returns the transformer's config."""
+    # The shared helpers (load_transformer_config in training/args.py, load_tokenizer/load_text_encoder/load_vae in
+    # training/models.py) read the model from `args.pretrained_model_name_or_path`, the trainers' flag; this script
+    # names it --model_id. So it is copied here, once, before anything reads it (and stays set for prepare's helpers).
+    args.pretrained_model_name_or_path = args.model_id
     problems = []
     if args.batch_size < 1:
         problems.append(f"--batch_size must be at least 1 (got {args.batch_size})")
     check_data_source(args, problems)
     check_output_dir(args.output_dir, problems)
-    args.pretrained_model_name_or_path = args.model_id
     try:
         config = load_transformer_config(args)
     except UsageError as error:
@@ -199,42 +205,56 @@ def _barrier(world_size):
 
 
 def prepare(args):
+    """Prepare every usable sample (this rank's share of them under torchrun); returns the output folder."""
     import torch
-    from tqdm.auto import tqdm
-
-    from training.dataset import (
-        BucketBatchSampler,
-        VideoDataset,
-        assign_buckets,
-        bad_sample_error,
-        collate,
-        data_notes,
-        load_samples,
-        write_skip_report,
-    )
-    from training.models import encode_prompts, encode_video_distribution, load_text_encoder, load_tokenizer, load_vae
-    from training.precomputed import (
-        FORMAT,
-        HASHES,
-        MANIFEST,
-        ContentHashes,
-        readable_entry,
-        text_encoder_fingerprint,
-        vae_fingerprint,
-    )
 
     transformer_config = validate(args)
     rank, world_size, device = _distributed()
     torch.manual_seed(args.seed + rank)
-    dtype = getattr(torch, DTYPES[args.dtype])
     output = Path(args.output_dir)
     for sub in ("latents", "videos"):
         (output / sub).mkdir(parents=True, exist_ok=True)
 
+    # With --hash_videos, rank 0 hashes the videos first while the other ranks wait at a barrier in scan_samples.
+    usable, skipped = scan_samples(args, output, rank, world_size)
+    plan = plan_encoding(args, output, usable, transformer_config, rank, world_size)
+    if args.dry_run:
+        if rank == 0:
+            print_prepare_plan(usable, skipped, plan.to_encode, plan.needed_bytes, args)
+        return output
+    if rank == 0:
+        check_free_space(output, plan.needed_bytes)
+    logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(plan.mine), plan.already_prepared)
+    if plan.mine:
+        encode_samples(args, output, usable, plan, rank, device)
+    _barrier(world_size)  # every rank's entries are written
+    if rank == 0:
+        write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config)
+    _barrier(world_size)  # the lists and the manifest are written
+    _end_distributed(world_size)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: scan the samples (buckets, content hashes, notes about the data, unusable samples)
+# ----------------------------------------------------------------------------------------------
+
+
+def scan_samples(args, output, rank, world_size):
+    """(usable, skipped): the samples with their bucket (and, with --hash_videos, their video's sha256), and the
+    samples that cannot be used. Rank 0 writes data_notes.jsonl. Unusable samples stop the run (bad_sample_error,
+    after rank 0 wrote skipped_samples.jsonl) unless --skip_bad_samples or --dry_run.
+
+    With --hash_videos rank 0 scans first and saves video_hashes.json; the other ranks wait for it at a barrier and
+    then find every hash remembered instead of reading every video again."""
+    from training.dataset import assign_buckets, bad_sample_error, load_samples, write_skip_report
+    from training.precomputed import HASHES, ContentHashes
+
     samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
-    hashes = ContentHashes(output / HASHES) if args.hash_videos else None
-    if hashes is not None and rank != 0:  # rank 0 hashes (below); the others then find every hash remembered
-        _barrier(world_size)
+    hashes = None
+    if args.hash_videos:
+        if rank != 0:
+            _barrier(world_size)  # wait until rank 0 has hashed every video and saved the hashes
         hashes = ContentHashes(output / HASHES)
     usable, skipped = assign_buckets(
         samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
@@ -243,18 +263,65 @@ def prepare(args):
     if hashes is not None and rank == 0:
         hashes.save()
         logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
-        _barrier(world_size)
+        _barrier(world_size)  # let the other ranks scan
+    _write_data_notes(usable, args, output, rank)
+    if skipped and not args.skip_bad_samples and not args.dry_run:
+        if rank == 0:
+            write_skip_report(skipped, output / "skipped_samples.jsonl")
+        raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
+    return usable, skipped
+
+
+def _write_data_notes(usable, args, output, rank):
+    """Duplicates, upscaling and stretching among the usable samples, in data_notes.jsonl (rank 0)."""
+    from training.dataset import data_notes, write_skip_report
+
     notes = data_notes(usable, args.video_reshape_mode)
     if notes and rank == 0:
         write_skip_report(notes, output / "data_notes.jsonl")
         logger.warning("%d note(s) about the data (duplicates, upscaling, stretching), all in %s", len(notes),
                        output / "data_notes.jsonl")
-    if skipped and not args.skip_bad_samples and not args.dry_run:
-        if rank == 0:
-            write_skip_report(skipped, output / "skipped_samples.jsonl")
-        raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: entry names and what is left to encode
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingPlan:
+    settings: dict  # what every entry depends on besides its sample (part of each entry's key and the manifest)
+    vae_config: dict
+    stems: list  # file stem of each usable sample's entry (videos/<stem>.mp4, latents/<stem>.safetensors)
+    mine: list  # positions in `usable` of the samples this rank encodes: its share, less those already prepared
+    already_prepared: int  # of this rank's share
+    to_encode: int  # samples not prepared yet, all ranks together
+    needed_bytes: int  # disk the latents and embeddings still to write need (0 without --save_latents_and_embeddings)
+
+
+def plan_encoding(args, output, usable, transformer_config, rank, world_size):
+    """Each usable sample's entry stem and which entries are still missing or incomplete."""
+    from training.precomputed import vae_fingerprint
+
     vae_config = vae_fingerprint(args)
-    settings = {
+    settings = cache_settings(args, vae_config, transformer_config)
+    stems = [entry_key(item, settings) for item in usable]
+    prepared = [_is_prepared(output, stem, args) for stem in stems]
+    share = [i for i in range(len(usable)) if i % world_size == rank]
+    mine = [i for i in share if not prepared[i]]
+    to_encode = [usable[i].bucket for i in range(len(usable)) if not prepared[i]]
+    needed = estimate_bytes(to_encode, vae_config, transformer_config, args) if args.save_latents_and_embeddings else 0
+    return EncodingPlan(
+        settings=settings, vae_config=vae_config, stems=stems, mine=mine, already_prepared=len(share) - len(mine),
+        to_encode=len(to_encode), needed_bytes=needed,
+    )
+
+
+def cache_settings(args, vae_config, transformer_config):
+    """Everything besides the sample itself that decides an entry's content."""
+    from training.precomputed import text_encoder_fingerprint
+
+    return {
         "model": args.model_id,
         "revision": args.revision,
         "vae_config": vae_config,
@@ -267,115 +334,174 @@ def prepare(args):
         "image_latents": bool(args.save_image_latents),
         "latents": bool(args.save_latents_and_embeddings),
     }
-    stems = [entry_key(item, settings) for item in usable]
 
-    def is_done(stem):
-        latents_ready = not args.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
-        return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
 
-    mine = [i for i in range(len(usable)) if i % world_size == rank and not is_done(stems[i])]
-    todo = [usable[i].bucket for i in range(len(usable)) if not is_done(stems[i])]
-    needed = estimate_bytes(todo, vae_config, transformer_config, args) if args.save_latents_and_embeddings else 0
-    cached = sum(1 for i in range(len(usable)) if i % world_size == rank) - len(mine)
-    if args.dry_run:
-        if rank == 0:
-            print_prepare_plan(usable, skipped, len(todo), needed, args)
-        return output
-    if rank == 0:
-        check_free_space(output, needed)
-    logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(mine), cached)
+def _is_prepared(output, stem, args):
+    """The entry's clip exists and (with --save_latents_and_embeddings) its safetensors file is complete."""
+    from training.precomputed import readable_entry
 
-    if mine:
-        text_encoder = tokenizer = vae = None
-        if args.save_latents_and_embeddings:
-            tokenizer = load_tokenizer(args)
-            text_encoder = load_text_encoder(args, dtype).to(device).eval()
-            vae = load_vae(args, dtype).to(device).eval()
-        dataset = VideoDataset(
-            [usable[i] for i in mine], args.video_reshape_mode, args.random_flip, image_to_video=args.save_image_latents
-        )
-        sampler = BucketBatchSampler(dataset.bucket_keys, args.batch_size, shuffle=False)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
-            pin_memory=args.pin_memory and torch.cuda.is_available(),
-        )
-        position_of = {usable[i].sample.index: i for i in mine}
-        progress = tqdm(total=len(mine), desc=f"preparing (rank {rank})", disable=rank != 0)
-        written = 0
-        with torch.no_grad():
-            for batch in loader:
-                tensors = [{} for _ in batch["index"]]
-                if args.save_latents_and_embeddings:
-                    video_dist = encode_video_distribution(vae, batch["video"].to(dtype))
-                    embeds = encode_prompts(tokenizer, text_encoder, batch["prompt"], args.max_sequence_length, device, dtype)
-                    image_dist = None
-                    if args.save_image_latents:
-                        image_dist = encode_video_distribution(vae, batch["image"].to(dtype))
-                    for j, entry in enumerate(tensors):
-                        entry["video_latent_dist"] = video_dist[j].cpu()
-                        entry["prompt_embeds"] = embeds[j].cpu()
-                        if image_dist is not None:
-                            entry["image_latent_dist"] = image_dist[j].cpu()
-                            entry["first_frame"] = batch["image"][j].to(dtype)
-                for j, sample_index in enumerate(batch["index"]):
-                    position = position_of[sample_index]
-                    stem, item = stems[position], usable[position]
-                    _export_clip(batch["video"][j], output / "videos" / f"{stem}.mp4", args.target_fps)
-                    if tensors[j]:
-                        metadata = {"caption": item.sample.caption, "bucket": json.dumps(list(item.bucket))}
-                        _atomic_save(tensors[j], output / "latents" / f"{stem}.safetensors", metadata)
-                    written += 1
-                    simulate_crash("prepare", written)
-                progress.update(len(batch["index"]))
-        progress.close()
-    _barrier(world_size)
+    latents_ready = not args.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
+    return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
 
-    if rank == 0:
-        entries = []
-        for item, stem in zip(usable, stems):
-            entries.append(
-                {
-                    "index": item.sample.index,
-                    "caption": item.sample.caption,
-                    "source_video": str(item.sample.video_path),
-                    "video": f"videos/{stem}.mp4",
-                    "file": f"latents/{stem}.safetensors",
-                    "bucket": list(item.bucket),
-                    **({"video_sha256": item.content_hash} if item.content_hash else {}),
-                }
-            )
-        (output / "prompts.txt").write_text("".join(e["caption"].replace("\n", " ") + "\n" for e in entries), encoding="utf-8")
-        (output / "videos.txt").write_text("".join(e["video"] + "\n" for e in entries), encoding="utf-8")
-        if args.save_latents_and_embeddings:
-            manifest = {
-                "format": FORMAT,
-                "model": {
-                    "path": args.model_id,
-                    "revision": args.revision,
-                    "latent_channels": vae_config["latent_channels"],
-                    "scaling_factor": vae_config["scaling_factor"],
-                    "text_embed_dim": transformer_config["text_embed_dim"],
-                },
-                "settings": settings,
-                "entries": entries,
-                "skipped": [{"entry": s.index + 1, "video": s.video_path, "reason": s.reason} for s in skipped],
-            }
-            temporary = output / f".{MANIFEST}.tmp"
-            temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            os.replace(temporary, output / MANIFEST)
-        (output / "skipped_samples.jsonl").unlink(missing_ok=True)  # a report from an earlier run would mislead
-        if skipped:
-            write_skip_report(skipped, output / "skipped_samples.jsonl")
-            logger.warning("%d sample(s) skipped, listed with reasons in %s", len(skipped), output / "skipped_samples.jsonl")
-            for entry in skipped[:5]:
-                logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
-        logger.info("prepared %d sample(s) in %s", len(entries), output)
-    _barrier(world_size)
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: encode this rank's remaining samples
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoders(NamedTuple):
+    tokenizer: object
+    text_encoder: object
+    vae: object
+
+
+def encode_samples(args, output, usable, plan, rank, device):
+    """Write the entries of the samples at `plan.mine`: each one's preprocessed clip and, with
+    --save_latents_and_embeddings, its latent distributions and prompt embeddings."""
+    import torch
+    from tqdm.auto import tqdm
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    encoders = _load_encoders(args, dtype, device) if args.save_latents_and_embeddings else None
+    loader = _encoding_loader(args, [usable[i] for i in plan.mine])
+    position_of = {usable[i].sample.index: i for i in plan.mine}
+    progress = tqdm(total=len(plan.mine), desc=f"preparing (rank {rank})", disable=rank != 0)
+    written = 0
+    with torch.no_grad():
+        for batch in loader:
+            tensors = _encode_batch(batch, encoders, args, device, dtype)
+            for j, sample_index in enumerate(batch["index"]):
+                position = position_of[sample_index]
+                _write_entry(output, plan.stems[position], usable[position], batch["video"][j], tensors[j], args)
+                written += 1
+                simulate_crash("prepare", written)  # tests: killed here after `written` complete entries
+            progress.update(len(batch["index"]))
+    progress.close()
+
+
+def _load_encoders(args, dtype, device):
+    from training.models import load_text_encoder, load_tokenizer, load_vae
+
+    tokenizer = load_tokenizer(args)
+    text_encoder = load_text_encoder(args, dtype).to(device).eval()
+    vae = load_vae(args, dtype).to(device).eval()
+    return Encoders(tokenizer, text_encoder, vae)
+
+
+def _encoding_loader(args, items):
+    """Batches of the preprocessed samples, one bucket per batch, in order."""
+    import torch
+
+    from training.dataset import BucketBatchSampler, VideoDataset, collate
+
+    dataset = VideoDataset(items, args.video_reshape_mode, args.random_flip, image_to_video=args.save_image_latents)
+    sampler = BucketBatchSampler(dataset.bucket_keys, args.batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
+        pin_memory=args.pin_memory and torch.cuda.is_available(),
+    )
+
+
+def _encode_batch(batch, encoders, args, device, dtype):
+    """One dict of tensors to save per sample of the batch (empty without --save_latents_and_embeddings)."""
+    from training.models import encode_prompts, encode_video_distribution
+
+    tensors = [{} for _ in batch["index"]]
+    if not args.save_latents_and_embeddings:
+        return tensors
+    tokenizer, text_encoder, vae = encoders
+    video_dist = encode_video_distribution(vae, batch["video"].to(dtype))
+    embeds = encode_prompts(tokenizer, text_encoder, batch["prompt"], args.max_sequence_length, device, dtype)
+    image_dist = None
+    if args.save_image_latents:
+        image_dist = encode_video_distribution(vae, batch["image"].to(dtype))
+    for j, entry in enumerate(tensors):
+        entry["video_latent_dist"] = video_dist[j].cpu()
+        entry["prompt_embeds"] = embeds[j].cpu()
+        if image_dist is not None:
+            entry["image_latent_dist"] = image_dist[j].cpu()
+            entry["first_frame"] = batch["image"][j].to(dtype)
+    return tensors
+
+
+def _write_entry(output, stem, item, video, tensors, args):
+    """videos/<stem>.mp4, then (if there are tensors) latents/<stem>.safetensors; each written atomically."""
+    _export_clip(video, output / "videos" / f"{stem}.mp4", args.target_fps)
+    if tensors:
+        metadata = {"caption": item.sample.caption, "bucket": json.dumps(list(item.bucket))}
+        _atomic_save(tensors, output / "latents" / f"{stem}.safetensors", metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4 (rank 0): the lists, the manifest and the skip report
+# ----------------------------------------------------------------------------------------------
+
+
+def write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config):
+    """prompts.txt and videos.txt (and with --save_latents_and_embeddings the manifest) listing every usable sample's
+    entry; skipped_samples.jsonl when samples were skipped."""
+    entries = manifest_entries(usable, plan.stems)
+    (output / "prompts.txt").write_text("".join(e["caption"].replace("\n", " ") + "\n" for e in entries), encoding="utf-8")
+    (output / "videos.txt").write_text("".join(e["video"] + "\n" for e in entries), encoding="utf-8")
+    if args.save_latents_and_embeddings:
+        _write_manifest(output, entries, skipped, plan, transformer_config, args)
+    _report_skipped_samples(output, skipped)
+    logger.info("prepared %d sample(s) in %s", len(entries), output)
+
+
+def manifest_entries(usable, stems):
+    return [
+        {
+            "index": item.sample.index,
+            "caption": item.sample.caption,
+            "source_video": str(item.sample.video_path),
+            "video": f"videos/{stem}.mp4",
+            "file": f"latents/{stem}.safetensors",
+            "bucket": list(item.bucket),
+            **({"video_sha256": item.content_hash} if item.content_hash else {}),
+        }
+        for item, stem in zip(usable, stems)
+    ]
+
+
+def _write_manifest(output, entries, skipped, plan, transformer_config, args):
+    """The manifest (atomically), which training with --load_tensors reads."""
+    from training.precomputed import FORMAT, MANIFEST
+
+    manifest = {
+        "format": FORMAT,
+        "model": {
+            "path": args.model_id,
+            "revision": args.revision,
+            "latent_channels": plan.vae_config["latent_channels"],
+            "scaling_factor": plan.vae_config["scaling_factor"],
+            "text_embed_dim": transformer_config["text_embed_dim"],
+        },
+        "settings": plan.settings,
+        "entries": entries,
+        "skipped": [{"entry": s.index + 1, "video": s.video_path, "reason": s.reason} for s in skipped],
+    }
+    temporary = output / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(temporary, output / MANIFEST)
+
+
+def _report_skipped_samples(output, skipped):
+    from training.dataset import write_skip_report
+
+    (output / "skipped_samples.jsonl").unlink(missing_ok=True)  # a report from an earlier run would mislead
+    if skipped:
+        write_skip_report(skipped, output / "skipped_samples.jsonl")
+        logger.warning("%d sample(s) skipped, listed with reasons in %s", len(skipped), output / "skipped_samples.jsonl")
+        for entry in skipped[:5]:
+            logger.warning("  skipped entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
+
+
+def _end_distributed(world_size):
     if world_size > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return output
 
 
 @exit_on_usage_error

@@ -1,0 +1,95 @@
+"""training/step.py: the one training step, on a tiny model."""
+
+import functools
+
+import pytest
+import torch
+from conftest import reset_accelerate
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Plain SGD that keeps a copy of the gradients it stepped with."""
+
+    def step(self, closure=None):
+        self.seen = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
+        return super().step(closure)
+
+
+@pytest.fixture()
+def backend():
+    from accelerate import Accelerator
+
+    from training.backend import Backend
+
+    reset_accelerate()
+    yield Backend(Accelerator(cpu=True))
+    reset_accelerate()
+
+
+def _trainer(model_path, backend, weights):
+    """A Trainer on the tiny 2b transformer (LoRA rank 4), every trained weight set from `weights`, plain SGD."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+    from training.args import parse_args
+    from training.conditioning import TextToVideo
+    from training.data_source import PreparedEntries
+    from training.modes import LoRA
+    from training.step import Trainer, build_context, prepare_transformer
+
+    args = parse_args(["--pretrained_model_name_or_path", model_path, "--rank", "4", "--max_grad_norm", "1e9"])
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model_path, subfolder="transformer")
+    prepare_transformer(transformer, args, TextToVideo(), LoRA(), torch.float32)
+    parameters = LoRA().trainable_parameters(transformer)
+    with torch.no_grad():
+        for parameter, value in zip(parameters, weights(parameters)):
+            parameter.copy_(value)
+    optimizer = RecordingSGD(parameters, lr=0.1)
+    context = build_context(args, transformer.config, AutoencoderKLCogVideoX.load_config(model_path, subfolder="vae"),
+                            CogVideoXDPMScheduler.from_pretrained(model_path, subfolder="scheduler"), "cpu",
+                            torch.float32, PreparedEntries())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return Trainer(transformer, optimizer, schedule, parameters, context, TextToVideo(), LoRA(), backend)
+
+
+def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tiny_model_2b, backend, monkeypatch):
+    """Gradient accumulation: loss / group size per micro-batch, gradients summed, one optimizer step."""
+    from training.data_source import PreparedEntries
+    from training.step import compute_loss, train_step
+
+    generator = torch.Generator().manual_seed(0)
+    weights = lambda parameters: [torch.randn(p.shape, generator=generator) * 0.1 for p in parameters]  # noqa: E731
+    first = _trainer(tiny_model_2b, backend, weights)
+    generator.manual_seed(0)
+    second = _trainer(tiny_model_2b, backend, weights)
+    config = first.context.transformer_config
+    batch = PreparedEntries().example_batch(2, (9, 32, 32), config, {"block_out_channels": [1] * 4}, False,
+                                            fill=lambda *shape, **kw: torch.randn(*shape, generator=generator, **kw))
+    batch["video_latent_dist"][:, config["out_channels"]:] = -30.0  # log-variance: the latent is the mean
+    halves = [{k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v[i : i + 1] if isinstance(v, list) else v)
+               for k, v in batch.items()} for i in range(2)]
+    # The same noise for a sample however the batch is cut: drawn from the sample itself, at one timestep.
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.sin(x * 3.0 + 1.0))
+    loss_at_t = functools.partial(compute_loss, timestep=600)
+
+    whole = train_step(first, iter([batch]), 1, loss_fn=loss_at_t)
+    accumulated = train_step(second, iter(halves), 2, loss_fn=loss_at_t)
+
+    torch.testing.assert_close(accumulated.loss, whole.loss, rtol=1e-5, atol=1e-7)
+    assert len(first.optimizer.seen) == len(second.optimizer.seen) > 0
+    for ours, reference in zip(second.optimizer.seen, first.optimizer.seen):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in first.optimizer.seen)  # gradients reached the adapters
+    for a, b in zip(first.parameters, second.parameters):  # and one step was taken with them
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_short_group_is_an_error(tiny_model_2b, backend):
+    from training.data_source import PreparedEntries
+    from training.step import train_step
+
+    trainer = _trainer(tiny_model_2b, backend, lambda parameters: [p.detach().clone() for p in parameters])
+    config = trainer.context.transformer_config
+    batch = PreparedEntries().example_batch(1, (9, 32, 32), config, {"block_out_channels": [1] * 4}, False,
+                                            fill=torch.randn)
+    with pytest.raises(RuntimeError, match="group of 2 micro-batches got 1"):
+        train_step(trainer, iter([batch]), 2)

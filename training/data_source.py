@@ -1,0 +1,262 @@
+"""Where training samples come from, chosen once per run (`choose_data_source`), and the loaders built on them.
+
+- `RawClips`: the user's caption/video lists (txt files or a CSV). Clips are decoded and fitted to their bucket in
+  the loader's workers; the VAE and T5 encode every batch during training.
+- `PreparedEntries` (--load_tensors): what prepare_dataset.py wrote (latent distributions and prompt embeddings,
+  checked against the model through its manifest); neither the VAE nor T5 is loaded for it (image-to-video still
+  loads the VAE: its conditioning encodes the noise-augmented first frame at every step).
+
+Each knows which flags apply to it, which encoders it needs, how it builds its datasets, how a batch becomes
+latents and prompt embeddings (`encode`), and what a batch of it looks like (`example_batch`, for the memory
+estimate and the benchmark).
+"""
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .args import UsageError, check_buckets, check_data_source, parse_args
+from .dataset import (
+    BucketBatchSampler,
+    PrecomputedDataset,
+    VideoDataset,
+    assign_buckets,
+    bad_sample_error,
+    collate,
+    data_notes,
+    load_samples,
+    split_for_eval,
+    write_skip_report,
+)
+from .models import encode_prompts, encode_video_distribution, latent_grid, vae_scale_factor_spatial
+
+
+logger = logging.getLogger("cogvideox_factory")
+
+SKIP_REPORT = "skipped_samples.jsonl"
+NOTES_REPORT = "data_notes.jsonl"
+
+# Flags that shape raw clips; with prepared entries prepare_dataset.py has already applied them.
+RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_frames_start", "skip_frames_end",
+                  "video_reshape_mode", "random_flip", "dataset_file")
+
+
+def choose_data_source(args):
+    return PreparedEntries() if args.load_tensors else RawClips()
+
+
+class RawClips:
+    name = "raw clips"
+    needs_text_encoder = True  # T5 embeds each batch's captions
+    needs_vae = True  # the VAE encodes each batch's clips
+
+    def check_args(self, args, problems):
+        check_data_source(args, problems)
+
+    def check_model_args(self, args, transformer_config, problems):
+        check_buckets(args, transformer_config, problems)
+
+    def training_resolutions(self, args):
+        """(height, width) pairs a clip may be trained at."""
+        return {(h, w) for h in args.height_buckets for w in args.width_buckets}
+
+    def samples(self, args, conditioning, transformer_config):
+        """(training items, items of a separate held-out list, unusable samples, notes). Reads headers only."""
+        items, skipped = self._bucketed(args, args.dataset_file, args.caption_column, args.video_column)
+        if not items:
+            reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
+            raise UsageError(["no usable sample: every clip was skipped"] + reasons)
+        listed = []
+        if args.eval_video_column or args.eval_dataset_file:
+            listed, eval_skipped = self._bucketed(args, args.eval_dataset_file,
+                                                  args.eval_caption_column or args.caption_column,
+                                                  args.eval_video_column or args.video_column)
+            skipped = skipped + [replace(s, reason=f"held-out list: {s.reason}") for s in eval_skipped]
+        return items, listed, skipped, data_notes(items, args.video_reshape_mode)
+
+    @staticmethod
+    def _bucketed(args, dataset_file, caption_column, video_column):
+        samples = load_samples(args.data_root, dataset_file, caption_column, video_column, args.id_token)
+        return assign_buckets(samples, args.frame_buckets, args.height_buckets, args.width_buckets,
+                              args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
+
+    def dataset(self, args, conditioning, items):
+        return VideoDataset(items, args.video_reshape_mode, args.random_flip, conditioning.image_to_video,
+                            seed=args.seed or 0)
+
+    def encode(self, batch, context):
+        """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
+        distribution = encode_video_distribution(context.vae, batch["video"].to(context.device, non_blocking=True))
+        prompt_embeds = encode_prompts(context.tokenizer, context.text_encoder, batch["prompt"],
+                                       context.transformer_config["max_text_seq_length"], context.device,
+                                       context.weight_dtype)
+        return distribution, prompt_embeds
+
+    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros):
+        """A batch as the loader delivers it: pixels as float in [-1, 1], captions."""
+        frames, height, width = bucket
+        return {"video": fill(batch_size, frames, 3, height, width), "prompt": ["x"] * batch_size,
+                "image": fill(batch_size, 1, 3, height, width) if image_to_video else None}
+
+
+class PreparedEntries:
+    name = "prepared entries"
+    needs_text_encoder = False
+    needs_vae = False
+
+    def check_args(self, args, problems):
+        if args.data_root is None:
+            problems.append("--load_tensors needs --data_root: the --output_dir of training/prepare_dataset.py")
+        elif not (Path(args.data_root) / "manifest.json").is_file():
+            problems.append(
+                f"--load_tensors: {args.data_root} has no manifest.json; run training/prepare_dataset.py "
+                f"--save_latents_and_embeddings --output_dir {args.data_root} first (see prepare_dataset.sh)"
+            )
+
+    def check_model_args(self, args, transformer_config, problems):
+        pass  # each entry keeps the bucket prepare_dataset.py gave it; the manifest is checked in `samples`
+
+    def training_resolutions(self, args):
+        return set()
+
+    def samples(self, args, conditioning, transformer_config):
+        from .precomputed import load_manifest, manifest_problems
+
+        _warn_ignored_flags(args)
+        manifest = load_manifest(args.data_root)
+        problems = manifest_problems(manifest, transformer_config, conditioning, args)
+        if problems:
+            raise UsageError(problems)
+        items = _select_entries(args, manifest["entries"])
+        listed = _select_entries(args, manifest["entries"], args.eval_video_column) if args.eval_video_column else []
+        return items, listed, [], []
+
+    def dataset(self, args, conditioning, entries):
+        return PrecomputedDataset(args.data_root, entries)
+
+    def encode(self, batch, context):
+        distribution = batch["video_latent_dist"].to(context.device, non_blocking=True)
+        prompt_embeds = batch["prompt_embeds"].to(context.device, dtype=context.weight_dtype, non_blocking=True)
+        return distribution, prompt_embeds
+
+    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros):
+        """A batch as the loader delivers it: latent distributions and prompt embeddings as prepare_dataset.py stores
+        them by default (fp32), and for image-to-video the first frame in pixels."""
+        dtype = torch.float32
+        frames, height, width = bucket
+        latent_frames, latent_height, latent_width = latent_grid(frames, height, width, transformer_config,
+                                                                 vae_scale_factor_spatial(vae_config))
+        channels = transformer_config["out_channels"]
+        return {
+            "prompt": [""] * batch_size,
+            "video_latent_dist": fill(batch_size, 2 * channels, latent_frames, latent_height, latent_width, dtype=dtype),
+            "prompt_embeds": fill(batch_size, transformer_config["max_text_seq_length"],
+                                  transformer_config["text_embed_dim"], dtype=dtype),
+            "image": fill(batch_size, 1, 3, height, width) if image_to_video else None,
+        }
+
+
+def _warn_ignored_flags(args):
+    defaults = vars(parse_args(["--pretrained_model_name_or_path", "-"]))
+    changed = [f"--{name}" for name in RAW_DATA_FLAGS if getattr(args, name) != defaults[name]]
+    if changed:
+        logger.warning(
+            "%s ignored with --load_tensors: clips were sampled, resized and captioned by prepare_dataset.py "
+            "(pass these to it instead)", ", ".join(changed)
+        )
+
+
+def _select_entries(args, entries, column=None):
+    """With --video_column naming a list in the prepared folder, train on those entries, in that order."""
+    listing = Path(args.data_root) / (column or args.video_column)
+    if not listing.is_file():
+        return entries
+    by_stem = {Path(entry["file"]).stem: entry for entry in entries}
+    lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    missing = [line for line in lines if Path(line).stem not in by_stem]
+    if missing:
+        raise UsageError(
+            [f"--load_tensors: {line} (in {listing}) has no prepared entry; re-run prepare_dataset.py" for line in missing[:10]]
+        )
+    return [by_stem[Path(line).stem] for line in lines]
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets and loaders for a run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    source: object  # RawClips or PreparedEntries
+    dataset: object
+    sampler: BucketBatchSampler
+    loader: object
+    skipped: list  # unusable samples (a dry run lists them; a run stops on them unless --skip_bad_samples)
+    eval_dataset: object = None
+    eval_loader: object = None
+
+
+def build_training_data(args, source, conditioning, transformer_config, backend):
+    """Datasets and loaders, cheap (no model is loaded): bad samples stop the run here, before any weights load."""
+    items, listed, skipped, notes = source.samples(args, conditioning, transformer_config)
+    if notes:
+        _write_and_warn(notes, Path(args.output_dir) / NOTES_REPORT, backend, "note(s) about the data")
+    train, held_out = split_for_eval(items, args.eval_split, args.seed or 0)
+    held_out = held_out or listed
+    if args.eval_split and not train:
+        raise UsageError(f"--eval_split {args.eval_split} leaves no sample to train on ({len(items)} usable)")
+    if not args.dry_run:  # a dry run lists them in its plan instead of stopping
+        report_skipped(skipped, args, backend)
+    dataset = source.dataset(args, conditioning, train)
+    loader, sampler = build_dataloader(args, dataset, backend)
+    data = TrainingData(source, dataset, sampler, loader, skipped)
+    if held_out:
+        data.eval_dataset = source.dataset(args, conditioning, held_out)
+        data.eval_loader = build_dataloader(args, data.eval_dataset, backend, shuffle=False)[0]
+    return data
+
+
+def build_dataloader(args, dataset, backend, shuffle=True):
+    sampler = BucketBatchSampler(
+        dataset.bucket_keys,
+        batch_size=args.train_batch_size,
+        shuffle=shuffle,
+        drop_last=False,
+        seed=args.seed or 0,
+        num_replicas=backend.num_processes,
+        rank=backend.process_index,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.pin_memory and torch.cuda.is_available(),
+        # Its own generator: making an iterator must not draw from the global RNG, or a resumed
+        # run's noise would differ from an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )
+    return loader, sampler
+
+
+def _write_and_warn(entries, path, backend, headline):
+    if backend.is_main_process:
+        write_skip_report(entries, path)
+    logger.warning("%d %s, all listed in %s; the first:", len(entries), headline, path)
+    for entry in entries[:5]:
+        logger.warning("  entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
+
+
+def report_skipped(skipped, args, backend):
+    """Unusable samples stop the run before any model loads, unless --skip_bad_samples; listed either way."""
+    if not skipped:
+        return
+    path = Path(args.output_dir) / SKIP_REPORT
+    if not args.skip_bad_samples:
+        if backend.is_main_process:
+            write_skip_report(skipped, path)
+        raise bad_sample_error(skipped, path)
+    _write_and_warn(skipped, path, backend, "sample(s) skipped")

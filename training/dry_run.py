@@ -1,0 +1,66 @@
+"""--dry_run: what a training run would do, printed and returned, with nothing loaded but configs.
+
+The memory figures come from `memory_estimate.estimate_phases`, which runs the real training step on fake tensors.
+"""
+
+from .modes import count_parameters
+
+
+def dry_run_plan(job):
+    """The plan of a `core.TrainingRun` that has its data but no models: samples, buckets, steps, parameters and
+    peak memory per phase."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import AutoConfig
+
+    from .memory_estimate import estimate_phases
+
+    args, data, schedule, backend = job.args, job.data, job.schedule, job.backend
+    transformer_config = job.settings.transformer_config
+    with init_empty_weights():
+        transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
+    job.mode.prepare(transformer, args)
+    buckets = {}
+    for key in data.dataset.bucket_keys:
+        buckets[key] = buckets.get(key, 0) + 1
+    where = dict(revision=args.revision, cache_dir=args.cache_dir)
+    vae_config = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae", **where)
+    text_encoder_config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                     **where)
+    phases = estimate_phases(args, transformer_config, vae_config, text_encoder_config, job.conditioning, job.mode,
+                             backend.weight_dtype, buckets)
+    plan = {
+        "samples_for_training": len(data.dataset),
+        "samples_held_out": len(data.eval_dataset) if data.eval_dataset else 0,
+        "samples_unusable": [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in data.skipped],
+        "buckets": {f"{f}x{h}x{w}": n for (f, h, w), n in sorted(buckets.items())},
+        "batches_per_epoch_per_process": schedule.batches_per_epoch,
+        "optimizer_steps_per_epoch": schedule.steps_per_epoch,
+        "optimizer_steps": schedule.max_train_steps,
+        "epochs": schedule.epochs,
+        "processes": backend.num_processes,
+        "transformer_parameters": count_parameters(transformer.parameters()),
+        "trainable_parameters": count_parameters(job.mode.trainable_parameters(transformer)),
+        "peak_memory_gib": {k: (round(v / 2**30, 3) if k in ("training", "validation", "final_test") else v)
+                            for k, v in phases.items()},
+        "peak_memory_bytes": phases,
+    }
+    if backend.is_main_process:
+        print_plan(plan, args.skip_bad_samples)
+    return plan
+
+
+def print_plan(plan, skip_bad_samples):
+    print("dry run: nothing will be trained")
+    for key, value in plan.items():
+        if key == "peak_memory_bytes":
+            continue
+        if key == "samples_unusable":
+            stop = "" if skip_bad_samples or not value else " (the run would stop: fix them or pass --skip_bad_samples)"
+            print(f"  {key}: {len(value)}{stop}")
+            for line in value:
+                print(f"    {line}")
+        else:
+            print(f"  {key}: {value}")
+    print("  peak_memory_gib: per process, for the largest bucket, simulated with the real training code on "
+          "fake tensors; CUDA context, kernel workspaces and allocator cache come on top (docs/memory.md)")

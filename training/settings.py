@@ -1,0 +1,139 @@
+"""Every trainer flag checked once, before anything expensive, against the model's rules; and the values the run
+derives from the flags, kept apart from them (`RunSettings`): the parsed flags are never written to.
+
+`validate_training_args(args, conditioning, mode)` raises one `UsageError` listing every problem, one line each,
+or returns the `RunSettings`. `model_problems` is the part that needs only the transformer's config (the
+benchmark, which has no data, uses it alone).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .args import (
+    UsageError,
+    check_output_dir,
+    frame_rule_problem,
+    load_transformer_config,
+    optimizer_problems,
+    validation_frames,
+)
+from .data_source import choose_data_source
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    transformer_config: dict  # the model's published transformer config
+    data_source: object  # RawClips or PreparedEntries
+    validation_num_frames: int  # --validation_num_frames, or the largest frame bucket (checked either way)
+    validation_steps: int  # validate every N steps (None: not by steps)
+    validation_epochs: int  # validate every N epochs (None: not by epochs)
+    eval_every: int  # held-out evaluation every N steps
+
+
+def validate_training_args(args, conditioning, mode):
+    """All checks that need no model weights; one UsageError with every problem, or the run's settings."""
+    data_source = choose_data_source(args)
+    problems = _flag_problems(args)
+    data_source.check_args(args, problems)
+    transformer_config = None
+    try:
+        transformer_config = load_transformer_config(args)
+    except UsageError as error:
+        problems.extend(error.problems)
+    if transformer_config is not None:
+        problems.extend(model_problems(args, transformer_config, conditioning, mode, data_source))
+    if problems:
+        raise UsageError(problems)
+    validation_epochs = args.validation_epochs
+    if args.validation_prompt and args.validation_epochs is None and args.validation_steps is None:
+        validation_epochs = 1  # the original crashed here; once per epoch is the sensible reading
+    return RunSettings(
+        transformer_config=transformer_config,
+        data_source=data_source,
+        validation_num_frames=validation_frames(args),
+        validation_steps=args.validation_steps,
+        validation_epochs=validation_epochs,
+        eval_every=args.eval_steps or args.checkpointing_steps,
+    )
+
+
+def model_problems(args, transformer_config, conditioning, mode, data_source):
+    """Problems of these flags with this model: frame counts and sizes, validation size, conditioning and mode."""
+    problems = []
+    data_source.check_model_args(args, transformer_config, problems)
+    if args.validation_num_frames is not None:
+        problem = frame_rule_problem(args.validation_num_frames, transformer_config)
+        if problem:
+            problems.append(f"--validation_num_frames: {problem}")
+    elif args.validation_prompt:
+        # Not given: validation videos take the largest frame bucket, which must suit the model too (with
+        # --load_tensors the buckets are not checked, and the default 49 does not suit CogVideoX 1.5).
+        problem = frame_rule_problem(validation_frames(args), transformer_config)
+        if problem:
+            problems.append(f"validation videos default to the largest --frame_buckets value: {problem}; pass "
+                            "--validation_num_frames")
+    problems.extend(optimizer_problems(args))
+    problems.extend(conditioning.check_args(args, transformer_config, data_source))
+    problems.extend(mode.check_args(args, transformer_config))
+    return problems
+
+
+def _flag_problems(args):
+    """Checks of the flags on their own (counts, ranges, files, combinations)."""
+    problems = []
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank",
+                 "num_validation_videos", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("max_train_steps", "validation_epochs", "validation_steps", "checkpoints_total_limit", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be at least 1 when given (got {value})")
+    problems.extend(_eval_problems(args))
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.dataloader_num_workers < 0:
+        problems.append("--dataloader_num_workers must be 0 or more")
+    for name in ("height", "width"):
+        if getattr(args, name) % 16:
+            problems.append(f"--{name} {getattr(args, name)}: validation size must be a multiple of 16")
+    if args.validation_prompt is not None and not args.validation_prompt.strip():
+        problems.append("--validation_prompt is empty")
+    if args.push_to_hub and args.report_to == "wandb" and args.hub_token is not None:
+        problems.append("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not Path(args.resume_from_checkpoint).is_dir() and not (
+            Path(args.output_dir) / args.resume_from_checkpoint
+        ).is_dir():
+            problems.append(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                f'(give a path, or "latest" to pick the newest in --output_dir)'
+            )
+    if args.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            problems.append("--report_to wandb: wandb is not installed (pip install wandb)")
+    check_output_dir(args.output_dir, problems)
+    return problems
+
+
+def _eval_problems(args):
+    problems = []
+    if not 0.0 <= args.eval_split < 1.0:
+        problems.append(f"--eval_split must be at least 0 and below 1 (got {args.eval_split})")
+    separate_eval = bool(args.eval_video_column or args.eval_dataset_file)
+    if separate_eval and args.eval_split:
+        problems.append("--eval_split and a separate held-out list (--eval_video_column/--eval_dataset_file) exclude each other")
+    if args.eval_dataset_file and not Path(args.eval_dataset_file).is_file():
+        problems.append(f"--eval_dataset_file {args.eval_dataset_file}: no such file")
+    if args.eval_video_column and not args.eval_dataset_file and args.data_root:
+        for flag, name in (("--eval_video_column", args.eval_video_column),
+                           ("--eval_caption_column", args.eval_caption_column if not args.load_tensors else None)):
+            if name is None and flag == "--eval_caption_column":
+                problems.append("--eval_video_column needs --eval_caption_column (a captions file in --data_root)")
+            elif name is not None and not (Path(args.data_root) / name).is_file():
+                problems.append(f"{flag} {name}: no file {Path(args.data_root) / name}")
+    if any(not 0 <= t < 1000 for t in args.eval_timesteps):
+        problems.append("--eval_timesteps must lie in 0..999")
+    return problems

@@ -1,0 +1,172 @@
+"""The training step: its only definition. The trainer's loop, the benchmark and the --dry_run memory estimate
+(which runs it on fake tensors) all call `train_step`, so a figure measured or predicted is the step that trains.
+
+- `Context`: run-wide values the loss needs besides the batch (scheduler, encoders, VAE scaling, dtypes), made by
+  `build_context` from the configs.
+- `prepare_transformer`: the loaded transformer made trainable, in the order that matters (see there).
+- `build_trainer`: prepare, place, optimizer and LR schedule, handed to the backend: a `Trainer`.
+- `compute_loss`: one micro-batch's diffusion loss.
+- `train_step`: one optimizer step over an accumulation group.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .models import prepare_frozen_base, rotary_embeddings, sample_latents, vae_scale_factor_spatial
+from .modes import cast_frozen
+from .optim import build_lr_scheduler, build_optimizer
+
+
+@dataclass
+class Context:
+    """Run-wide values derived from the flags and the model's configs (not user flags)."""
+
+    args: object
+    device: torch.device
+    weight_dtype: torch.dtype  # compute dtype: frozen weights, activations, prompt embeddings
+    transformer_config: dict
+    vae_scaling_factor: float
+    vae_invert_scale_latents: bool
+    vae_spatial_scale: int
+    scheduler: object  # the training noise schedule (CogVideoXDPMScheduler)
+    data_source: object  # RawClips or PreparedEntries: how a batch becomes latents and embeddings
+    tokenizer: object = None
+    text_encoder: object = None
+    vae: object = None
+    # Where tensors saved for backward live during the transformer's forward (--offload_activations: CPU).
+    saved_tensors: object = contextlib.nullcontext
+
+
+def build_context(args, transformer_config, vae_config, scheduler, device, weight_dtype, data_source, encoders=None,
+                  save_on_cpu=None):
+    """The Context. `encoders`: {"tokenizer", "text_encoder", "vae"} as loaded (or simulated); `save_on_cpu`: how
+    --offload_activations moves saved tensors (default torch's save_on_cpu, pinned on CUDA)."""
+    context = Context(
+        args=args,
+        device=torch.device(device),
+        weight_dtype=weight_dtype,
+        transformer_config=dict(transformer_config),
+        vae_scaling_factor=vae_config["scaling_factor"],
+        vae_invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)),
+        vae_spatial_scale=vae_scale_factor_spatial(vae_config),
+        scheduler=scheduler,
+        data_source=data_source,
+        **(encoders or {}),
+    )
+    if args.offload_activations:
+        pin = context.device.type == "cuda"
+        context.saved_tensors = save_on_cpu or (lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
+    return context
+
+
+def prepare_transformer(transformer, args, conditioning, mode, weight_dtype):
+    """The loaded transformer made ready to train, in place: adapted to the conditioning, its frozen base stored as
+    --quantize_base says (before LoRA layers exist: they keep their precision), the mode's trainable part added,
+    the frozen part cast to the compute dtype, gradient checkpointing on."""
+    conditioning.adapt_transformer(transformer, args)
+    prepare_frozen_base(transformer, args, weight_dtype)
+    mode.prepare(transformer, args)
+    cast_frozen(transformer, weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+@dataclass
+class Trainer:
+    """What a training step works on. `transformer` and `optimizer` are the backend's prepared (wrapped) ones."""
+
+    transformer: object
+    optimizer: object
+    lr_scheduler: object
+    parameters: list  # the trained ones
+    context: Context
+    conditioning: object
+    mode: object
+    backend: object
+
+
+def build_trainer(transformer, context, conditioning, mode, backend, max_train_steps, learning_rate=None):
+    """From a loaded transformer: prepare it, put it on the device, build the optimizer (at `learning_rate`, e.g.
+    scaled by --scale_lr; default --learning_rate) and the LR schedule, and hand them to the backend."""
+    args = context.args
+    prepare_transformer(transformer, args, conditioning, mode, context.weight_dtype)
+    transformer.to(backend.device)
+    optimizer = build_optimizer(args, mode.trainable_parameters(transformer), learning_rate)
+    lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
+    transformer, optimizer = backend.prepare(transformer, optimizer)
+    backend.register_mode(mode, conditioning.pipeline_class)
+    return Trainer(transformer, optimizer, lr_scheduler, mode.trainable_parameters(transformer), context,
+                   conditioning, mode, backend)
+
+
+def compute_loss(transformer, batch, context, conditioning, timestep=None):
+    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space with 1/(1 - alpha_bar) weights.
+
+    Timesteps are drawn uniformly, or all equal to `timestep` (held-out evaluation)."""
+    device, dtype = context.device, context.weight_dtype
+    scheduler = context.scheduler
+    distribution, prompt_embeds = context.data_source.encode(batch, context)
+    latents = sample_latents(distribution.float(), context.vae_scaling_factor)  # fp32 [B, F, C, H, W]
+    batch_size, latent_frames, _, latent_height, latent_width = latents.shape
+
+    # Noise is mixed in fp32: in bf16, alpha_bar near 1 rounds to exactly 1 (no noise at the smallest t).
+    noise = torch.randn_like(latents)
+    if timestep is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+    else:
+        timesteps = torch.full((batch_size,), timestep, device=device, dtype=torch.long)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    model_input = conditioning.model_input(noisy.to(dtype), batch, context)
+    rotary = rotary_embeddings(context.transformer_config, latent_frames, latent_height, latent_width, device)
+
+    with context.saved_tensors():
+        prediction = transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+            **conditioning.transformer_kwargs(noisy, context),
+        )[0]
+    predicted_x0 = scheduler.get_velocity(prediction.float(), noisy, timesteps)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps]
+    weights = (1.0 / (1.0 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
+    per_sample = (weights * (predicted_x0 - latents) ** 2).reshape(batch_size, -1).mean(dim=1)
+    return per_sample.mean()
+
+
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor  # mean over the group's micro-batches and over processes, on the device (.item() syncs)
+    grad_norm: object  # total gradient norm before clipping (None where the engine clips itself)
+
+
+def train_step(trainer, micro_batches, group_size, loss_fn=compute_loss, after_backward=None):
+    """One optimizer step over an accumulation group of `group_size` micro-batches (taken from `micro_batches` one
+    at a time): forward and loss, backward of loss / group_size (gradients are synchronised across processes on the
+    group's last micro-batch only), clipping to --max_grad_norm, optimizer step, LR schedule step.
+
+    `loss_fn` and `after_backward` (called after each backward) let the benchmark measure inside the step."""
+    backend, context = trainer.backend, trainer.context
+    total = torch.zeros((), device=context.device)
+    taken = 0
+    for batch in micro_batches:
+        taken += 1
+        ends_group = taken == group_size
+        with backend.accumulating(trainer.transformer, ends_group):
+            loss = loss_fn(trainer.transformer, batch, context, trainer.conditioning)
+            backend.backward(loss / group_size, ends_group)
+        if after_backward is not None:
+            after_backward()
+        total += loss.detach()
+    if taken != group_size:
+        raise RuntimeError(f"an accumulation group of {group_size} micro-batches got {taken}")
+    grad_norm = backend.clip_gradients(trainer.optimizer, trainer.parameters, context.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    # Mean over ranks: every rank sees the same loss, so a NaN stops all of them together.
+    return StepOutcome(loss=backend.reduce_mean(total / taken), grad_norm=grad_norm)

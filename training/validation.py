@@ -1,0 +1,219 @@
+"""Checks of the model while and after it trains: the held-out evaluation loss, validation videos, and the final
+test, which loads the saved artifact into a fresh pipeline as a user would and compares its videos with the last
+validation (the parity check).
+"""
+
+import copy
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import memory
+from .models import load_transformer, prepare_frozen_base
+from .step import compute_loss
+
+
+logger = logging.getLogger("cogvideox_factory")
+
+
+@torch.no_grad()
+def evaluate(transformer, loader, context, conditioning, backend, args):
+    """Mean loss over the held-out samples and --eval_timesteps, with noise fixed per (batch, timestep).
+
+    Runs inside a forked RNG, so training's random stream (and exact resume) is untouched."""
+    model = backend.unwrap(transformer)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=backend.device)
+    count = 0
+    devices = [backend.device] if backend.device.type == "cuda" else []
+    for batch_index, batch in enumerate(loader):
+        for timestep in args.eval_timesteps:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed((args.seed or 0) * 1_000_003 + batch_index * 1009 + timestep)
+                total += compute_loss(model, batch, context, conditioning, timestep=timestep).detach()
+            count += 1
+    model.train(was_training)
+    return backend.reduce_mean(total / max(count, 1)).item()
+
+
+class Validation:
+    """Validation videos from the model in training, and the final test of the saved artifact.
+
+    `num_frames` comes from the run's settings (--validation_num_frames, or the largest frame bucket; checked
+    against the model's frame rule either way). `last_videos` keeps the last validation's frames for the parity
+    check; `validated_at` the step it ran at."""
+
+    def __init__(self, args, num_frames, conditioning, backend):
+        self.args = args
+        self.num_frames = num_frames
+        self.conditioning = conditioning
+        self.backend = backend
+        self.last_videos = []
+        self.validated_at = None
+
+    @property
+    def has_cases(self):
+        return bool(self.conditioning.validation_cases(self.args))
+
+    def run(self, context, transformer, step, tag="validation"):
+        """Validation videos from the in-training model. Every rank calls this, at the same point.
+
+        Whole weights on every rank (one process, DDP, ZeRO-1/2): the main process generates while the others wait
+        in the backend's waiting room (a gloo group with a long timeout), not in the next NCCL collective, which a
+        validation longer than --nccl_timeout would abort. Sharded weights (ZeRO-3, FSDP): each forward gathers its
+        layers from every rank, so every rank runs the same pipeline calls in step (same prompts, same seed); only
+        the main process keeps the videos."""
+        args, backend = self.args, self.backend
+        cases = self.conditioning.validation_cases(args)
+        self.validated_at = step
+        if not cases:
+            return
+        sharded, main = backend.weights_sharded, backend.is_main_process
+        if not sharded and not main:
+            backend.wait_for_main()
+            return
+        logger.info("running validation at step %d: %d prompt(s)", step, len(cases))
+        logger.info(memory.format_stats("before validation", memory.memory_stats(backend.device)))
+        if sharded and args.enable_model_cpu_offload:
+            # Offload hooks would move a sharded transformer (and DeepSpeed's own parameter offload) around.
+            logger.warning("--enable_model_cpu_offload is ignored for validation while the weights are sharded")
+            args = copy.copy(args)
+            args.enable_model_cpu_offload = False
+        model = backend.model_for_inference(transformer)
+        was_training = model.training
+        model.eval()
+        encoders = {}  # reuse what training already holds in memory
+        if context.text_encoder is not None:
+            encoders.update(text_encoder=context.text_encoder, tokenizer=context.tokenizer)
+        if context.vae is not None:
+            encoders.update(vae=context.vae)
+        pipe = build_pipeline(args, self.conditioning, context.weight_dtype, transformer=model, **encoders)
+        with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+            output_dir = args.output_dir if main else scratch  # the other ranks' copies are thrown away
+            videos = generate_videos(pipe, cases, args, self.num_frames, backend.device, output_dir, f"{tag}_step{step}")
+        if args.enable_model_cpu_offload:
+            # Offloading parked the modules shared with training on the CPU, behind hooks: bring them back.
+            pipe.remove_all_hooks()
+            for module in (model, context.vae, context.text_encoder):
+                if module is not None:
+                    module.to(backend.device)
+        if main:
+            self.last_videos = videos
+            log_videos(backend, videos, tag, step)
+        del pipe
+        memory.free_memory()
+        model.train(was_training)
+        logger.info(memory.format_stats("after validation", memory.memory_stats(backend.device)))
+        if not sharded:
+            backend.wait_for_main()
+
+    def final_test(self, mode, weight_dtype):
+        """Load the saved artifact into a fresh pipeline, as a user would, and generate (main process only).
+
+        The videos must equal the last in-training validation (same prompts, same seed): a mismatch means the saved
+        file does not reproduce what was trained, so we say so loudly. Returns the parity figures, or None."""
+        args, conditioning = self.args, self.conditioning
+        cases = conditioning.validation_cases(args)
+        if not cases:
+            return None
+        # Nothing reused from training: the pipeline is built from files.
+        artifact = mode.inference_components(args.output_dir, weight_dtype)
+        if args.quantize_base == "nf4" and "transformer" not in artifact:
+            artifact["transformer"] = load_transformer(args, weight_dtype)  # quantized as in training
+        pipe = build_pipeline(args, conditioning, weight_dtype, **artifact)
+        conditioning.adapt_transformer(pipe.transformer, args)
+        mode.apply_to_pipeline(pipe, args.output_dir)
+        prepare_frozen_base(pipe.transformer, args, weight_dtype)  # FP8 storage as in training, if chosen
+        with torch.no_grad():
+            videos = generate_videos(pipe, cases, args, self.num_frames, self.backend.device, args.output_dir, "test")
+        log_videos(self.backend, videos, "test", 0)
+        del pipe
+        memory.free_memory()
+        return self._parity(videos, mode)
+
+    def _parity(self, videos, mode):
+        if not self.last_videos:
+            return None
+        import numpy as np
+
+        differences = [
+            float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+            for (_, a), (_, b) in zip(self.last_videos, videos)
+        ]
+        parity = {"max_abs_difference": max(differences), "exact": all(d == 0.0 for d in differences)}
+        if parity["exact"]:
+            logger.info("parity: the saved %s reproduces the last validation videos exactly", mode.name)
+        else:
+            logger.warning(
+                "parity check: saved weights give videos differing from the last validation by up to %.3g "
+                "(expected 0 in fp32; small differences are rounding in reduced precision)",
+                parity["max_abs_difference"],
+            )
+        return parity
+
+
+def _slug(text, length=25):
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text[:length]).strip("_") or "prompt"
+
+
+def generate_videos(pipe, cases, args, num_frames, device, output_dir, tag):
+    """Generate every validation case with one seeded generator; write mp4s; return (path, frames) pairs."""
+    from diffusers.utils import export_to_video
+
+    if args.enable_model_cpu_offload and torch.device(device).type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 42)
+    results = []
+    for case_index, case in enumerate(cases):
+        for video_index in range(args.num_validation_videos):
+            frames = pipe(
+                **case,
+                height=args.height,
+                width=args.width,
+                num_frames=num_frames,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                use_dynamic_cfg=args.use_dynamic_cfg,
+                max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                generator=generator,
+                output_type="np",
+            ).frames[0]
+            path = Path(output_dir) / f"{tag}_video_{case_index}_{video_index}_{_slug(case['prompt'])}.mp4"
+            export_to_video(list(frames), str(path), fps=args.fps)
+            results.append((path, frames))
+    return results
+
+
+def build_pipeline(args, conditioning, dtype, **components):
+    """The validation/test pipeline from the base model; `components` replace the ones on disk."""
+    from diffusers import CogVideoXDPMScheduler
+
+    pipe = conditioning.pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=dtype,
+        **components,
+    )
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    if args.enable_slicing:
+        pipe.vae.enable_slicing()
+    if args.enable_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def log_videos(backend, results, tag, step):
+    for tracker in backend.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=8) for path, _ in results]}, step=step)

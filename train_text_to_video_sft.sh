@@ -5,8 +5,8 @@
 # script, over LEARNING_RATES x LR_SCHEDULES x OPTIMIZERS x MAX_TRAIN_STEPS.
 #
 # The default data is the Tom and Jerry dataset, downloaded with
-#   huggingface-cli download --repo-type dataset \
-#     Wild-Heart/Tom-and-Jerry-VideoGeneration-Dataset --local-dir data/tom-and-jerry
+#   hf download Wild-Heart/Tom-and-Jerry-VideoGeneration-Dataset --repo-type dataset \
+#     --local-dir data/tom-and-jerry
 #
 # Every setting can be overridden from the environment, for example:
 #   DATA_ROOT=/data/my-videos CAPTION_COLUMN=prompt.txt ./train_text_to_video_sft.sh

@@ -633,7 +633,8 @@ def build_like_trainer(options, trainer_flags, row, spec, scratch):
     row["phase"] = "build"
     # --quantize_base nf4 quantises inside from_pretrained: only the trainer's loader can do that.
     through_loader = options.through_trainer_loader or args.quantize_base == "nf4"
-    transformer = load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, through_loader)
+    transformer = load_transformer_like_trainer(spec, args, mode.load_dtype(args, weight_dtype), device, scratch,
+                                                through_loader)
     encoders = {}
     if conditioning.needs_vae:
         encoders["vae"] = build_random(AutoencoderKLCogVideoX, spec.vae, weight_dtype, device).requires_grad_(False).eval()

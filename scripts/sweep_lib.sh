@@ -217,8 +217,10 @@ sweep_run() {
       for optimizer in "${optimizers[@]}"; do
         for steps in "${max_train_steps[@]}"; do
           output_dir="$OUTPUT_ROOT/${run_name}__optimizer_${optimizer}__steps_${steps}__lr-schedule_${lr_schedule}__learning-rate_${learning_rate}"
+          # --quiet: when the trainer stops with its one-line `error:`, accelerate's launcher (one process) exits
+          # 1 without adding a CalledProcessError traceback under it.
           cmd=(
-            "$ACCELERATE_BIN" launch
+            "$ACCELERATE_BIN" launch --quiet
             --config_file "$ACCELERATE_CONFIG_FILE"
             --gpu_ids "$GPU_IDS"
             "$trainer"

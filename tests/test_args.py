@@ -1,6 +1,8 @@
 """Bad flags and inputs: one clear `error:` line each, exit status 2, before any model loads."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,11 +169,23 @@ def test_load_tensors_refuses_latents_of_another_vae(capsys, tiny_models, tmp_pa
     lines = _errors(capsys, argv)
     assert any("latents were made by the VAE of" in line and "re-run prepare_dataset.py with --model_id" in line
                for line in lines), lines
-    # Same VAE and text encoder architecture (2b and 5b share them): accepted.
-    argv[1] = tiny_models("5b")
+    # A 5b-style model with 2b's VAE and T5 weights (as the real CogVideoX-2b and -5b share them) but another
+    # scaling factor (training applies its own to the stored moments): accepted.
+    shared = tmp_path / "5b-with-2b-encoders"
+    shutil.copytree(tiny_models("2b"), shared)
+    shutil.rmtree(shared / "transformer")
+    shutil.copytree(Path(tiny_models("5b")) / "transformer", shared / "transformer")
+    vae_config = json.loads((shared / "vae" / "config.json").read_text())
+    (shared / "vae" / "config.json").write_text(json.dumps({**vae_config, "scaling_factor": 0.7}))
+    argv[1] = str(shared)
     argv[argv.index("--frame_buckets") + 1] = "9"
     summary = run_trainer([*argv, "--max_train_steps", "1", "--train_batch_size", "2"])
     assert summary["global_step"] == 1
+    # The same architecture with other VAE and T5 weights (the tiny 5b has its own random ones): refused.
+    argv[1] = tiny_models("5b")
+    capsys.readouterr()
+    lines = _errors(capsys, argv)
+    assert len(lines) == 2 and all("whose weights differ from this model's" in line for line in lines), lines
 
 
 def test_load_tensors_with_an_id_token_the_prepared_captions_lack(capsys, tiny_model_2b, tmp_path):
@@ -196,7 +210,7 @@ def test_the_default_validation_frame_count_is_checked_too(capsys, tiny_models, 
     model = tiny_models("1.5")
     capsys.readouterr()  # only the trainer's own messages below
     argv = ["--pretrained_model_name_or_path", model, "--data_root", str(prepared), "--load_tensors",
-            "--output_dir", str(tmp_path / "o"), "--validation_prompt", "a cat"]
+            "--output_dir", str(tmp_path / "o"), "--validation_prompt", "a cat", "--height", "64", "--width", "64"]
     lines = _errors(capsys, argv)
     assert lines == ["error: validation videos default to the largest --frame_buckets value: 49 frames do not suit "
                      "this model ((F-1)/4+1 a multiple of patch_size_t=2, i.e. 8k-3); nearest valid: 45 or 53; pass "

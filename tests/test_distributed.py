@@ -266,6 +266,22 @@ def test_deepspeed_zero3_as_shipped_with_cpu_adam_resumes(tiny_model_2b, tmp_pat
     assert [type(o).__name__ for o in made] == ["DeepSpeedCPUAdam"] * 2
 
 
+@needs_deepspeed
+@pytest.mark.parametrize("flags", [["--optimizer", "prodigy"], ["--optimizer", "adamw", "--use_8bit"]])
+def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_is_refused(capsys, tiny_model_2b, tmp_path, deepspeed_job,
+                                                                    flags):
+    """With the optimizer offloaded (as shipped), accelerate replaces the trainer's optimizer by DeepSpeed's CPU Adam:
+    prodigy would run as Adam at lr 1, 8-bit states in full precision. Refused in one line, before any model loads."""
+    deepspeed_job("deepspeed.yaml", cpu_adam=True)  # as shipped: nothing patched (the run stops before CPU Adam)
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "run", "--max_train_steps", "1", *flags),
+                    main=trainer_main(LORA))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --optimizer {' '.join(flags[1:])} under DeepSpeed"), lines
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
 def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_path):
     """fsdp.yaml (FSDP2, FULL_SHARD, one unit per CogVideoXBlock) on two CPU processes: LoRA and full fine-tuning
     train, checkpoint, resume from step 2 to the same weights, and validate on both ranks in step."""

@@ -51,3 +51,22 @@ def test_held_out_list_flag_errors(capsys, tiny_model_2b, tmp_path):
                               "--eval_video_column", "videos.txt"))
     err = capsys.readouterr().err
     assert "exclude each other" in err and "--eval_video_column needs --eval_caption_column" in err
+
+
+def test_evaluation_runs_the_model_the_way_validation_does(monkeypatch):
+    """Under FSDP1 only the root wrapper gathers the sharded weights: evaluation must run what validation runs
+    (backend.model_for_inference), not the unwrapped module."""
+    from types import SimpleNamespace
+
+    import training.validation
+
+    wrapper, inner = torch.nn.Module(), torch.nn.Module()
+    backend = SimpleNamespace(device=torch.device("cpu"), unwrap=lambda model: inner,
+                              model_for_inference=lambda model: wrapper, reduce_mean=lambda tensor: tensor)
+    ran = []
+    monkeypatch.setattr(training.validation, "compute_loss",
+                        lambda model, *args, **kwargs: ran.append(model) or torch.tensor(1.0))
+    args = SimpleNamespace(eval_timesteps=[100, 500], seed=0)
+    loss = training.validation.evaluate("prepared model", [{"batch": 0}], None, None, backend, args)
+    assert loss == 1.0 and ran == [wrapper, wrapper]
+    assert wrapper.training  # left as it was

@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
+import torch
 from conftest import TINY_DATA_FLAGS, run_prepare
 
 
@@ -86,3 +88,29 @@ def test_hashes_are_remembered_and_taken_again_only_for_changed_files(clips, tmp
     os.utime(videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     third = ContentHashes(store)
     assert third.digest(videos[0]) == digests[0] and third.hashed == 1
+
+
+def test_random_crops_and_flips_depend_on_the_seed_and_the_sample_only(tiny_model_2b, clips, tmp_path):
+    """Random crops and flips in prepare come from (--seed, the entry): listed in another order (as another process
+    would get them, or next to other clips), every entry comes out the same; another --seed changes them."""
+    from safetensors.torch import load_file
+
+    random_data = ["--video_reshape_mode", "random", "--random_flip", "0.5"]
+
+    def prepare(data, name, seed):
+        output = tmp_path / name
+        run_prepare(_argv(tiny_model_2b, data, output, *random_data, "--seed", str(seed)))
+        manifest = json.loads((output / "manifest.json").read_text())
+        return {Path(e["source_video"]).name: load_file(output / e["file"])["video_latent_dist"]
+                for e in manifest["entries"]}
+
+    reordered = tmp_path / "reordered"
+    shutil.copytree(clips, reordered)
+    for name in ("prompts.txt", "videos.txt"):  # the same pairs, in reverse order
+        (reordered / name).write_text("".join(reversed((clips / name).read_text().splitlines(keepends=True))))
+    first, again = prepare(clips, "first", 3), prepare(reordered, "reordered", 3)
+    assert first.keys() == again.keys() and len(first) == 6
+    for clip in first:
+        assert torch.equal(first[clip], again[clip]), clip
+    other_seed = prepare(clips, "other-seed", 4)
+    assert any(not torch.equal(first[clip], other_seed[clip]) for clip in first)

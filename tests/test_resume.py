@@ -63,18 +63,44 @@ def test_kill_while_writing_a_checkpoint_never_leaves_a_picked_partial(tiny_mode
     assert all(torch.equal(ours[k], uninterrupted[trainer][k]) for k in ours)
 
 
-def test_nan_loss_stops_the_run_naming_the_step(capsys, tiny_model_2b, tmp_path):
+@pytest.mark.parametrize("blown_up", [1e30, float("inf")], ids=["huge-weights-then-nan-loss", "non-finite-weights"])
+def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_2b, tmp_path, blown_up):
+    """A divergent update at step 3 (the adapters blown up to 1e30: finite, but the next loss is not; or to inf).
+    The run stops with one line naming the last checkpoint whose weights precede the divergence (step 2: checkpoint 3
+    holds the blown-up weights, or is never written when they are not finite), sets the bad one aside, and
+    `--resume_from_checkpoint latest` from there trains on."""
+    import training.core
+
+    step = training.core.train_step
+
+    def diverging(trainer, *args, **kwargs):
+        outcome = step(trainer, *args, **kwargs)
+        if trainer.lr_scheduler.last_epoch == 3:  # the third optimizer step just ran
+            with torch.no_grad():
+                for parameter in trainer.parameters:
+                    parameter.fill_(blown_up)
+        return outcome
+
     output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "8", "--checkpointing_steps", "1")
+    monkeypatch.setattr(training.core, "train_step", diverging)
     with pytest.raises(SystemExit) as exit_info:
-        run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "8", "--checkpointing_steps", "1",
-                              "--learning_rate", "1e30", "--max_grad_norm", "1e30", "--optimizer", "adam"))
+        run_trainer(argv)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err[-1500:]
     line = lines[0]
-    assert "loss became" in line and " at step " in line and "the last good checkpoint is" in line
+    assert ("loss became" in line and " at step 4" in line) or ("non-finite at step 3" in line)
+    assert "the last good checkpoint is" in line and line.split("the last good checkpoint is ")[1].startswith(
+        str(output / "checkpoint-2"))
     assert not (output / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == (
+        ["checkpoint-1", "checkpoint-2", "checkpoint-3-diverged"] if blown_up == 1e30 else ["checkpoint-1", "checkpoint-2"])
+
+    monkeypatch.setattr(training.core, "train_step", step)
+    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"])
+    assert summary["global_step"] == 8 and torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
 def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):

@@ -241,3 +241,19 @@ def test_missing_manifest_is_left_to_the_trainer(fake_accelerate, tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     args = _launched_args(fake_accelerate)
     assert args.load_tensors and args.data_root == str(unprepared)
+
+
+def test_the_sweeps_launch_quietly_so_a_trainer_error_stands_alone(tiny_model_2b, tmp_path):
+    """Every sweep launches `accelerate launch --quiet`: a refused flag shows the trainer's `error:` line only, not
+    accelerate's CalledProcessError traceback under it."""
+    for script in sorted(EXPECTED):
+        (command,) = _dry_run(script, DATA_ROOT=str(tmp_path), LEARNING_RATES="1e-4", OPTIMIZERS="adamw")
+        assert command[1:3] == ["launch", "--quiet"], command[:4]
+    launch = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--quiet", "--config_file",
+              str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "training" / "cogvideox_text_to_video_lora.py"),
+              "--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(tmp_path), "--output_dir",
+              str(tmp_path / "out"), "--train_batch_size", "0"]
+    # OMP_NUM_THREADS set, as the sweeps do: else accelerate's CPU launcher adds a note about threads.
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and lines and all(line.startswith("error: ") for line in lines), result.stderr

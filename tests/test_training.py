@@ -64,6 +64,43 @@ def test_saved_lora_loads_in_diffusers_and_changes_output(trained_lora):
     assert np.array_equal(generate(pipe), base)
 
 
+def test_lora_metadata_holds_what_a_loader_needs_and_nothing_newer(trained_lora):
+    """diffusers rebuilds LoraConfig(**metadata) unfiltered: peft's whole config (about 40 keys, newer ones among
+    them) would make an older peft fail with a TypeError. Only fields every peft release has are stored."""
+    from safetensors import safe_open
+
+    with safe_open(trained_lora["output"] / "pytorch_lora_weights.safetensors", "pt") as f:
+        stored = f.metadata()
+    adapter = json.loads(stored["lora_adapter_metadata"])
+    adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+    assert adapter == {"r": 4, "lora_alpha": 8, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+
+
+def test_written_files_are_readable_as_the_umask_says(trained_lora):
+    """safetensors writes its files 0600 (a private temporary file, renamed); on a shared server others must be
+    able to read a LoRA or a checkpoint as the user's umask allows."""
+    from training.files import current_umask
+
+    expected = 0o666 & ~current_umask()
+    written = [p for p in trained_lora["output"].rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert any(p.suffix == ".safetensors" for p in written)
+    wrong = {str(p.relative_to(trained_lora["output"])): oct(p.stat().st_mode & 0o777) for p in written
+             if p.stat().st_mode & 0o777 != expected}
+    assert not wrong, (oct(expected), wrong)
+
+
+def test_the_final_lora_is_stored_in_the_training_precision_unless_asked(tiny_model_2b, tmp_path, caplog):
+    for extra, dtype in (([], torch.bfloat16), (["--save_dtype", "fp32"], torch.float32)):
+        output = tmp_path / str(dtype)
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "1", "--mixed_precision", "bf16",
+                              "--checkpointing_steps", "1", *extra))
+        lora = load_file(output / "pytorch_lora_weights.safetensors")
+        assert {v.dtype for v in lora.values()} == {dtype}
+        checkpoint = load_file(output / "checkpoint-1" / "pytorch_lora_weights.safetensors")
+        assert {v.dtype for v in checkpoint.values()} == {torch.float32}  # resume stays exact
+    assert "optimizer that steps: torch.optim.adam.Adam" in caplog.text  # the default --optimizer adam
+
+
 def test_lora_alpha_is_stored_so_weight_one_is_the_trained_scale(trained_lora):
     from safetensors import safe_open
 
@@ -73,7 +110,7 @@ def test_lora_alpha_is_stored_so_weight_one_is_the_trained_scale(trained_lora):
     assert set(metadata["transformer.target_modules"]) == {"to_k", "to_q", "to_v", "to_out.0"}
 
 
-def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path):
+def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path, caplog):
     prepared = tmp_path / "prepared"
     prepare_argv = [
         "--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt",
@@ -100,6 +137,12 @@ def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path):
     summary = run_trainer(argv)
     assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
     assert (output / "pytorch_lora_weights.safetensors").is_file()
+    # The bucket flags above agree with the prepared data (as a sweep script passes them): no warning. Flags that
+    # would have changed it are named.
+    assert "ignored with --load_tensors" not in caplog.text
+    run_trainer([*argv, "--height_buckets", "32", "--random_flip", "0.5", "--dry_run"])
+    (warning,) = [r.getMessage() for r in caplog.records if "ignored with --load_tensors" in r.getMessage()]
+    assert warning.startswith("--height_buckets, --random_flip ignored")
 
 
 def test_precomputed_embeddings_match_the_pipeline(tiny_model_2b):
@@ -222,9 +265,15 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    logged_fps, video = [], wandb.Video
+    monkeypatch.setattr(wandb, "Video", lambda *args, **kwargs: logged_fps.append(kwargs.get("fps")) or video(*args, **kwargs))
     output = tmp_path / "run"
     run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--report_to", "wandb",
-                          "--validation_prompt", "a dog runs", "--validation_steps", "2", *TINY_VALIDATION_FLAGS))
+                          "--validation_prompt", "a dog runs", "--validation_steps", "2", "--fps", "12",
+                          *TINY_VALIDATION_FLAGS))
+    assert logged_fps == [12, 12]  # the validation and the test video, at --fps
     import time
 
     (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))

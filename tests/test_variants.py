@@ -121,7 +121,7 @@ def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
     manifest = json.loads((prepared / "manifest.json").read_text())
     entry = load_file(prepared / manifest["entries"][0]["file"])
     frames, height, width = manifest["entries"][0]["bucket"]
-    assert entry["first_frame"].shape == (1, 3, height, width) and entry["image_latent_dist"].shape[1] == 1
+    assert entry["first_frame"].shape == (1, 3, height, width) and "image_latent_dist" not in entry  # never read
     output = tmp_path / "run"
     summary = run_trainer(
         ["--pretrained_model_name_or_path", model, "--data_root", prepared, "--load_tensors", "--output_dir", output,
@@ -152,3 +152,75 @@ def test_variant_errors(capsys, tiny_models, tmp_path, trainer, variant, extra, 
     assert expected in err, err
     if variant == "1.5":
         assert "nearest valid: 5 or 13" in err
+
+
+def _errors_of(capsys, trainer, argv):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(argv, main=trainer_main(trainer))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), lines
+    return lines
+
+
+def test_learned_positions_need_their_frame_count_too(capsys, tiny_models, tmp_path):
+    """CogVideoX-5b-I2V's learned positions exist for one (frames, height, width); at another frame count diffusers
+    silently swaps in a sin-cos table the model never saw. The tiny copy's are 9x64x64."""
+    model = tiny_models("5b-i2v")
+    capsys.readouterr()
+    argv = lora_argv(model, ASSETS, tmp_path / "o", "--max_train_steps", "1")
+    argv[argv.index("--height_buckets") + 1 : argv.index("--frame_buckets")] = ["64", "--width_buckets", "64"]
+    argv += ["--height", "64", "--width", "64"]
+    argv[argv.index("--frame_buckets") : argv.index("--max_num_frames") + 2] = ["--frame_buckets", "5",
+                                                                                  "--max_num_frames", "5"]
+    (line,) = _errors_of(capsys, "cogvideox_image_to_video_lora", argv)
+    assert "learned positional embeddings for 64x64 only, at 9 frames" in line and "buckets 5x64x64" in line
+    assert not (tmp_path / "o" / "checkpoint-1").exists()
+
+
+def test_a_bucket_beyond_the_cogvideox_1_5_position_grid_is_refused(capsys, tiny_models, tmp_path):
+    """CogVideoX 1.5's rotary table covers sample_height x sample_width latents (the tiny copy: 256x256 pixels); a
+    larger bucket would crash the first step with a size mismatch. Refused before any model loads, as is a
+    validation size beyond it."""
+    model = tiny_models("1.5")
+    argv = lora_argv(model, ASSETS, tmp_path / "o", *FRAMES_1_5, "--max_train_steps", "1")
+    argv[argv.index("--height_buckets") + 1 : argv.index("--frame_buckets")] = ["288", "--width_buckets", "64"]
+    lines = _errors_of(capsys, "cogvideox_text_to_video_lora", argv)
+    assert [line.split(": ")[1] for line in lines] == ["bucket 5x288x64 (3 clip(s))", "bucket 13x288x64 (3 clip(s))"]
+    assert all("288x64 is larger than this model's position grid (256x256 pixels at most)" in line for line in lines)
+    argv = lora_argv(model, ASSETS, tmp_path / "o", *FRAMES_1_5, "--validation_prompt", "a cat", "--height", "512",
+                     "--validation_num_frames", "13")
+    (line,) = _errors_of(capsys, "cogvideox_text_to_video_lora", argv)
+    assert line.startswith("error: --height 512 --width 720 (validation videos): 512x720 is larger than")
+
+
+def test_full_fine_tuning_loads_the_checkpoint_in_the_master_dtype(tiny_model_2b, tmp_path, monkeypatch):
+    """An fp16 checkpoint (as CogVideoX-2b's) trained in bf16 mixed precision with fp32 master weights: loaded
+    straight into fp32, every weight as stored, not rounded to bf16 first."""
+    import shutil
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    import training.core
+
+    model = tmp_path / "fp16-model"
+    shutil.copytree(tiny_model_2b, model)
+    stored = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer").to(torch.float16)
+    stored.save_pretrained(model / "transformer")
+    expected = {name: p.detach().float() for name, p in stored.named_parameters()}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in expected.values())  # bf16 would round them
+
+    loaded, load = {}, training.core.load_transformer
+
+    def recording(args, dtype):
+        transformer = load(args, dtype)
+        loaded.update({name: p.detach().clone() for name, p in transformer.named_parameters()})
+        return transformer
+
+    monkeypatch.setattr(training.core, "load_transformer", recording)
+    summary = run_trainer(lora_argv(str(model), ASSETS, tmp_path / "run", "--max_train_steps", "1",
+                                    "--mixed_precision", "bf16"), main=trainer_main("cogvideox_text_to_video_sft"))
+    assert summary["global_step"] == 1
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[name].dtype == torch.float32 and torch.equal(loaded[name], expected[name]) for name in expected)

@@ -229,6 +229,14 @@ def add_training_arguments(parser):
         "(the original's full fine-tuning) halves their memory but rounds most fine-tuning updates away.",
     )
     group.add_argument(
+        "--save_dtype",
+        type=str,
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="Precision of the final LoRA file or transformer/ (default: the --mixed_precision dtype, as the original: "
+        "a bf16 run writes a bf16 LoRA, half the size of fp32). Checkpoints keep the trained weights' own precision.",
+    )
+    group.add_argument(
         "--quantize_base",
         type=str,
         default="none",
@@ -350,6 +358,18 @@ def frame_rule_problem(num_frames, transformer_config, temporal_compression=4):
     candidates = sorted({c for c in (lower, lower + step) if c >= first})
     rule = "4k+1" if patch_size_t == 1 else f"(F-1)/4+1 a multiple of patch_size_t={patch_size_t}, i.e. 8k-3"
     return f"{num_frames} frames do not suit this model ({rule}); nearest valid: {' or '.join(map(str, candidates))}"
+
+
+def size_limit_problem(height, width, transformer_config, spatial_scale=8):
+    """None if the model's positions cover height x width pixels, else a sentence. CogVideoX 1.5's rotary table (a
+    "slice" of a fixed grid) covers sample_height x sample_width latents at most: beyond, the first step would crash
+    on a size mismatch. CogVideoX 1.0 rescales its rotary grid and 2b computes sin-cos positions for any size."""
+    if not (transformer_config.get("patch_size_t") and transformer_config.get("use_rotary_positional_embeddings")):
+        return None
+    most_h, most_w = transformer_config["sample_height"] * spatial_scale, transformer_config["sample_width"] * spatial_scale
+    if height <= most_h and width <= most_w:
+        return None
+    return f"{height}x{width} is larger than this model's position grid ({most_h}x{most_w} pixels at most)"
 
 
 def check_buckets(args, transformer_config, problems):

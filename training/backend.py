@@ -106,6 +106,10 @@ class Backend:
         """fp16's loss scaler, whose state a checkpoint keeps (None without one, or when the engine keeps it)."""
         return self.accelerator.scaler
 
+    def optimizer_problems(self, args):
+        """Optimizer flags this engine would not honour (one line each)."""
+        return []
+
     # ------------------------------------------------------------------ the step
     def prepare(self, transformer, optimizer):
         """Hand the model and optimizer to accelerate. The LR schedule is not passed: accelerate would step it once
@@ -131,7 +135,20 @@ class Backend:
     def reduce_mean(self, tensor):
         return self.accelerator.reduce(tensor, reduction="mean")
 
+    def all_finite(self, tensors):
+        """Whether every value of `tensors` (this rank's: shards where sharded) is finite on every rank. A collective."""
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2: this rank's shard
+        local = [torch.isfinite(t).all() for t in local if t.numel()]
+        finite = torch.stack(local).all() if local else torch.tensor(True)
+        return bool(self.reduce_mean(finite.to(self.device, torch.float32)).item() == 1.0)
+
     # ------------------------------------------------------------------ models and files
+    def stepping_optimizer(self, optimizer):
+        """The optimizer object that really steps, inside accelerate's and DeepSpeed's wrappers."""
+        while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+            optimizer = optimizer.optimizer
+        return optimizer
+
     def unwrap(self, model):
         """The plain transformer: no DDP/DeepSpeed wrapper and no torch.compile wrapper (whose `_orig_mod.` prefix
         would otherwise end up in every saved key)."""
@@ -287,6 +304,21 @@ class DeepSpeedBackend(EngineBackend):
     @property
     def grad_scaler(self):
         return None  # the engine keeps its own loss scaler, in its own checkpoint files
+
+    def optimizer_problems(self, args):
+        """With the optimizer offloaded (offload_optimizer_device cpu/nvme), accelerate swaps the trainer's optimizer
+        for DeepSpeed's CPU Adam, keeping the param groups: right for Adam and AdamW, silently wrong for anything else
+        (prodigy would run as Adam at lr 1; 8-bit states would be full precision)."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload in (None, "none") or not config.get("zero_force_ds_cpu_optimizer", True):
+            return []
+        asked = args.optimizer + (" --use_8bit" if args.use_8bit else "") + (" --use_4bit" if args.use_4bit else "")
+        if args.optimizer in ("adam", "adamw") and not (args.use_8bit or args.use_4bit):
+            return []
+        return [f"--optimizer {asked} under DeepSpeed with the optimizer offloaded to {offload} would silently run as "
+                "DeepSpeed's CPU Adam: use --optimizer adamw (or adam) without --use_8bit/--use_4bit, or a DeepSpeed "
+                "config without offload_optimizer_device"]
 
     def backward(self, loss, sync):
         """The engine is told whether this micro-batch ends the accumulation group: it reduces the gradients and

@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .files import share_like_umask
+
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -38,6 +40,20 @@ def complete_checkpoints(output_dir):
         if match and (child / STATE_FILE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def set_aside_checkpoints(output_dir, from_step):
+    """Rename the complete checkpoints of steps >= from_step to checkpoint-N-diverged (which `latest` and the total
+    limit ignore); returns their new paths."""
+    moved = []
+    for step, path in complete_checkpoints(output_dir):
+        if step >= from_step:
+            target = path.with_name(f"{path.name}-diverged")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def resolve_resume_path(output_dir, resume_from_checkpoint):
@@ -131,6 +147,8 @@ def save_checkpoint(backend, output_dir, step, state, lr_scheduler, model, optim
     backend.save_engine_state(partial, model, optimizer, save_model)
     _write_resume_state(backend, partial, lr_scheduler)
     backend.wait_for_everyone()  # every rank's RNG file is in before the folder is renamed
+    if backend.is_main_process:
+        share_like_umask(partial)
     simulate_crash("checkpoint", step)
     if backend.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .args import validation_frames
+
 
 # Every CogVideoX VAE downsamples 8x spatially; used only to state learned-position sizes in pixels.
 SPATIAL_SCALE = 8
@@ -52,6 +54,9 @@ class TextToVideo:
     def adapt_transformer(self, transformer, args):
         return transformer
 
+    def shape_problems(self, shapes, args, transformer_config):
+        return []
+
     def model_input(self, noisy_latents, batch, context):
         return noisy_latents
 
@@ -92,16 +97,22 @@ class ImageToVideo(TextToVideo):
         for image in images:
             if "://" not in image and not Path(image).is_file():
                 problems.append(f"--validation_images: no such file {image}")
-        if transformer_config.get("use_learned_positional_embeddings") and not args.ignore_learned_positional_embeddings:
-            size = (transformer_config["sample_height"] * SPATIAL_SCALE, transformer_config["sample_width"] * SPATIAL_SCALE)
+        learned = _learned_shape(transformer_config, args)
+        if learned is not None:
+            frames, height, width = learned
             sizes = {(args.height, args.width)} | data_source.training_resolutions(args)
-            if sizes != {size}:
-                problems.append(
-                    f"this model has learned positional embeddings for {size[0]}x{size[1]} only; train and validate at "
-                    f"--height_buckets {size[0]} --width_buckets {size[1]} --height {size[0]} --width {size[1]}, or pass "
-                    "--ignore_learned_positional_embeddings for other sizes (see README: the same change is needed at inference)"
-                )
+            if sizes != {(height, width)} or (prompts and validation_frames(args) != frames):
+                problems.append(_learned_positions_problem(learned))
         return problems
+
+    def shape_problems(self, shapes, args, transformer_config):
+        """Problems of the (frames, height, width) shapes the data trains at: CogVideoX-5b-I2V's learned positions
+        exist for one shape only; at any other, diffusers silently swaps in a sin-cos table the model never saw."""
+        learned = _learned_shape(transformer_config, args)
+        if learned is None or set(shapes) <= {learned}:
+            return []
+        others = ", ".join("x".join(map(str, shape)) for shape in sorted(set(shapes) - {learned}))
+        return [f"{_learned_positions_problem(learned)}; the data has buckets {others}"]
 
     def adapt_transformer(self, transformer, args):
         if args.ignore_learned_positional_embeddings:
@@ -132,6 +143,24 @@ class ImageToVideo(TextToVideo):
 
         images = _split(args.validation_images, args.validation_prompt_separator) if args.validation_images else []
         return [{"prompt": prompt, "image": load_image(image)} for prompt, image in zip(_prompts(args), images)]
+
+
+def _learned_shape(transformer_config, args):
+    """(frames, height, width) of the model's learned positional embeddings, or None (none, or ignored)."""
+    if not transformer_config.get("use_learned_positional_embeddings") or args.ignore_learned_positional_embeddings:
+        return None
+    return (transformer_config["sample_frames"], transformer_config["sample_height"] * SPATIAL_SCALE,
+            transformer_config["sample_width"] * SPATIAL_SCALE)
+
+
+def _learned_positions_problem(learned):
+    frames, height, width = learned
+    return (
+        f"this model has learned positional embeddings for {height}x{width} only, at {frames} frames; train and "
+        f"validate at --height_buckets {height} --width_buckets {width} --height {height} --width {width} with "
+        f"{frames}-frame clips (--frame_buckets {frames}), or pass --ignore_learned_positional_embeddings for other "
+        "shapes (see README: the same change is needed at inference)"
+    )
 
 
 def image_condition_latents(vae, images, num_latent_frames, scaling_factor, invert_scale_latents, generator=None):

@@ -23,6 +23,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import checkpoint as ckpt
 from . import memory
 from .args import TrainingError, UsageError, exit_on_usage_error, parse_args
@@ -125,8 +127,9 @@ def start_processes(args):
     from accelerate.utils import set_seed
 
     backend = build_backend(args)
-    if offload_runtime_problems(args, backend):
-        raise UsageError(offload_runtime_problems(args, backend))
+    problems = offload_runtime_problems(args, backend) + backend.optimizer_problems(args)
+    if problems:
+        raise UsageError(problems)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if backend.is_main_process else logging.WARNING)
     if args.seed is not None:
@@ -143,7 +146,7 @@ def build_models_and_optimizer(job):
 
     args, backend, source = job.args, job.backend, job.settings.data_source
     weight_dtype, device = backend.weight_dtype, backend.device
-    transformer = load_transformer(args, weight_dtype)
+    transformer = load_transformer(args, job.mode.load_dtype(args, weight_dtype))
     vae_config = AutoencoderKLCogVideoX.load_config(
         args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
     )
@@ -186,6 +189,8 @@ def start_logging_run(job):
         job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
         args.train_batch_size * backend.num_processes * args.gradient_accumulation_steps,
     )
+    stepping = backend.stepping_optimizer(job.trainer.optimizer)
+    logger.info("optimizer that steps: %s.%s", type(stepping).__module__, type(stepping).__name__)
     memory.reset_peak(backend.device)
     logger.info(memory.format_stats("before training", memory.memory_stats(backend.device)))
 
@@ -239,10 +244,8 @@ def after_step(job, loss, grad_norm):
     step = state.global_step
     ckpt.simulate_crash("step", step)
     if not math.isfinite(loss):
-        last = ckpt.complete_checkpoints(args.output_dir)
-        where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-        raise TrainingError(f"loss became {loss} at step {step}; stopping ({where}). "
-                            "Try a lower --learning_rate, bf16 instead of fp16, or --max_grad_norm.")
+        # This loss came from the weights after step - 1: a checkpoint of them would diverge again on resume.
+        raise diverged(job, f"loss became {loss} at step {step}", first_bad_checkpoint=step - 1)
     seconds = time.perf_counter() - job.step_started
     job.step_started = time.perf_counter()
     lr = trainer.lr_scheduler.get_last_lr()[0]
@@ -252,6 +255,8 @@ def after_step(job, loss, grad_norm):
     backend.log({"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "s_per_step": seconds}, step=step)
     if step % args.checkpointing_steps == 0:
+        if not backend.all_finite([*trainer.parameters, *optimizer_state_tensors(trainer.optimizer)]):
+            raise diverged(job, f"weights or optimizer states became non-finite at step {step}", step)
         path = ckpt.save_checkpoint(
             backend, args.output_dir, step, state.for_checkpoint(job.schedule), trainer.lr_scheduler,
             trainer.transformer, trainer.optimizer, total_limit=args.checkpoints_total_limit,
@@ -269,6 +274,27 @@ def after_step(job, loss, grad_norm):
         job.validation.run(trainer.context, trainer.transformer, step)
 
 
+def diverged(job, what, first_bad_checkpoint):
+    """The error that stops a diverged run. Checkpoints from step `first_bad_checkpoint` on are set aside (renamed
+    checkpoint-N-diverged, kept for a look), so that --resume_from_checkpoint latest takes the last good one."""
+    output_dir = job.args.output_dir
+    if job.backend.is_main_process:
+        for set_aside in ckpt.set_aside_checkpoints(output_dir, first_bad_checkpoint):
+            logger.warning("%s holds weights from the divergence: renamed %s", set_aside.name, set_aside)
+    good = [path for step, path in ckpt.complete_checkpoints(output_dir) if step < first_bad_checkpoint]
+    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written before it"
+    return TrainingError(f"{what}; stopping ({where}). Try a lower --learning_rate, bf16 instead of fp16, or "
+                         "--max_grad_norm.")
+
+
+def optimizer_state_tensors(optimizer):
+    """The optimizer's floating-point state tensors (plain ones: quantized states of low-bit optimizers are skipped)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    state = getattr(inner, "state", {})
+    return [value for values in state.values() if isinstance(values, dict) for value in values.values()
+            if type(value) is torch.Tensor and value.is_floating_point()]
+
+
 # ----------------------------------------------------------------------------------------------
 # After the loop
 # ----------------------------------------------------------------------------------------------
@@ -280,8 +306,9 @@ def save_and_test(job, summary):
     figures to `summary` and writes it to summary.json."""
     args, backend, mode, validation = job.args, job.backend, job.mode, job.validation
     trainer, step = job.trainer, job.state.global_step
+    save_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_dtype)
     backend.save_artifact(mode, trainer.transformer, args.output_dir, job.conditioning.pipeline_class,
-                          dtype=backend.weight_dtype)
+                          dtype=save_dtype or backend.weight_dtype)
     logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
     final_validation = validation.has_cases and validation.validated_at != step
     if final_validation and backend.weights_sharded:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .args import UsageError, check_buckets, check_data_source, parse_args
+from .args import UsageError, check_buckets, check_data_source, parse_args, size_limit_problem
 from .dataset import (
     BucketBatchSampler,
     PrecomputedDataset,
@@ -124,8 +124,8 @@ class PreparedEntries:
     def samples(self, args, conditioning, transformer_config):
         from .precomputed import load_manifest, manifest_problems
 
-        _warn_ignored_flags(args)
         manifest = load_manifest(args.data_root)
+        _warn_ignored_flags(args, manifest)
         problems = manifest_problems(manifest, transformer_config, conditioning, args)
         if problems:
             raise UsageError(problems)
@@ -158,9 +158,22 @@ class PreparedEntries:
         }
 
 
-def _warn_ignored_flags(args):
+def _warn_ignored_flags(args, manifest):
+    """Raw-clip flags given with --load_tensors that would have changed the data: prepare_dataset.py already applied
+    its own. Flags that agree with the prepared data (a sweep script passing the buckets it prepared with) are not
+    worth a warning."""
     defaults = vars(parse_args(["--pretrained_model_name_or_path", "-"]))
-    changed = [f"--{name}" for name in RAW_DATA_FLAGS if getattr(args, name) != defaults[name]]
+    buckets = [tuple(entry["bucket"]) for entry in manifest["entries"]]
+    settings = manifest["settings"]
+    agrees = {
+        "height_buckets": lambda value: all(h in value for _, h, _ in buckets),
+        "width_buckets": lambda value: all(w in value for _, _, w in buckets),
+        "max_num_frames": lambda value: all(f <= value for f, _, _ in buckets),
+        "video_reshape_mode": lambda value: value == settings.get("video_reshape_mode"),
+        "random_flip": lambda value: value == settings.get("random_flip"),
+    }
+    changed = [f"--{name}" for name in RAW_DATA_FLAGS
+               if getattr(args, name) != defaults[name] and not agrees.get(name, lambda value: False)(getattr(args, name))]
     if changed:
         logger.warning(
             "%s ignored with --load_tensors: clips were sampled, resized and captioned by prepare_dataset.py "
@@ -202,6 +215,9 @@ class TrainingData:
 def build_training_data(args, source, conditioning, transformer_config, backend):
     """Datasets and loaders, cheap (no model is loaded): bad samples stop the run here, before any weights load."""
     items, listed, skipped, notes = source.samples(args, conditioning, transformer_config)
+    problems = shape_problems(items + listed, args, conditioning, transformer_config)
+    if problems:
+        raise UsageError(problems)
     if notes:
         _write_and_warn(notes, Path(args.output_dir) / NOTES_REPORT, backend, "note(s) about the data")
     train, held_out = split_for_eval(items, args.eval_split, args.seed or 0)
@@ -217,6 +233,21 @@ def build_training_data(args, source, conditioning, transformer_config, backend)
         data.eval_dataset = source.dataset(args, conditioning, held_out)
         data.eval_loader = build_dataloader(args, data.eval_dataset, backend, shuffle=False)[0]
     return data
+
+
+def shape_problems(items, args, conditioning, transformer_config):
+    """The model's limits on the shapes the data trains at (the buckets in use, raw or prepared), one line each."""
+    shapes = {}
+    for item in items:
+        bucket = tuple(item["bucket"]) if isinstance(item, dict) else item.bucket
+        shapes[bucket] = shapes.get(bucket, 0) + 1
+    problems = []
+    for (frames, height, width), count in sorted(shapes.items()):
+        problem = size_limit_problem(height, width, transformer_config)
+        if problem:
+            problems.append(f"bucket {frames}x{height}x{width} ({count} clip(s)): {problem}; use smaller "
+                            "--height_buckets/--width_buckets (prepared data: re-run prepare_dataset.py with them)")
+    return problems + conditioning.shape_problems(shapes, args, transformer_config)
 
 
 def build_dataloader(args, dataset, backend, shuffle=True):

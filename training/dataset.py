@@ -293,12 +293,15 @@ class ClipDecodeError(TrainingError):
 class VideoDataset(Dataset):
     """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers.
 
-    Random choices (flip, crop offset) come from a generator seeded by (seed, epoch, position),
-    so they do not depend on which worker loads the item, and a resumed run repeats them.
+    Random choices (flip, crop offset) come from a generator seeded by (seed, epoch, the item's random key: its
+    sample's index in the list, or the `random_keys` given), so they do not depend on which worker or process loads
+    the item, and a resumed run repeats them.
     """
 
-    def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False, seed=0):
+    def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False, seed=0,
+                 random_keys=None):
         self.items = list(bucketed_samples)
+        self.random_keys = list(random_keys) if random_keys is not None else [i.sample.index for i in self.items]
         self.video_reshape_mode = video_reshape_mode
         self.random_flip = random_flip
         self.image_to_video = image_to_video
@@ -317,7 +320,8 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, position):
         item = self.items[position]
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, position)) % (2**63))
+        # hash() of a tuple of ints is the same in every process (only str hashing is salted).
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.random_keys[position])) % (2**63))
         frames, height, width = item.bucket
         try:
             raw = read_frames(item.sample.video_path, item.frame_indices)
@@ -363,14 +367,13 @@ class PrecomputedDataset(Dataset):
             "prompt": entry["caption"],
             "prompt_embeds": tensors["prompt_embeds"],
             "video_latent_dist": tensors["video_latent_dist"],
-            "image_latent_dist": tensors.get("image_latent_dist"),
             "image": tensors.get("first_frame"),  # [1, C, H, W] in [-1, 1]: I2V noise-augments and encodes it
         }
 
 
 def collate(items):
     batch = {"index": [item["index"] for item in items], "prompt": [item["prompt"] for item in items]}
-    for key in ("video", "image", "prompt_embeds", "video_latent_dist", "image_latent_dist"):
+    for key in ("video", "image", "prompt_embeds", "video_latent_dist"):
         values = [item.get(key) for item in items]
         batch[key] = torch.stack(values) if values and values[0] is not None else None
     return batch

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .files import share_like_umask
+
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "cogvideox-lora"
@@ -29,6 +31,19 @@ def _to_master_dtype(parameters, args):
         parameter.data = parameter.data.to(dtype)
 
 
+# What diffusers' loader needs to rebuild the adapter (it calls LoraConfig(**metadata) unfiltered): fields every peft
+# release has, so a LoRA loads with an older peft too. peft's whole LoraConfig.to_dict() has ~40 keys, newer ones among
+# them, which an older peft refuses with a TypeError.
+ADAPTER_METADATA_KEYS = ("r", "lora_alpha", "target_modules")
+
+
+def adapter_metadata(transformer):
+    config = transformer.peft_config["default"]
+    metadata = {key: getattr(config, key) for key in ADAPTER_METADATA_KEYS}
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft
+    return metadata
+
+
 class LoRA:
     name = "lora"
 
@@ -39,6 +54,10 @@ class LoRA:
         if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
             problems.append("--lora_target_modules is empty")
         return problems
+
+    def load_dtype(self, args, compute_dtype):
+        """The dtype to load the transformer in: the frozen base computes in the mixed-precision dtype."""
+        return compute_dtype
 
     def prepare(self, transformer, args):
         """Freeze the base model and add trainable adapters."""
@@ -57,7 +76,9 @@ class LoRA:
     saves_frozen_weights = False  # the artifact is the adapter only
 
     def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None):
-        """Write the adapter in diffusers format (keys prefixed `transformer.`); LoRA files stay in their own dtype.
+        """Write the adapter in diffusers format (keys prefixed `transformer.`), with r, lora_alpha and the target
+        modules in the file's metadata; in `dtype` if given (the final artifact), else in the trained weights' own
+        dtype (checkpoints: exact resume).
 
         `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
         from peft.utils import get_peft_model_state_dict
@@ -71,11 +92,12 @@ class LoRA:
             if set(layers) != set(expected) or empty:
                 raise RuntimeError(f"gathered LoRA does not match the model ({len(layers)} of {len(expected)} tensors, "
                                    f"{len(empty)} empty)")
+        if dtype is not None:
+            layers = {k: v.detach().to("cpu", dtype) for k, v in layers.items()}
         pipeline_class.save_lora_weights(
-            directory,
-            transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=adapter_metadata(transformer)
         )
+        share_like_umask(Path(directory) / LORA_WEIGHT_NAME)
 
     def load(self, transformer, directory, pipeline_class):
         """Load adapter weights saved by `save` into a transformer prepared by `prepare` (resume)."""
@@ -131,6 +153,11 @@ class Full:
             return [f"--quantize_base {args.quantize_base} is for LoRA: a full fine-tune trains the base weights themselves"]
         return []
 
+    def load_dtype(self, args, compute_dtype):
+        """Every weight trains: load straight into the master dtype, so an fp16 or fp32 checkpoint (CogVideoX-2b's
+        is fp16) is not rounded to bf16 before training starts."""
+        return MASTER_DTYPES[args.master_weight_dtype]
+
     def prepare(self, transformer, args):
         transformer.requires_grad_(True)
         _to_master_dtype(transformer.parameters(), args)
@@ -160,6 +187,7 @@ class Full:
             transformer.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
         else:  # diffusers' save_pretrained takes no state_dict (it would silently save the model's own tensors)
             _save_pretrained_state(transformer, folder, state)
+        share_like_umask(folder)
 
     def load(self, transformer, directory, pipeline_class):
         """Weights from a checkpoint's `transformer/`, one shard at a time (no second model in memory)."""

@@ -4,7 +4,7 @@ Layout (see assets/dataset.md):
     manifest.json            settings, model facts, and one entry per prepared sample
     prompts.txt, videos.txt  the original's lists: caption and `videos/<stem>.mp4` per line
     latents/<stem>.safetensors   video_latent_dist [2C, f, h, w], prompt_embeds [S, D]
-                                 (+ image_latent_dist [2C, 1, h, w] with --save_image_latents)
+                                 (+ first_frame [1, 3, H, W] in [-1, 1] with --save_image_latents)
     videos/<stem>.mp4        the clip as it was encoded (resized, cropped, sampled)
     video_hashes.json        with --hash_videos: sha256 of each source video, with the file's stat when hashed
 """
@@ -12,6 +12,7 @@ Layout (see assets/dataset.md):
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -87,7 +88,8 @@ class ContentHashes:
 
 
 def vae_fingerprint(args):
-    """The VAE's config (what decides its latents), from `args.pretrained_model_name_or_path` or `args.model_id`."""
+    """The VAE's config, from `args.pretrained_model_name_or_path` or `args.model_id` (stored whole by
+    prepare_dataset.py; compared without the keys that do not change the latents it writes: `moment_config`)."""
     from diffusers import AutoencoderKLCogVideoX
 
     path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
@@ -95,14 +97,69 @@ def vae_fingerprint(args):
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+# Applied by training, not by the encoder: prepared entries hold unscaled moments (mean, log-variance), and training
+# scales them with its own model's factor. CogVideoX-2b and -5b share their VAE weights but not these.
+NOT_IN_THE_MOMENTS = ("scaling_factor", "shift_factor", "invert_scale_latents", "force_upcast")
+
+
+def moment_config(vae_config):
+    return {k: v for k, v in vae_config.items() if k not in NOT_IN_THE_MOMENTS}
+
+
 def text_encoder_fingerprint(args):
-    """The text encoder's architecture settings (not the weights: they are identified by the model path)."""
+    """The text encoder's architecture settings (not the weights: see `weights_digest`)."""
     from transformers import AutoConfig
 
     path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
     config = AutoConfig.from_pretrained(path, subfolder="text_encoder", revision=args.revision, cache_dir=args.cache_dir)
     keys = ("model_type", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "vocab_size", "feed_forward_proj")
     return {k: getattr(config, k, None) for k in keys}
+
+
+_WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\.(?P<variant>[\w-]+?))?"
+                          r"(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+DIGEST_SAMPLES, DIGEST_CHUNK = 64, 1 << 16
+
+
+def weights_digest(args, subfolder):
+    """A digest of a component's weight files (`vae`, `text_encoder`): their names, sizes and 64 slices of 64 KiB
+    spread over each, so a few MiB are read even for T5-XXL. Different weights differ everywhere, so this tells two
+    models' weights apart; it is not a cryptographic hash of every byte. None when the files are not on this
+    machine (a Hub model not yet downloaded): the check is then skipped."""
+    folder = _local_component(args, subfolder)
+    if folder is None:
+        return None
+    variant = getattr(args, "variant", None)
+    files = sorted(p for p in folder.iterdir() if (m := _WEIGHT_FILE.match(p.name)) and m.group("variant") == variant)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for index in range(DIGEST_SAMPLES):
+                f.seek(size * index // DIGEST_SAMPLES)
+                digest.update(f.read(DIGEST_CHUNK))
+    return digest.hexdigest()
+
+
+def _local_component(args, subfolder):
+    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
+    if Path(path).is_dir():
+        return Path(path) / subfolder if (Path(path) / subfolder).is_dir() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(path, revision=args.revision, cache_dir=args.cache_dir,
+                                 allow_patterns=[f"{subfolder}/*"], local_files_only=True)
+    except Exception:  # not in the cache (or not a Hub id): nothing to read
+        return None
+    return Path(root) / subfolder if (Path(root) / subfolder).is_dir() else None
+
+
+def component_digests(args):
+    return {"vae": weights_digest(args, "vae"), "text_encoder": weights_digest(args, "text_encoder")}
 
 
 def readable_entry(path):
@@ -128,6 +185,27 @@ def load_manifest(data_root):
     return manifest
 
 
+def _encoder_problems(manifest, args, where):
+    """The latents and embeddings must come from this model's VAE and T5: the same architecture (the VAE's scaling
+    factor aside: training applies its own) and, where both sides' files are on this machine, the same weights."""
+    settings, model = manifest["settings"], manifest["model"]
+    made_with = f"re-run prepare_dataset.py with --model_id {args.pretrained_model_name_or_path}"
+    if args.variant:
+        made_with += f" --variant {args.variant}"
+    problems = []
+    if settings.get("vae_config") is not None and moment_config(settings["vae_config"]) != moment_config(vae_fingerprint(args)):
+        problems.append(f"{where}: latents were made by the VAE of {model['path']}, which differs from this model's; {made_with}")
+    if settings.get("text_encoder_config") is not None and settings["text_encoder_config"] != text_encoder_fingerprint(args):
+        problems.append(f"{where}: prompts were embedded by the text encoder of {model['path']}, which differs; {made_with}")
+    if problems:
+        return problems
+    ours, theirs = component_digests(args), model.get("weights") or {}
+    for component, what in (("vae", "latents were made by the VAE"), ("text_encoder", "prompts were embedded by the text encoder")):
+        if ours[component] and theirs.get(component) and ours[component] != theirs[component]:
+            problems.append(f"{where}: {what} of {model['path']}, whose weights differ from this model's; {made_with}")
+    return problems
+
+
 def manifest_problems(manifest, transformer_config, conditioning, args):
     """Why the prepared data cannot train this model with these flags (empty list: it can)."""
     problems = []
@@ -149,11 +227,7 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
             f"{where}: latents have {model['latent_channels']} channels, the model expects "
             f"{transformer_config['out_channels']}: they were made with another VAE ({model['path']})"
         )
-    made_with = f"re-run prepare_dataset.py with --model_id {args.pretrained_model_name_or_path}"
-    if settings.get("vae_config") is not None and settings["vae_config"] != vae_fingerprint(args):
-        problems.append(f"{where}: latents were made by the VAE of {model['path']}, which differs from this model's; {made_with}")
-    if settings.get("text_encoder_config") is not None and settings["text_encoder_config"] != text_encoder_fingerprint(args):
-        problems.append(f"{where}: prompts were embedded by the text encoder of {model['path']}, which differs; {made_with}")
+    problems.extend(_encoder_problems(manifest, args, where))
     if conditioning.image_to_video and not settings.get("image_latents"):
         problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
     token = (args.id_token or "").strip()

@@ -129,7 +129,7 @@ def estimate_bytes(buckets, vae_config, transformer_config, args):
     total = 0
     for frames, height, width in buckets:
         latent = channels * ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
-        image = (channels * (height // spatial) * (width // spatial) + 3 * height * width) if args.save_image_latents else 0
+        image = 3 * height * width if args.save_image_latents else 0  # the first frame's pixels
         text = args.max_sequence_length * transformer_config["text_embed_dim"]
         total += (latent + image + text) * element
     return total
@@ -164,8 +164,11 @@ def print_prepare_plan(usable, skipped, to_encode, needed, args):
 def _atomic_save(tensors, path, metadata):
     from safetensors.torch import save_file
 
+    from training.files import share_like_umask
+
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
+    share_like_umask(temporary)
     os.replace(temporary, path)
 
 
@@ -333,6 +336,8 @@ def cache_settings(args, vae_config, transformer_config):
         "random_flip": args.random_flip,
         "image_latents": bool(args.save_image_latents),
         "latents": bool(args.save_latents_and_embeddings),
+        # Only where it decides something (random crops or flips), so other caches keep their keys.
+        **({"seed": args.seed} if args.random_flip or args.video_reshape_mode in ("random", "none") else {}),
     }
 
 
@@ -363,7 +368,7 @@ def encode_samples(args, output, usable, plan, rank, device):
 
     dtype = getattr(torch, DTYPES[args.dtype])
     encoders = _load_encoders(args, dtype, device) if args.save_latents_and_embeddings else None
-    loader = _encoding_loader(args, [usable[i] for i in plan.mine])
+    loader = _encoding_loader(args, [usable[i] for i in plan.mine], [plan.stems[i] for i in plan.mine])
     position_of = {usable[i].sample.index: i for i in plan.mine}
     progress = tqdm(total=len(plan.mine), desc=f"preparing (rank {rank})", disable=rank != 0)
     written = 0
@@ -388,13 +393,16 @@ def _load_encoders(args, dtype, device):
     return Encoders(tokenizer, text_encoder, vae)
 
 
-def _encoding_loader(args, items):
+def _encoding_loader(args, items, stems):
     """Batches of the preprocessed samples, one bucket per batch, in order."""
     import torch
 
     from training.dataset import BucketBatchSampler, VideoDataset, collate
 
-    dataset = VideoDataset(items, args.video_reshape_mode, args.random_flip, image_to_video=args.save_image_latents)
+    # Random crops and flips drawn from (--seed, the entry's key): the same however many processes share the work,
+    # whatever was prepared before, and whatever else is in the list.
+    dataset = VideoDataset(items, args.video_reshape_mode, args.random_flip, image_to_video=args.save_image_latents,
+                           seed=args.seed, random_keys=[int(stem, 16) for stem in stems])
     sampler = BucketBatchSampler(dataset.bucket_keys, args.batch_size, shuffle=False)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -412,14 +420,11 @@ def _encode_batch(batch, encoders, args, device, dtype):
     tokenizer, text_encoder, vae = encoders
     video_dist = encode_video_distribution(vae, batch["video"].to(dtype))
     embeds = encode_prompts(tokenizer, text_encoder, batch["prompt"], args.max_sequence_length, device, dtype)
-    image_dist = None
-    if args.save_image_latents:
-        image_dist = encode_video_distribution(vae, batch["image"].to(dtype))
     for j, entry in enumerate(tensors):
         entry["video_latent_dist"] = video_dist[j].cpu()
         entry["prompt_embeds"] = embeds[j].cpu()
-        if image_dist is not None:
-            entry["image_latent_dist"] = image_dist[j].cpu()
+        if args.save_image_latents:
+            # The pixels, not a latent: training noise-augments the frame, then encodes it, at every step.
             entry["first_frame"] = batch["image"][j].to(dtype)
     return tensors
 
@@ -466,7 +471,7 @@ def manifest_entries(usable, stems):
 
 def _write_manifest(output, entries, skipped, plan, transformer_config, args):
     """The manifest (atomically), which training with --load_tensors reads."""
-    from training.precomputed import FORMAT, MANIFEST
+    from training.precomputed import FORMAT, MANIFEST, component_digests
 
     manifest = {
         "format": FORMAT,
@@ -476,6 +481,8 @@ def _write_manifest(output, entries, skipped, plan, transformer_config, args):
             "latent_channels": plan.vae_config["latent_channels"],
             "scaling_factor": plan.vae_config["scaling_factor"],
             "text_embed_dim": transformer_config["text_embed_dim"],
+            # Which VAE and T5 weights made the entries (training with --load_tensors checks them).
+            "weights": component_digests(args),
         },
         "settings": plan.settings,
         "entries": entries,

@@ -15,6 +15,7 @@ from .args import (
     frame_rule_problem,
     load_transformer_config,
     optimizer_problems,
+    size_limit_problem,
     validation_frames,
 )
 from .data_source import choose_data_source
@@ -72,6 +73,10 @@ def model_problems(args, transformer_config, conditioning, mode, data_source):
         if problem:
             problems.append(f"validation videos default to the largest --frame_buckets value: {problem}; pass "
                             "--validation_num_frames")
+    if args.validation_prompt:
+        problem = size_limit_problem(args.height, args.width, transformer_config)
+        if problem:
+            problems.append(f"--height {args.height} --width {args.width} (validation videos): {problem}")
     problems.extend(optimizer_problems(args))
     problems.extend(conditioning.check_args(args, transformer_config, data_source))
     problems.extend(mode.check_args(args, transformer_config))

@@ -23,8 +23,9 @@ logger = logging.getLogger("cogvideox_factory")
 def evaluate(transformer, loader, context, conditioning, backend, args):
     """Mean loss over the held-out samples and --eval_timesteps, with noise fixed per (batch, timestep).
 
-    Runs inside a forked RNG, so training's random stream (and exact resume) is untouched."""
-    model = backend.unwrap(transformer)
+    Runs inside a forked RNG, so training's random stream (and exact resume) is untouched. The model runs as
+    validation runs it (`backend.model_for_inference`: under FSDP1 the root wrapper, which gathers the weights)."""
+    model = backend.model_for_inference(transformer)
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=backend.device)
@@ -103,7 +104,7 @@ class Validation:
                     module.to(backend.device)
         if main:
             self.last_videos = videos
-            log_videos(backend, videos, tag, step)
+            log_videos(backend, videos, tag, step, args.fps)
         del pipe
         memory.free_memory()
         model.train(was_training)
@@ -130,7 +131,7 @@ class Validation:
         prepare_frozen_base(pipe.transformer, args, weight_dtype)  # FP8 storage as in training, if chosen
         with torch.no_grad():
             videos = generate_videos(pipe, cases, args, self.num_frames, self.backend.device, args.output_dir, "test")
-        log_videos(self.backend, videos, "test", 0)
+        log_videos(self.backend, videos, "test", 0, args.fps)
         del pipe
         memory.free_memory()
         return self._parity(videos, mode)
@@ -211,9 +212,9 @@ def build_pipeline(args, conditioning, dtype, **components):
     return pipe
 
 
-def log_videos(backend, results, tag, step):
+def log_videos(backend, results, tag, step, fps):
     for tracker in backend.trackers:
         if tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=8) for path, _ in results]}, step=step)
+            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=fps) for path, _ in results]}, step=step)

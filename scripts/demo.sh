@@ -14,6 +14,8 @@ bash scripts/setup_env.sh
 OUT=${DEMO_DIR:-demo-output}
 PY=.venv/bin/python
 export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Threads per process for the CPU run (without it, accelerate's CPU launcher picks a number and says so).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 BUCKETS=(--height_buckets 32 48 64 --width_buckets 32 64 96 --frame_buckets 5 9 --max_num_frames 9)
 PROMPT="BW_STYLE a blue square moves across a black background"
 

@@ -5,12 +5,15 @@
 #
 # torch is installed first, on its own, and then pinned with a constraints file, so no
 # later requirement can swap it for another build (an unpinned `torch` on a CPU machine
-# pulls several GB of CUDA packages).
+# pulls several GB of CUDA packages). Which build you get is pip's choice unless you name
+# an index: a local wheel pip is pointed at (find-links) first, else the default index,
+# whose torch for Linux is the CUDA build (several GB); macOS and Windows get the CPU one.
 #   TORCH_SPEC       what to install for torch (default: torch==2.13.0)
-#   TORCH_INDEX_URL  optional index for it, e.g. https://download.pytorch.org/whl/cpu for a
-#                    CPU build on a machine without a local wheel, or .../whl/cu124 for CUDA
+#   TORCH_INDEX_URL  optional index for it, e.g. https://download.pytorch.org/whl/cpu for the
+#                    CPU build, or .../whl/cuXXX for a CUDA build (see pytorch.org)
+#   PYTHON           the interpreter for a new environment: Python 3.10 or newer (default python3)
 #   VENV             where the environment lives (default: .venv in the repository)
-#   EXTRAS           extra pip requirements, e.g. "wandb deepspeed"
+#   EXTRAS           extra pip requirements, e.g. "comet_ml"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,6 +28,11 @@ if [[ -f "$stamp" ]]; then
 fi
 
 if [[ ! -x "$VENV/bin/python" ]]; then
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "error: $PYTHON is $("$PYTHON" --version 2>/dev/null || echo "not found"); the toolkit needs Python 3.10 or newer" \
+      "(set PYTHON=python3.11, for example)" >&2
+    exit 1
+  fi
   echo "creating virtual environment in $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
@@ -36,11 +44,15 @@ if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
 else
   "${pip[@]}" "$TORCH_SPEC"
 fi
-torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
+torch_info=$("$VENV/bin/python" -c "import torch; v = torch.version
+print(torch.__version__, f'CUDA-{v.cuda}' if v.cuda else f'ROCm-{v.hip}' if getattr(v, 'hip', None) else 'CPU')")
+read -r torch_version torch_build <<<"$torch_info"
+echo "torch $torch_version: the $torch_build build (TORCH_INDEX_URL chooses another, see the header of this script)"
 constraints="$VENV/constraints.txt"
 echo "torch==$torch_version" >"$constraints"
 
 echo "installing requirements (torch held at $torch_version)"
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}  # DeepSpeed installs from source: its C++ ops compile on first use, not here
 # shellcheck disable=SC2086  # EXTRAS is a list of requirement words
 "${pip[@]}" -c "$constraints" -r requirements.txt -r requirements-dev.txt ${EXTRAS:-}
 rm -f "$VENV"/.installed-*

@@ -167,7 +167,7 @@ def _check_pipeline(work, run, model, i2v=False, lora=True, num_frames=9, drop_p
         kwargs["image"] = Image.open(work / "clips" / "bikes.png").convert("RGB")
     base = _video(pipe, **kwargs)
     if lora:
-        pipe.load_lora_weights(work / run, adapter_name="trained")
+        pipe.load_lora_weights(work / run, weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
         pipe.set_adapters(["trained"], [1.0])
     else:
         pipe.transformer = CogVideoXTransformer3DModel.from_pretrained(work / run / "transformer")

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow  # several processes, DeepSpeed and FSDP: minutes 
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install -r requirements-dev.txt)")
+                                     reason="deepspeed is not installed (pip install -r requirements.txt)")
 CONFIGS = ROOT / "accelerate_configs"
 LORA = "cogvideox_text_to_video_lora"
 SFT = "cogvideox_text_to_video_sft"

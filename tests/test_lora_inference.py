@@ -81,4 +81,6 @@ def test_cli_requires_a_prompt(capsys):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import training  # noqa: F401  before diffusers: quiets optional kernels' import-time notices (training/__init__.py)
+
     main()

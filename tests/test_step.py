@@ -74,13 +74,13 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tiny_mo
     whole = train_step(first, iter([batch]), 1, loss_fn=loss_at_t)
     accumulated = train_step(second, iter(halves), 2, loss_fn=loss_at_t)
 
-    torch.testing.assert_close(accumulated.loss, whole.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(accumulated.loss, whole.loss, rtol=1e-5, atol=1e-6)
     assert len(first.optimizer.seen) == len(second.optimizer.seen) > 0
     for ours, reference in zip(second.optimizer.seen, first.optimizer.seen):
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in first.optimizer.seen)  # gradients reached the adapters
     for a, b in zip(first.parameters, second.parameters):  # and one step was taken with them
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_a_short_group_is_an_error(tiny_model_2b, backend):

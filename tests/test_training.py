@@ -73,7 +73,8 @@ def test_lora_metadata_holds_what_a_loader_needs_and_nothing_newer(trained_lora)
         stored = f.metadata()
     adapter = json.loads(stored["lora_adapter_metadata"])
     adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
-    assert adapter == {"r": 4, "lora_alpha": 8, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    assert adapter == {"r": 4, "lora_alpha": 8, "target_modules": ["to_k", "to_out.0", "to_q", "to_v"],
+                       "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def test_written_files_are_readable_as_the_umask_says(trained_lora):

@@ -176,4 +176,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import training  # noqa: F401  before diffusers: quiets optional kernels' import-time notices (training/__init__.py)
+
     sys.exit(main())

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +40,6 @@ from .validation import Validation, evaluate
 
 
 logger = logging.getLogger("cogvideox_factory")
-# diffusers 0.42 renamed torch_dtype to dtype; the old name keeps older diffusers working.
-warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -325,7 +322,7 @@ def save_and_test(job, summary):
     model = context = None
     memory.free_memory()
     if backend.is_main_process:
-        summary["parity"] = validation.final_test(mode, backend.weight_dtype)
+        summary["parity"] = validation.final_test(mode, backend.weight_dtype, step)
         summary["memory_after_testing"] = memory.memory_stats(backend.device)
         logger.info(memory.format_stats("after testing", summary["memory_after_testing"]))
         if args.push_to_hub:

@@ -12,9 +12,11 @@ def _pretrained_kwargs(args):
 
 
 def load_tokenizer(args):
-    from transformers import AutoTokenizer
+    """T5Tokenizer, the class the CogVideoX pipelines declare (with transformers 4, AutoTokenizer gives the fast one,
+    which a pipeline given it as a component refuses)."""
+    from transformers import T5Tokenizer
 
-    return AutoTokenizer.from_pretrained(
+    return T5Tokenizer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
     )
 

@@ -31,16 +31,18 @@ def _to_master_dtype(parameters, args):
         parameter.data = parameter.data.to(dtype)
 
 
-# What diffusers' loader needs to rebuild the adapter (it calls LoraConfig(**metadata) unfiltered): fields every peft
-# release has, so a LoRA loads with an older peft too. peft's whole LoraConfig.to_dict() has ~40 keys, newer ones among
-# them, which an older peft refuses with a TypeError.
-ADAPTER_METADATA_KEYS = ("r", "lora_alpha", "target_modules")
+# What diffusers' loader needs to rebuild the adapter (it calls LoraConfig(**metadata) unfiltered, and diffusers 0.34 to
+# 0.39 read rank_pattern and alpha_pattern from it): fields every peft release since 0.6 has, so a LoRA loads with older
+# peft and diffusers too. peft's whole LoraConfig.to_dict() has ~40 keys, newer ones among them, which an older peft
+# refuses with a TypeError.
+ADAPTER_METADATA_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
 
 
 def adapter_metadata(transformer):
     config = transformer.peft_config["default"]
     metadata = {key: getattr(config, key) for key in ADAPTER_METADATA_KEYS}
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft
+    metadata["rank_pattern"], metadata["alpha_pattern"] = dict(config.rank_pattern), dict(config.alpha_pattern)
     return metadata
 
 

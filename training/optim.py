@@ -72,7 +72,7 @@ def build_optimizer(args, parameters, learning_rate=None):
         optimizer = CPUOffloadOptimizer(groups, optimizer_class=cls, offload_gradients=args.offload_gradients, **kwargs)
         for needed in ("queue", "param_d2h_map", "d_param_groups"):  # what clip_gradients relies on
             if not hasattr(optimizer, needed):
-                raise RuntimeError(f"this torchao's CPUOffloadOptimizer has no {needed}; install torchao 0.5 to 0.18")
+                raise RuntimeError(f"this torchao's CPUOffloadOptimizer has no {needed}; install torchao 0.10 to 0.18")
         return optimizer
     return cls(groups, **kwargs)
 

@@ -112,7 +112,7 @@ class Validation:
         if not sharded:
             backend.wait_for_main()
 
-    def final_test(self, mode, weight_dtype):
+    def final_test(self, mode, weight_dtype, step):
         """Load the saved artifact into a fresh pipeline, as a user would, and generate (main process only).
 
         The videos must equal the last in-training validation (same prompts, same seed): a mismatch means the saved
@@ -131,7 +131,7 @@ class Validation:
         prepare_frozen_base(pipe.transformer, args, weight_dtype)  # FP8 storage as in training, if chosen
         with torch.no_grad():
             videos = generate_videos(pipe, cases, args, self.num_frames, self.backend.device, args.output_dir, "test")
-        log_videos(self.backend, videos, "test", 0, args.fps)
+        log_videos(self.backend, videos, "test", step, args.fps)  # wandb drops entries logged at an earlier step
         del pipe
         memory.free_memory()
         return self._parity(videos, mode)

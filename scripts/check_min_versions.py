@@ -1,0 +1,270 @@
+"""The steps of scripts/check_min_versions.sh that need Python: it proves that requirements.txt's floors work.
+
+    python scripts/check_min_versions.py constraints requirements.txt --torch 2.13.0 > constraints.txt
+    python scripts/check_min_versions.py installed constraints.txt          # every package at exactly its floor?
+    python scripts/check_min_versions.py tiny-model OUT_DIR                 # tools/build_tiny_model.py, readers loaded
+    python scripts/check_min_versions.py deepspeed-config accelerate_configs/deepspeed.yaml OUT_DIR
+    python scripts/check_min_versions.py options                            # each optional optimizer steps
+    python scripts/check_min_versions.py reload MODEL_DIR LORA_DIR --rank 4 --lora_alpha 8
+
+`constraints` (and `read_floors`, which tests/test_install.py uses) needs only the standard library: it runs before
+the environment exists. The other commands run inside the minimum environment.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name, optional [extras], version specifiers, optional "; marker", optional "# comment"
+_REQUIREMENT = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(?P<spec>[^;#]*?)\s*(?:;(?P<marker>[^#]*))?\s*(?:#.*)?$"
+)
+
+
+def canonical(name):
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_floors(path):
+    """[(name, floor or None, marker or "")] of a requirements file, in file order. The floor is the version after
+    `>=`; a requirement without one has floor None."""
+    requirements = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            raise ValueError(f"{path}:{number}: options are not supported here: {line}")
+        match = _REQUIREMENT.match(line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: cannot read requirement: {line}")
+        floors = re.findall(r">=\s*([0-9][^,\s]*)", match["spec"])
+        requirements.append((match["name"], floors[0] if floors else None, (match["marker"] or "").strip()))
+    return requirements
+
+
+def constraint_lines(path, torch_version):
+    """Each requirement pinned to its floor (`name==floor; marker`); torch pinned to `torch_version`, the build the
+    environment really has. Raises ValueError naming any requirement without a floor."""
+    requirements = read_floors(path)
+    missing = [name for name, floor, _ in requirements if floor is None and canonical(name) != "torch"]
+    if missing:
+        raise ValueError(f"{path}: no >= floor for {', '.join(missing)}: every runtime requirement needs one")
+    lines = []
+    for name, floor, marker in requirements:
+        pin = f"{name}=={torch_version if canonical(name) == 'torch' else floor}"
+        lines.append(f"{pin}; {marker}" if marker else pin)
+    return lines
+
+
+def cmd_constraints(args):
+    try:
+        print("\n".join(constraint_lines(args.requirements, args.torch)))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+def cmd_installed(args):
+    """Compare what is installed with the pins; list every package. Fails if one is not at its pin."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.markers import Marker
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    wrong = []
+    print(f"{'package':<16} {'required':<12} installed")
+    for line in Path(args.constraints).read_text().splitlines():
+        pin, _, marker = line.partition(";")
+        name, _, wanted = pin.strip().partition("==")
+        if marker.strip() and not Marker(marker.strip()).evaluate():
+            print(f"{name:<16} {wanted:<12} (not for this platform: {marker.strip()})")
+            continue
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            found = "missing"
+        ok = found != "missing" and SpecifierSet(f"=={wanted}").contains(Version(found), prereleases=True)
+        print(f"{name:<16} {wanted:<12} {found}{'' if ok else '   <-- not the floor'}")
+        if not ok:
+            wrong.append(name)
+    if wrong:
+        sys.exit(f"error: not installed at the floor: {', '.join(wrong)}")
+
+
+def cmd_tiny_model(args):
+    """tools/build_tiny_model.py's model, built in a process that has loaded the toolkit's video readers first, as
+    the test suite's process has: sentencepiece 0.2.0 segfaults training the tiny tokenizer once decord is loaded."""
+    sys.path.insert(0, str(ROOT))
+    from tools.build_tiny_model import save_tiny_model  # imports sentencepiece only when it builds
+    from training import video_io  # loads decord
+
+    print(f"video readers loaded: decord {'yes' if video_io.decord is not None else 'no (not installed)'}")
+    save_tiny_model(args.output_dir)
+    print(f"tiny CogVideoX-2b-style pipeline written to {args.output_dir}")
+
+
+def cmd_deepspeed_config(args):
+    """The shipped DeepSpeed accelerate config, made runnable as one CPU process: the same ZeRO stage, offload and
+    clipping, fp32, and DeepSpeed told to keep the trainer's torch optimizer for the offloaded states (its CPU Adam
+    is a C++ op that takes minutes to compile; the trainer's code path is the same)."""
+    import yaml
+
+    shipped = yaml.safe_load(Path(args.config).read_text())
+    ds = shipped["deepspeed_config"]
+    zero = {"stage": ds["zero_stage"], "overlap_comm": False, "contiguous_gradients": True}
+    for key in ("offload_optimizer", "offload_param"):
+        device = ds.get(f"{key}_device", "none")
+        if device != "none" and (key == "offload_optimizer" or ds["zero_stage"] == 3):
+            zero[key] = {"device": device}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_file = out / "deepspeed_cpu.json"
+    json_file.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ds.get("gradient_accumulation_steps", 1),
+        "gradient_clipping": ds.get("gradient_clipping", 1.0),
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }, indent=2))
+    accelerate_config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"deepspeed_config_file": str(json_file.resolve()),
+                             "zero3_init_flag": ds.get("zero3_init_flag", False)},
+        "machine_rank": 0,
+        "num_machines": 1,
+        "num_processes": 1,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": True,
+    }
+    (out / "deepspeed_cpu.yaml").write_text(yaml.safe_dump(accelerate_config))
+    print(out / "deepspeed_cpu.yaml")
+
+
+def _step_changes(optimizer, parameter):
+    import torch
+
+    before = parameter.detach().clone()
+    for _ in range(2):
+        parameter.grad = torch.randn_like(parameter)
+        optimizer.step()
+        optimizer.zero_grad()
+    return bool((parameter.detach() != before).any())
+
+
+def cmd_options(args):
+    """Every optional optimizer the flags offer, built by the trainer's own code, takes two steps on the CPU."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import training  # noqa: F401  (quiets optional-kernel import noise, as in a training run)
+    from training.args import parse_args
+    from training.optim import build_optimizer
+
+    cases = {
+        "--use_8bit (bitsandbytes AdamW8bit)": ["--optimizer", "adamw", "--use_8bit"],
+        "--use_torchao --use_8bit (torchao AdamW8bit)": ["--optimizer", "adamw", "--use_torchao", "--use_8bit"],
+        "--use_torchao --use_4bit (torchao AdamW4bit)": ["--optimizer", "adamw", "--use_torchao", "--use_4bit"],
+        "--optimizer prodigy (prodigyopt)": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
+        "--optimizer came (came-pytorch)": ["--optimizer", "came"],
+    }
+    failed = []
+    for what, flags in cases.items():
+        flags = ["--pretrained_model_name_or_path", "unused", "--learning_rate", "1e-3", *flags]
+        parameter = torch.nn.Parameter(torch.randn(64, 128))  # large enough for the low-bit optimizers' blocks
+        try:
+            changed = _step_changes(build_optimizer(parse_args(flags), [parameter]), parameter)
+            result = "ok" if changed else "FAILED: the weights did not change"
+        except Exception as error:  # report every option, then fail
+            changed, result = False, f"FAILED: {type(error).__name__}: {error}"
+        print(f"{what}: {result}", flush=True)
+        if not changed:
+            failed.append(what)
+    if failed:
+        sys.exit(f"error: {len(failed)} optimizer option(s) failed")
+
+
+def _generate(pipe):
+    import torch
+
+    return pipe(
+        prompt="a cat walks on the grass", height=32, width=32, num_frames=9, num_inference_steps=2,
+        max_sequence_length=16, generator=torch.Generator().manual_seed(42), output_type="np",
+    ).frames[0]
+
+
+def cmd_reload(args):
+    """Load the trained LoRA as a user would (`pipe.load_lora_weights`): the stored alpha is applied (scale
+    alpha/rank), the video changes, and at adapter weight 0 the base video comes back exactly. Also requires the
+    trainer's own parity check (final test against the last validation) to have found the saved file exact."""
+    import numpy as np
+    from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+
+    summary_file = Path(args.lora_dir) / "summary.json"
+    if summary_file.is_file():
+        parity = json.loads(summary_file.read_text()).get("parity")
+        if parity is not None and not parity.get("exact"):
+            sys.exit(f"error: the trainer's parity check failed: {parity}")
+        print(f"trainer's parity check: {parity}")
+    pipe = CogVideoXPipeline.from_pretrained(args.model)
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    base = _generate(pipe)
+    pipe.load_lora_weights(args.lora_dir, weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
+    scales = {m.scaling["trained"] for m in pipe.transformer.modules() if "trained" in getattr(m, "scaling", {})}
+    expected = args.lora_alpha / args.rank
+    print(f"LoRA layers' scale: {sorted(scales)} (alpha/rank = {expected})")
+    if scales != {expected}:
+        sys.exit("error: the stored lora_alpha was not applied when loading")
+    with_lora = _generate(pipe)
+    difference = float(np.abs(with_lora - base).max())
+    print(f"max |video with LoRA - base video| = {difference:.6f}")
+    if difference == 0.0:
+        sys.exit("error: loading the LoRA did not change the output")
+    pipe.set_adapters(["trained"], [0.0])
+    if not np.array_equal(_generate(pipe), base):
+        sys.exit("error: at adapter weight 0 the output differs from the base model's")
+    print("adapter weight 0 reproduces the base video exactly")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("constraints", help="requirements.txt's floors as == pins")
+    p.add_argument("requirements")
+    p.add_argument("--torch", required=True, help="the torch version the environment has")
+    p.set_defaults(run=cmd_constraints)
+    p = commands.add_parser("installed", help="check that every pinned package is installed at its pin")
+    p.add_argument("constraints")
+    p.set_defaults(run=cmd_installed)
+    p = commands.add_parser("tiny-model", help="build the tiny model with the video readers loaded")
+    p.add_argument("output_dir")
+    p.set_defaults(run=cmd_tiny_model)
+    p = commands.add_parser("deepspeed-config", help="a one-process CPU version of a DeepSpeed accelerate config")
+    p.add_argument("config")
+    p.add_argument("out_dir")
+    p.set_defaults(run=cmd_deepspeed_config)
+    p = commands.add_parser("options", help="step every optional optimizer")
+    p.set_defaults(run=cmd_options)
+    p = commands.add_parser("reload", help="load a trained LoRA into the pipeline and check its effect")
+    p.add_argument("model")
+    p.add_argument("lora_dir")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--lora_alpha", type=float, required=True)
+    p.set_defaults(run=cmd_reload)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

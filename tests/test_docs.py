@@ -1,0 +1,78 @@
+"""What the README and the docs tell a user, checked against the code: commands, paths and figures."""
+
+import re
+import shlex
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+from training.args import build_parser
+
+
+DOCS = [ROOT / "README.md", ROOT / "README_zh.md", *(ROOT / "assets").glob("*.md"), *(ROOT / "docs").glob("*.md"),
+        *ROOT.glob("*.sh")]
+
+
+def _readme_block(after_heading, language="bash"):
+    """The first fenced code block of `language` after the line `after_heading` in README.md."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(after_heading)
+    match = re.compile(rf"```{language}\n(.*?)```", re.S).search(text, start)
+    return match.group(1)
+
+
+def test_no_doc_tells_a_user_to_run_a_cli_that_is_not_installed():
+    """huggingface_hub's old `huggingface-cli` is gone from the versions installed; `hf download` takes the options
+    the docs use."""
+    stale = [str(path.relative_to(ROOT)) for path in DOCS if "huggingface-cli" in path.read_text(encoding="utf-8")]
+    assert not stale
+    help_text = subprocess.run([str(ROOT / ".venv" / "bin" / "hf"), "download", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--repo-type" in help_text and "--local-dir" in help_text
+    assert any("hf download" in path.read_text(encoding="utf-8") for path in DOCS)
+
+
+def _dry_run_commands(script, **env):
+    import os
+
+    result = subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DRY_RUN": "1", **env})
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if ".py" in line]
+
+
+def _trainer_flags(command):
+    (position,) = [i for i, word in enumerate(command) if word.endswith(".py")]
+    return command[position], build_parser().parse_args(command[position + 1 :])
+
+
+def test_the_readme_training_command_is_what_the_sweep_script_runs():
+    """Step 3's "underlying command" is the first run `DRY_RUN=1` prints for step 3's own command line, and step 4
+    loads the LoRA from that run's output folder."""
+    step_3 = _readme_block("### 3. Train")
+    environment = dict(word.split("=", 1) for word in shlex.split(step_3.splitlines()[0]) if "=" in word)
+    first = _dry_run_commands("train_text_to_video_lora.sh", **environment)[0]
+    shown = shlex.split(_readme_block("The underlying command").replace("\\\n", " "))
+    assert shown[:2] == ["accelerate", "launch"] and first[1:2] == ["launch"]
+    script, ours = _trainer_flags(shown)
+    expected_script, expected = _trainer_flags(first)
+    assert script == str(expected_script).removeprefix(str(ROOT) + "/")
+    expected = {k: v for k, v in vars(expected).items()}
+    for key in ("data_root", "output_dir"):  # the script makes them absolute
+        expected[key] = str(expected[key]).removeprefix(str(ROOT) + "/")
+    assert vars(ours) == expected
+    inference = _readme_block("### 4. Inference", "python")
+    assert f'pipe.load_lora_weights("{ours.output_dir}"' in inference
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
+def test_figures_quoted_in_the_readmes_are_those_of_docs_memory(readme):
+    """The original's reported peaks and the estimate's accuracy appear with the same values everywhere."""
+    memory = (ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    original = re.search(r"CogVideoX-5b LoRA (\d+\.\d) (?:during )?training", memory).group(1)
+    assert original == "20.8"  # the original README's memory_before_validation (batch 1, rank 64, checkpointing)
+    assert f"5b LoRA {original} / 30.3 / 38.7" in text
+    ratios = [float(r) for r in re.findall(r"\| (\d\.\d{3}) \|\n", memory)]
+    assert ratios and f"{min(ratios):.3f}-{max(ratios):.3f}" in text

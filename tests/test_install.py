@@ -1,0 +1,202 @@
+"""requirements.txt: every floor is at least what the code needs, every option's package is listed, and importing
+the toolkit prints no alarm about optional kernels. scripts/check_min_versions.sh proves the floors by running
+them; these checks are fast and offline."""
+
+import ast
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from packaging.markers import Marker
+from packaging.version import Version
+
+
+REQUIREMENTS = ROOT / "requirements.txt"
+_spec = importlib.util.spec_from_file_location("check_min_versions", ROOT / "scripts" / "check_min_versions.py")
+check_min_versions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_min_versions)
+canonical = check_min_versions.canonical
+
+
+def _source(*names):
+    return "\n".join((ROOT / "training" / name).read_text() for name in names)
+
+
+def _all_training_source():
+    return _source(*sorted(p.name for p in (ROOT / "training").glob("*.py")))
+
+
+def _names_imported_from(package):
+    """Every name training/ imports from `package` (`from package... import name`), docstrings and comments aside."""
+    names = set()
+    for path in (ROOT / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+                names |= {alias.name for alias in node.names}
+    return names
+
+
+# (distribution, lowest version that has it, what needs it, whether the code needs it now). A row whose condition
+# is false no longer binds (the code stopped using that API): delete it then. Rows whose condition is always true are
+# the floors' own dependencies: requirements.txt's floors must install together (scripts/check_min_versions.sh
+# installs exactly them), so each is at least what the others' floors require.
+NEEDS = [
+    ("torch", "2.5", "torch.serialization.safe_globals (DeepSpeed resume)",
+     lambda code: "safe_globals(" in code),
+    ("torch", "2.5", "public torch.distributed.tensor.DTensor (FSDP2 gather)",
+     lambda code: "from torch.distributed.tensor import DTensor" in code),
+    ("torch", "2.6", "accelerate's FSDP2 (accelerate_configs/fsdp.yaml, fsdp_version 2)",
+     lambda code: "is_fsdp2" in code),
+    ("diffusers", "0.34.0", "save_lora_weights(transformer_lora_adapter_metadata=); the stored alpha on load",
+     lambda code: "transformer_lora_adapter_metadata" in code),
+    ("diffusers", "0.33.0", "enable_layerwise_casting (--quantize_base fp8)",
+     lambda code: "enable_layerwise_casting" in code),
+    ("transformers", "4.43.0", "peft 0.15 (diffusers 0.34's minimum) imports transformers.EncoderDecoderCache",
+     lambda code: True),
+    ("accelerate", "1.8.0", "DeepSpeedEngineWrapper.backward(sync_gradients=)", lambda code: "sync_gradients=" in code),
+    ("accelerate", "1.6.0", "Accelerator.is_fsdp2", lambda code: "is_fsdp2" in code),
+    ("accelerate", "1.2.0", "unwrap_model(keep_torch_compile=)", lambda code: "keep_torch_compile" in code),
+    ("peft", "0.15.0", "diffusers 0.34 refuses an older peft at import (ImportError)", lambda code: True),
+    ("huggingface_hub", "0.23.0", "split_torch_state_dict_into_shards",
+     lambda code: "split_torch_state_dict_into_shards" in code),
+    ("huggingface_hub", "0.27.0", "diffusers 0.34 requires it", lambda code: True),
+    ("safetensors", "0.4.3", "accelerate 1.8 requires it", lambda code: True),
+    ("sentencepiece", "0.2.1", "tools/build_tiny_model.py trains a tokenizer (0.2.0 segfaults once decord is loaded)",
+     lambda code: "SentencePieceTrainer" in (ROOT / "tools" / "build_tiny_model.py").read_text()),
+    ("deepspeed", "0.14.0", "_zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=)",
+     lambda code: "_zero3_consolidated_16bit_state_dict(exclude_frozen_parameters" in code),
+    ("deepspeed", "0.14.4", "imports with torch 2.13 (0.14.0-0.14.3 import names torch removed)", lambda code: True),
+    ("bitsandbytes", "0.50.0", "8-bit AdamW steps on the CPU", lambda code: "bnb.optim.AdamW8bit" in code),
+    ("torchao", "0.10.0", "torchao.optim (AdamW8bit/4bit, CPUOffloadOptimizer)", lambda code: "torchao.optim" in code),
+    ("wandb", "0.17.0", "imports without setuptools' pkg_resources", lambda code: True),
+]
+
+
+@pytest.fixture(scope="module")
+def floors():
+    return {canonical(name): floor for name, floor, _ in check_min_versions.read_floors(REQUIREMENTS)}
+
+
+@pytest.mark.parametrize("package, version, what, needed", NEEDS, ids=[f"{p}>={v}" for p, v, *_ in NEEDS])
+def test_floor_covers_the_api_the_code_uses(floors, package, version, what, needed):
+    if not needed(_all_training_source()):
+        pytest.fail(f"the code no longer needs {package} {version} for {what}: delete this row of NEEDS")
+    floor = floors.get(canonical(package))
+    assert floor is not None, f"requirements.txt does not list {package}"
+    assert Version(floor) >= Version(version), f"{package}>={floor} in requirements.txt, but {what} needs {version}"
+
+
+def test_lora_metadata_has_what_the_diffusers_floor_reads(floors):
+    """diffusers 0.34-0.39 read rank_pattern and alpha_pattern from a LoRA file's adapter metadata and raise KeyError
+    'rank_pattern' on a file without them (0.40 does not): training/modes.py writes them (empty: one rank and alpha
+    for every layer) so that the diffusers floor below 0.40 loads the files it writes."""
+    from types import SimpleNamespace
+
+    from training.modes import adapter_metadata
+
+    config = SimpleNamespace(r=4, lora_alpha=8, target_modules={"to_q", "to_k"}, rank_pattern={}, alpha_pattern={})
+    metadata = adapter_metadata(SimpleNamespace(peft_config={"default": config}))
+    json.dumps(metadata)  # diffusers stores it as JSON in the safetensors header
+    assert metadata["r"] == 4 and metadata["lora_alpha"] == 8 and metadata["target_modules"] == ["to_k", "to_q"]
+    if Version(floors["diffusers"]) < Version("0.40.0"):
+        missing = {"rank_pattern", "alpha_pattern"} - set(metadata)
+        assert not missing, f"diffusers>={floors['diffusers']} cannot load a LoRA whose metadata lacks {missing}"
+        assert metadata["rank_pattern"] == {} and metadata["alpha_pattern"] == {}
+
+
+def test_tokenizer_class_is_one_the_pipelines_accept_with_the_transformers_floor(floors):
+    """With transformers 4, AutoTokenizer gives T5TokenizerFast, which the CogVideoX pipelines refuse as their
+    tokenizer component (validation fails): below transformers 5 the code must load T5Tokenizer itself."""
+    if Version(floors["transformers"]) >= Version("5"):
+        return
+    imported = _names_imported_from("transformers")
+    assert "AutoTokenizer" not in imported, (
+        f"transformers>={floors['transformers']}: AutoTokenizer gives T5TokenizerFast there; load T5Tokenizer")
+    assert "T5Tokenizer" in imported
+    models = ast.parse((ROOT / "training" / "models.py").read_text())
+    load_tokenizer = next(node for node in ast.walk(models)
+                          if isinstance(node, ast.FunctionDef) and node.name == "load_tokenizer")
+    calls = {ast.unparse(node.func) for node in ast.walk(load_tokenizer) if isinstance(node, ast.Call)}
+    assert "T5Tokenizer.from_pretrained" in calls, calls
+
+
+def test_every_requirement_has_a_floor_for_the_minimum_environment():
+    lines = check_min_versions.constraint_lines(REQUIREMENTS, "2.13.0")
+    assert "torch==2.13.0" in lines
+    assert all("==" in line and ">=" not in line for line in lines)
+
+
+def test_constraints_keep_markers_and_refuse_a_requirement_without_floor(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\ntorch>=2.6\nfoo>=1.2,<2  # why\nbar>=0.5; sys_platform == \"linux\"\n")
+    assert check_min_versions.constraint_lines(requirements, "2.13.0") == [
+        "torch==2.13.0", "foo==1.2", 'bar==0.5; sys_platform == "linux"']
+    requirements.write_text("torch>=2.6\nbaz\n")
+    with pytest.raises(ValueError, match="no >= floor for baz"):
+        check_min_versions.constraint_lines(requirements, "2.13.0")
+
+
+def test_min_version_script_parses():
+    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "check_min_versions.sh")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _third_party_imports():
+    """Top-level modules that training/ and tools/ import, besides the standard library and themselves."""
+    modules = set()
+    for path in [*(ROOT / "training").glob("*.py"), *(ROOT / "tools").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m not in ("training", "tools")}
+
+
+def test_every_package_the_code_imports_is_a_requirement_for_this_platform():
+    """Every option's package comes with `pip install -r requirements.txt` (on Linux x86_64: hardware- or
+    platform-specific ones are limited by markers, which the README names)."""
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    listed = {canonical(name): marker for name, _, marker in check_min_versions.read_floors(REQUIREMENTS)}
+    imported = _third_party_imports()
+    assert {"bitsandbytes", "torchao", "deepspeed", "wandb", "prodigyopt", "came_pytorch"} <= imported
+    missing = []
+    for module in sorted(imported):
+        names = [canonical(d) for d in distributions.get(module, [module])]
+        if not any(name in listed for name in names):
+            missing.append(module)
+    assert not missing, f"imported by the toolkit but not in requirements.txt: {missing}"
+    assert "tensorboard" in listed  # --report_to tensorboard (accelerate's tracker imports it, not our code)
+    if sys.platform == "linux" and Marker('platform_machine == "x86_64"').evaluate():
+        skipped = [name for name, marker in listed.items() if marker and not Marker(marker).evaluate()]
+        assert not skipped, f"requirements.txt leaves these out on Linux x86_64: {skipped}"
+
+
+def test_importing_the_toolkit_prints_no_alarm_about_optional_kernels():
+    """torchao's CUDA libraries cannot load on a CPU torch, diffusers then reports torchao types it cannot import,
+    and DeepSpeed says it found no GPU: announced at import through loggers that `import training` quiets. A run's
+    output shows nothing that is not about the user's data."""
+    code = ("import training\nimport deepspeed\nfrom diffusers import CogVideoXPipeline\nimport diffusers.loaders\n"
+            "import transformers, accelerate, peft\nimport torchao.optim\nimport bitsandbytes\n")
+    result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300, cwd=ROOT)  # DeepSpeed's logger writes to stdout
+    assert result.returncode == 0, result.stdout
+    alarms = [line for line in result.stdout.splitlines()
+              if re.search(r"Failed to load|Unable to import|Skipping import|unable to detect|Traceback|Error|is deprecated", line)]
+    assert not alarms, "\n".join(alarms)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
+def test_readme_install_section_says_how_to_choose_torch_and_the_python_version(readme):
+    text = (ROOT / readme).read_text()
+    start = text.index("## Installation for real training" if readme == "README.md" else "## 用于真实训练的安装")
+    section = text[start:text.index("\n## ", start + 3)]
+    for needed in ("TORCH_INDEX_URL", "scripts/check_min_versions.sh", "Python 3.10", "requirements.txt"):
+        assert needed in section, f"{readme}: the install section does not mention {needed}"

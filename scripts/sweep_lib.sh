@@ -211,6 +211,13 @@ sweep_run() {
     die "'$ACCELERATE_BIN' not found: activate the environment with accelerate installed, or set ACCELERATE_BIN"
   fi
 
+  # The Python that filters the launch's stderr: the one next to ACCELERATE_BIN, else python3 (none: unfiltered).
+  local filter_python=''
+  if [[ "$DRY_RUN" == 0 ]]; then
+    filter_python="$(dirname "$(command -v "$ACCELERATE_BIN")")/python"
+    [[ -x "$filter_python" ]] || filter_python=$(command -v python3 || true)
+  fi
+
   local learning_rate lr_schedule optimizer steps output_dir cmd
   for learning_rate in "${learning_rates[@]}"; do
     for lr_schedule in "${lr_schedules[@]}"; do
@@ -274,7 +281,14 @@ sweep_run() {
           printf '%q ' "${cmd[@]}"
           printf '\n'
           if [[ "$DRY_RUN" == 0 ]]; then
-            "${cmd[@]}"
+            if [[ -n "$filter_python" ]]; then
+              # stderr through scripts/launch_errors_only.py (stdout stays as it is): after the trainer's own
+              # `error:` lines, the launcher's traceback (torchrun's with several processes) is dropped. The
+              # pipeline's status is the launch's (pipefail).
+              { "${cmd[@]}" 2>&1 1>&3 3>&- | "$filter_python" scripts/launch_errors_only.py >&2 3>&-; } 3>&1
+            else
+              "${cmd[@]}"
+            fi
             echo "-------------------- finished $output_dir --------------------"
           fi
         done

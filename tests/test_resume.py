@@ -82,7 +82,7 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_
         return outcome
 
     output = tmp_path / "run"
-    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "8", "--checkpointing_steps", "1")
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "5", "--checkpointing_steps", "1")
     monkeypatch.setattr(training.core, "train_step", diverging)
     with pytest.raises(SystemExit) as exit_info:
         run_trainer(argv)
@@ -100,7 +100,7 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_
 
     monkeypatch.setattr(training.core, "train_step", step)
     summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"])
-    assert summary["global_step"] == 8 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert summary["global_step"] == 5 and torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
 def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):

@@ -257,3 +257,24 @@ def test_the_sweeps_launch_quietly_so_a_trainer_error_stands_alone(tiny_model_2b
     result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and lines and all(line.startswith("error: ") for line in lines), result.stderr
+
+
+def test_a_failing_launch_shows_only_the_trainer_errors(tmp_path):
+    """Under several processes the launcher is torchrun, whose ChildFailedError summary `--quiet` does not silence:
+    the sweep passes the launch's stderr through scripts/launch_errors_only.py, which keeps progress bars and log lines
+    as they come and drops what follows the trainer's `error:` lines (once each, from any number of ranks)."""
+    launcher = tmp_path / "accelerate"
+    launcher.write_text(
+        "#!/usr/bin/env bash\n"
+        "printf 'INFO loading\\nsteps: 1/2\\rsteps: 2/2\\n' >&2\n"
+        "for rank in 0 1; do echo 'error: loss became nan at step 2; stopping' >&2; done\n"
+        "printf 'Traceback (most recent call last):\\n  File \"run.py\"\\nChildFailedError:\\n======\\n' >&2\n"
+        "exit 1\n"
+    )
+    launcher.chmod(0o755)
+    result = _run_script("train_text_to_video_lora.sh", ACCELERATE_BIN=str(launcher), DATA_ROOT=str(tmp_path),
+                         LEARNING_RATES="1e-4", OPTIMIZERS="adamw")
+    assert result.returncode == 1
+    # (text mode reads the progress bar's \r as a line end)
+    assert result.stderr == "INFO loading\nsteps: 1/2\nsteps: 2/2\nerror: loss became nan at step 2; stopping\n"
+    assert "finished" not in result.stdout  # the sweep stops at the failed run

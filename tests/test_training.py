@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,24 +269,29 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
     monkeypatch.setenv("WANDB_SILENT", "true")
     import wandb
 
-    logged_fps, video = [], wandb.Video
-    monkeypatch.setattr(wandb, "Video", lambda *args, **kwargs: logged_fps.append(kwargs.get("fps")) or video(*args, **kwargs))
+    logged, video = [], wandb.Video
+    monkeypatch.setattr(wandb, "Video", lambda path, **kwargs: logged.append((Path(path).suffix, kwargs.get("fps")))
+                        or video(path, **kwargs))
     output = tmp_path / "run"
     run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--report_to", "wandb",
                           "--validation_prompt", "a dog runs", "--validation_steps", "2", "--fps", "12",
                           *TINY_VALIDATION_FLAGS))
-    assert logged_fps == [12, 12]  # the validation and the test video, at --fps
+    # the validation and the test video at --fps, each with its GIF preview (whose frame times are in the file)
+    assert logged == [(".mp4", 12), (".gif", None), (".mp4", 12), (".gif", None)]
     import time
 
     (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
     deadline = time.time() + 30  # wandb's service process may still be flushing the run
     while True:
-        videos = sorted(p.name.split("_")[0] for p in (run_dir / "files" / "media" / "videos").glob("*.mp4"))
+        media = run_dir / "files" / "media"
+        videos = sorted(p.name.split("_")[0] for p in (media / "videos").glob("*.mp4"))
+        previews = sorted(p.name.split("_")[0] for p in (media / "videos").glob("*.gif"))
+        sheets = sorted(p.name.split("_")[0] for p in (media / "images").glob("*.png"))
         records = b"".join(p.read_bytes() for p in run_dir.glob("run-*.wandb"))  # offline log: holds metric names
-        if (videos == ["test", "validation"] and b"grad_norm" in records) or time.time() > deadline:
+        if (sheets == ["test", "validation"] and b"grad_norm" in records) or time.time() > deadline:
             break
         time.sleep(0.5)
-    assert videos == ["test", "validation"]
+    assert videos == previews == sheets == ["test", "validation"]
     assert b"loss" in records and b"grad_norm" in records
 
 

@@ -34,6 +34,7 @@ from .dry_run import dry_run_plan
 from .models import load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
+from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
 from .settings import validate_training_args
 from .step import build_context, build_trainer, train_step
 from .validation import Validation, evaluate
@@ -89,6 +90,7 @@ class TrainingRun:
     state: TrainingState = field(default_factory=TrainingState)
     last_loss: float = None
     eval_losses: dict = field(default_factory=dict)
+    history: LossHistory = field(default_factory=LossHistory)  # for the loss plot; kept in checkpoints
     progress: object = None
     step_started: float = 0.0
 
@@ -105,7 +107,7 @@ def run(argv, conditioning, mode):
         backend.end()
         return {"dry_run": plan}
     job.trainer = build_models_and_optimizer(job)  # 4.
-    job.state = resume(job)  # 5.
+    job.state, job.history = resume(job)  # 5.
     job.validation = Validation(args, settings.validation_num_frames, conditioning, backend)
     start_logging_run(job)
     tracker = memory.start_allocation_tracking(job.trainer.transformer, job.trainer.optimizer, job.trainer.context)
@@ -163,18 +165,20 @@ def build_models_and_optimizer(job):
 
 
 def resume(job):
-    """The state to start from: that of the checkpoint --resume_from_checkpoint names, or a fresh one."""
+    """(state, loss history) to start from: those of the checkpoint --resume_from_checkpoint names, or fresh ones."""
     args, trainer = job.args, job.trainer
     path = ckpt.resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         if args.resume_from_checkpoint:
             logger.info("no checkpoint in %s: starting a new run", args.output_dir)
-        return TrainingState()
+        return TrainingState(), LossHistory()
     ckpt.load_checkpoint(job.backend, path, trainer.transformer, trainer.optimizer, trainer.lr_scheduler, job.mode,
                          job.conditioning.pipeline_class)
-    state = TrainingState(**ckpt.read_state(path))
+    saved = ckpt.read_state(path)
+    history = LossHistory.from_json(saved.pop("loss_history", {}))  # checkpoints from before the plot have none
+    state = TrainingState(**saved)
     logger.info("resumed from %s at step %d", path, state.global_step)
-    return state
+    return state, history
 
 
 def start_logging_run(job):
@@ -236,7 +240,7 @@ def train_epoch(job):
 
 
 def after_step(job, loss, grad_norm):
-    """Stop on a non-finite loss; log; checkpoint, evaluate and validate when due."""
+    """Stop on a non-finite loss; log; evaluate, checkpoint (and plot the losses) and validate when due."""
     args, state, trainer, backend = job.args, job.state, job.trainer, job.backend
     step = state.global_step
     ckpt.simulate_crash("step", step)
@@ -247,26 +251,32 @@ def after_step(job, loss, grad_norm):
     job.step_started = time.perf_counter()
     lr = trainer.lr_scheduler.get_last_lr()[0]
     job.last_loss = loss
+    job.history.train.append([step, loss, lr])
     job.progress.update(1)
     job.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
     backend.log({"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "s_per_step": seconds}, step=step)
+    data = job.data
+    # Held-out loss before the checkpoint, so the history a checkpoint keeps (the plot of a resumed run) has it.
+    if data.eval_loader is not None and (step % job.settings.eval_every == 0 or step == job.schedule.max_train_steps):
+        job.eval_losses[step] = evaluate(trainer.transformer, data.eval_loader, trainer.context, job.conditioning,
+                                         backend, args)
+        job.history.held_out.append([step, job.eval_losses[step]])
+        backend.log({"eval_loss": job.eval_losses[step]}, step=step)
+        logger.info("step %d: eval_loss %.5f (%d held-out samples)", step, job.eval_losses[step], len(data.eval_dataset))
     if step % args.checkpointing_steps == 0:
         if not backend.all_finite([*trainer.parameters, *optimizer_state_tensors(trainer.optimizer)]):
             raise diverged(job, f"weights or optimizer states became non-finite at step {step}", step)
+        saved_state = {**state.for_checkpoint(job.schedule), "loss_history": job.history.to_json()}
         path = ckpt.save_checkpoint(
-            backend, args.output_dir, step, state.for_checkpoint(job.schedule), trainer.lr_scheduler,
+            backend, args.output_dir, step, saved_state, trainer.lr_scheduler,
             trainer.transformer, trainer.optimizer, total_limit=args.checkpoints_total_limit,
             save_model=lambda folder: backend.save_artifact(job.mode, trainer.transformer, folder,
                                                             job.conditioning.pipeline_class),
         )
         logger.info("saved checkpoint %s", path)
-    data = job.data
-    if data.eval_loader is not None and (step % job.settings.eval_every == 0 or step == job.schedule.max_train_steps):
-        job.eval_losses[step] = evaluate(trainer.transformer, data.eval_loader, trainer.context, job.conditioning,
-                                         backend, args)
-        backend.log({"eval_loss": job.eval_losses[step]}, step=step)
-        logger.info("step %d: eval_loss %.5f (%d held-out samples)", step, job.eval_losses[step], len(data.eval_dataset))
+        if backend.is_main_process:
+            plot_losses(job.history, Path(args.output_dir) / LOSS_PLOT)
     if job.settings.validation_steps and step % job.settings.validation_steps == 0:
         job.validation.run(trainer.context, trainer.transformer, step)
 
@@ -325,16 +335,22 @@ def save_and_test(job, summary):
         summary["parity"] = validation.final_test(mode, backend.weight_dtype, step)
         summary["memory_after_testing"] = memory.memory_stats(backend.device)
         logger.info(memory.format_stats("after testing", summary["memory_after_testing"]))
-        if args.push_to_hub:
-            _push_to_hub(args)
+        plot_losses(job.history, Path(args.output_dir) / LOSS_PLOT)
+        write_model_card(job)
         (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        if args.push_to_hub:
+            push_to_hub(args)
 
 
 def _tracker_config(args):
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
 
 
-def _push_to_hub(args):
+# What --push_to_hub uploads: the artifact (LoRA in both forms, or transformer/), the card, and what the card shows.
+HUB_FILES = ["*.safetensors", "transformer/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "*.gif", "*_sheet.png", "summary.json"]
+
+
+def push_to_hub(args):
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = args.hub_model_id or Path(args.output_dir).name
@@ -343,9 +359,11 @@ def _push_to_hub(args):
         repo_id=repo_id,
         folder_path=args.output_dir,
         token=args.hub_token,
+        allow_patterns=HUB_FILES,
         ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
         commit_message="CogVideoX fine-tune",
     )
+    logger.info("uploaded to https://huggingface.co/%s", repo_id)
 
 
 def trainer_main(conditioning, mode):

@@ -2,7 +2,8 @@
 
 `LoRA` adds peft adapters to the transformer and writes `pytorch_lora_weights.safetensors`
 in the diffusers format, with the adapter's rank/alpha/targets in the file's metadata, so
-`pipe.load_lora_weights(...)` at weight 1.0 reproduces exactly what training validated.
+`pipe.load_lora_weights(...)` at weight 1.0 reproduces exactly what training validated, and
+the same adapter for ComfyUI's native CogVideoX beside it (lora_formats.py).
 `Full` trains every transformer weight and writes `transformer/` with `save_pretrained`.
 
 Both keep trainable weights in `--master_weight_dtype` (fp32 by default) while the frozen
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .args import UsageError
 from .files import share_like_umask
+from .lora_formats import COMFYUI_WEIGHT_NAME, comfyui_problems, peft_adapters, save_comfyui
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -70,6 +73,11 @@ class LoRA:
         transformer.add_adapter(
             LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True, target_modules=target_modules)
         )
+        # Every adapted module must have a place in the ComfyUI file too: say so now, not after the GPU hours.
+        adapted = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
+        problems = comfyui_problems(adapted)
+        if problems:
+            raise UsageError(problems)
         _to_master_dtype(self.trainable_parameters(transformer), args)
 
     def trainable_parameters(self, transformer):
@@ -96,10 +104,13 @@ class LoRA:
                                    f"{len(empty)} empty)")
         if dtype is not None:
             layers = {k: v.detach().to("cpu", dtype) for k, v in layers.items()}
-        pipeline_class.save_lora_weights(
-            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=adapter_metadata(transformer)
-        )
+        metadata = adapter_metadata(transformer)
+        pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers,
+                                         transformer_lora_adapter_metadata=metadata)
+        # The same adapter for ComfyUI's native CogVideoX: other module names, alpha as a tensor.
+        save_comfyui(peft_adapters(layers, metadata), Path(directory) / COMFYUI_WEIGHT_NAME)
         share_like_umask(Path(directory) / LORA_WEIGHT_NAME)
+        share_like_umask(Path(directory) / COMFYUI_WEIGHT_NAME)
 
     def load(self, transformer, directory, pipeline_class):
         """Load adapter weights saved by `save` into a transformer prepared by `prepare` (resume)."""
@@ -144,7 +155,7 @@ class LoRA:
         return pipe
 
     def artifact_paths(self, output_dir):
-        return [Path(output_dir) / LORA_WEIGHT_NAME]
+        return [Path(output_dir) / LORA_WEIGHT_NAME, Path(output_dir) / COMFYUI_WEIGHT_NAME]
 
 
 class Full:

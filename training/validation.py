@@ -13,6 +13,7 @@ import torch
 
 from . import memory
 from .models import load_transformer, prepare_frozen_base
+from .report import picture_files
 from .step import compute_loss
 
 
@@ -55,6 +56,7 @@ class Validation:
         self.backend = backend
         self.last_videos = []
         self.validated_at = None
+        self.pictures = None  # (prompts, videos, sheet, gifs) of the latest validation or test, for the model card
 
     @property
     def has_cases(self):
@@ -104,7 +106,7 @@ class Validation:
                     module.to(backend.device)
         if main:
             self.last_videos = videos
-            log_videos(backend, videos, tag, step, args.fps)
+            self._show(cases, videos, f"{tag}_step{step}", tag, step)
         del pipe
         memory.free_memory()
         model.train(was_training)
@@ -131,10 +133,18 @@ class Validation:
         prepare_frozen_base(pipe.transformer, args, weight_dtype)  # FP8 storage as in training, if chosen
         with torch.no_grad():
             videos = generate_videos(pipe, cases, args, self.num_frames, self.backend.device, args.output_dir, "test")
-        log_videos(self.backend, videos, "test", step, args.fps)  # wandb drops entries logged at an earlier step
+        self._show(cases, videos, "test", "test", step)  # wandb drops entries logged at an earlier step
         del pipe
         memory.free_memory()
         return self._parity(videos, mode)
+
+    def _show(self, cases, videos, name, tag, step):
+        """Contact sheet and GIFs beside the mp4s, all of them to the trackers (main process)."""
+        args = self.args
+        prompts = [case["prompt"] for case in cases for _ in range(args.num_validation_videos)]
+        sheet, gifs = picture_files(videos, prompts, args.output_dir, name, args.fps)
+        self.pictures = (prompts, videos, sheet, gifs)
+        log_videos(self.backend, videos, tag, step, args.fps, sheet=sheet, gifs=gifs)
 
     def _parity(self, videos, mode):
         if not self.last_videos:
@@ -212,9 +222,30 @@ def build_pipeline(args, conditioning, dtype, **components):
     return pipe
 
 
-def log_videos(backend, results, tag, step, fps):
+def log_videos(backend, results, tag, step, fps, sheet, gifs):
+    """wandb: the mp4s, the GIFs and the sheet. TensorBoard: the sheet, and each GIF as an image (TensorBoard shows
+    an animated GIF animated; its own add_video needs moviepy)."""
     for tracker in backend.trackers:
         if tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=fps) for path, _ in results]}, step=step)
+            tracker.log({tag: [wandb.Video(str(path), caption=path.stem, fps=fps) for path, _ in results],
+                         f"{tag}_preview": [wandb.Video(str(gif), caption=gif.stem) for gif in gifs],
+                         f"{tag}_sheet": wandb.Image(str(sheet))}, step=step)
+        elif tracker.name == "tensorboard":
+            _tensorboard_images(tracker.writer, [(f"{tag}/sheet", sheet)] +
+                                [(f"{tag}/{gif.stem}", gif) for gif in gifs], step)
+
+
+def _tensorboard_images(writer, named_files, step):
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = []
+    for name, path in named_files:
+        with Image.open(path) as image:
+            width, height = image.size
+        values.append(Summary.Value(tag=name, image=Summary.Image(
+            height=height, width=width, colorspace=3, encoded_image_string=Path(path).read_bytes())))
+    writer.file_writer.add_summary(Summary(value=values), step)
+    writer.flush()

@@ -1,0 +1,152 @@
+"""What a run leaves for its user to look at and share: the model card, the loss plot, validation contact sheets
+and GIFs (also in TensorBoard), and the --push_to_hub upload (the network call replaced)."""
+
+import json
+
+import pytest
+from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_trainer
+
+
+PROMPTS = ["a cat walks on the grass", "a red car drives"]
+
+
+@pytest.fixture(scope="module")
+def reported_run(tiny_model_2b, tmp_path_factory):
+    """A LoRA run with everything on: trigger word, held-out loss, validation, TensorBoard, checkpoints, upload."""
+    import huggingface_hub
+
+    output = tmp_path_factory.mktemp("reported")
+    uploads = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"me/{repo_id}"}))
+        patch.setattr(huggingface_hub, "upload_folder", lambda **kw: uploads.append(kw))
+        summary = run_trainer(lora_argv(
+            tiny_model_2b, ASSETS, output, "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--id_token", "BW_STYLE", "--eval_split", "0.34", "--report_to", "tensorboard",
+            "--validation_prompt", ":::".join(PROMPTS), "--validation_steps", "2", *TINY_VALIDATION_FLAGS,
+            "--push_to_hub", "--hub_model_id", "bw-style-lora",
+        ))
+    return {"output": output, "summary": summary, "uploads": uploads, "model": tiny_model_2b}
+
+
+def front_matter(text):
+    import yaml
+
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---\n", 1)[0][4:])
+
+
+def test_model_card_describes_the_run_in_hugging_face_form(reported_run):
+    output, summary = reported_run["output"], reported_run["summary"]
+    card = (output / "README.md").read_text()
+    header = front_matter(card)
+    assert header["base_model"] == reported_run["model"] and header["library_name"] == "diffusers"
+    assert {"text-to-video", "lora", "cogvideox"} <= set(header["tags"])
+    assert header["license"] == "other" and header["instance_prompt"] == "BW_STYLE"
+    assert [w["text"] for w in header["widget"]] == PROMPTS
+    for widget in header["widget"]:
+        assert (output / widget["output"]["url"]).is_file()
+    assert "# bw-style-lora" in card and "`BW_STYLE`" in card
+    for prompt in PROMPTS:
+        assert f"**{prompt}**" in card
+    for link in ("test_sheet.png", "loss.png", "test_video_0_0_a_cat_walks_on_the_grass.mp4"):
+        assert f"({link})" in card and (output / link).is_file()
+    assert f"Final training loss: {summary['final_loss']:.4f}." in card
+    last_eval = summary["eval_loss"][max(summary["eval_loss"])]
+    assert f"Held-out loss (last evaluation): {last_eval:.4f}." in card
+    assert "| rank | 4 |" in card and "| alpha | 8 |" in card and "| steps | 4 |" in card
+    assert "Data: 4 training samples." in card  # 6 clips, a third held out
+    assert 'weight_name="pytorch_lora_weights.safetensors"' in card and 'pipe.set_adapters(["lora"], [1.0])' in card
+    assert "`pytorch_lora_weights_comfyui.safetensors` into `ComfyUI/models/loras/`" in card
+    assert "strength_model at 1.0" in card
+
+
+def test_the_license_comes_from_the_base_model(tmp_path):
+    from training.report import base_model_license
+
+    assert base_model_license("THUDM/CogVideoX-2b") == {"license": "apache-2.0"}
+    assert base_model_license("zai-org/CogVideoX1.5-5B-I2V")["license_name"] == "cogvideox-license"
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- video\n---\n# a model\n")
+    assert base_model_license(str(tmp_path)) == {"license": "mit"}
+    assert base_model_license(str(tmp_path / "elsewhere")) == {"license": "other"}
+
+
+def test_push_to_hub_uploads_the_weights_card_and_pictures_but_no_checkpoint(reported_run):
+    from huggingface_hub.utils import filter_repo_objects
+
+    output = reported_run["output"]
+    (call,) = reported_run["uploads"]
+    assert call["repo_id"] == "me/bw-style-lora" and call["folder_path"] == str(output)
+    files = [str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()]
+    uploaded = set(filter_repo_objects(files, allow_patterns=call["allow_patterns"],
+                                       ignore_patterns=call["ignore_patterns"]))
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors", "README.md",
+                 "loss.png", "test_sheet.png", "test_video_1_0_a_red_car_drives.mp4",
+                 "test_video_1_0_a_red_car_drives.gif", "validation_step2_sheet.png"):
+        assert name in uploaded, name
+    assert not [f for f in uploaded if f.startswith(("checkpoint-", "logs"))]
+
+
+def test_loss_plot_is_drawn_at_checkpoints_and_at_the_end(reported_run):
+    from PIL import Image
+
+    output = reported_run["output"]
+    with Image.open(output / "loss.png") as image:
+        assert image.format == "PNG" and image.size == (800, 450)
+    saved = json.loads((output / "checkpoint-4" / "training_state.json").read_text())["loss_history"]
+    assert [row[0] for row in saved["train"]] == [1, 2, 3, 4]
+    assert saved["train"][-1][1] == pytest.approx(reported_run["summary"]["final_loss"])
+    assert [row[0] for row in saved["held_out"]] == sorted(reported_run["summary"]["eval_loss"])
+
+
+def test_a_resumed_run_plots_its_whole_history(tiny_model_2b, tmp_path):
+    first = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    early = json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["loss_history"]["train"]
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                          "--resume_from_checkpoint", "latest"))
+    history = json.loads((tmp_path / "checkpoint-4" / "training_state.json").read_text())["loss_history"]["train"]
+    assert [row[0] for row in history] == [1, 2, 3, 4] and history[:2] == early
+    assert early[-1][1] == pytest.approx(first["final_loss"])
+
+
+def test_each_validation_has_a_contact_sheet_and_gifs(reported_run):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    output = reported_run["output"]
+    for tag in ("validation_step2", "validation_step4", "test"):
+        with Image.open(output / f"{tag}_sheet.png") as sheet:
+            assert sheet.size[1] > sheet.size[0] / 4 * 1.5  # two rows of frames
+        for mp4 in sorted(output.glob(f"{tag}_video_*.mp4")):
+            with Image.open(mp4.with_suffix(".gif")) as gif:
+                assert gif.format == "GIF" and gif.n_frames == len(iio.imread(mp4)) == 9
+                assert gif.info["loop"] == 0
+
+
+def test_tensorboard_gets_the_sheets_and_animated_previews(reported_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for folder in {p.parent for p in (reported_run["output"] / "logs").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(folder), size_guidance={"images": 0}).Reload()
+        tags = events.Tags()["images"]
+        if tags:  # the run's own folder (accelerate writes its hyperparameters in another)
+            break
+    assert {"validation/sheet", "test/sheet"} <= set(tags)
+    gifs = [t for t in tags if t.startswith("test/test_video_")]
+    assert len(gifs) == len(PROMPTS)
+    assert events.Images(gifs[0])[0].encoded_image_string.startswith(b"GIF8")
+    assert [e.step for e in events.Images("validation/sheet")] == [2, 4]
+
+
+def test_a_full_fine_tune_card_loads_the_transformer_and_has_no_comfyui_section():
+    from training.report import model_card
+
+    card = model_card({"title": "t", "base_model": "THUDM/CogVideoX-5b-I2V", "license": {"license": "other"},
+                       "conditioning": "image-to-video", "mode": "sft", "id_token": None, "prompts": ["a dog runs"],
+                       "videos": [("test_video_0_0_a_dog_runs.mp4", "test_video_0_0_a_dog_runs.gif")], "sheet": None,
+                       "plot": None, "settings": {"steps": 10}, "samples": 3, "final_loss": 0.5, "held_out_loss": None,
+                       "lora_file": "x", "comfyui_file": "y"})
+    assert "full-fine-tune" in front_matter(card)["tags"] and "image-to-video" in front_matter(card)["tags"]
+    assert 'CogVideoXTransformer3DModel.from_pretrained("path/to/this/folder", subfolder="transformer"' in card
+    assert 'image=load_image("first_frame.png")' in card and "ComfyUI" not in card
+    assert "](https://huggingface.co/THUDM/CogVideoX-5b-I2V)" in card

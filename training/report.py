@@ -1,0 +1,301 @@
+"""What a run shows its user besides the weights: the loss plot, validation contact sheets and animated previews,
+and the model card (README.md in Hugging Face's form) that --push_to_hub uploads with the LoRA.
+
+Pictures are drawn with matplotlib (Agg: no display needed) and written by the main process only.
+"""
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .lora_formats import COMFYUI_WEIGHT_NAME
+from .modes import LORA_WEIGHT_NAME
+
+
+logger = logging.getLogger("cogvideox_factory")
+
+LOSS_PLOT = "loss.png"
+MODEL_CARD = "README.md"
+
+
+@dataclass
+class LossHistory:
+    """Per-step training loss and learning rate, held-out loss per evaluation; saved in each checkpoint, so the plot
+    of a resumed run covers it from step 1."""
+
+    train: list = field(default_factory=list)  # [step, loss, lr]
+    held_out: list = field(default_factory=list)  # [step, loss]
+
+    def to_json(self):
+        return {"train": self.train, "held_out": self.held_out}
+
+    @classmethod
+    def from_json(cls, saved):
+        return cls([list(row) for row in saved.get("train", [])], [list(row) for row in saved.get("held_out", [])])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def smoothed(values, weight=0.9):
+    """Exponential moving average with bias correction (as TensorBoard's smoothing): the first points are not
+    pulled towards zero."""
+    average, result = 0.0, []
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        result.append(average / (1 - weight**count))
+    return result
+
+
+def plot_losses(history, path):
+    """Training loss (raw, faint; smoothed), held-out loss (markers) and the learning rate (right axis)."""
+    if not history.train:
+        return None
+    plt = _pyplot()
+    steps, losses, rates = zip(*history.train)
+    figure, loss_axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    loss_axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="training loss")
+    loss_axis.plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label="training loss, smoothed")
+    if history.held_out:
+        eval_steps, eval_losses = zip(*history.held_out)
+        loss_axis.plot(eval_steps, eval_losses, "o-", color="tab:orange", label="held-out loss")
+    from matplotlib.ticker import MaxNLocator
+
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    loss_axis.grid(alpha=0.3)
+    rate_axis = loss_axis.twinx()
+    rate_axis.plot(steps, rates, "--", color="tab:gray", linewidth=1, label="learning rate")
+    rate_axis.set_ylabel("learning rate")
+    rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lines = loss_axis.get_legend_handles_labels()[0] + rate_axis.get_legend_handles_labels()[0]
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
+    loss_axis.set_title(f"step {steps[-1]}: loss {losses[-1]:.4f}")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+def contact_sheet(videos, prompts, path, frames_per_video=4):
+    """One row per video (a few evenly spaced frames), its prompt above the row."""
+    import numpy as np
+
+    plt = _pyplot()
+    columns = frames_per_video
+    height = 2.4 * len(videos) + 0.3
+    figure, axes = plt.subplots(len(videos), columns, figsize=(2.2 * columns, height),
+                                squeeze=False, dpi=100)
+    for row, (frames, prompt) in enumerate(zip(videos, prompts)):
+        frames = np.asarray(frames)
+        picks = np.linspace(0, len(frames) - 1, num=min(columns, len(frames))).round().astype(int)
+        for column, axis in enumerate(axes[row]):
+            axis.axis("off")
+            if column < len(picks):
+                axis.imshow(frames[picks[column]].clip(0, 1))
+                axis.set_title(f"frame {picks[column]}", fontsize="x-small")
+        axes[row][0].text(0, 1.2, prompt if len(prompt) <= 90 else prompt[:87] + "...", fontsize="small",
+                          fontweight="bold", transform=axes[row][0].transAxes, ha="left", va="bottom")
+    figure.tight_layout(h_pad=2.5, rect=(0, 0, 1, 1 - 0.3 / height))  # room for the first prompt
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+def animated_preview(frames, path, fps):
+    """A looping GIF of the video: plays inline in a browser, a model page or a chat."""
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray((np.asarray(frame).clip(0, 1) * 255).round().astype("uint8")) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return Path(path)
+
+
+def picture_files(videos, prompts, output_dir, tag, fps):
+    """The contact sheet of a validation and a GIF beside each mp4. Returns (sheet path, [gif paths])."""
+    sheet = contact_sheet([frames for _, frames in videos], prompts, Path(output_dir) / f"{tag}_sheet.png")
+    gifs = [animated_preview(frames, Path(path).with_suffix(".gif"), fps) for path, frames in videos]
+    return sheet, gifs
+
+
+# ----------------------------------------------------------------------------------------------
+# The model card
+# ----------------------------------------------------------------------------------------------
+
+# Licences of the published CogVideoX models (their model cards), by repository name.
+_COGVIDEOX_LICENSE = {"license": "other", "license_name": "cogvideox-license",
+                      "license_link": "https://huggingface.co/THUDM/CogVideoX-5b/blob/main/LICENSE"}
+KNOWN_LICENSES = {
+    "cogvideox-2b": {"license": "apache-2.0"},
+    "cogvideox-5b": _COGVIDEOX_LICENSE,
+    "cogvideox-5b-i2v": _COGVIDEOX_LICENSE,
+    "cogvideox1.5-5b": _COGVIDEOX_LICENSE,
+    "cogvideox1.5-5b-i2v": _COGVIDEOX_LICENSE,
+}
+
+
+def base_model_license(model):
+    """The base model's licence fields: from its own model card when it is a local folder, else by its name."""
+    card = Path(model) / "README.md"
+    if card.is_file():
+        fields = _front_matter(card.read_text(errors="replace"))
+        found = {k: fields[k] for k in ("license", "license_name", "license_link") if fields.get(k)}
+        if found:
+            return found
+    return KNOWN_LICENSES.get(Path(str(model).rstrip("/")).name.lower(), {"license": "other"})
+
+
+def _front_matter(text):
+    if not text.startswith("---"):
+        return {}
+    fields = {}
+    for line in text.split("\n---", 1)[0].splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if value.strip():
+            fields[key.strip()] = value.strip().strip("'\"")
+    return fields
+
+
+def _yaml_value(value):
+    return json.dumps(value, ensure_ascii=False)  # JSON scalars and lists are valid YAML
+
+
+def model_card(facts):
+    """README.md text for a run. `facts`: base_model, conditioning, mode, id_token, prompts, videos (relative paths:
+    mp4, gif), sheet, plot, settings (name -> value), samples, final_loss, held_out_loss, lora_file, comfyui_file,
+    license (fields)."""
+    lora = facts["mode"] == "lora"
+    tags = [facts["conditioning"], "cogvideox", "diffusers", "lora" if lora else "full-fine-tune", "template:sd-lora"]
+    header = {"base_model": facts["base_model"], "library_name": "diffusers", **facts["license"], "tags": tags}
+    if facts.get("id_token"):
+        header["instance_prompt"] = facts["id_token"]
+    lines = ["---", *(f"{key}: {_yaml_value(value)}" for key, value in header.items())]
+    if facts["videos"]:
+        lines.append("widget:")
+        for prompt, (_, gif) in zip(facts["prompts"], facts["videos"]):
+            lines += [f"- text: {_yaml_value(prompt)}", "  output:", f"    url: {_yaml_value(gif)}"]
+    lines += ["---", "", f"# {facts['title']}", ""]
+    kind = "LoRA" if lora else "fine-tune"
+    lines.append(f"A {facts['conditioning']} {kind} of [{facts['base_model']}]({_model_link(facts['base_model'])}), "
+                 "trained with CogVideoX Factory.")
+    lines.append("")
+    if facts.get("id_token"):
+        lines += ["## Trigger word", "", f"Start prompts with `{facts['id_token']}`: every training caption did.", ""]
+    if facts["videos"]:
+        lines += ["## Validation", "", "The saved weights, loaded back as below, at the same seed:", ""]
+        for prompt, (mp4, gif) in zip(facts["prompts"], facts["videos"]):
+            lines += [f"**{prompt}**", "", f"![{_alt(prompt)}]({gif}) ([mp4]({mp4}))", ""]
+        if facts.get("sheet"):
+            lines += [f"![frames of each video]({facts['sheet']})", ""]
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in facts["settings"].items()]
+    lines += ["", f"Data: {facts['samples']} training samples.", ""]
+    if facts.get("final_loss") is not None:
+        lines.append(f"Final training loss: {facts['final_loss']:.4f}.")
+    if facts.get("held_out_loss") is not None:
+        lines.append(f"Held-out loss (last evaluation): {facts['held_out_loss']:.4f}.")
+    if facts.get("plot"):
+        lines += ["", f"![training loss]({facts['plot']})"]
+    lines += ["", "## Use it", "", "### diffusers", "", "```python", *_diffusers_code(facts), "```", ""]
+    if lora:
+        lines += ["### ComfyUI", "",
+                  f"Copy `{facts['comfyui_file']}` into `ComfyUI/models/loras/`. Load the base model's native "
+                  "CogVideoX checkpoint (**Load Diffusion Model**), then add a **LoraLoaderModelOnly** node (or "
+                  "**Load LoRA**) between the model and the sampler, pick the file, and leave **strength_model at "
+                  "1.0**: that is the trained "
+                  f"strength, the same as weight 1.0 in diffusers. (`{facts['lora_file']}` is the diffusers form; "
+                  "ComfyUI's native loader does not read it.)", ""]
+    return "\n".join(lines)
+
+
+def _alt(text):
+    return text.replace("[", "(").replace("]", ")")
+
+
+def _model_link(model):
+    return f"https://huggingface.co/{model}" if not Path(model).exists() and model.count("/") == 1 else model
+
+
+def _diffusers_code(facts):
+    pipeline = "CogVideoXImageToVideoPipeline" if facts["conditioning"] == "image-to-video" else "CogVideoXPipeline"
+    prompt = facts["prompts"][0] if facts["prompts"] else f"{facts.get('id_token') or ''} a cat walks on the grass".strip()
+    code = ["import torch", f"from diffusers import {pipeline}", "from diffusers.utils import export_to_video", ""]
+    if facts["mode"] == "lora":
+        code += [f"pipe = {pipeline}.from_pretrained({json.dumps(facts['base_model'])}, torch_dtype=torch.bfloat16).to(\"cuda\")",
+                 f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name={json.dumps(facts['lora_file'])}, "
+                 "adapter_name=\"lora\")",
+                 "pipe.set_adapters([\"lora\"], [1.0])  # 1.0: the trained strength"]
+    else:
+        code += ["from diffusers import CogVideoXTransformer3DModel", "",
+                 "transformer = CogVideoXTransformer3DModel.from_pretrained(\"path/to/this/folder\", "
+                 "subfolder=\"transformer\", torch_dtype=torch.bfloat16)",
+                 f"pipe = {pipeline}.from_pretrained({json.dumps(facts['base_model'])}, transformer=transformer, "
+                 "torch_dtype=torch.bfloat16).to(\"cuda\")"]
+    image = ", image=load_image(\"first_frame.png\")" if facts["conditioning"] == "image-to-video" else ""
+    if image:
+        code.insert(2, "from diffusers.utils import load_image")
+    code += [f"video = pipe(prompt={json.dumps(prompt)}{image}, guidance_scale=6.0, num_inference_steps=50).frames[0]",
+             "export_to_video(video, \"output.mp4\", fps=8)"]
+    return code
+
+
+def write_model_card(job):
+    """README.md in --output_dir: what the run is, its validation videos, settings and losses, how to load it."""
+    args, output_dir = job.args, Path(job.args.output_dir)
+    prompts, videos, sheet, gifs = job.validation.pictures or ([], [], None, [])
+    held_out = [loss for _, loss in job.history.held_out]
+    facts = {
+        "title": args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name,
+        "base_model": args.pretrained_model_name_or_path,
+        "license": base_model_license(args.pretrained_model_name_or_path),
+        "conditioning": job.conditioning.name,
+        "mode": job.mode.name,
+        "id_token": args.id_token,
+        "prompts": prompts,
+        "videos": [(Path(mp4).name, gif.name) for (mp4, _), gif in zip(videos, gifs)],
+        "sheet": sheet.name if sheet else None,
+        "plot": LOSS_PLOT if (output_dir / LOSS_PLOT).is_file() else None,
+        "settings": run_settings(args, job.conditioning, job.mode, job.backend.num_processes,
+                                 job.schedule.max_train_steps),
+        "samples": len(job.data.dataset),
+        "final_loss": finite(job.last_loss),
+        "held_out_loss": finite(held_out[-1]) if held_out else None,
+        "lora_file": LORA_WEIGHT_NAME,
+        "comfyui_file": COMFYUI_WEIGHT_NAME,
+    }
+    (output_dir / MODEL_CARD).write_text(model_card(facts))
+
+
+def run_settings(args, conditioning, mode, num_processes, steps):
+    settings = {
+        "trainer": f"{conditioning.name} {'LoRA' if mode.name == 'lora' else 'full fine-tune'}",
+        "steps": steps,
+        "total batch size": args.train_batch_size * num_processes * args.gradient_accumulation_steps,
+        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
+        "optimizer": args.optimizer,
+        "mixed precision": args.mixed_precision or "no",
+        "resolution buckets (H x W)": f"{_join(args.height_buckets)} x {_join(args.width_buckets)}",
+        "frame buckets": _join(args.frame_buckets),
+        "seed": args.seed,
+    }
+    if mode.name == "lora":
+        settings.update({"rank": args.rank, "alpha": args.lora_alpha, "target modules": args.lora_target_modules})
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _join(values):
+    return ", ".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+
+def finite(value):
+    return value if value is not None and math.isfinite(value) else None

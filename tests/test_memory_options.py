@@ -107,11 +107,30 @@ def test_nf4_base_trains_resumes_and_validates(tiny_model_2b, tmp_path):
     assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())
 
 
-def test_offloaded_activations_train_to_the_same_weights(tiny_model_2b, tmp_path):
-    """save_on_cpu only moves the saved tensors (a copy on a GPU, a no-op here): training is unchanged."""
+def test_offloaded_activations_train_to_the_same_weights(tiny_model_2b, tmp_path, monkeypatch):
+    """save_on_cpu only moves the saved tensors (a copy on a GPU; here the compute device is the CPU already):
+    training is unchanged, and every tensor the forward saves for backward goes through its hook to the CPU."""
+    stored = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False):
+            real = save_on_cpu(pin_memory=pin_memory)
+
+            def pack(tensor):
+                device, packed = real.pack_hook(tensor)
+                stored.append((device, packed.device, packed.numel()))
+                return device, packed
+
+            super().__init__(pack, real.unpack_hook)
+
+    save_on_cpu = torch.autograd.graph.save_on_cpu
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
     common = ["--max_train_steps", "2", "--checkpointing_steps", "10", "--gradient_checkpointing"]
     run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "plain", *common))
+    assert stored == []  # the hook is not installed without the flag
     run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "offloaded", *common, "--offload_activations"))
+    assert len(stored) > 10 and all(where.type == "cpu" for _, where, _ in stored)
+    assert sum(numel for *_, numel in stored) > 5_000  # the activations (7432 values here), not a few scalars
     plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
     offloaded = load_file(tmp_path / "offloaded" / "pytorch_lora_weights.safetensors")
     assert plain.keys() == offloaded.keys() and all(torch.equal(plain[k], offloaded[k]) for k in plain)

@@ -93,3 +93,35 @@ def test_a_short_group_is_an_error(tiny_model_2b, backend):
                                             fill=torch.randn)
     with pytest.raises(RuntimeError, match="group of 2 micro-batches got 1"):
         train_step(trainer, iter([batch]), 2)
+
+
+@pytest.mark.parametrize("master", ["fp32", "bf16"])
+def test_trainer_precision_frozen_in_bf16_trained_in_master_dtype_noise_in_fp32(monkeypatch, tiny_model_2b, tmp_path,
+                                                                             master):
+    """Through the real trainer with --mixed_precision bf16: the frozen transformer computes in bf16, the LoRA weights
+    live in --master_weight_dtype (fp32 by default), and noise is mixed into fp32 latents (bf16 would round
+    alpha_bar near 1 to exactly 1)."""
+    from conftest import ASSETS, lora_argv, run_trainer
+
+    import training.core as core
+
+    seen = {}
+    real_train_step = core.train_step
+
+    def spy_train_step(trainer, batches, group_size):
+        if "frozen" not in seen:
+            params = dict(trainer.transformer.named_parameters())
+            seen["frozen"] = {p.dtype for n, p in params.items() if not p.requires_grad}
+            seen["trained"] = {p.dtype for n, p in params.items() if p.requires_grad}
+            scheduler = trainer.context.scheduler
+            add_noise = scheduler.add_noise
+            scheduler.add_noise = lambda latents, noise, t: seen.setdefault(
+                "noise", (latents.dtype, noise.dtype)) and add_noise(latents, noise, t)
+        return real_train_step(trainer, batches, group_size)
+
+    monkeypatch.setattr(core, "train_step", spy_train_step)
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "1", "--mixed_precision", "bf16",
+                          *(["--master_weight_dtype", master] if master != "fp32" else [])))
+    assert seen["frozen"] == {torch.bfloat16}
+    assert seen["trained"] == {torch.float32 if master == "fp32" else torch.bfloat16}
+    assert seen["noise"] == (torch.float32, torch.float32)

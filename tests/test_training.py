@@ -359,3 +359,50 @@ def test_optional_optimizers_train_and_resume(tiny_model_2b, tmp_path, flags):
     assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
     lora = load_file(output / "pytorch_lora_weights.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+def test_validation_prompt_alone_validates_every_epoch(tiny_model_2b, tmp_path):
+    """No --validation_epochs or --validation_steps (the original crashed): once per epoch."""
+    summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--num_train_epochs", "2", "--validation_prompt",
+                                    "a dog runs", *TINY_VALIDATION_FLAGS))
+    steps = sorted(int(p.name.split("_")[1].removeprefix("step")) for p in tmp_path.glob("validation_step*_video_*.mp4"))
+    per_epoch = summary["global_step"] // 2  # 5 batches of one shape each from the 6 bundled clips
+    assert steps == [per_epoch, 2 * per_epoch] and per_epoch > 1
+
+
+def test_the_artifact_is_on_disk_before_the_final_validation(tiny_model_2b, tmp_path, monkeypatch):
+    """A final validation (the last step is not a validation step) that runs out of memory loses nothing."""
+    from training.validation import Validation
+
+    on_disk, real_run = {}, Validation.run
+
+    def spy(self, context, transformer, step, tag="validation"):
+        on_disk[step] = (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+        return real_run(self, context, transformer, step, tag)
+
+    monkeypatch.setattr(Validation, "run", spy)
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "3", "--validation_steps", "2",
+                          "--validation_prompt", "a dog runs", *TINY_VALIDATION_FLAGS))
+    assert on_disk == {2: False, 3: True}
+
+
+def test_a_model_id_is_found_in_the_cache_dir(tiny_model_2b, tmp_path, monkeypatch):
+    """--cache_dir: a Hub id resolved in that cache (the layout huggingface_hub writes), offline, for every load of the
+    run (training, validation, the final test)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+    repo = cache / "models--someone--tiny-cogvideox"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_2b, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    argv = lora_argv("someone/tiny-cogvideox", ASSETS, tmp_path / "out", "--max_train_steps", "1",
+                     "--validation_prompt", "a dog runs", "--validation_steps", "1", *TINY_VALIDATION_FLAGS)
+    with pytest.raises(SystemExit):  # without the flag the id means nothing offline: one error line
+        run_trainer(argv)
+    summary = run_trainer([*argv, "--cache_dir", cache])
+    assert summary["global_step"] == 1 and summary["parity"]["exact"]

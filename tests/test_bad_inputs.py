@@ -1,12 +1,180 @@
-"""Broken samples among good ones: one report before any model loads; --skip_bad_samples trains on the rest."""
+"""Broken samples among good ones: one report before any model loads; --skip_bad_samples trains on the rest.
+
+Also the `no_model_file_opened` fixture, which observes "before any model loads" directly (tests/test_args.py uses
+it too)."""
 
 import csv
+import ctypes
+import ctypes.util
 import json
+import os
+import struct
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DATA_FLAGS, run_prepare, run_trainer
+from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# "Before any model loads", observed: every file of the model folder the process opens
+# ----------------------------------------------------------------------------------------------
+
+# Files of a pipeline folder a check may read before any model loads: the configs the flags are checked against.
+CONFIG_FILES = ("model_index.json", "config.json", "scheduler_config.json")
+
+# The audit hook below reports to the active watches. Audit hooks cannot be removed: it is added once, at the first
+# watch, and does nothing while no watch is active.
+_ACTIVE_WATCHES = []
+_HOOK_ADDED = []
+
+
+def _audit_hook(event, args):
+    if event == "open" and _ACTIVE_WATCHES:
+        for watch in _ACTIVE_WATCHES:
+            watch.python_open(args[0])
+
+
+_IN_CLOSE_WRITE, _IN_CLOSE_NOWRITE, _IN_OPEN, _IN_Q_OVERFLOW, _IN_ISDIR, _IN_NONBLOCK = (
+    0x8, 0x10, 0x20, 0x4000, 0x40000000, 0o4000)
+
+
+def _inotify():
+    """(libc, an inotify file descriptor), or None where the kernel has no inotify (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = libc.inotify_init1(_IN_NONBLOCK)
+    except (OSError, AttributeError, TypeError):
+        return None
+    return (libc, fd) if fd >= 0 else None
+
+
+class ModelFileWatch:
+    """Inside `with`, records every opening of a file under the model folder; on a clean exit, fails if any file
+    but the configs (CONFIG_FILES) was opened: weights (`*.safetensors`, `*.bin`), tokenizer files, anything.
+
+    Two observers: the kernel (inotify on every folder of the model: it sees every open(2), also the ones native
+    code makes, as safetensors and PyTorch's C++ readers do; an audit hook alone never sees those) and an audit
+    hook on Python's "open" event, which tells which Python code opened a file. With `allow_digest`, the weight
+    files may be opened by `training.precomputed.weights_digest` (64 slices of 64 KiB hashed to tell two models'
+    VAE and T5 weights apart; no tensor is built), as many times as it opened them and no more. `expect`: files the
+    block must have opened (the transformer config, which every check reads), so a watch that sees nothing fails.
+    """
+
+    def __init__(self, model, allow_digest=False, expect=("transformer/config.json",)):
+        self.roots = {os.path.abspath(model), os.path.realpath(model)}
+        self.allow_digest, self.expect = allow_digest, tuple(expect)
+        self.kernel_opens = Counter()  # relative path -> open(2) calls seen by inotify
+        self.digest_opens = Counter()  # relative path -> Python opens made by weights_digest
+        self.python_opens = Counter()  # relative path -> other Python opens
+        self.errors = []
+        self.kernel = None
+
+    # Python's opens, from the audit hook (which must never raise: the open itself would fail).
+    def python_open(self, path):
+        try:
+            if isinstance(path, int) or path is None:
+                return
+            path = os.path.abspath(os.fsdecode(path))
+            root = next((r for r in self.roots if path.startswith(r + os.sep)), None)
+            if root is None:
+                return
+            relative = os.path.relpath(path, root)
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code is not self._digest_code:
+                frame = frame.f_back
+            (self.digest_opens if frame is not None else self.python_opens)[relative] += 1
+        except Exception as error:  # reported by check()
+            self.errors.append(repr(error))
+
+    def __enter__(self):
+        from training.precomputed import weights_digest
+
+        self._digest_code = weights_digest.__code__
+        self.kernel = _inotify()
+        if self.kernel is None:
+            warnings.warn("no inotify here: only Python's own opens are watched (safetensors opens files natively)")
+        else:
+            libc, fd = self.kernel
+            self.folders = {}
+            for folder, _, _ in os.walk(next(iter(self.roots))):
+                wd = libc.inotify_add_watch(fd, os.fsencode(folder), _IN_OPEN | _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE)
+                if wd < 0:
+                    raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
+                self.folders[wd] = folder
+        if not _HOOK_ADDED:
+            sys.addaudithook(_audit_hook)
+            _HOOK_ADDED.append(True)
+        _ACTIVE_WATCHES.append(self)
+        return self
+
+    def _read_kernel_events(self):
+        """Every open(2) of a file (not a folder listing). The close events are watched too so that two openings of
+        one file are never adjacent identical events, which the kernel would merge into one."""
+        libc, fd = self.kernel
+        root = next(iter(self.roots))
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, size = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16 : offset + 16 + size].rstrip(b"\0").decode()
+                offset += 16 + size
+                if mask & _IN_Q_OVERFLOW:
+                    self.errors.append("inotify queue overflow: openings were lost")
+                elif mask & _IN_OPEN and not mask & _IN_ISDIR:
+                    self.kernel_opens[os.path.relpath(os.path.join(self.folders[wd], name), root)] += 1
+        os.close(fd)
+
+    def stop(self):
+        if self in _ACTIVE_WATCHES:
+            _ACTIVE_WATCHES.remove(self)
+            if self.kernel is not None:
+                self._read_kernel_events()
+
+    def __exit__(self, exc_type, *_):
+        self.stop()
+        if exc_type is None:
+            self.check()
+
+    @property
+    def opened(self):
+        """Every file of the model opened inside the block (relative paths)."""
+        return sorted(set(self.kernel_opens) | set(self.python_opens) | set(self.digest_opens))
+
+    def check(self):
+        assert not self.errors, self.errors
+        opened = self.kernel_opens if self.kernel is not None else self.python_opens + self.digest_opens
+        allowed = self.digest_opens if self.allow_digest else Counter()
+        loaded = {path: count - allowed[path] for path, count in opened.items()
+                  if Path(path).name not in CONFIG_FILES and count > allowed[path]}
+        loaded.update({path: count for path, count in self.python_opens.items()
+                       if Path(path).name not in CONFIG_FILES})
+        assert not loaded, f"model files opened before the error: {loaded} (all opened: {self.opened})"
+        missing = [path for path in self.expect if path not in self.opened]
+        assert not missing, f"the watch did not see {missing} opened (saw {self.opened}): is it watching?"
+
+
+@pytest.fixture()
+def no_model_file_opened():
+    """`with no_model_file_opened(model_folder): ...` fails if the block opened any file of the model but its
+    configs (see ModelFileWatch: `allow_digest=True` for --load_tensors, `expect=()` where no config is read)."""
+    watches = []
+
+    def watch(model, **options):
+        watches.append(ModelFileWatch(model, **options))
+        return watches[-1]
+
+    yield watch
+    for watch in watches:  # a test that failed inside the block leaves it open
+        watch.stop()
 
 
 def faststart_clip(path, frames=17, height=64, width=96):
@@ -86,9 +254,9 @@ def _argv(model, data, output):
             "--max_train_steps", "2", "--train_batch_size", "2"]
 
 
-def test_bad_samples_stop_the_run_with_one_report(capsys, tiny_model_2b, broken_csv, tmp_path):
+def test_bad_samples_stop_the_run_with_one_report(capsys, no_model_file_opened, tiny_model_2b, broken_csv, tmp_path):
     output = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
+    with no_model_file_opened(tiny_model_2b), pytest.raises(SystemExit) as exit_info:
         run_trainer(_argv(tiny_model_2b, broken_csv, output))
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -110,12 +278,13 @@ def test_skip_bad_samples_trains_on_the_rest_and_lists_them(tiny_model_2b, broke
     assert all(reason in report[entry] for entry, reason in EXPECTED.items())
 
 
-def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, tiny_model_2b, broken_csv, tmp_path):
+def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, no_model_file_opened, tiny_model_2b, broken_csv,
+                                                        tmp_path):
     output = tmp_path / "prepared"
     argv = ["--model_id", tiny_model_2b, "--dataset_file", str(broken_csv / "metadata.csv"), "--caption_column", "caption",
             "--video_column", "video", *TINY_DATA_FLAGS, "--max_sequence_length", "16", "--save_latents_and_embeddings",
             "--output_dir", str(output)]
-    with pytest.raises(SystemExit):
+    with no_model_file_opened(tiny_model_2b), pytest.raises(SystemExit):
         run_prepare(argv)
     assert "encoding has not started" in capsys.readouterr().err
     assert not list((output / "latents").iterdir())
@@ -124,9 +293,7 @@ def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, tiny_model_2b, b
     assert len(manifest["entries"]) == 6 and len(manifest["skipped"]) == len(EXPECTED)
 
 
-def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, tmp_path):
-    from conftest import ASSETS
-
+def test_truncated_cache_entry_is_refused_and_recomputed(capsys, no_model_file_opened, tiny_model_2b, tmp_path):
     output = tmp_path / "prepared"
     argv = ["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
             "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
@@ -136,7 +303,7 @@ def test_truncated_cache_entry_is_refused_and_recomputed(capsys, tiny_model_2b, 
     entry = sorted((output / "latents").iterdir())[0]
     entry.write_bytes(entry.read_bytes()[:100])  # a write cut short
     capsys.readouterr()
-    with pytest.raises(SystemExit):
+    with no_model_file_opened(tiny_model_2b, allow_digest=True), pytest.raises(SystemExit):
         run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(output), "--load_tensors",
                      "--output_dir", str(tmp_path / "o")])
     assert "1 prepared file(s) truncated or corrupt" in capsys.readouterr().err
@@ -189,25 +356,56 @@ def test_grayscale_and_alpha_videos_read_as_rgb(tmp_path, pix_fmt, codec, suffix
     assert frames[2].float().mean() > frames[0].float().mean() + 100  # content, not a blank decode
 
 
-def test_output_dir_below_a_file(capsys, tiny_model_2b, tmp_path):
-    from conftest import ASSETS
+def _output_dir_errors(capsys, runner, model, output):
+    argv = ["--data_root", str(ASSETS), "--caption_column", "prompts.txt", "--video_column", "videos.txt",
+            *TINY_DATA_FLAGS, "--output_dir", str(output)]
+    if runner is run_prepare:
+        argv = ["--model_id", model, *argv, "--max_sequence_length", "16", "--save_latents_and_embeddings"]
+    else:
+        argv = ["--pretrained_model_name_or_path", model, *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        runner(argv)
+    assert exit_info.value.code == 2
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
 
+
+@pytest.mark.parametrize("runner", [run_trainer, run_prepare], ids=["train", "prepare"])
+def test_output_dir_below_a_file(capsys, no_model_file_opened, tiny_model_2b, tmp_path, runner):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(SystemExit):
-        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column",
-                     "prompts.txt", "--video_column", "videos.txt", "--output_dir", str(tmp_path / "afile" / "run")])
-    assert "is a file, not a folder" in capsys.readouterr().err
+    with no_model_file_opened(tiny_model_2b):
+        lines = _output_dir_errors(capsys, runner, tiny_model_2b, tmp_path / "afile" / "run")
+    assert lines == [f"error: --output_dir {tmp_path / 'afile' / 'run'}: cannot create it ({tmp_path / 'afile'} is "
+                     "a file, not a folder)"]
 
 
-def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, tiny_model_2b, tmp_path):
+@pytest.mark.parametrize("runner", [run_trainer, run_prepare], ids=["train", "prepare"])
+def test_output_dir_that_is_not_writable(capsys, monkeypatch, no_model_file_opened, tiny_model_2b, tmp_path, runner):
+    """A read-only folder (the output folder itself, or the one it would be created in)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    if real_access(locked, os.W_OK):  # root writes anywhere: make the check see what it sees for other users
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            False if Path(path) == locked and mode & os.W_OK else real_access(path, mode, **kw)))
+    try:
+        for output in (locked, locked / "run"):
+            with no_model_file_opened(tiny_model_2b):
+                lines = _output_dir_errors(capsys, runner, tiny_model_2b, output)
+            assert lines == [f"error: --output_dir {output}: cannot write there ({locked} is not writable)"]
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, no_model_file_opened, tiny_model_2b,
+                                                        tmp_path):
     import shutil
     from collections import namedtuple
 
-    from conftest import ASSETS
-
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(SystemExit):
+    with no_model_file_opened(tiny_model_2b), pytest.raises(SystemExit):
         run_prepare(["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
                      "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
                      "--save_latents_and_embeddings", "--output_dir", str(tmp_path / "p")])
@@ -269,10 +467,12 @@ def test_a_stream_broken_behind_a_good_header_is_found_by_the_scan(clips):
     assert len(assign_buckets(samples, [5], [32], [32], max_num_frames=5, check_streams=False)[0]) == 3
 
 
-def test_a_clip_failing_in_a_loader_worker_stops_training_with_one_line_naming_it(capsys, monkeypatch, tiny_model_2b,
-                                                                                   clips, tmp_path):
-    """If a clip passes the scan and still fails to decode (here the stream check is switched off), the run
-    stops with one `error:` line naming the entry and file and saying what to do, not a worker traceback."""
+@pytest.mark.parametrize("runner", [run_trainer, run_prepare], ids=["train", "prepare"])
+def test_a_clip_failing_in_a_loader_worker_stops_the_run_with_one_line_naming_it(capfd, monkeypatch, tiny_model_2b,
+                                                                                 clips, tmp_path, runner):
+    """If a clip passes the scan and still fails to decode (here the stream check is switched off), training and
+    prepare_dataset.py stop with exit status 1 and one `error:` line naming the entry and file and saying what to do;
+    nothing on stderr (read at the file descriptor, where a worker process writes too) is a traceback."""
     import training.dataset
 
     corrupt_in_the_middle(faststart_clip(tmp_path / "good.mp4"), clips / "videos" / "corrupt.mp4")
@@ -282,14 +482,25 @@ def test_a_clip_failing_in_a_loader_worker_stops_training_with_one_line_naming_i
         f.write("videos/corrupt.mp4\n")
     unchecked = training.dataset.probe_video
     monkeypatch.setattr(training.dataset, "probe_video", lambda path, last_frame_for=None: unchecked(path))
+    data = ["--data_root", str(clips), "--caption_column", "prompts.txt", "--video_column", "videos.txt",
+            *TINY_DATA_FLAGS, "--output_dir", str(tmp_path / "run"), "--dataloader_num_workers", "1"]
+    if runner is run_prepare:
+        argv = ["--model_id", tiny_model_2b, *data, "--max_sequence_length", "16", "--save_latents_and_embeddings"]
+    else:
+        argv = ["--pretrained_model_name_or_path", tiny_model_2b, *data, "--max_train_steps", "7",
+                "--train_batch_size", "1"]
+    capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(clips), "--caption_column",
-                     "prompts.txt", "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--output_dir",
-                     str(tmp_path / "run"), "--max_train_steps", "7", "--train_batch_size", "1",
-                     "--dataloader_num_workers", "1"])
+        runner(argv)
     assert exit_info.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "error: " in line]
     assert len(lines) == 1, lines
-    message = lines[0][lines[0].index("error: "):]
-    assert message.startswith("error: entry 7: ") and str(clips / "videos" / "corrupt.mp4") in message
-    assert "remove this clip from the data list" in message and "Traceback" not in message
+    # prepare_dataset.py leaves its progress bar unfinished: the error follows it on the same line.
+    message = lines[0] if runner is run_trainer else lines[0][lines[0].index("error: "):]
+    assert message.startswith("error: entry 7: "), lines
+    assert str(clips / "videos" / "corrupt.mp4") in message
+    assert "remove this clip from the data list (or re-encode it) and run again" in message
+    assert "--resume_from_checkpoint latest goes on from the last checkpoint" in message
+    assert "prepare_dataset.py keeps what it finished" in message
+    assert "Traceback" not in err and "DataLoader worker" not in err and "ClipDecodeError" not in err

@@ -16,6 +16,7 @@ from conftest import (
     TINY_VALIDATION_FLAGS,
     generate,
     lora_argv,
+    lora_weights,
     run_prepare,
     run_trainer,
     tiny_pipeline,
@@ -297,12 +298,13 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
 
 @pytest.mark.slow  # subprocesses or several runs
 def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
-    """Two ranks (gloo), one clip: padding keeps ranks in step; checkpoints, resume and the artifact work."""
+    """Two ranks (gloo), one clip: padding keeps ranks in step; each rank has its own random stream (its own noise);
+    a run stopped after its checkpoint and resumed on two ranks ends with the LoRA of an uninterrupted run."""
     (clips / "prompts.txt").write_text("a blue square moves across a black background\n")
     (clips / "videos.txt").write_text("videos/square.mp4\n")
     output = tmp_path / "ddp"
 
-    def launch(*extra):
+    def launch(output, *extra):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    ROOT / "training" / "cogvideox_text_to_video_lora.py",
                    *lora_argv(tiny_model_2b, clips, output, "--checkpointing_steps", "2", *extra)]
@@ -311,13 +313,22 @@ def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    launch("--max_train_steps", "2")
-    assert (output / "checkpoint-2" / "random_states_1.pkl").is_file()  # both ranks' RNG made it in
-    result = launch("--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompt", "a dog",
-                    *TINY_VALIDATION_FLAGS)
+    launch(output, "--max_train_steps", "2")
+    checkpoint = output / "checkpoint-2"
+    # what resume reads: both ranks' RNG, the optimizer, the schedule, the loop position, the adapter
+    for name in ("rng_state_0.safetensors", "rng_state_1.safetensors", "optimizer.bin", "lr_scheduler.json",
+                 "training_state.json", "pytorch_lora_weights.safetensors"):
+        assert (checkpoint / name).is_file(), name
+    rank_0, rank_1 = (load_file(checkpoint / f"rng_state_{rank}.safetensors")["torch"] for rank in (0, 1))
+    assert not torch.equal(rank_0, rank_1)  # seeded per rank: the ranks draw different noise
+    result = launch(output, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompt",
+                    "a dog", *TINY_VALIDATION_FLAGS)
     assert "resumed from" in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["parity"]["exact"]
+    launch(tmp_path / "straight", "--max_train_steps", "3")
+    resumed, straight = lora_weights(output), lora_weights(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
 
 
 def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
@@ -352,13 +363,17 @@ def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     ids=["prodigy", "came", "bnb-adamw8bit"],
 )
 def test_optional_optimizers_train_and_resume(tiny_model_2b, tmp_path, flags):
-    output = tmp_path / "run"
+    """Each optimizer's state survives a checkpoint: 2 steps + resume for the third equals 3 steps straight."""
+    output, straight = tmp_path / "run", tmp_path / "straight"
     run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--checkpointing_steps", "1", *flags))
     summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "3", "--checkpointing_steps",
                                     "1", "--resume_from_checkpoint", "latest", *flags))
-    assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
-    lora = load_file(output / "pytorch_lora_weights.safetensors")
-    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, straight, "--max_train_steps", "3", "--checkpointing_steps", "1", *flags))
+    assert summary["global_step"] == 3
+    resumed, reference = load_file(output / "pytorch_lora_weights.safetensors"), lora_weights(straight)
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
+    before = load_file(output / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(before[k], resumed[k]) for k in resumed)  # the resumed step did update
 
 
 def test_validation_prompt_alone_validates_every_epoch(tiny_model_2b, tmp_path):

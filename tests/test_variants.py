@@ -1,6 +1,7 @@
 """The four trainers on the model variants: 2b, 5b-I2V (learned positions), 1.5 T2V and I2V (patch_size_t, ofs)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,13 +84,35 @@ def test_image_to_video_lora_multiresolution(tiny_models, first_frame_png, tmp_p
     _assert_lora_changes_output(model, output, image=first_frame_png, drop_positions=True)
 
 
-def test_image_to_video_learned_positions_at_their_size(tiny_models, tmp_path):
+def test_image_to_video_learned_positions_at_their_size(tiny_models, tmp_path, monkeypatch):
+    """At the size its learned position table holds, 5b-I2V trains with that table: it is neither dropped nor
+    replaced, and every step sees the 64x64 table (as the pipeline does at inference)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    import training.conditioning as conditioning
+
+    def refuse(transformer):
+        raise AssertionError("the learned positions were dropped")
+
+    monkeypatch.setattr(conditioning, "drop_learned_positional_embeddings", refuse)
     model, output = tiny_models("5b-i2v"), tmp_path / "i2v-64"
+    table = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer").patch_embed.pos_embedding
     argv = lora_argv(model, ASSETS, output, "--max_train_steps", "2")
     argv[argv.index("--height_buckets") + 1 : argv.index("--frame_buckets")] = ["64", "--width_buckets", "64"]
     argv += ["--height", "64", "--width", "64"]
+    seen = []
+    real_forward = CogVideoXTransformer3DModel.forward
+
+    def spy(self, *args, **kwargs):
+        embed = self.patch_embed  # (the loaded table, within float rounding)
+        seen.append(embed.use_learned_positional_embeddings and torch.allclose(embed.pos_embedding.double(), table.double(), atol=1e-6))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", spy)
     summary = run_trainer(argv, main=trainer_main("cogvideox_image_to_video_lora"))
-    assert summary["global_step"] == 2
+    assert summary["global_step"] == 2 and seen and all(seen)
+    lora = load_file(output / "pytorch_lora_weights.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
 
 
 def test_image_to_video_sft_cogvideox_1_5(tiny_models, first_frame_png, tmp_path):
@@ -101,6 +124,11 @@ def test_image_to_video_sft_cogvideox_1_5(tiny_models, first_frame_png, tmp_path
     summary = run_trainer(argv, main=trainer_main("cogvideox_image_to_video_sft"))
     assert summary["parity"]["exact"]
     _assert_transformer_changes_output(model, output, image=first_frame_png, num_frames=13)
+    # The saved config is the base model's (image channels, temporal patches, ofs embedding): the pipeline loads it.
+    base = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    saved = json.loads((output / "transformer" / "config.json").read_text())
+    assert {k: v for k, v in saved.items() if not k.startswith("_")} == {k: v for k, v in base.items() if not k.startswith("_")}
+    assert saved["in_channels"] == 2 * saved["out_channels"] and saved["ofs_embed_dim"] and saved["patch_size_t"] == 2
 
 
 def test_text_to_video_lora_cogvideox_1_5(tiny_models, tmp_path):
@@ -111,7 +139,7 @@ def test_text_to_video_lora_cogvideox_1_5(tiny_models, tmp_path):
     _assert_lora_changes_output(model, output, num_frames=13)
 
 
-def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
+def test_image_to_video_from_precomputed_data(tiny_models, tmp_path, monkeypatch):
     model, prepared = tiny_models("1.5-i2v"), tmp_path / "prepared"
     run_prepare([
         "--model_id", model, "--data_root", ASSETS, "--caption_column", "prompts.txt", "--video_column", "videos.txt",
@@ -122,6 +150,22 @@ def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
     entry = load_file(prepared / manifest["entries"][0]["file"])
     frames, height, width = manifest["entries"][0]["bucket"]
     assert entry["first_frame"].shape == (1, 3, height, width) and "image_latent_dist" not in entry  # never read
+    # Mark every stored first frame: training must condition on exactly these pixels, not decode the clip again.
+    from safetensors.torch import save_file
+
+    from training.conditioning import ImageToVideo
+
+    for item in manifest["entries"]:
+        stored = load_file(prepared / item["file"])
+        stored["first_frame"] = torch.full_like(stored["first_frame"], 0.25)
+        save_file(stored, str(prepared / item["file"]))
+    conditioned_on, real_model_input = [], ImageToVideo.model_input
+
+    def spy(self, noisy_latents, batch, context):
+        conditioned_on.append(batch["image"])
+        return real_model_input(self, noisy_latents, batch, context)
+
+    monkeypatch.setattr(ImageToVideo, "model_input", spy)
     output = tmp_path / "run"
     summary = run_trainer(
         ["--pretrained_model_name_or_path", model, "--data_root", prepared, "--load_tensors", "--output_dir", output,
@@ -130,6 +174,7 @@ def test_image_to_video_from_precomputed_data(tiny_models, tmp_path):
         main=trainer_main("cogvideox_image_to_video_lora"),
     )
     assert summary["global_step"] == 2 and np.isfinite(summary["final_loss"])
+    assert len(conditioned_on) == 2 and all(bool((image == 0.25).all()) for image in conditioned_on)
 
 
 @pytest.mark.parametrize(

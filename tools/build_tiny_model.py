@@ -90,7 +90,8 @@ def build_tokenizer(directory):
     return T5Tokenizer.from_pretrained(directory, extra_ids=0)
 
 
-def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, scratch_dir=None):
+def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, scratch_dir=None, transformer=None):
+    """`transformer`: arguments that replace the variant's (e.g. wider layers, for a memory measurement)."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -148,7 +149,7 @@ def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, 
         max_text_seq_length=max_text_seq_length,
         use_learned_positional_embeddings=False,
     )
-    transformer = CogVideoXTransformer3DModel(**{**transformer_config, **spec["transformer"]})
+    transformer = CogVideoXTransformer3DModel(**{**transformer_config, **spec["transformer"], **(transformer or {})})
     scheduler = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
     pipeline_class = CogVideoXImageToVideoPipeline if spec.get("i2v") else CogVideoXPipeline
     return pipeline_class(
@@ -156,11 +157,11 @@ def build_pipeline(variant="2b", seed=0, max_text_seq_length=16, sample_size=8, 
     )
 
 
-def save_tiny_model(output_dir, variant="2b", seed=0):
+def save_tiny_model(output_dir, variant="2b", seed=0, transformer=None):
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
-        pipe = build_pipeline(variant=variant, seed=seed, scratch_dir=scratch)
+        pipe = build_pipeline(variant=variant, seed=seed, scratch_dir=scratch, transformer=transformer)
         pipe.save_pretrained(output_dir)
     return output_dir
 

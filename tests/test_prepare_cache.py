@@ -1,4 +1,5 @@
-"""prepare_dataset.py --hash_videos: entries keyed by the video's bytes, not its path, size and mtime."""
+"""The precompute cache is never stale: an entry is recomputed when anything it depends on changes, and only then
+(default keys: path, size and mtime; --hash_videos: the video's bytes)."""
 
 import json
 import os
@@ -83,9 +84,11 @@ def test_hashes_are_remembered_and_taken_again_only_for_changed_files(clips, tmp
     assert [again.digest(v) for v in videos] == digests and (again.hashed, again.reused) == (0, len(videos))
 
     stat = videos[0].stat()
-    time.sleep(0.05)  # past the kernel's timestamp tick (a few ms), so the rewrite gets a later ctime
-    videos[0].write_bytes(videos[0].read_bytes())  # same bytes, same mtime restored: only the ctime moved
-    os.utime(videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    deadline = time.monotonic() + 5
+    while videos[0].stat().st_ctime_ns == stat.st_ctime_ns and time.monotonic() < deadline:  # a timestamp tick
+        videos[0].write_bytes(videos[0].read_bytes())  # same bytes, same mtime restored: only the ctime moved
+        os.utime(videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert videos[0].stat().st_ctime_ns != stat.st_ctime_ns
     third = ContentHashes(store)
     assert third.digest(videos[0]) == digests[0] and third.hashed == 1
 
@@ -114,3 +117,39 @@ def test_random_crops_and_flips_depend_on_the_seed_and_the_sample_only(tiny_mode
         assert torch.equal(first[clip], again[clip]), clip
     other_seed = prepare(clips, "other-seed", 4)
     assert any(not torch.equal(first[clip], other_seed[clip]) for clip in first)
+
+
+def _entries(output):
+    return {e["file"] for e in json.loads((output / "manifest.json").read_text())["entries"]}
+
+
+def test_each_change_recomputes_exactly_the_entries_it_affects(tiny_model_2b, tiny_model_5b, clips, tmp_path):
+    """Default keys. Each change below, then prepare again into the same folder: the entries it creates are exactly
+    those the change touches; every other entry is reused (same file, not rewritten)."""
+    output = tmp_path / "prepared"
+
+    def prepare(model=tiny_model_2b, *extra):
+        before = _latents(output) if output.exists() else {}
+        run_prepare([a for a in _argv(model, clips, output, *extra) if a != "--hash_videos"])
+        entries = _entries(output)
+        assert len(entries) == 6
+        reused = {f for f in entries if Path(f).name in before}
+        assert all(_latents(output)[Path(f).name] == before[Path(f).name] for f in reused)  # not rewritten
+        return len(entries - reused)
+
+    assert prepare() == 6
+    assert prepare() == 0  # nothing changed
+    video = clips / "videos" / "ball.mp4"
+    video.write_bytes(video.read_bytes().replace(b"Lavf", b"LAVF", 1))  # an edited video: new mtime
+    assert prepare() == 1
+    captions = clips / "prompts.txt"
+    lines = captions.read_text().splitlines()
+    captions.write_text("\n".join([lines[0], lines[1] + " at dawn", *lines[2:]]) + "\n")
+    assert prepare() == 1
+    assert prepare(tiny_model_2b, "--id_token", "BW_STYLE") == 6  # every caption changes
+    # A bucket: without 96-wide buckets, the clips that filled one (waves 96x64, wide 128x48) take another.
+    buckets = ["--width_buckets", "32", "64", "--id_token", "BW_STYLE"]
+    assert prepare(tiny_model_2b, *buckets) == 2
+    # Frame sampling: skipping the first frame shifts every clip's frames.
+    assert prepare(tiny_model_2b, *buckets, "--skip_frames_start", "1") == 6
+    assert prepare(tiny_model_5b, *buckets, "--skip_frames_start", "1") == 6  # another model

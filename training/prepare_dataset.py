@@ -372,7 +372,7 @@ def encode_samples(args, output, usable, plan, rank, device):
     position_of = {usable[i].sample.index: i for i in plan.mine}
     progress = tqdm(total=len(plan.mine), desc=f"preparing (rank {rank})", disable=rank != 0)
     written = 0
-    with torch.no_grad():
+    with torch.no_grad(), progress:  # closed (its line ended) before an error is printed
         for batch in loader:
             tensors = _encode_batch(batch, encoders, args, device, dtype)
             for j, sample_index in enumerate(batch["index"]):
@@ -381,7 +381,6 @@ def encode_samples(args, output, usable, plan, rank, device):
                 written += 1
                 simulate_crash("prepare", written)  # tests: killed here after `written` complete entries
             progress.update(len(batch["index"]))
-    progress.close()
 
 
 def _load_encoders(args, dtype, device):

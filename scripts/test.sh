@@ -12,5 +12,5 @@ export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFF
 if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-.venv/bin/python -m pytest -q -m "not slow"
-exec .venv/bin/python -m pytest -q -m slow
+.venv/bin/python -m pytest -q -m "not slow" --durations=10
+exec .venv/bin/python -m pytest -q -m slow --durations=15

@@ -116,6 +116,21 @@ def lora_argv(model, data_root, output_dir, *extra):
     ]
 
 
+def prepare_argv(model, data_root, output_dir, *extra, data_flags=TINY_DATA_FLAGS):
+    """prepare_dataset.py's command line for the bundled layout (prompts.txt + videos.txt), latents and embeddings."""
+    return [
+        "--model_id", model,
+        "--data_root", data_root,
+        "--caption_column", "prompts.txt",
+        "--video_column", "videos.txt",
+        *data_flags,
+        "--max_sequence_length", "16",
+        "--save_latents_and_embeddings",
+        "--output_dir", output_dir,
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def trained_lora(tiny_model_2b, tmp_path_factory):
     """One real training run (raw videos, validation every 2 steps) shared by several tests."""

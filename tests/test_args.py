@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import test_bad_inputs
 import torch
-from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
+from conftest import ASSETS, TINY_DATA_FLAGS, prepare_argv, run_prepare, run_trainer
 
 from training.args import frame_rule_problem
 
@@ -208,9 +208,7 @@ def test_quantized_base_is_for_lora_only(capsys, tiny_model_2b, tmp_path):
 
 def test_load_tensors_refuses_latents_of_another_vae(capsys, no_model_file_opened, tiny_models, tmp_path):
     prepared = tmp_path / "prepared"
-    run_prepare(["--model_id", tiny_models("2b"), "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
-                 "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
-                 "--save_latents_and_embeddings", "--output_dir", str(prepared)])
+    run_prepare(prepare_argv(tiny_models("2b"), str(ASSETS), str(prepared)))
     model_15 = tiny_models("1.5")
     capsys.readouterr()  # only the trainer's own messages below
     argv = ["--pretrained_model_name_or_path", model_15, "--data_root", str(prepared), "--load_tensors",
@@ -265,9 +263,7 @@ def test_load_tensors_refuses_latents_of_another_vae(capsys, no_model_file_opene
 def test_load_tensors_with_an_id_token_the_prepared_captions_lack(capsys, no_model_file_opened, tiny_model_2b,
                                                                    tmp_path):
     prepared = tmp_path / "prepared"
-    run_prepare(["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
-                 "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
-                 "--save_latents_and_embeddings", "--output_dir", str(prepared)])
+    run_prepare(prepare_argv(tiny_model_2b, str(ASSETS), str(prepared)))
     capsys.readouterr()
     with no_model_file_opened(tiny_model_2b, allow_digest=True):
         lines = _errors(capsys, ["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", str(prepared),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, TINY_DATA_FLAGS, run_prepare, run_trainer
+from conftest import ASSETS, TINY_DATA_FLAGS, prepare_argv, run_prepare, run_trainer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,9 +296,7 @@ def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, no_model_file_op
 
 def test_truncated_cache_entry_is_refused_and_recomputed(capsys, no_model_file_opened, tiny_model_2b, tmp_path):
     output = tmp_path / "prepared"
-    argv = ["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
-            "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
-            "--save_latents_and_embeddings", "--output_dir", str(output)]
+    argv = prepare_argv(tiny_model_2b, str(ASSETS), str(output))
     run_prepare(argv)
     assert not (output / "video_hashes.json").exists()  # without --hash_videos: keyed by path, size and mtime
     entry = sorted((output / "latents").iterdir())[0]
@@ -407,9 +405,7 @@ def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, no_
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with no_model_file_opened(tiny_model_2b), pytest.raises(SystemExit):
-        run_prepare(["--model_id", tiny_model_2b, "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
-                     "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
-                     "--save_latents_and_embeddings", "--output_dir", str(tmp_path / "p")])
+        run_prepare(prepare_argv(tiny_model_2b, str(ASSETS), str(tmp_path / "p")))
     err = capsys.readouterr().err
     assert "GiB but only 0.00 GiB are free there" in err
     assert not list((tmp_path / "p" / "latents").iterdir())

@@ -99,14 +99,20 @@ def test_loss_plot_is_drawn_at_checkpoints_and_at_the_end(reported_run):
     assert [row[0] for row in saved["held_out"]] == sorted(reported_run["summary"]["eval_loss"])
 
 
-def test_a_resumed_run_plots_its_whole_history(tiny_model_2b, tmp_path):
-    first = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    early = json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["loss_history"]["train"]
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                          "--resume_from_checkpoint", "latest"))
-    history = json.loads((tmp_path / "checkpoint-4" / "training_state.json").read_text())["loss_history"]["train"]
-    assert [row[0] for row in history] == [1, 2, 3, 4] and history[:2] == early
-    assert early[-1][1] == pytest.approx(first["final_loss"])
+def test_a_resumed_run_plots_its_whole_history(reported_run, tmp_path):
+    import shutil
+
+    output = tmp_path / "resumed"
+    shutil.copytree(reported_run["output"] / "checkpoint-2", output / "checkpoint-2")
+    early = json.loads((output / "checkpoint-2" / "training_state.json").read_text())["loss_history"]
+    summary = run_trainer(lora_argv(reported_run["model"], ASSETS, output, "--max_train_steps", "4",
+                                    "--checkpointing_steps", "2", "--eval_split", "0.34", "--resume_from_checkpoint",
+                                    "latest"))
+    history = json.loads((output / "checkpoint-4" / "training_state.json").read_text())["loss_history"]
+    assert [row[0] for row in history["train"]] == [1, 2, 3, 4] and history["train"][:2] == early["train"]
+    assert [row[0] for row in history["held_out"]] == [2, 4]
+    assert history["train"][-1][1] == pytest.approx(summary["final_loss"])
+    assert (output / "loss.png").is_file()
 
 
 def test_each_validation_has_a_contact_sheet_and_gifs(reported_run):

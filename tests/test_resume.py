@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ASSETS, ROOT, lora_argv, run_trainer, trained_weights, trainer_main
+from conftest import ASSETS, ROOT, lora_argv, prepare_argv, run_trainer, trained_weights, trainer_main
 
 
 pytestmark = pytest.mark.slow  # runs killed in subprocesses, then resumed
@@ -123,14 +123,12 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_
 
 
 def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):
-    from conftest import TINY_DATA_FLAGS, run_prepare
+    from conftest import run_prepare
 
     from training.precomputed import readable_entry
 
     output = tmp_path / "prepared"
-    argv = ["--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt", "--video_column",
-            "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16", "--save_latents_and_embeddings",
-            "--output_dir", output]
+    argv = prepare_argv(tiny_model_2b, ASSETS, output)
     command = [sys.executable, ROOT / "training" / "prepare_dataset.py", *argv]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT="prepare:3"))

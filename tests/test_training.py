@@ -17,6 +17,7 @@ from conftest import (
     generate,
     lora_argv,
     lora_weights,
+    prepare_argv,
     run_prepare,
     run_trainer,
     tiny_pipeline,
@@ -115,12 +116,8 @@ def test_lora_alpha_is_stored_so_weight_one_is_the_trained_scale(trained_lora):
 
 def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path, caplog):
     prepared = tmp_path / "prepared"
-    prepare_argv = [
-        "--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt",
-        "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--output_dir", prepared,
-        "--max_sequence_length", "16", "--save_latents_and_embeddings", "--batch_size", "2",
-    ]
-    run_prepare(prepare_argv)
+    argv = prepare_argv(tiny_model_2b, ASSETS, prepared, "--batch_size", "2")
+    run_prepare(argv)
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert len(manifest["entries"]) == 6
     entry = load_file(prepared / manifest["entries"][0]["file"])
@@ -132,7 +129,7 @@ def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path, caplog):
 
     # A second run reuses every entry (names are content keys; files untouched).
     stamps = {p: p.stat().st_mtime_ns for p in (prepared / "latents").iterdir()}
-    run_prepare(prepare_argv)
+    run_prepare(argv)
     assert {p: p.stat().st_mtime_ns for p in (prepared / "latents").iterdir()} == stamps
 
     output = tmp_path / "run"
@@ -244,11 +241,7 @@ def test_a_short_clip_is_skipped_and_reported(tiny_model_2b, clips, tmp_path):
 
 @pytest.mark.slow  # subprocesses or several runs
 def test_prepare_with_two_processes_matches_one(tiny_model_2b, tmp_path):
-    flags = [
-        "--model_id", tiny_model_2b, "--data_root", ASSETS, "--caption_column", "prompts.txt",
-        "--video_column", "videos.txt", *TINY_DATA_FLAGS, "--max_sequence_length", "16",
-        "--save_latents_and_embeddings",
-    ]
+    flags = prepare_argv(tiny_model_2b, ASSETS, tmp_path / "one")[:-2]  # the output folder varies below
     run_prepare([*flags, "--output_dir", tmp_path / "one"])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                ROOT / "training" / "prepare_dataset.py", *flags, "--output_dir", tmp_path / "two", "--batch_size", "2"]
@@ -299,36 +292,36 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
 @pytest.mark.slow  # subprocesses or several runs
 def test_two_process_ddp_on_a_single_clip(tiny_model_2b, clips, tmp_path):
     """Two ranks (gloo), one clip: padding keeps ranks in step; each rank has its own random stream (its own noise);
-    a run stopped after its checkpoint and resumed on two ranks ends with the LoRA of an uninterrupted run."""
+    resuming a two-rank run from its checkpoint ends with the LoRA of the uninterrupted run."""
+    import shutil
+
     (clips / "prompts.txt").write_text("a blue square moves across a black background\n")
     (clips / "videos.txt").write_text("videos/square.mp4\n")
-    output = tmp_path / "ddp"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
     def launch(output, *extra):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    ROOT / "training" / "cogvideox_text_to_video_lora.py",
-                   *lora_argv(tiny_model_2b, clips, output, "--checkpointing_steps", "2", *extra)]
+                   *lora_argv(tiny_model_2b, clips, output, "--checkpointing_steps", "2", "--max_train_steps", "3",
+                              *extra)]
         env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
         result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    launch(output, "--max_train_steps", "2")
-    checkpoint = output / "checkpoint-2"
+    launch(straight)
+    checkpoint = straight / "checkpoint-2"
     # what resume reads: both ranks' RNG, the optimizer, the schedule, the loop position, the adapter
     for name in ("rng_state_0.safetensors", "rng_state_1.safetensors", "optimizer.bin", "lr_scheduler.json",
                  "training_state.json", "pytorch_lora_weights.safetensors"):
         assert (checkpoint / name).is_file(), name
     rank_0, rank_1 = (load_file(checkpoint / f"rng_state_{rank}.safetensors")["torch"] for rank in (0, 1))
     assert not torch.equal(rank_0, rank_1)  # seeded per rank: the ranks draw different noise
-    result = launch(output, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--validation_prompt",
-                    "a dog", *TINY_VALIDATION_FLAGS)
-    assert "resumed from" in result.stderr
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary["global_step"] == 3 and summary["parity"]["exact"]
-    launch(tmp_path / "straight", "--max_train_steps", "3")
-    resumed, straight = lora_weights(output), lora_weights(tmp_path / "straight")
-    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")  # as if the run had stopped right after it
+    assert "resumed from" in launch(resumed, "--resume_from_checkpoint", "latest").stderr
+    assert json.loads((resumed / "summary.json").read_text())["global_step"] == 3
+    ours, reference = lora_weights(resumed), lora_weights(straight)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
 def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):

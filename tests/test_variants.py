@@ -11,6 +11,7 @@ from conftest import (
     TINY_VALIDATION_FLAGS,
     generate,
     lora_argv,
+    prepare_argv,
     run_prepare,
     run_trainer,
     tiny_pipeline,
@@ -141,11 +142,8 @@ def test_text_to_video_lora_cogvideox_1_5(tiny_models, tmp_path):
 
 def test_image_to_video_from_precomputed_data(tiny_models, tmp_path, monkeypatch):
     model, prepared = tiny_models("1.5-i2v"), tmp_path / "prepared"
-    run_prepare([
-        "--model_id", model, "--data_root", ASSETS, "--caption_column", "prompts.txt", "--video_column", "videos.txt",
-        "--height_buckets", "32", "64", "--width_buckets", "32", "64", *FRAMES_1_5, "--max_sequence_length", "16",
-        "--save_latents_and_embeddings", "--save_image_latents", "--output_dir", prepared,
-    ])
+    run_prepare(prepare_argv(model, ASSETS, prepared, "--save_image_latents",
+                             data_flags=["--height_buckets", "32", "64", "--width_buckets", "32", "64", *FRAMES_1_5]))
     manifest = json.loads((prepared / "manifest.json").read_text())
     entry = load_file(prepared / manifest["entries"][0]["file"])
     frames, height, width = manifest["entries"][0]["bucket"]

@@ -249,7 +249,7 @@ def after_step(job, loss, grad_norm):
         raise diverged(job, f"loss became {loss} at step {step}", first_bad_checkpoint=step - 1)
     seconds = time.perf_counter() - job.step_started
     job.step_started = time.perf_counter()
-    lr = trainer.lr_scheduler.get_last_lr()[0]
+    lr = float(trainer.lr_scheduler.get_last_lr()[0])  # a tensor under torchao optimizers
     job.last_loss = loss
     job.history.train.append([step, loss, lr])
     job.progress.update(1)

@@ -216,21 +216,26 @@ def test_deepspeed_zero2_lora_with_accumulation_killed_and_resumed(tiny_model_2b
 
 
 @needs_deepspeed
-def test_deepspeed_zero3_sft_killed_and_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job):
-    """deepspeed_zero3.yaml (parameters and optimizer offloaded): the gathered transformer/ is complete, and a run
-    killed at step 3 resumes to the same weights."""
+@pytest.mark.parametrize("trainer", [SFT, LORA])
+def test_deepspeed_zero3_killed_and_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job, trainer):
+    """deepspeed_zero3.yaml (parameters and optimizer offloaded): the gathered artifact is complete, and a run killed
+    at step 3 resumes to the same weights, for the full fine-tune and for LoRA."""
     deepspeed_job("deepspeed_zero3.yaml")
+    weights = transformer_weights if trainer == SFT else lora_weights
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
     reference = tmp_path / "reference"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(SFT))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(trainer))
     assert (reference / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO-3
     output = tmp_path / "run"
     argv = lora_argv(tiny_model_2b, ASSETS, output, *flags)
-    _killed_here(monkeypatch, SFT, argv, "step:3")
-    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(SFT))
+    _killed_here(monkeypatch, trainer, argv, "step:3")
+    summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(trainer))
     assert summary["global_step"] == 4
-    _assert_identical(transformer_weights(output), transformer_weights(reference))
-    _assert_complete_transformer(transformer_weights(output), tiny_model_2b)
+    _assert_identical(weights(output), weights(reference))
+    if trainer == SFT:
+        _assert_complete_transformer(weights(output), tiny_model_2b)
+    else:
+        _assert_real_lora(weights(output))
 
 
 @needs_deepspeed

@@ -125,3 +125,31 @@ def test_trainer_precision_frozen_in_bf16_trained_in_master_dtype_noise_in_fp32(
     assert seen["frozen"] == {torch.bfloat16}
     assert seen["trained"] == {torch.float32 if master == "fp32" else torch.bfloat16}
     assert seen["noise"] == (torch.float32, torch.float32)
+
+
+def test_the_logged_loss_is_the_mean_over_processes(monkeypatch, tiny_model_2b, tmp_path):
+    """A second rank is simulated inside reduce_mean (its loss always 1.0): what the progress bar, the trackers and
+    summary.json show is the mean of this rank's loss and the other's, not this rank's own."""
+    from conftest import ASSETS, lora_argv, run_trainer
+
+    import training.core as core
+    from training.backend import Backend
+    from training.step import compute_loss
+
+    real_reduce, real_step = Backend.reduce_mean, core.train_step
+    local, logged = [], []
+    monkeypatch.setattr(Backend, "reduce_mean", lambda self, t: (real_reduce(self, t) + 1.0) / 2)  # finite: (1+1)/2
+
+    def spy_loss(*args, **kwargs):
+        local.append(compute_loss(*args, **kwargs))
+        return local[-1]
+
+    monkeypatch.setattr(core, "train_step", lambda trainer, batches, size: real_step(trainer, batches, size,
+                                                                                       loss_fn=spy_loss))
+    real_log = Backend.log
+    monkeypatch.setattr(Backend, "log", lambda self, values, step: logged.append(values.get("loss")) or
+                        real_log(self, values, step))
+    summary = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "2"))
+    expected = [(loss.item() + 1.0) / 2 for loss in local]
+    assert len(local) == 2 and [v for v in logged if v is not None] == pytest.approx(expected)
+    assert summary["final_loss"] == pytest.approx(expected[-1]) and local[-1].item() != pytest.approx(expected[-1])

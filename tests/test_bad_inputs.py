@@ -411,9 +411,10 @@ def test_prepare_checks_free_disk_space_before_encoding(capsys, monkeypatch, no_
     assert not list((tmp_path / "p" / "latents").iterdir())
 
 
-def test_dry_run_shows_the_plan_and_trains_nothing(capsys, tiny_model_2b, broken_csv, tmp_path):
+def test_dry_run_shows_the_plan_and_trains_nothing(capsys, tiny_model_2b, broken_csv, tmp_path, no_model_file_opened):
     output = tmp_path / "run"
-    summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--dry_run", "--eval_split", "0.2"])
+    with no_model_file_opened(tiny_model_2b):  # "nothing is loaded but configuration files"
+        summary = run_trainer([*_argv(tiny_model_2b, broken_csv, output), "--dry_run", "--eval_split", "0.2"])
     plan = summary["dry_run"]
     assert plan["samples_for_training"] + plan["samples_held_out"] == 6
     assert len(plan["samples_unusable"]) == len(EXPECTED) and sum(plan["buckets"].values()) == plan["samples_for_training"]

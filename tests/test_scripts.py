@@ -278,3 +278,16 @@ def test_a_failing_launch_shows_only_the_trainer_errors(tmp_path):
     # (text mode reads the progress bar's \r as a line end)
     assert result.stderr == "INFO loading\nsteps: 1/2\nsteps: 2/2\nerror: loss became nan at step 2; stopping\n"
     assert "finished" not in result.stdout  # the sweep stops at the failed run
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "none"])
+def test_report_to_chooses_the_sweeps_tracker(tracker):
+    """README: the sweeps log to wandb unless REPORT_TO says otherwise."""
+    (default,) = {tuple(_script_args(c)[_script_args(c).index("--report_to") + 1:][:1])
+                  for c in _dry_run("train_text_to_video_lora.sh")}
+    assert default == ("wandb",)
+    commands = _dry_run("train_text_to_video_lora.sh", REPORT_TO=tracker)
+    assert commands
+    for command in commands:
+        args = _script_args(command)
+        assert args[args.index("--report_to") + 1] == tracker

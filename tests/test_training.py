@@ -415,3 +415,29 @@ def test_a_model_id_is_found_in_the_cache_dir(tiny_model_2b, tmp_path, monkeypat
         run_trainer(argv)
     summary = run_trainer([*argv, "--cache_dir", cache])
     assert summary["global_step"] == 1 and summary["parity"]["exact"]
+
+
+def test_scale_lr_multiplies_by_batch_accumulation_and_processes(tiny_model_2b, tmp_path, monkeypatch):
+    import training.core as core
+
+    rates, real_step = [], core.train_step
+
+    def spy(trainer, batches, size):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(trainer, batches, size)
+
+    monkeypatch.setattr(core, "train_step", spy)
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path, "--max_train_steps", "1", "--learning_rate", "1e-3",
+                          "--gradient_accumulation_steps", "3", "--scale_lr"))  # --train_batch_size 2, 1 process
+    assert rates == [pytest.approx(1e-3 * 2 * 3 * 1)]
+
+
+def test_the_tiny_model_builder_command_writes_a_pipeline_diffusers_loads(tmp_path, capsys):
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from tools.build_tiny_model import main
+
+    main(["--output_dir", str(tmp_path / "tiny"), "--variant", "5b-i2v", "--seed", "3"])
+    assert "tiny CogVideoX-5b-i2v-style pipeline written to" in capsys.readouterr().out
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(tmp_path / "tiny")
+    assert pipe.transformer.config.use_learned_positional_embeddings and pipe.transformer.config.in_channels == 8

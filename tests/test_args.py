@@ -174,6 +174,7 @@ def test_optimizer_and_lora_flag_combinations(capsys, no_model_file_opened, tiny
         (["--quantize_base", "nf4"], "bitsandbytes",
          "--quantize_base nf4 needs the bitsandbytes package: pip install bitsandbytes"),
         (["--report_to", "wandb"], "wandb", "--report_to wandb: wandb is not installed (pip install wandb)"),
+        (["--report_to", "comet_ml"], "comet_ml", "--report_to comet_ml: comet_ml is not installed (pip install comet_ml)"),
     ],
 )
 def test_a_missing_optional_package_is_named(capsys, monkeypatch, no_model_file_opened, tiny_model_2b, tmp_path,

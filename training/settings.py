@@ -114,11 +114,13 @@ def _flag_problems(args):
                 f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
                 f'(give a path, or "latest" to pick the newest in --output_dir)'
             )
-    if args.report_to == "wandb":
+    if args.report_to in ("wandb", "comet_ml"):  # the trackers requirements.txt does not or may not install
+        import importlib
+
         try:
-            import wandb  # noqa: F401
+            importlib.import_module(args.report_to)
         except ImportError:
-            problems.append("--report_to wandb: wandb is not installed (pip install wandb)")
+            problems.append(f"--report_to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})")
     check_output_dir(args.output_dir, problems)
     return problems
 

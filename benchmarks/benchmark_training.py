@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `training` and `tools` im
 
 from tools.build_tiny_model import SCHEDULER_CONFIG  # noqa: E402  the published CogVideoX scheduler_config.json
 from training import memory  # noqa: E402
-from training.args import UsageError, parse_args, validation_frames  # noqa: E402
+from training.args import UsageError, parse_args  # noqa: E402
+from training.buckets import validation_frames  # noqa: E402
 from training.models import latent_grid  # noqa: E402
 from training.modes import count_parameters  # noqa: E402
 

@@ -437,6 +437,7 @@ def test_prepare_dry_run_encodes_nothing(capsys, tiny_model_2b, broken_csv, tmp_
 def test_a_stream_broken_behind_a_good_header_is_found_by_the_scan(clips):
     """Cut in the frame data or corrupt in the middle: the header probe passes and decoding fails, so only the
     stream check of the scan finds them before training; a clip cut after the frames training takes is usable."""
+    from training.buckets import GridBuckets
     from training.dataset import assign_buckets, load_samples
     from training.video_io import VideoReadError, probe_video, read_frames
 
@@ -453,7 +454,7 @@ def test_a_stream_broken_behind_a_good_header_is_found_by_the_scan(clips):
     (clips / "prompts.txt").write_text("a cut clip\na corrupt clip\nthe end cut\n")
     (clips / "videos.txt").write_text("videos/cut.mp4\nvideos/corrupt.mp4\nvideos/tail_cut.mp4\n")
     samples = load_samples(clips, None, "prompts.txt", "videos.txt")
-    usable, skipped = assign_buckets(samples, [5], [32], [32], max_num_frames=5, skip_frames_end=20)
+    usable, skipped = assign_buckets(samples, GridBuckets([5], [32], [32], 5, 1, 1), skip_frames_end=20)
     reasons = {s.video_path.split("/")[-1]: s.reason for s in skipped}
     # From the mp4's packet index (PyAV 16 and newer), or found when the data runs out (older PyAV).
     assert any(message in reasons["cut.mp4"] for message in (
@@ -462,7 +463,7 @@ def test_a_stream_broken_behind_a_good_header_is_found_by_the_scan(clips):
     assert [u.sample.video_path.name for u in usable] == ["tail_cut.mp4"] and max(usable[0].frame_indices) == 16
     assert read_frames(tail, usable[0].frame_indices).shape == (5, 32, 32, 3)
     # Without the stream check (as before) both broken clips pass the scan.
-    assert len(assign_buckets(samples, [5], [32], [32], max_num_frames=5, check_streams=False)[0]) == 3
+    assert len(assign_buckets(samples, GridBuckets([5], [32], [32], 5, 1, 1), check_streams=False)[0]) == 3
 
 
 @pytest.mark.parametrize("runner", [run_trainer, run_prepare], ids=["train", "prepare"])

@@ -7,6 +7,7 @@ import torch
 from conftest import ASSETS
 
 from training.args import UsageError
+from training.buckets import GridBuckets
 from training.dataset import (
     BucketBatchSampler,
     VideoDataset,
@@ -20,7 +21,7 @@ from training.dataset import (
 from training.video_io import _read_frames_pyav, probe_video, read_frames
 
 
-BUCKETS = dict(frame_buckets=[5, 9], height_buckets=[32, 48, 64], width_buckets=[32, 64, 96], max_num_frames=9)
+BUCKETS = dict(plan=GridBuckets([5, 9], [32, 48, 64], [32, 64, 96], max_num_frames=9, batch_size=1, stills=1))
 
 
 def test_txt_and_csv_modes_give_the_same_samples():
@@ -81,7 +82,7 @@ def test_buckets_of_the_bundled_clips_and_short_clips_are_reported():
     assert by_name["wide.mp4"] == (9, 48, 96)  # 128x48 -> nearest (48, 96)
     assert by_name["tall.mp4"] == (9, 64, 32)
 
-    usable, skipped = assign_buckets(samples, [13], [64], [64], max_num_frames=49)
+    usable, skipped = assign_buckets(samples, GridBuckets([13], [64], [64], 49, 1, 1))
     assert {s.video_path.split("/")[-1] for s in skipped} == {"ball.mp4", "tall.mp4", "wide.mp4"}
     assert all("fewer than the smallest frame bucket 13" in s.reason for s in skipped)
     assert len(usable) == 3

@@ -50,6 +50,15 @@ def exit_on_usage_error(function):
     return wrapper
 
 
+def _batch_size(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor auto") from None
+
+
 def _probability(value):
     number = float(value)
     if not 0.0 <= number <= 1.0:
@@ -129,9 +138,49 @@ def add_dataset_arguments(parser, caption_column_default="text"):
         help="Go on without unusable samples (unreadable, too short, empty caption), listing them in "
         "skipped_samples.jsonl in the output folder. Without it such samples stop the run before any model loads.",
     )
+    group.add_argument(
+        "--bucket_config", type=str, default=None,
+        help="YAML bucket config (Open-Sora/Ascend-port format): resolutions (480p, 720p, ... or \"HxW\") -> frame "
+        "counts -> [keep_prob, batch_size]; replaces --height_buckets/--width_buckets/--frame_buckets and gives each "
+        "bucket its own batch size (see assets/dataset.md).",
+    )
+    group.add_argument(
+        "--dataset_config", type=str, default=None,
+        help="TOML listing several data sources ([[datasets]] with folder, data_root, dataset_file or meta), each with "
+        "num_repeats and its own id_token, mixed in one run (see assets/dataset.md).",
+    )
+    group.add_argument(
+        "--caption_extension", type=str, default=".txt",
+        help="In a folder of media without caption/video lists: each clip's caption is the file of the same name "
+        "with this extension beside it (clip.mp4 + clip.txt).",
+    )
+    group.add_argument(
+        "--train_data_meta", type=str, default=None,
+        help="CogVideoX-Fun's metadata JSON: a list of {file_path, text, type: video|image}; paths relative to "
+        "--data_root, or to the JSON's folder.",
+    )
+    add_fun_sampling_arguments(parser)
     group.add_argument("--max_num_frames", type=int, default=49, help="Most frames taken from one clip.")
     group.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
     group.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
+
+
+def add_fun_sampling_arguments(parser):
+    """CogVideoX-Fun's sampling flags, same names and meaning (training/buckets.py FunBuckets; assets/dataset.md)."""
+    group = parser.add_argument_group("CogVideoX-Fun sampling (any of these replaces the bucket flags)")
+    group.add_argument("--enable_bucket", action="store_true",
+                       help="Aspect-ratio buckets of the sample size's area instead of square centre crops.")
+    group.add_argument("--video_sample_size", type=int, default=None, help="Side of video samples (Fun: 512).")
+    group.add_argument("--image_sample_size", type=int, default=None, help="Side of image samples (Fun: 512).")
+    group.add_argument("--token_sample_size", type=int, default=None,
+                       help="Side whose square x --video_sample_n_frames is the token budget (Fun: 512).")
+    group.add_argument("--video_sample_n_frames", type=int, default=None, help="Frames per video sample (Fun: 17).")
+    group.add_argument("--video_sample_stride", type=int, default=None, help="Take every N-th frame (Fun: 4).")
+    group.add_argument("--random_hw_adapt", action="store_true", help="A sample side drawn per sample (see docs).")
+    group.add_argument("--training_with_video_token_length", action="store_true",
+                       help="Fewer frames for larger samples, to stay within the token budget.")
+    group.add_argument("--random_frame_crop", action="store_true", help="A frame count drawn per video sample.")
+    group.add_argument("--video_repeat", type=int, default=0, help="Videos appear this many times per epoch (0: once).")
 
 
 def build_parser(description="CogVideoX fine-tuning"):
@@ -249,7 +298,15 @@ def add_training_arguments(parser):
     group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
     group.add_argument("--width", type=int, default=720, help="Width of validation videos.")
     group.add_argument("--fps", type=int, default=8, help="Frame rate of exported validation videos.")
-    group.add_argument("--train_batch_size", type=int, default=4)
+    group.add_argument(
+        "--train_batch_size", type=_batch_size, default=4,
+        help="Samples per batch and process; auto (with --max_memory_gb) picks, per bucket, the largest batch the "
+        "memory estimate puts under that limit. With --bucket_config each bucket has its own.",
+    )
+    group.add_argument(
+        "--max_memory_gb", type=float, default=None,
+        help="Accelerator memory (GiB) each process may use, for batch sizes of auto.",
+    )
     group.add_argument("--num_train_epochs", type=int, default=1)
     group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     group.add_argument("--checkpointing_steps", type=int, default=500)
@@ -372,59 +429,6 @@ def size_limit_problem(height, width, transformer_config, spatial_scale=8):
     return f"{height}x{width} is larger than this model's position grid ({most_h}x{most_w} pixels at most)"
 
 
-def check_buckets(args, transformer_config, problems):
-    for name in ("height_buckets", "width_buckets"):
-        for value in getattr(args, name):
-            if value <= 0 or value % 16 != 0:
-                problems.append(f"--{name} {value}: every value must be a positive multiple of 16")
-    for frames in args.frame_buckets:
-        problem = frame_rule_problem(frames, transformer_config) if frames > 0 else f"{frames} is not a frame count"
-        if problem:
-            problems.append(f"--frame_buckets: {problem}")
-    if args.max_num_frames < min(args.frame_buckets):
-        problems.append(
-            f"--max_num_frames {args.max_num_frames} is below the smallest --frame_buckets value "
-            f"{min(args.frame_buckets)}: no clip could be used"
-        )
-    if args.skip_frames_start < 0 or args.skip_frames_end < 0:
-        problems.append("--skip_frames_start/--skip_frames_end must be 0 or more")
-
-
-def check_data_source(args, problems, require_videos=True):
-    """Data files and columns exist. Per-sample problems are the dataset's business."""
-    if args.dataset_file is None:
-        if args.data_root is None:
-            problems.append("give --data_root (with --caption_column/--video_column files) or --dataset_file (a CSV)")
-            return
-        root = Path(args.data_root)
-        if not root.is_dir():
-            problems.append(f"--data_root {root}: no such folder")
-            return
-        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
-            if not (root / name).is_file():
-                hint = ""
-                if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
-                    hint = " (this folder has prompts.txt and videos.txt: pass --caption_column prompts.txt --video_column videos.txt)"
-                problems.append(f"{flag} {name}: no file {root / name} with one entry per line{hint}")
-    else:
-        csv_path = Path(args.dataset_file)
-        if not csv_path.is_file():
-            problems.append(f"--dataset_file {csv_path}: no such file")
-            return
-        if args.data_root is not None and not Path(args.data_root).is_dir():
-            problems.append(f"--data_root {args.data_root}: no such folder")
-        import pandas as pd
-
-        try:
-            columns = list(pd.read_csv(csv_path, nrows=0).columns)
-        except Exception as error:
-            problems.append(f"--dataset_file {csv_path}: not a readable CSV ({error})")
-            return
-        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
-            if name not in columns:
-                problems.append(f"{flag} {name}: the CSV has no such column (columns: {', '.join(columns)})")
-
-
 def check_output_dir(path, problems):
     path = Path(path)
     probe = path
@@ -493,11 +497,6 @@ def _offload_problems(args):
         problems.append("--use_cpu_offload_optimizer with fp16: the loss scaler cannot unscale gradients already on the "
                         "CPU; use --mixed_precision bf16")
     return problems
-
-
-def validation_frames(args):
-    """Frames of validation videos (and the final test): --validation_num_frames, or the largest frame bucket."""
-    return args.validation_num_frames or max(args.frame_buckets)
 
 
 def parse_args(argv=None, description="CogVideoX fine-tuning"):

@@ -261,10 +261,13 @@ def configure_deepspeed(accelerator, args):
             f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: set it to auto (or 1) in the "
             "config and use the flag"
         )
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    # DeepSpeed wants one micro-batch size; it only reports throughput with it (batches come from our sampler, and
+    # buckets may each have their own size).
+    micro_batch = args.train_batch_size if isinstance(args.train_batch_size, int) else 1
+    config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     config["gradient_clipping"] = args.max_grad_norm
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    config["train_batch_size"] = micro_batch * args.gradient_accumulation_steps * accelerator.num_processes
     # So accelerate's prepare() finds no mismatch to warn about; its backward() does not scale under DeepSpeed.
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     # accelerate registers the config with transformers, which then builds every transformers model it loads under

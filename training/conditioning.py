@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .args import validation_frames
+from .buckets import validation_frames
 
 
 # Every CogVideoX VAE downsamples 8x spatially; used only to state learned-position sizes in pixels.

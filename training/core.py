@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from . import memory
 from .args import TrainingError, UsageError, exit_on_usage_error, parse_args
 from .backend import build_backend
+from .batch_size import choose_batch_sizes
 from .conditioning import CONDITIONINGS
 from .data_source import build_training_data
 from .dry_run import dry_run_plan
@@ -100,7 +101,10 @@ def run(argv, conditioning, mode):
     args = parse_args(argv)
     settings = validate_training_args(args, conditioning, mode)  # 1. every check that needs no weights
     backend = start_processes(args)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
-    data = build_training_data(args, settings.data_source, conditioning, settings.transformer_config, backend)
+    data = build_training_data(args, settings.data_source, conditioning, settings.transformer_config, backend,
+                               choose_sizes=lambda counts, sizes: choose_batch_sizes(
+                                   args, settings.transformer_config, conditioning, mode, backend.weight_dtype,
+                                   counts, sizes))
     job = TrainingRun(args, settings, conditioning, mode, backend, data, Schedule.of(args, data.sampler))
     if args.dry_run:  # 3. bad data has stopped the run above, before any model loads
         plan = dry_run_plan(job)
@@ -113,13 +117,26 @@ def run(argv, conditioning, mode):
     tracker = memory.start_allocation_tracking(job.trainer.transformer, job.trainer.optimizer, job.trainer.context)
     train(job)  # 6.
     summary = {"global_step": job.state.global_step, "final_loss": job.last_loss,
-               "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses}
+               "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job)}
     if tracker is not None:  # COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1
         tracker.__exit__(None, None, None)
         summary["tracked_training_peak_bytes"] = tracker.peak
     save_and_test(job, summary)  # 7.
     backend.end()
     return summary
+
+
+def bucket_summary(job):
+    """{"FxHxW": {"samples_trained": n, "batch_size": b}}: what each bucket trained over the whole run (all
+    processes, resumed steps included; a process's padding batches count, as they train)."""
+    sampler, state = job.data.sampler, job.state
+    counts = {}
+    for epoch in range(state.epoch + 1):
+        batches = state.batches_in_epoch if epoch == state.epoch else job.schedule.batches_per_epoch
+        for bucket, n in sampler.samples_trained(epoch, batches).items():
+            counts[bucket] = counts.get(bucket, 0) + n
+    return {"x".join(map(str, bucket)): {"samples_trained": counts.get(bucket, 0), "batch_size": size}
+            for bucket, size in sorted(sampler.batch_sizes.items())}
 
 
 def start_processes(args):
@@ -159,7 +176,7 @@ def build_models_and_optimizer(job):
                             weight_dtype, source, encoders)
     learning_rate = args.learning_rate
     if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * backend.num_processes
+        learning_rate *= args.gradient_accumulation_steps * job.data.mean_batch_size() * backend.num_processes
     return build_trainer(transformer, context, job.conditioning, job.mode, backend, job.schedule.max_train_steps,
                          learning_rate)
 
@@ -185,10 +202,10 @@ def start_logging_run(job):
     args, backend, data = job.args, job.backend, job.data
     backend.init_trackers(args.tracker_name or f"cogvideox-{job.mode.name}", _tracker_config(args))
     logger.info(
-        "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, total batch %d",
-        job.conditioning.name, job.mode.name, len(data.dataset), job.schedule.batches_per_epoch,
-        job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
-        args.train_batch_size * backend.num_processes * args.gradient_accumulation_steps,
+        "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, batch %s x %d "
+        "process(es) x %d accumulation", job.conditioning.name, job.mode.name, len(data.dataset),
+        job.schedule.batches_per_epoch, job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
+        data.describe_batch_size(), backend.num_processes, args.gradient_accumulation_steps,
     )
     stepping = backend.stepping_optimizer(job.trainer.optimizer)
     logger.info("optimizer that steps: %s.%s", type(stepping).__module__, type(stepping).__name__)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .args import UsageError, check_buckets, check_data_source, parse_args, size_limit_problem
+from .args import UsageError, parse_args, size_limit_problem
+from .buckets import bucket_plan, check_buckets, reshape_mode
 from .dataset import (
     BucketBatchSampler,
     PrecomputedDataset,
@@ -30,6 +31,7 @@ from .dataset import (
     split_for_eval,
     write_skip_report,
 )
+from .layouts import check_data_source, expand_repeats, read_samples
 from .models import encode_prompts, encode_video_distribution, latent_grid, vae_scale_factor_spatial
 
 
@@ -40,7 +42,10 @@ NOTES_REPORT = "data_notes.jsonl"
 
 # Flags that shape raw clips; with prepared entries prepare_dataset.py has already applied them.
 RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_frames_start", "skip_frames_end",
-                  "video_reshape_mode", "random_flip", "dataset_file")
+                  "video_reshape_mode", "random_flip", "dataset_file", "dataset_config", "train_data_meta",
+                  "caption_extension", "enable_bucket", "video_sample_size", "image_sample_size", "token_sample_size",
+                  "video_sample_n_frames", "video_sample_stride", "random_hw_adapt", "training_with_video_token_length",
+                  "random_frame_crop", "video_repeat")
 
 
 def choose_data_source(args):
@@ -64,27 +69,30 @@ class RawClips:
 
     def samples(self, args, conditioning, transformer_config):
         """(training items, items of a separate held-out list, unusable samples, notes). Reads headers only."""
-        items, skipped = self._bucketed(args, args.dataset_file, args.caption_column, args.video_column)
+        self.plan = bucket_plan(args, transformer_config, args.train_batch_size)
+        items, skipped = self._bucketed(args, read_samples(args))
         if not items:
             reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
             raise UsageError(["no usable sample: every clip was skipped"] + reasons)
         listed = []
         if args.eval_video_column or args.eval_dataset_file:
-            listed, eval_skipped = self._bucketed(args, args.eval_dataset_file,
-                                                  args.eval_caption_column or args.caption_column,
-                                                  args.eval_video_column or args.video_column)
+            listed, eval_skipped = self._bucketed(args, load_samples(
+                args.data_root, args.eval_dataset_file, args.eval_caption_column or args.caption_column,
+                args.eval_video_column or args.video_column, args.id_token))
             skipped = skipped + [replace(s, reason=f"held-out list: {s.reason}") for s in eval_skipped]
-        return items, listed, skipped, data_notes(items, args.video_reshape_mode)
+        return items, listed, skipped, data_notes(items, reshape_mode(args))
 
-    @staticmethod
-    def _bucketed(args, dataset_file, caption_column, video_column):
-        samples = load_samples(args.data_root, dataset_file, caption_column, video_column, args.id_token)
-        return assign_buckets(samples, args.frame_buckets, args.height_buckets, args.width_buckets,
-                              args.max_num_frames, args.skip_frames_start, args.skip_frames_end)
+    def _bucketed(self, args, samples):
+        return assign_buckets(samples, self.plan, args.skip_frames_start, args.skip_frames_end)
 
-    def dataset(self, args, conditioning, items):
-        return VideoDataset(items, args.video_reshape_mode, args.random_flip, conditioning.image_to_video,
-                            seed=args.seed or 0)
+    def batch_sizes(self, args, buckets):
+        return {bucket: self.plan.batch_size(bucket) for bucket in buckets}
+
+    def dataset(self, args, conditioning, items, repeat=False):
+        """The items' dataset; with `repeat`, each sample `repeats` times (--dataset_config num_repeats)."""
+        items, keys = expand_repeats(items) if repeat else (items, None)
+        return VideoDataset(items, reshape_mode(args), args.random_flip, conditioning.image_to_video,
+                            seed=args.seed or 0, random_keys=keys)
 
     def encode(self, batch, context):
         """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
@@ -131,9 +139,27 @@ class PreparedEntries:
             raise UsageError(problems)
         items = _select_entries(args, manifest["entries"])
         listed = _select_entries(args, manifest["entries"], args.eval_video_column) if args.eval_video_column else []
+        self.stored_batch_sizes = manifest.get("batch_sizes", {})
         return items, listed, [], []
 
-    def dataset(self, args, conditioning, entries):
+    def batch_sizes(self, args, buckets):
+        """Each bucket's batch size: from --bucket_config when given, else the one prepare_dataset.py stored from
+        its --bucket_config, else --train_batch_size."""
+        if args.bucket_config:
+            from .args import load_transformer_config
+
+            plan = bucket_plan(args, load_transformer_config(args), args.train_batch_size)
+            missing = sorted(b for b in buckets if b not in plan.batch_sizes)
+            if missing:
+                raise UsageError([f"--bucket_config {args.bucket_config}: the prepared bucket {'x'.join(map(str, b))} "
+                                  "has no batch size there (add it, or prepare again with this config)" for b in missing])
+            return {bucket: plan.batch_size(bucket) for bucket in buckets}
+        stored = self.stored_batch_sizes
+        return {bucket: stored.get("x".join(map(str, bucket)), args.train_batch_size) for bucket in buckets}
+
+    def dataset(self, args, conditioning, entries, repeat=False):
+        if repeat:  # each entry as many times as its source's num_repeats (stored by prepare_dataset.py)
+            entries = [entry for entry in entries for _ in range(entry.get("repeats", 1))]
         return PrecomputedDataset(args.data_root, entries)
 
     def encode(self, batch, context):
@@ -210,10 +236,27 @@ class TrainingData:
     skipped: list  # unusable samples (a dry run lists them; a run stops on them unless --skip_bad_samples)
     eval_dataset: object = None
     eval_loader: object = None
+    simulated_peaks: dict = None  # {(bucket, batch): bytes} of the memory simulations that chose batch sizes of auto
+
+    @property
+    def batch_sizes(self):
+        """{bucket: batch size} of the training buckets."""
+        return self.sampler.batch_sizes
+
+    def mean_batch_size(self):
+        """The batch a training sample is part of, on average (the one batch size when every bucket has it)."""
+        keys = self.sampler.bucket_keys
+        return sum(self.sampler.batch_sizes[key] for key in keys) / len(keys) if keys else 0
+
+    def describe_batch_size(self):
+        sizes = sorted(set(self.sampler.batch_sizes.values()))
+        return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} per bucket (mean {self.mean_batch_size():.2f})"
 
 
-def build_training_data(args, source, conditioning, transformer_config, backend):
-    """Datasets and loaders, cheap (no model is loaded): bad samples stop the run here, before any weights load."""
+def build_training_data(args, source, conditioning, transformer_config, backend, choose_sizes=None):
+    """Datasets and loaders, cheap (no model is loaded): bad samples stop the run here, before any weights load.
+
+    `choose_sizes(counts, sizes)` -> (sizes, simulated peaks) replaces batch sizes of "auto" (training/batch_size.py)."""
     items, listed, skipped, notes = source.samples(args, conditioning, transformer_config)
     problems = shape_problems(items + listed, args, conditioning, transformer_config)
     if problems:
@@ -226,13 +269,26 @@ def build_training_data(args, source, conditioning, transformer_config, backend)
         raise UsageError(f"--eval_split {args.eval_split} leaves no sample to train on ({len(items)} usable)")
     if not args.dry_run:  # a dry run lists them in its plan instead of stopping
         report_skipped(skipped, args, backend)
-    dataset = source.dataset(args, conditioning, train)
-    loader, sampler = build_dataloader(args, dataset, backend)
-    data = TrainingData(source, dataset, sampler, loader, skipped)
+    dataset = source.dataset(args, conditioning, train, repeat=True)
+    counts = bucket_counts(dataset.bucket_keys)
+    batch_sizes, simulated = source.batch_sizes(args, set(counts)), {}
+    if "auto" in batch_sizes.values():
+        batch_sizes, simulated = choose_sizes(counts, batch_sizes)
+    loader, sampler = build_dataloader(args, dataset, backend, batch_sizes)
+    data = TrainingData(source, dataset, sampler, loader, skipped, simulated_peaks=simulated)
     if held_out:
         data.eval_dataset = source.dataset(args, conditioning, held_out)
-        data.eval_loader = build_dataloader(args, data.eval_dataset, backend, shuffle=False)[0]
+        # Held-out batches take their bucket's training batch size (one per bucket when it has none).
+        sizes = {bucket: batch_sizes.get(bucket, 1) for bucket in bucket_counts(data.eval_dataset.bucket_keys)}
+        data.eval_loader = build_dataloader(args, data.eval_dataset, backend, sizes, shuffle=False)[0]
     return data
+
+
+def bucket_counts(bucket_keys):
+    counts = {}
+    for key in bucket_keys:
+        counts[tuple(key)] = counts.get(tuple(key), 0) + 1
+    return counts
 
 
 def shape_problems(items, args, conditioning, transformer_config):
@@ -250,10 +306,10 @@ def shape_problems(items, args, conditioning, transformer_config):
     return problems + conditioning.shape_problems(shapes, args, transformer_config)
 
 
-def build_dataloader(args, dataset, backend, shuffle=True):
+def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):
     sampler = BucketBatchSampler(
         dataset.bucket_keys,
-        batch_size=args.train_batch_size,
+        batch_size=batch_sizes,
         shuffle=shuffle,
         drop_last=False,
         seed=args.seed or 0,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from .args import TrainingError, UsageError
-from .video_io import VideoReadError, probe_video, read_frames
+from .buckets import GridBuckets, choose_frame_bucket, choose_resolution_bucket, frame_indices  # noqa: F401 (API)
+from .video_io import VideoReadError, is_image, probe_video, read_frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +31,9 @@ from .video_io import VideoReadError, probe_video, read_frames
 class Sample:
     index: int  # position in the user's list, kept through skipping and bucketing
     caption: str  # with the id token already prepended
-    video_path: Path
+    video_path: Path  # a video, or a still image (training/video_io.py IMAGE_SUFFIXES)
+    repeats: int = 1  # times it trains per epoch (--dataset_config num_repeats)
+    caption_file: Path = None  # where the caption was read, in a folder of media with captions beside them
 
 
 @dataclass(frozen=True)
@@ -92,28 +95,6 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
 # ----------------------------------------------------------------------------------------------
 
 
-def choose_frame_bucket(available_frames, frame_buckets, max_num_frames):
-    """The largest bucket not above min(available, max_num_frames): the nearest one the clip can fill.
-
-    None when the clip is shorter than every bucket (the original crashed on such clips).
-    """
-    target = min(available_frames, max_num_frames)
-    fitting = [b for b in frame_buckets if b <= target]
-    return max(fitting) if fitting else None
-
-
-def frame_indices(total_frames, bucket_frames, skip_start=0, skip_end=0):
-    """`bucket_frames` indices spread with a uniform stride over the usable part of the clip."""
-    usable = total_frames - skip_start - skip_end
-    stride = max(usable // bucket_frames, 1)
-    return [skip_start + i * stride for i in range(bucket_frames)]
-
-
-def choose_resolution_bucket(height, width, resolutions):
-    """Nearest (h, w) by |h - H| + |w - W| (the original's rule); ties go to the first listed."""
-    return min(resolutions, key=lambda hw: abs(hw[0] - height) + abs(hw[1] - width))
-
-
 @dataclass(frozen=True)
 class BucketedSample:
     sample: Sample
@@ -123,52 +104,51 @@ class BucketedSample:
     content_hash: str = None  # sha256 of the video file, when the scan was asked to hash
 
 
-def assign_buckets(samples, frame_buckets, height_buckets, width_buckets, max_num_frames,
-                   skip_frames_start=0, skip_frames_end=0, num_threads=8, check_streams=True, hashes=None):
-    """Scan every clip in parallel and pick its bucket. Returns (usable, skipped).
+def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_threads=8, check_streams=True,
+                   hashes=None):
+    """Scan every clip in parallel and pick its bucket with `plan` (training/buckets.py). Returns (usable, skipped).
 
     The scan reads each header and, with `check_streams`, checks the packets up to the last frame the clip will
     give (demux and parse, no decoding: about 1.7 ms on a 1 MiB 720p clip, benchmarks/scan_cost.py), so a file cut
     short or corrupt behind a good header is reported here rather than stopping training in a loader worker. With `hashes` (a
     `precomputed.ContentHashes`), each file's content hash is taken in the same pass (the file is read once).
+    A still image is decoded whole (a few ms) and held for the bucket's frame count.
     """
-    resolutions = [(h, w) for h in height_buckets for w in width_buckets]
 
-    def choose(info):
-        available = info.num_frames - skip_frames_start - skip_frames_end
-        frames = choose_frame_bucket(available, frame_buckets, max_num_frames)
-        if frames is None:
-            return None, available
-        return frame_indices(info.num_frames, frames, skip_frames_start, skip_frames_end), frames
-
-    def last_frame(info):  # the stream is checked up to the last frame the clip gives (none if too short)
-        indices, _ = choose(info)
-        return indices[-1] if indices else None
+    def choose(info, sample):
+        """(frame indices, bucket), or (None, why not)."""
+        image = is_image(sample.video_path)
+        available = 1 if image else info.num_frames - skip_frames_start - skip_frames_end
+        bucket = plan.choose(available, info.height, info.width, image, sample.index)
+        if isinstance(bucket, str):
+            return None, bucket
+        indices = [0] * bucket[0] if image else plan.frame_indices(info.num_frames, bucket[0], skip_frames_start,
+                                                                    skip_frames_end)
+        return indices, bucket
 
     def scan(sample):
         path = sample.video_path
         if not sample.caption.strip():
-            return SkippedSample(sample.index, str(path), "empty caption")
+            where = f" ({sample.caption_file.name} beside it is missing or empty)" if sample.caption_file else ""
+            return SkippedSample(sample.index, str(path), "empty caption" + where)
         digest = None
         try:
             if hashes is not None:  # first: reading the whole file also warms the cache for the probe
                 digest = hashes.digest(path)
-            info = probe_video(path, last_frame if check_streams else None)
+            # The stream is checked up to the last frame the clip gives (none if it fits no bucket).
+            info = probe_video(path, (lambda info: (choose(info, sample)[0] or [None])[-1]) if check_streams else None)
         except VideoReadError as error:
             return SkippedSample(sample.index, str(path), str(error))
         except OSError as error:
             return SkippedSample(sample.index, str(path), f"cannot read the file ({error})")
-        indices, frames = choose(info)
+        indices, bucket = choose(info, sample)
         if indices is None:
-            return SkippedSample(
-                sample.index,
-                str(path),
-                f"{frames} usable frames (of {info.num_frames}, after skipping "
-                f"{skip_frames_start}+{skip_frames_end}) is fewer than the smallest frame bucket "
-                f"{min(frame_buckets)}",
-            )
-        height, width = choose_resolution_bucket(info.height, info.width, resolutions)
-        return BucketedSample(sample, (frames, height, width), tuple(indices), (info.height, info.width), digest)
+            available = info.num_frames - skip_frames_start - skip_frames_end
+            what = f"still image {info.height}x{info.width}" if is_image(path) else (
+                f"{available} usable frames (of {info.num_frames}, after skipping {skip_frames_start}+"
+                f"{skip_frames_end}) at {info.height}x{info.width}")
+            return SkippedSample(sample.index, str(path), f"{what}: {bucket}")
+        return BucketedSample(sample, bucket, tuple(indices), (info.height, info.width), digest)
 
     from tqdm.auto import tqdm
 
@@ -388,15 +368,17 @@ class BucketBatchSampler(Sampler):
     """Batches of dataset positions that share one bucket (so one tensor shape per batch).
 
     Every epoch: positions are shuffled within each bucket with a generator seeded by
-    (seed, epoch), cut into batches (a bucket's leftover partial batch is kept unless
-    drop_last), and the batches are shuffled. With several processes, each takes every
-    num_replicas-th batch; the list is first padded with repeats of whole batches so all ranks
-    run the same number of steps. `start_batch` skips batches already trained (resume).
+    (seed, epoch), cut into batches of the bucket's batch size (`batch_size`: one for all, or
+    {bucket: size}; a bucket's leftover partial batch is kept unless drop_last), and the batches
+    are shuffled. With several processes, each takes every num_replicas-th batch; the list is
+    first padded with repeats of whole batches so all ranks run the same number of steps.
+    `start_batch` skips batches already trained (resume).
     """
 
     def __init__(self, bucket_keys, batch_size, shuffle=True, drop_last=False, seed=0, num_replicas=1, rank=0):
-        self.bucket_keys = list(bucket_keys)
-        self.batch_size = batch_size
+        self.bucket_keys = [tuple(key) for key in bucket_keys]
+        self.batch_sizes = (dict(batch_size) if isinstance(batch_size, dict)
+                            else dict.fromkeys(set(self.bucket_keys), batch_size))
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
@@ -409,19 +391,19 @@ class BucketBatchSampler(Sampler):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def _all_batches(self):
+    def _all_batches(self, epoch=None):
         buckets = {}
         for position, key in enumerate(self.bucket_keys):
             buckets.setdefault(key, []).append(position)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
         batches = []
         for key in sorted(buckets):
-            positions = buckets[key]
+            positions, size = buckets[key], self.batch_sizes[key]
             if self.shuffle:
                 positions = [positions[i] for i in torch.randperm(len(positions), generator=generator)]
-            for start in range(0, len(positions), self.batch_size):
-                batch = positions[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
+            for start in range(0, len(positions), size):
+                batch = positions[start : start + size]
+                if len(batch) == size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
@@ -440,5 +422,13 @@ class BucketBatchSampler(Sampler):
         for key in self.bucket_keys:
             counts[key] = counts.get(key, 0) + 1
         rounding = math.floor if self.drop_last else math.ceil
-        total = sum(rounding(n / self.batch_size) for n in counts.values())
+        total = sum(rounding(n / self.batch_sizes[key]) for key, n in counts.items())
         return math.ceil(total / self.num_replicas) if total else 0
+
+    def samples_trained(self, epoch, batches_per_rank):
+        """{bucket: samples} in the first `batches_per_rank` batches of every rank in `epoch` (padding included)."""
+        counts = {}
+        for batch in self._all_batches(epoch)[: batches_per_rank * self.num_replicas]:
+            key = self.bucket_keys[batch[0]]
+            counts[key] = counts.get(key, 0) + len(batch)
+        return counts

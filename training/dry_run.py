@@ -3,16 +3,23 @@
 The memory figures come from `memory_estimate.estimate_phases`, which runs the real training step on fake tensors.
 """
 
+import json
+import math
+from pathlib import Path
+
 from .modes import count_parameters
+
+
+PLAN_FILE = "dry_run_plan.json"
 
 
 def dry_run_plan(job):
     """The plan of a `core.TrainingRun` that has its data but no models: samples, buckets, steps, parameters and
     peak memory per phase."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import AutoConfig
+    from diffusers import CogVideoXTransformer3DModel
 
+    from .batch_size import component_configs
     from .memory_estimate import estimate_phases
 
     args, data, schedule, backend = job.args, job.data, job.schedule, job.backend
@@ -23,17 +30,21 @@ def dry_run_plan(job):
     buckets = {}
     for key in data.dataset.bucket_keys:
         buckets[key] = buckets.get(key, 0) + 1
-    where = dict(revision=args.revision, cache_dir=args.cache_dir)
-    vae_config = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae", **where)
-    text_encoder_config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                     **where)
+    vae_config, text_encoder_config = component_configs(args)
     phases = estimate_phases(args, transformer_config, vae_config, text_encoder_config, job.conditioning, job.mode,
-                             backend.weight_dtype, buckets)
+                             backend.weight_dtype, buckets, data.batch_sizes, each_bucket=True,
+                             known_peaks=data.simulated_peaks)
+    per_bucket = phases.pop("training_per_bucket")
     plan = {
         "samples_for_training": len(data.dataset),
         "samples_held_out": len(data.eval_dataset) if data.eval_dataset else 0,
         "samples_unusable": [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in data.skipped],
-        "buckets": {f"{f}x{h}x{w}": n for (f, h, w), n in sorted(buckets.items())},
+        "buckets": {name: n for name, n in ((_name(b), n) for b, n in sorted(buckets.items()))},
+        # Per bucket: samples (repeats included), batch size, batches per epoch (all processes), training peak.
+        "bucket_plan": {_name(b): {"samples": n, "batch_size": data.batch_sizes[b],
+                                   "batches_per_epoch": math.ceil(n / data.batch_sizes[b]),
+                                   "peak_training_gib": round(per_bucket[_name(b)] / 2**30, 3)}
+                        for b, n in sorted(buckets.items())},
         "batches_per_epoch_per_process": schedule.batches_per_epoch,
         "optimizer_steps_per_epoch": schedule.steps_per_epoch,
         "optimizer_steps": schedule.max_train_steps,
@@ -47,7 +58,15 @@ def dry_run_plan(job):
     }
     if backend.is_main_process:
         print_plan(plan, args.skip_bad_samples)
+        path = Path(args.output_dir) / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+        print(f"  (the same, as JSON: {path})")
     return plan
+
+
+def _name(bucket):
+    return "x".join(map(str, bucket))
 
 
 def print_plan(plan, skip_bad_samples):
@@ -55,7 +74,13 @@ def print_plan(plan, skip_bad_samples):
     for key, value in plan.items():
         if key == "peak_memory_bytes":
             continue
-        if key == "samples_unusable":
+        if key == "bucket_plan":
+            print(f"  {key}:")
+            print(f"    {'bucket (FxHxW)':>16} {'samples':>8} {'batch':>6} {'batches/epoch':>14} {'training GiB':>13}")
+            for name, row in value.items():
+                print(f"    {name:>16} {row['samples']:>8} {row['batch_size']:>6} {row['batches_per_epoch']:>14} "
+                      f"{row['peak_training_gib']:>13.3f}")
+        elif key == "samples_unusable":
             stop = "" if skip_bad_samples or not value else " (the run would stop: fix them or pass --skip_bad_samples)"
             print(f"  {key}: {len(value)}{stop}")
             for line in value:

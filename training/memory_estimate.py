@@ -21,7 +21,7 @@ from types import MethodType, SimpleNamespace
 
 import torch
 
-from .args import validation_frames
+from .buckets import validation_frames
 from .data_source import choose_data_source
 from .memory import ALLOCATION_GRANULARITY, AllocationTracker
 from .models import latent_grid, nf4_bytes_saved, rotary_embeddings, vae_scale_factor_spatial
@@ -329,9 +329,12 @@ def estimate_inference(args, transformer, vae, text_encoder, transformer_config,
 
 
 def estimate_phases(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
-                    buckets):
+                    buckets, batch_sizes=None, each_bucket=False, known_peaks=None):
     """Peak bytes per phase for the heaviest batch: {"training": ..., "validation": ..., "final_test": ...}.
-    `buckets`: {(frames, height, width): number of samples} (or a list, assuming full batches).
+    `buckets`: {(frames, height, width): number of samples} (or a list, assuming full batches); `batch_sizes`:
+    {bucket: batch size} where buckets differ (else --train_batch_size). With `each_bucket`, also
+    "training_per_bucket": {bucket: training peak of a full batch of it} (one simulation per bucket, unless
+    `known_peaks` {(bucket, batch): bytes} has it already).
 
     validation: the training state stays (weights, master copies, optimizer states; gradients are
     freed) while the pipeline generates; final_test: training state freed, the saved artifact
@@ -340,15 +343,25 @@ def estimate_phases(args, transformer_config, vae_config, text_encoder_config, c
 
     # The heaviest batch: a bucket's batches hold at most as many clips as the bucket has.
     def batch_size(bucket):
-        return min(args.train_batch_size, buckets[bucket]) if isinstance(buckets, dict) else args.train_batch_size
+        size = (batch_sizes or {}).get(bucket, args.train_batch_size)
+        return min(size, buckets[bucket]) if isinstance(buckets, dict) else size
+
+    def training_peak(bucket):
+        if (bucket, batch_size(bucket)) in (known_peaks or {}):
+            return known_peaks[bucket, batch_size(bucket)]
+        bucket_args = copy.copy(args)
+        bucket_args.train_batch_size = batch_size(bucket)
+        return estimate_training(bucket_args, transformer_config, vae_config, text_encoder_config, conditioning, mode,
+                                 weight_dtype, bucket)["training_peak"]
 
     largest = max(buckets, key=lambda b: b[0] * b[1] * b[2] * batch_size(b))
-    training_args = copy.copy(args)
-    training_args.train_batch_size = batch_size(largest)
-    training = estimate_training(training_args, transformer_config, vae_config, text_encoder_config, conditioning,
-                                 mode, weight_dtype, largest)
-    phases = {"bucket": "x".join(map(str, largest)), "batch_size": training_args.train_batch_size,
-              "training": training["training_peak"]}
+    phases = {"bucket": "x".join(map(str, largest)), "batch_size": batch_size(largest)}
+    if each_bucket:
+        per_bucket = {bucket: training_peak(bucket) for bucket in buckets}
+        phases["training"] = max(per_bucket.values())
+        phases["training_per_bucket"] = {"x".join(map(str, b)): peak for b, peak in sorted(per_bucket.items())}
+    else:
+        phases["training"] = training_peak(largest)
     if not args.validation_prompt:
         return phases
 

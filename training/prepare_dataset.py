@@ -26,11 +26,11 @@ if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.checkpoint import simulate_crash  # noqa: E402
+from training.buckets import check_buckets, reshape_mode  # noqa: E402
+from training.layouts import check_data_source  # noqa: E402
 from training.args import (  # noqa: E402
     UsageError,
     add_dataset_arguments,
-    check_buckets,
-    check_data_source,
     check_output_dir,
     exit_on_usage_error,
     load_transformer_config,
@@ -219,7 +219,7 @@ def prepare(args):
         (output / sub).mkdir(parents=True, exist_ok=True)
 
     # With --hash_videos, rank 0 hashes the videos first while the other ranks wait at a barrier in scan_samples.
-    usable, skipped = scan_samples(args, output, rank, world_size)
+    usable, skipped, buckets = scan_samples(args, output, rank, world_size, transformer_config)
     plan = plan_encoding(args, output, usable, transformer_config, rank, world_size)
     if args.dry_run:
         if rank == 0:
@@ -232,7 +232,7 @@ def prepare(args):
         encode_samples(args, output, usable, plan, rank, device)
     _barrier(world_size)  # every rank's entries are written
     if rank == 0:
-        write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config)
+        write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config, buckets)
     _barrier(world_size)  # the lists and the manifest are written
     _end_distributed(world_size)
     return output
@@ -243,26 +243,27 @@ def prepare(args):
 # ----------------------------------------------------------------------------------------------
 
 
-def scan_samples(args, output, rank, world_size):
-    """(usable, skipped): the samples with their bucket (and, with --hash_videos, their video's sha256), and the
-    samples that cannot be used. Rank 0 writes data_notes.jsonl. Unusable samples stop the run (bad_sample_error,
+def scan_samples(args, output, rank, world_size, transformer_config):
+    """(usable, skipped, plan): the samples with their bucket (and, with --hash_videos, their video's sha256), the
+    samples that cannot be used, and the bucket plan (training/buckets.py) that chose the buckets. Rank 0 writes data_notes.jsonl. Unusable samples stop the run (bad_sample_error,
     after rank 0 wrote skipped_samples.jsonl) unless --skip_bad_samples or --dry_run.
 
     With --hash_videos rank 0 scans first and saves video_hashes.json; the other ranks wait for it at a barrier and
     then find every hash remembered instead of reading every video again."""
-    from training.dataset import assign_buckets, bad_sample_error, load_samples, write_skip_report
+    from training.buckets import bucket_plan
+    from training.dataset import assign_buckets, bad_sample_error, write_skip_report
+    from training.layouts import read_samples
     from training.precomputed import HASHES, ContentHashes
 
-    samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
+    samples = read_samples(args)
+    plan = bucket_plan(args, transformer_config, batch_size=None)
     hashes = None
     if args.hash_videos:
         if rank != 0:
             _barrier(world_size)  # wait until rank 0 has hashed every video and saved the hashes
         hashes = ContentHashes(output / HASHES)
-    usable, skipped = assign_buckets(
-        samples, args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
-        args.skip_frames_start, args.skip_frames_end, num_threads=args.num_decode_threads or 8, hashes=hashes,
-    )
+    usable, skipped = assign_buckets(samples, plan, args.skip_frames_start, args.skip_frames_end,
+                                     num_threads=args.num_decode_threads or 8, hashes=hashes)
     if hashes is not None and rank == 0:
         hashes.save()
         logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
@@ -272,14 +273,14 @@ def scan_samples(args, output, rank, world_size):
         if rank == 0:
             write_skip_report(skipped, output / "skipped_samples.jsonl")
         raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
-    return usable, skipped
+    return usable, skipped, plan
 
 
 def _write_data_notes(usable, args, output, rank):
     """Duplicates, upscaling and stretching among the usable samples, in data_notes.jsonl (rank 0)."""
     from training.dataset import data_notes, write_skip_report
 
-    notes = data_notes(usable, args.video_reshape_mode)
+    notes = data_notes(usable, reshape_mode(args))
     if notes and rank == 0:
         write_skip_report(notes, output / "data_notes.jsonl")
         logger.warning("%d note(s) about the data (duplicates, upscaling, stretching), all in %s", len(notes),
@@ -332,12 +333,12 @@ def cache_settings(args, vae_config, transformer_config):
         "text_encoder_config": text_encoder_fingerprint(args),
         "max_sequence_length": args.max_sequence_length,
         "dtype": args.dtype,
-        "video_reshape_mode": args.video_reshape_mode,
+        "video_reshape_mode": reshape_mode(args),
         "random_flip": args.random_flip,
         "image_latents": bool(args.save_image_latents),
         "latents": bool(args.save_latents_and_embeddings),
         # Only where it decides something (random crops or flips), so other caches keep their keys.
-        **({"seed": args.seed} if args.random_flip or args.video_reshape_mode in ("random", "none") else {}),
+        **({"seed": args.seed} if args.random_flip or reshape_mode(args) in ("random", "none") else {}),
     }
 
 
@@ -400,7 +401,7 @@ def _encoding_loader(args, items, stems):
 
     # Random crops and flips drawn from (--seed, the entry's key): the same however many processes share the work,
     # whatever was prepared before, and whatever else is in the list.
-    dataset = VideoDataset(items, args.video_reshape_mode, args.random_flip, image_to_video=args.save_image_latents,
+    dataset = VideoDataset(items, reshape_mode(args), args.random_flip, image_to_video=args.save_image_latents,
                            seed=args.seed, random_keys=[int(stem, 16) for stem in stems])
     sampler = BucketBatchSampler(dataset.bucket_keys, args.batch_size, shuffle=False)
     return torch.utils.data.DataLoader(
@@ -441,14 +442,14 @@ def _write_entry(output, stem, item, video, tensors, args):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config):
+def write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config, buckets):
     """prompts.txt and videos.txt (and with --save_latents_and_embeddings the manifest) listing every usable sample's
     entry; skipped_samples.jsonl when samples were skipped."""
     entries = manifest_entries(usable, plan.stems)
     (output / "prompts.txt").write_text("".join(e["caption"].replace("\n", " ") + "\n" for e in entries), encoding="utf-8")
     (output / "videos.txt").write_text("".join(e["video"] + "\n" for e in entries), encoding="utf-8")
     if args.save_latents_and_embeddings:
-        _write_manifest(output, entries, skipped, plan, transformer_config, args)
+        _write_manifest(output, entries, skipped, plan, transformer_config, args, buckets)
     _report_skipped_samples(output, skipped)
     logger.info("prepared %d sample(s) in %s", len(entries), output)
 
@@ -462,13 +463,14 @@ def manifest_entries(usable, stems):
             "video": f"videos/{stem}.mp4",
             "file": f"latents/{stem}.safetensors",
             "bucket": list(item.bucket),
+            "repeats": item.sample.repeats,
             **({"video_sha256": item.content_hash} if item.content_hash else {}),
         }
         for item, stem in zip(usable, stems)
     ]
 
 
-def _write_manifest(output, entries, skipped, plan, transformer_config, args):
+def _write_manifest(output, entries, skipped, plan, transformer_config, args, buckets):
     """The manifest (atomically), which training with --load_tensors reads."""
     from training.precomputed import FORMAT, MANIFEST, component_digests
 
@@ -484,6 +486,9 @@ def _write_manifest(output, entries, skipped, plan, transformer_config, args):
             "weights": component_digests(args),
         },
         "settings": plan.settings,
+        # With --bucket_config, each bucket's training batch size (training uses it unless given another config).
+        "batch_sizes": {"x".join(map(str, e["bucket"])): buckets.batch_size(e["bucket"]) for e in entries}
+        if args.bucket_config else {},
         "entries": entries,
         "skipped": [{"entry": s.index + 1, "video": s.video_path, "reason": s.reason} for s in skipped],
     }

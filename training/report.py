@@ -266,7 +266,7 @@ def write_model_card(job):
         "sheet": sheet.name if sheet else None,
         "plot": LOSS_PLOT if (output_dir / LOSS_PLOT).is_file() else None,
         "settings": run_settings(args, job.conditioning, job.mode, job.backend.num_processes,
-                                 job.schedule.max_train_steps),
+                                 job.schedule.max_train_steps, job.data.describe_batch_size()),
         "samples": len(job.data.dataset),
         "final_loss": finite(job.last_loss),
         "held_out_loss": finite(held_out[-1]) if held_out else None,
@@ -276,16 +276,18 @@ def write_model_card(job):
     (output_dir / MODEL_CARD).write_text(model_card(facts))
 
 
-def run_settings(args, conditioning, mode, num_processes, steps):
+def run_settings(args, conditioning, mode, num_processes, steps, batch_size):
+    buckets = {"bucket config": Path(args.bucket_config).name} if args.bucket_config else {
+        "resolution buckets (H x W)": f"{_join(args.height_buckets)} x {_join(args.width_buckets)}",
+        "frame buckets": _join(args.frame_buckets)}
     settings = {
         "trainer": f"{conditioning.name} {'LoRA' if mode.name == 'lora' else 'full fine-tune'}",
         "steps": steps,
-        "total batch size": args.train_batch_size * num_processes * args.gradient_accumulation_steps,
+        "batch size": f"{batch_size} x {num_processes} process(es) x {args.gradient_accumulation_steps} accumulation",
         "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
         "optimizer": args.optimizer,
         "mixed precision": args.mixed_precision or "no",
-        "resolution buckets (H x W)": f"{_join(args.height_buckets)} x {_join(args.width_buckets)}",
-        "frame buckets": _join(args.frame_buckets),
+        **buckets,
         "seed": args.seed,
     }
     if mode.name == "lora":

@@ -16,8 +16,8 @@ from .args import (
     load_transformer_config,
     optimizer_problems,
     size_limit_problem,
-    validation_frames,
 )
+from .buckets import validation_frames
 from .data_source import choose_data_source
 
 
@@ -83,18 +83,40 @@ def model_problems(args, transformer_config, conditioning, mode, data_source):
     return problems
 
 
+def _auto_batch_problems(args):
+    """--max_memory_gb and batch sizes of auto come together."""
+    auto = args.train_batch_size == "auto"
+    if args.bucket_config and not auto:
+        from .buckets import read_bucket_config
+
+        try:
+            auto = any(batch == "auto" for frames in read_bucket_config(args.bucket_config).values()
+                       for _, batch in frames.values())
+        except UsageError:
+            return []  # check_buckets reports what is wrong with the file
+    if auto and args.max_memory_gb is None:
+        return ["a batch size of auto needs --max_memory_gb N: the accelerator memory (GiB) each process may use"]
+    if args.max_memory_gb is not None and not auto:
+        return [f"--max_memory_gb {args.max_memory_gb:g} is only used to choose batch sizes of auto: pass "
+                "--train_batch_size auto (or auto in --bucket_config), or drop it"]
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        return [f"--max_memory_gb must be positive (got {args.max_memory_gb:g})"]
+    return []
+
+
 def _flag_problems(args):
     """Checks of the flags on their own (counts, ranges, files, combinations)."""
     problems = []
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank",
                  "num_validation_videos", "num_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) != "auto" and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("max_train_steps", "validation_epochs", "validation_steps", "checkpoints_total_limit", "eval_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1 when given (got {value})")
     problems.extend(_eval_problems(args))
+    problems.extend(_auto_batch_problems(args))
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.dataloader_num_workers < 0:

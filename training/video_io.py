@@ -1,4 +1,4 @@
-"""Reading video files: cheap metadata probes and frame decoding.
+"""Reading video files (and still images): cheap metadata probes and frame decoding.
 
 decord is the fast reader; it fails on some output widths (16, 24, 48, 72 px, a known
 bug in every decord build), so any decord error falls back to PyAV, which has no such
@@ -22,7 +22,15 @@ except ImportError:  # pragma: no cover - decord has no wheel for some platforms
 
 
 class VideoReadError(RuntimeError):
-    """A file that cannot be opened or decoded as a video."""
+    """A file that cannot be opened or decoded as a video (or as an image)."""
+
+
+# Still images train as short clips of one repeated frame (training/buckets.py).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def is_image(path):
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,11 @@ def probe_video(path, last_frame_for=None) -> VideoInfo:
     With `last_frame_for` (a function VideoInfo -> index of the last frame training will take, or None), the
     packets up to that frame are also checked in the same pass (see `_check_stream`): a clip whose header reads
     fine but whose data is cut short or corrupt raises VideoReadError here instead of in a DataLoader worker.
+    A still image (`is_image`) is one frame; it is decoded whole here (cheap), so a broken one is caught too.
     """
+    if is_image(path):
+        height, width = _read_image(path).shape[:2]
+        return VideoInfo(num_frames=1, height=height, width=width, fps=0.0)
     import av
 
     try:
@@ -118,8 +130,10 @@ def _check_stream(path, container, stream, num_frames, last_frame):
 
 
 def read_frames(path, indices) -> torch.Tensor:
-    """Decode the frames at `indices` (sorted, unique or not) as uint8 [F, H, W, C] RGB."""
+    """Decode the frames at `indices` (sorted, unique or not) as uint8 [F, H, W, C] RGB. An image is frame 0."""
     indices = [int(i) for i in indices]
+    if is_image(path):
+        return torch.from_numpy(_read_image(path)).unsqueeze(0).expand(len(indices), -1, -1, -1).contiguous()
     if decord is not None:
         try:
             reader = decord.VideoReader(str(path), num_threads=1)
@@ -149,3 +163,14 @@ def _read_frames_pyav(path, indices) -> torch.Tensor:
     if missing:
         raise VideoReadError(f"{path}: frames {missing[:5]} could not be decoded (file truncated?)")
     return torch.from_numpy(np.stack([decoded[i] for i in indices]))
+
+
+def _read_image(path):
+    """uint8 [H, W, 3] RGB (EXIF rotation applied, as viewers show the picture)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
+    except Exception as error:  # PIL raises many error types for broken files
+        raise VideoReadError(f"{path}: cannot read as an image ({type(error).__name__}: {error})") from error

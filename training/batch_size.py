@@ -1,0 +1,97 @@
+"""`--train_batch_size auto --max_memory_gb N`: for every bucket, the largest batch whose training peak, as the
+--dry_run estimate simulates it (the real training step on fake tensors, training/memory_estimate.py), stays under
+N GiB per process. In a bucket config, `auto` may stand in the batch-size column for some buckets only.
+
+The peak grows linearly with the batch (activations and gradients of each sample; weights and optimizer states stay),
+so two simulations (batch 1 and 2) predict the answer and a third confirms it: about three per bucket.
+"""
+
+import copy
+import logging
+import math
+
+
+logger = logging.getLogger("cogvideox_factory")
+
+AUTO = "auto"
+
+
+def component_configs(args):
+    """(VAE config, T5 config) of the model: small files, no weights."""
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import AutoConfig
+
+    where = dict(revision=args.revision, cache_dir=args.cache_dir)
+    vae_config = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae", **where)
+    text_encoder_config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                                     **where)
+    return vae_config, text_encoder_config
+
+
+def largest_batch_under(limit, peak_of, most):
+    """(batch, {batch: simulated peak}) for the largest batch in 1..most with peak_of(batch) <= limit, or (0, peaks)
+    when not even a batch of 1 fits. The line through the simulated peaks predicts the next batch to try; a batch
+    whose successor the line already puts over the limit is the answer (the peak never grows slower than linearly:
+    activations per sample, plus attention that grows with them)."""
+    peaks = {1: peak_of(1)}
+    if peaks[1] > limit:
+        return 0, peaks
+    if most == 1:
+        return 1, peaks
+    peaks[2] = peak_of(2)
+    if peaks[2] > limit:
+        return 1, peaks
+    slope = peaks[2] - peaks[1]
+    low, high = 2, most + 1  # peak(low) fits; high: the smallest batch known not to (most + 1 when none is)
+    guess = most if slope <= 0 else 1 + math.floor((limit - peaks[1]) / slope)
+    while high - low > 1:
+        if peaks[low] + slope > limit:  # the line puts low + 1 over the limit
+            break
+        batch = min(max(guess, low + 1), high - 1)
+        peaks[batch] = peak_of(batch)
+        if peaks[batch] <= limit:
+            slope = max(slope, (peaks[batch] - peaks[low]) / (batch - low))
+            low = batch
+        else:
+            high = batch
+        guess = (low + high) // 2
+    return low, peaks
+
+
+def choose_batch_sizes(args, transformer_config, conditioning, mode, weight_dtype, counts, sizes):
+    """`sizes` ({bucket: batch size or "auto"}) with every "auto" replaced, and {(bucket, batch): peak bytes} of the
+    simulations made. `counts`: samples per bucket (a batch never needs to be larger). UsageError, naming the bucket,
+    when not even a batch of one fits."""
+    from .args import UsageError
+    from .memory_estimate import estimate_training
+
+    if args.max_memory_gb is None:
+        raise UsageError("a batch size of auto (--train_batch_size auto, or in --bucket_config) needs --max_memory_gb N: "
+                         "the accelerator memory each process may use")
+    limit = args.max_memory_gb * 2**30
+    vae_config, text_encoder_config = component_configs(args)
+    chosen, simulated, problems = dict(sizes), {}, []
+    auto = sorted(bucket for bucket, size in sizes.items() if size == AUTO)
+    logger.info("choosing the batch size of %d bucket(s) under %g GiB (about 3 memory simulations each)", len(auto),
+                args.max_memory_gb)
+    for bucket in auto:
+        def peak_of(batch, bucket=bucket):
+            bucket_args = copy.copy(args)
+            bucket_args.train_batch_size = batch
+            return estimate_training(bucket_args, transformer_config, vae_config, text_encoder_config, conditioning,
+                                     mode, weight_dtype, bucket)["training_peak"]
+
+        batch, peaks = largest_batch_under(limit, peak_of, counts[bucket])
+        simulated.update({(bucket, b): peak for b, peak in peaks.items()})
+        name = "x".join(map(str, bucket))
+        if batch == 0:
+            problems.append(f"bucket {name}: even a batch of 1 needs about {peaks[1] / 2**30:.3g} GiB, over "
+                            f"--max_memory_gb {args.max_memory_gb:g}; drop this bucket, or save memory "
+                            "(--gradient_checkpointing, --offload_activations, --quantize_base fp8; docs/memory.md)")
+            continue
+        chosen[bucket] = batch
+        logger.info("  bucket %s: batch %d (estimated training peak %.3g GiB; %d sample(s))", name, batch,
+                    peaks[batch] / 2**30, counts[bucket])
+    if problems:
+        raise UsageError(problems)
+    return chosen, simulated

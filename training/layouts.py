@@ -1,0 +1,225 @@
+"""The ways a data set can be laid out, read into one list of samples (`read_samples`).
+
+- The original's lists: --data_root with a caption file and a video file, one entry per line (--caption_column,
+  --video_column).
+- A CSV: --dataset_file with a caption column and a video column.
+- A folder of media with a caption file beside each (clip.mp4 + clip.txt; --caption_extension): used when --data_root
+  has no caption/video lists.
+- CogVideoX-Fun's metadata: --train_data_meta, a JSON list of {"file_path", "text", "type": "video"|"image"}.
+- Several of these mixed: --dataset_config datasets.toml, one [[datasets]] table each, with num_repeats and an id token
+  of its own (see assets/dataset.md).
+
+Media are videos or still images (.jpg/.jpeg/.png/.webp). Paths in lists are relative to the list's folder (or
+--data_root). A sample listed in a source with num_repeats N trains N times per epoch.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .args import UsageError
+from .video_io import IMAGE_SUFFIXES
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+DATASET_KEYS = {"folder", "data_root", "dataset_file", "meta", "caption_column", "video_column", "caption_extension",
+                "num_repeats", "id_token"}
+
+
+def read_samples(args):
+    """Every training sample the user gave, in order, with its repeats; UsageError for a layout that cannot be read."""
+    from .dataset import load_samples
+
+    if getattr(args, "dataset_config", None):
+        samples = read_dataset_config(args.dataset_config, args.id_token)
+    elif getattr(args, "train_data_meta", None):
+        samples = read_meta(args.train_data_meta, args.data_root, args.id_token)
+    elif args.dataset_file is None and is_captioned_folder(args):
+        samples = read_folder(args.data_root, args.caption_extension, args.id_token)
+    else:
+        samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
+    if getattr(args, "video_repeat", 0) > 0:  # CogVideoX-Fun's --video_repeat: videos N times, images once
+        samples = [s if s.video_path.suffix.lower() in IMAGE_SUFFIXES else replace(s, repeats=s.repeats * args.video_repeat)
+                   for s in samples]
+    return samples
+
+
+def check_data_source(args, problems, require_videos=True):
+    """Data files and columns exist. Per-sample problems are the dataset's business."""
+    for flag in ("dataset_config", "train_data_meta"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if not Path(value).is_file():
+                problems.append(f"--{flag} {value}: no such file")
+            return
+    if args.dataset_file is None:
+        if args.data_root is None:
+            problems.append("give --data_root (with --caption_column/--video_column files) or --dataset_file (a CSV)")
+            return
+        root = Path(args.data_root)
+        if not root.is_dir():
+            problems.append(f"--data_root {root}: no such folder")
+            return
+        if is_captioned_folder(args) and media_files(root):
+            return  # a folder of media with their captions beside them
+        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+            if not (root / name).is_file():
+                hint = " (or put media files there with a caption .txt beside each)"
+                if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
+                    hint = " (this folder has prompts.txt and videos.txt: pass --caption_column prompts.txt --video_column videos.txt)"
+                problems.append(f"{flag} {name}: no file {root / name} with one entry per line{hint}")
+    else:
+        csv_path = Path(args.dataset_file)
+        if not csv_path.is_file():
+            problems.append(f"--dataset_file {csv_path}: no such file")
+            return
+        if args.data_root is not None and not Path(args.data_root).is_dir():
+            problems.append(f"--data_root {args.data_root}: no such folder")
+        import pandas as pd
+
+        try:
+            columns = list(pd.read_csv(csv_path, nrows=0).columns)
+        except Exception as error:
+            problems.append(f"--dataset_file {csv_path}: not a readable CSV ({error})")
+            return
+        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+            if name not in columns:
+                problems.append(f"{flag} {name}: the CSV has no such column (columns: {', '.join(columns)})")
+
+
+def is_captioned_folder(args):
+    """--data_root without the caption/video lists: a folder of media with captions beside them."""
+    root = Path(args.data_root) if args.data_root else None
+    return (root is not None and root.is_dir() and not (root / args.caption_column).is_file()
+            and not (root / args.video_column).is_file())
+
+
+def media_files(folder):
+    suffixes = VIDEO_SUFFIXES + IMAGE_SUFFIXES
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_folder(folder, caption_extension=".txt", id_token=None, start=0, repeats=1):
+    """One sample per media file under `folder` (sorted, sub-folders included), captioned by the file of the same
+    name with `caption_extension` beside it. A missing or empty caption file leaves the caption empty: the scan
+    reports that sample (it does not train)."""
+    from .dataset import Sample, with_id_token
+
+    files = media_files(folder)
+    if not files:
+        raise UsageError(f"{folder}: no videos ({', '.join(VIDEO_SUFFIXES)}) or images ({', '.join(IMAGE_SUFFIXES)}) "
+                         "in this folder, and no caption/video lists; see assets/dataset.md for the layouts")
+    samples = []
+    for position, path in enumerate(files):
+        caption_file = path.with_suffix(caption_extension)
+        try:
+            caption = " ".join(caption_file.read_text(encoding="utf-8").split())
+        except FileNotFoundError:
+            caption = ""
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{caption_file}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+        samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
+                              video_path=path, repeats=repeats, caption_file=caption_file))
+    return samples
+
+
+def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
+    """CogVideoX-Fun's metadata JSON: [{"file_path": ..., "text": ..., "type": "video" | "image"}, ...]. Relative
+    paths are taken from `data_root` (its --train_data_dir) or else the JSON's own folder."""
+    from .dataset import Sample, with_id_token
+
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--train_data_meta {path}: cannot read it ({error.strerror})") from error
+    except ValueError as error:
+        raise UsageError(f"--train_data_meta {path}: not valid JSON ({error})") from error
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f'--train_data_meta {path}: expected a JSON list of {{"file_path", "text", "type"}} entries')
+    root = Path(data_root) if data_root else Path(path).parent
+    samples = []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_path"), str) or "text" not in entry:
+            raise UsageError(f'--train_data_meta {path}: entry {position + 1} needs "file_path" and "text"')
+        kind = entry.get("type", "video")
+        if kind not in ("video", "image"):
+            raise UsageError(f'--train_data_meta {path}: entry {position + 1}: "type" is {kind!r}, not video or image')
+        caption = str(entry["text"]).strip()
+        samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
+                              video_path=root / entry["file_path"], repeats=repeats))
+    _check_files_exist(samples)
+    return samples
+
+
+def read_dataset_config(path, default_id_token=None):
+    """Several sources from a TOML file, in order, each with its num_repeats and id token."""
+    import tomllib
+
+    from .dataset import load_samples
+
+    path = Path(path)
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--dataset_config {path}: cannot read it ({error.strerror})") from error
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"--dataset_config {path}: not valid TOML ({error})") from error
+    tables = config.get("datasets")
+    if not isinstance(tables, list) or not tables:
+        raise UsageError(f'--dataset_config {path}: no [[datasets]] tables; each names a "folder", "data_root" (with '
+                         'caption_column/video_column), "dataset_file" or "meta"')
+    samples = []
+    for number, table in enumerate(tables, 1):
+        where = f"--dataset_config {path}: [[datasets]] #{number}"
+        unknown = sorted(set(table) - DATASET_KEYS)
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(DATASET_KEYS))})")
+        kinds = [key for key in ("folder", "data_root", "dataset_file", "meta") if key in table]
+        if len(kinds) != 1:
+            raise UsageError(f'{where}: give exactly one of "folder", "data_root", "dataset_file", "meta"')
+        repeats = table.get("num_repeats", 1)
+        if not isinstance(repeats, int) or repeats < 1:
+            raise UsageError(f"{where}: num_repeats {repeats!r} must be a whole number, 1 or more")
+        id_token = table.get("id_token", default_id_token)
+        location = path.parent / table[kinds[0]]
+        start = len(samples)
+        if kinds[0] == "folder":
+            part = read_folder(location, table.get("caption_extension", ".txt"), id_token, start, repeats)
+        elif kinds[0] == "meta":
+            part = read_meta(location, None, id_token, start, repeats)
+        else:
+            columns = ("caption", "video") if kinds[0] == "dataset_file" else ("prompts.txt", "videos.txt")
+            caption_column = table.get("caption_column", columns[0])
+            video_column = table.get("video_column", columns[1])
+            try:
+                if kinds[0] == "dataset_file":
+                    listed = load_samples(None, location, caption_column, video_column, id_token)
+                else:
+                    listed = load_samples(location, None, caption_column, video_column, id_token)
+            except UsageError as error:
+                raise UsageError([f"{where}: {problem}" for problem in error.problems]) from error
+            part = [replace(s, index=start + s.index, repeats=repeats) for s in listed]
+        samples.extend(part)
+    return samples
+
+
+def _check_files_exist(samples):
+    missing = [s for s in samples if not s.video_path.is_file()]
+    if missing:
+        lines = [f"file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
+        if len(missing) > 10:
+            lines.append(f"... and {len(missing) - 10} more missing files")
+        raise UsageError(lines)
+
+
+def expand_repeats(items):
+    """(items, random keys): each item `repeats` times in a row. A repeat's random key differs from its first
+    showing's, so its crop and flip are drawn afresh; the first showing keeps the sample's index as its key."""
+    expanded, keys = [], []
+    for item in items:
+        sample = item.sample
+        for repeat in range(sample.repeats):
+            expanded.append(item)
+            keys.append(sample.index if repeat == 0 else (sample.index, repeat))
+    return expanded, keys

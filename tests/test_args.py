@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import test_bad_inputs
 import torch
-from conftest import ASSETS, TINY_DATA_FLAGS, prepare_argv, run_prepare, run_trainer
+from conftest import ASSETS, TINY_DATA_FLAGS, lora_argv, prepare_argv, run_prepare, run_trainer
 
 from training.args import frame_rule_problem
 
@@ -314,3 +314,14 @@ def test_a_run_leaves_the_parsed_flags_as_given(tiny_model_2b, tmp_path, monkeyp
     assert summary["global_step"] == 1 and summary["parity"]["exact"]
     as_given = copy.deepcopy(vars(parse_args([str(a) for a in argv])))
     assert vars(parsed[0]) == as_given
+
+
+def test_processes_started_without_a_process_group_are_refused(capsys, monkeypatch, tiny_model_2b, tmp_path):
+    """torchrun on a machine without GPUs and without ACCELERATE_USE_CPU: accelerate runs each process alone, and they
+    would all write the same output. One error line before anything loads."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "run", "--dry_run"))
+    assert exit_.value.code == 2
+    assert "started as 2 processes (WORLD_SIZE=2), but each runs alone" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

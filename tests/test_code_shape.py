@@ -107,3 +107,38 @@ def test_the_step_is_defined_once_and_run_by_the_trainer_the_benchmark_and_the_e
     for path in [*(ROOT / "training").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
         if path.name != "step.py":
             assert "zero_grad" not in _calls(path), f"{path.name} ends optimizer steps itself"
+
+
+# README's "Code layout": "Imports go one way", layer by layer (entry points first, args last).
+LAYERS = [
+    ["training.cogvideox_text_to_video_lora", "training.cogvideox_text_to_video_sft",
+     "training.cogvideox_image_to_video_lora", "training.cogvideox_image_to_video_sft"],
+    ["training.core"],
+    ["training.settings", "training.backend", "training.data_source", "training.step", "training.validation",
+     "training.checkpoint", "training.dry_run", "training.batch_size"],
+    ["training.conditioning", "training.modes", "training.models", "training.optim", "training.layouts",
+     "training.dataset", "training.buckets"],
+    ["training.args"],
+]
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for neighbour in graph[todo.pop()] - seen:
+            seen.add(neighbour)
+            todo.append(neighbour)
+    return seen
+
+
+def test_imports_go_one_way_as_the_readme_says():
+    modules = _modules()
+    graph = {name: _imports(name, tree, modules) for name, tree in modules.items()}
+    assert all(name in graph for layer in LAYERS for name in layer)  # the README names real modules
+    for depth, layer in enumerate(LAYERS):
+        above = {name for upper in LAYERS[:depth] for name in upper}
+        for name in layer:
+            assert not _reachable(graph, name) & above, f"{name} imports {sorted(_reachable(graph, name) & above)}"
+    # "The memory estimate and the benchmark import step and backend, never core."
+    for name in ("training.memory_estimate", "benchmarks.benchmark_training", "benchmarks.estimate_memory"):
+        assert "training.step" in _reachable(graph, name) and "training.core" not in _reachable(graph, name), name

@@ -9,7 +9,7 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, run_prepare, run_trainer, trained_weights, trainer_main
+from conftest import ASSETS, lora_argv, run_trainer, trained_weights, trainer_main
 
 from training.args import UsageError
 from training.buckets import ConfiguredBuckets, nearest_shape, read_bucket_config, shapes_of, still_frames
@@ -295,7 +295,7 @@ def expected_plan(epochs=1):
     return {"x".join(map(str, b)): (n * epochs, BATCH_SIZES[b]) for b, n in counts.items()}
 
 
-def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly(monkeypatch, tiny_model_2b,
+def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly(capsys, monkeypatch, tiny_model_2b,
                                                                                    mixed_folder, tmp_path):
     """Clips of several shapes and lengths and three stills, captions beside them, a bucket config with a batch size
     per bucket: the dry run's plan, the batches the loader delivers, summary.json, and a resumed run bitwise equal
@@ -310,6 +310,11 @@ def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly
     assert all(row["batches_per_epoch"] == math.ceil(n / b) and row["peak_training_gib"] > 0
                for (n, b), row in zip(rows.values(), plan["bucket_plan"].values()))
     assert json.loads((tmp_path / "dry" / "dry_run_plan.json").read_text())["bucket_plan"] == plan["bucket_plan"]
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["bucket", "(FxHxW)", "samples", "batch", "batches/epoch", "training", "GiB"] in printed
+    assert [row[:4] for row in printed if row and row[0] in rows] == [  # one printed row per bucket, sorted
+        [name, str(n), str(b), str(math.ceil(n / b))] for name, (n, b) in sorted(rows.items(),
+                                                                               key=lambda r: tuple(map(int, r[0].split("x"))))]
 
     seen = spy_on_batches(monkeypatch)
     summary = run_trainer(argv(tmp_path / "straight"))
@@ -323,6 +328,10 @@ def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly
         (9, 64, 96): [1, 1, 1, 1], (9, 48, 64): [1, 1, 2, 2], (5, 32, 32): [1, 1], (1, 48, 64): [3, 3]}
     assert {name: (row["samples_trained"], row["batch_size"]) for name, row in summary["buckets"].items()} == \
         expected_plan(epochs=2)
+    startup = summary["startup_seconds"]  # by phase, from the process's start (this pytest process: long ago)
+    assert list(startup) == ["python and imports", "flags, processes and data scan", "models, optimizer and resume",
+                             "first step"] and all(seconds >= 0 for seconds in startup.values())
+    assert startup["flags, processes and data scan"] > 0 and startup["python and imports"] > startup["first step"]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -335,12 +344,20 @@ def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly
 
 @pytest.mark.slow
 def test_the_mixed_folder_prepared_first_trains_the_same_way(monkeypatch, tiny_model_2b, mixed_folder, tmp_path):
-    """prepare_dataset.py with the bucket config and the folder layout: the same buckets, its batch sizes stored in
-    the manifest, and training on the prepared entries batches exactly as on the raw files."""
+    """prepare_dataset.py on two processes with the bucket config and the folder layout: the same buckets, its batch
+    sizes stored in the manifest, and training on the prepared entries batches exactly as on the raw files."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
     prepared = tmp_path / "prepared"
-    run_prepare(["--model_id", tiny_model_2b, "--data_root", mixed_folder, "--bucket_config",
-                 mixed_folder.parent / "bucket.yaml", "--max_sequence_length", "16", "--save_latents_and_embeddings",
-                 "--output_dir", prepared])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "training" /
+               "prepare_dataset.py", "--model_id", tiny_model_2b, "--data_root", mixed_folder, "--bucket_config",
+               mixed_folder.parent / "bucket.yaml", "--max_sequence_length", "16", "--save_latents_and_embeddings",
+               "--output_dir", prepared, "--batch_size", "2"]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert {e["source_video"].split("/")[-1]: tuple(e["bucket"]) for e in manifest["entries"]} == EXPECTED_BUCKETS
     assert manifest["batch_sizes"] == {"x".join(map(str, b)): n for b, n in BATCH_SIZES.items()}

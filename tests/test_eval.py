@@ -70,3 +70,28 @@ def test_evaluation_runs_the_model_the_way_validation_does(monkeypatch):
     loss = training.validation.evaluate("prepared model", [{"batch": 0}], None, None, backend, args)
     assert loss == 1.0 and ran == [wrapper, wrapper]
     assert wrapper.training  # left as it was
+
+
+def test_held_out_defaults_the_seeded_split_and_a_held_out_csv(tiny_model_2b, clips, tmp_path):
+    """README's defaults: timesteps 100 300 500 700 900, every --checkpointing_steps; the split is chosen by --seed;
+    --eval_dataset_file names a held-out CSV with the training columns."""
+    from training.args import parse_args
+    from training.conditioning import TextToVideo
+    from training.dataset import split_for_eval
+    from training.modes import LoRA
+    from training.settings import validate_training_args
+
+    args = parse_args([str(a) for a in lora_argv(tiny_model_2b, clips, tmp_path / "x", "--eval_split", "0.05",
+                                                 "--checkpointing_steps", "7")])
+    assert args.eval_timesteps == [100, 300, 500, 700, 900]
+    assert validate_training_args(args, TextToVideo(), LoRA()).eval_every == 7
+    items = list(range(40))
+    assert split_for_eval(items, 0.05, seed=1) == split_for_eval(items, 0.05, seed=1)
+    assert split_for_eval(items, 0.05, seed=1)[1] != split_for_eval(items, 0.05, seed=2)[1]
+    assert len(split_for_eval(items, 0.05, seed=1)[1]) == 2 and len(split_for_eval(items[:5], 0.05, 1)[1]) == 1
+
+    (clips / "held_out.csv").write_text("caption,video\na red ball bounces,videos/ball.mp4\nwaves,videos/waves.mp4\n")
+    plan = run_trainer(lora_argv(tiny_model_2b, clips, tmp_path / "run", "--eval_dataset_file",
+                                 clips / "held_out.csv", "--eval_caption_column", "caption", "--eval_video_column",
+                                 "video", "--dry_run"))["dry_run"]
+    assert plan["samples_held_out"] == 2 and plan["samples_for_training"] == 6

@@ -208,3 +208,4 @@ def test_dry_run_estimate_matches_the_peak_malloc_measures(tmp_path, monkeypatch
     assert estimate > 80e6
     # malloc also holds what is not a tensor (Python objects, decode buffers): 2026-12-01, 125.9 vs 133.2 MB, 0.945
     assert 0.9 < estimate / measured < 1.02, (estimate, measured)
+

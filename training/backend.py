@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .modes import plain_name
+
 
 # Ranks waiting for the main process to finish validation wait on a gloo group with this timeout rather than in the
 # next NCCL collective, which --nccl_timeout (10 minutes by default) would abort during a long validation.
@@ -387,13 +389,6 @@ class _deepspeed_weights_only:
 # ----------------------------------------------------------------------------------------------
 # FSDP
 # ----------------------------------------------------------------------------------------------
-
-
-def plain_name(name):
-    """A parameter's name without the wrappers' prefixes (FSDP1, activation checkpointing, torch.compile)."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
 
 
 def _torch_optimizer(optimizer):

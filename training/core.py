@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
 from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
 from .settings import validate_training_args
+from .startup import StartupClock
 from .step import build_context, build_trainer, train_step
 from .validation import Validation, evaluate
 
@@ -94,10 +96,12 @@ class TrainingRun:
     history: LossHistory = field(default_factory=LossHistory)  # for the loss plot; kept in checkpoints
     progress: object = None
     step_started: float = 0.0
+    startup: StartupClock = field(default_factory=StartupClock)
 
 
 def run(argv, conditioning, mode):
     """Parse, validate, train, save, test. Returns a summary dict (also written as summary.json)."""
+    startup = StartupClock()
     args = parse_args(argv)
     settings = validate_training_args(args, conditioning, mode)  # 1. every check that needs no weights
     backend = start_processes(args)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
@@ -105,19 +109,23 @@ def run(argv, conditioning, mode):
                                choose_sizes=lambda counts, sizes: choose_batch_sizes(
                                    args, settings.transformer_config, conditioning, mode, backend.weight_dtype,
                                    counts, sizes))
-    job = TrainingRun(args, settings, conditioning, mode, backend, data, Schedule.of(args, data.sampler))
+    startup.mark("flags, processes and data scan")
+    job = TrainingRun(args, settings, conditioning, mode, backend, data, Schedule.of(args, data.sampler),
+                      startup=startup)
     if args.dry_run:  # 3. bad data has stopped the run above, before any model loads
         plan = dry_run_plan(job)
         backend.end()
         return {"dry_run": plan}
     job.trainer = build_models_and_optimizer(job)  # 4.
     job.state, job.history = resume(job)  # 5.
+    startup.mark("models, optimizer and resume")
     job.validation = Validation(args, settings.validation_num_frames, conditioning, backend)
     start_logging_run(job)
     tracker = memory.start_allocation_tracking(job.trainer.transformer, job.trainer.optimizer, job.trainer.context)
     train(job)  # 6.
     summary = {"global_step": job.state.global_step, "final_loss": job.last_loss,
-               "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job)}
+               "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job),
+               "startup_seconds": startup.phases}
     if tracker is not None:  # COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1
         tracker.__exit__(None, None, None)
         summary["tracked_training_peak_bytes"] = tracker.peak
@@ -144,6 +152,11 @@ def start_processes(args):
 
     backend = build_backend(args)
     problems = offload_runtime_problems(args, backend) + backend.optimizer_problems(args)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and backend.num_processes == 1:  # e.g. torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
+        problems.append(f"started as {launched} processes (WORLD_SIZE={launched}), but each runs alone, so they would "
+                        "all train the same samples and write the same files: on a machine without GPUs set "
+                        "ACCELERATE_USE_CPU=true, or start with accelerate launch")
     if problems:
         raise UsageError(problems)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
@@ -261,6 +274,9 @@ def after_step(job, loss, grad_norm):
     args, state, trainer, backend = job.args, job.state, job.trainer, job.backend
     step = state.global_step
     ckpt.simulate_crash("step", step)
+    line = job.startup.finish("first step")
+    if line:
+        logger.info(line)
     if not math.isfinite(loss):
         # This loss came from the weights after step - 1: a checkpoint of them would diverge again on resume.
         raise diverged(job, f"loss became {loss} at step {step}", first_bad_checkpoint=step - 1)

@@ -22,6 +22,13 @@ from .files import share_like_umask
 from .lora_formats import COMFYUI_WEIGHT_NAME, comfyui_problems, peft_adapters, save_comfyui
 
 
+def plain_name(name):
+    """A parameter's name without the wrappers' prefixes (FSDP1, activation checkpointing, torch.compile)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "cogvideox-lora"
 TRANSFORMER_FOLDER = "transformer"
@@ -95,7 +102,6 @@ class LoRA:
 
         layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
         if state_dict is not None:
-            from .backend import plain_name
 
             expected = {plain_name(k) for k in get_peft_model_state_dict(transformer)}
             empty = [k for k, v in layers.items() if v.numel() == 0]
@@ -124,7 +130,6 @@ class LoRA:
     def read(self, transformer, directory, pipeline_class):
         """The adapter saved by `save`, keyed by the model's own parameter names (resume under FSDP, where torch
         spreads it over the shards): the inverse of the renaming get_peft_model_state_dict did when saving."""
-        from .backend import plain_name
 
         names = {}
         for name, _ in transformer.named_parameters():
@@ -186,7 +191,6 @@ class Full:
         `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
         state = state_dict
         if state_dict is not None:
-            from .backend import plain_name
 
             missing = {plain_name(k) for k in transformer.state_dict()} - set(state_dict)
             empty = [k for k, v in state_dict.items() if v.numel() == 0]
@@ -220,7 +224,6 @@ class Full:
         it, torch spreads it over the shards)."""
         from safetensors.torch import load_file
 
-        from .backend import plain_name
 
         folder = Path(directory) / TRANSFORMER_FOLDER
         state = {}

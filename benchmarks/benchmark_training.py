@@ -170,8 +170,17 @@ def tiny(spec):
     )
 
 
-def model_spec(name, scale):
-    return tiny(MODELS[name]) if scale == "tiny" else MODELS[name]
+def model_spec(name, scale, trainer_flags=()):
+    """The published model `name`; with --transformer_config among the trainer flags, its transformer replaced by
+    that one (a size no published model has: what would it need?)."""
+    spec = MODELS[name]
+    flags = [str(flag) for flag in trainer_flags]
+    if "--transformer_config" in flags:
+        from training.args import read_transformer_config
+
+        custom = read_transformer_config(flags[flags.index("--transformer_config") + 1])
+        spec = dataclasses.replace(spec, transformer={k: v for k, v in custom.items() if not k.startswith("_")})
+    return tiny(spec) if scale == "tiny" else spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,7 +567,7 @@ def run_configuration(options, trainer_flags, row):
 
 
 def _run_configuration(options, trainer_flags, row, scratch):
-    spec = model_spec(options.model, options.scale)
+    spec = model_spec(options.model, options.scale, trainer_flags)
     backend, trainer, batch = build_like_trainer(options, trainer_flags, row, spec, scratch)
     device, model = backend.device, backend.unwrap(trainer.transformer)
     row["parameters"] = dict(total=count_parameters(model.parameters()), trainable=count_parameters(trainer.parameters))

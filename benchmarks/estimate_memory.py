@@ -71,7 +71,7 @@ def estimate(model, mode, flags, scale="full"):
     from training.memory_estimate import estimate_phases
     from training.modes import MODES
 
-    spec = model_spec(model, scale)
+    spec = model_spec(model, scale, flags)
     args = trainer_args(spec, mode, flags)
     text_encoder = T5_XXL if scale == "full" else dict(T5_XXL, d_model=spec.transformer["text_embed_dim"], d_kv=8,
                                                         d_ff=64, num_heads=2, num_layers=1, vocab_size=1000)

@@ -25,6 +25,16 @@ TINY_DATA_FLAGS = [
 TINY_VALIDATION_FLAGS = ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--validation_num_frames", "9"]
 
 
+# Sized for the bundled clips (32-128 px, 9-17 frames) and the tiny models. Each line: resolution -> frames ->
+# [keep_prob, batch_size]; 1 holds still images.
+BUCKET_YAML = """\
+bucket_config:
+  "64x96": {9: [1.0, 1], 5: [1.0, 2]}
+  "48x64": {9: [1.0, 2], 5: [1.0, 3], 1: [1.0, 4]}
+  "32x32": {9: [0.0, 0], 5: [1.0, 2], 1: [1.0, 2]}
+"""
+
+
 def reset_accelerate():
     from accelerate.state import AcceleratorState, GradientState
 
@@ -196,3 +206,25 @@ def generate(pipe, prompt="a cat walks on the grass", image=None, num_frames=9, 
         prompt=prompt, height=32, width=32, num_frames=num_frames, num_inference_steps=2, max_sequence_length=16,
         generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs,
     ).frames[0]
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path):
+    """The bundled clips and three stills (png, jpg, webp) in one folder, each with its caption in a .txt beside it;
+    and the bucket config."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    captions = (ASSETS / "prompts.txt").read_text().splitlines()
+    for caption, video in zip(captions, (ASSETS / "videos.txt").read_text().splitlines()):
+        shutil.copy(ASSETS / video, folder / video.split("/")[-1])
+        (folder / video.split("/")[-1]).with_suffix(".txt").write_text(caption + "\n")
+    for name, clip, caption in (("still_a.png", "square", "a blue square, a still picture"),
+                                ("still_b.jpg", "ball", "a red ball in the park, a photo"),
+                                ("still_c.webp", "sunset", "birds above the mountains, a photo")):
+        Image.fromarray(iio.imread(ASSETS / "videos" / f"{clip}.mp4")[2]).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(caption)
+    (tmp_path / "bucket.yaml").write_text(BUCKET_YAML)
+    return folder

@@ -9,21 +9,13 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, run_trainer, trained_weights, trainer_main
+from conftest import ASSETS, BUCKET_YAML, lora_argv, run_trainer, trained_weights, trainer_main
 
 from training.args import UsageError
 from training.buckets import ConfiguredBuckets, nearest_shape, read_bucket_config, shapes_of, still_frames
 from training.dataset import BucketBatchSampler, assign_buckets
 
 
-# Sized for the bundled clips (32-128 px, 9-17 frames) and the tiny models. Each line: resolution -> frames ->
-# [keep_prob, batch_size]; 1 holds still images.
-BUCKET_YAML = """\
-bucket_config:
-  "64x96": {9: [1.0, 1], 5: [1.0, 2]}
-  "48x64": {9: [1.0, 2], 5: [1.0, 3], 1: [1.0, 4]}
-  "32x32": {9: [0.0, 0], 5: [1.0, 2], 1: [1.0, 2]}
-"""
 # Where each file of the mixed folder goes with BUCKET_YAML, and the batch size there.
 EXPECTED_BUCKETS = {
     "waves.mp4": (9, 64, 96), "wide.mp4": (9, 64, 96),  # fill 64x96 (area >= 80 % of it), 9+ frames
@@ -32,28 +24,6 @@ EXPECTED_BUCKETS = {
     "still_a.png": (1, 48, 64), "still_b.jpg": (1, 48, 64), "still_c.webp": (1, 48, 64),  # no still entry at 64x96
 }
 BATCH_SIZES = {(9, 64, 96): 1, (9, 48, 64): 2, (5, 32, 32): 2, (1, 48, 64): 4}
-
-
-@pytest.fixture()
-def mixed_folder(tmp_path):
-    """The bundled clips and three stills (png, jpg, webp) in one folder, each with its caption in a .txt beside it;
-    and the bucket config."""
-    import imageio.v3 as iio
-    from PIL import Image
-
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    captions = (ASSETS / "prompts.txt").read_text().splitlines()
-    for caption, video in zip(captions, (ASSETS / "videos.txt").read_text().splitlines()):
-        shutil.copy(ASSETS / video, folder / video.split("/")[-1])
-        (folder / video.split("/")[-1]).with_suffix(".txt").write_text(caption + "\n")
-    for name, clip, caption in (("still_a.png", "square", "a blue square, a still picture"),
-                                ("still_b.jpg", "ball", "a red ball in the park, a photo"),
-                                ("still_c.webp", "sunset", "birds above the mountains, a photo")):
-        Image.fromarray(iio.imread(ASSETS / "videos" / f"{clip}.mp4")[2]).save(folder / name)
-        (folder / name).with_suffix(".txt").write_text(caption)
-    (tmp_path / "bucket.yaml").write_text(BUCKET_YAML)
-    return folder
 
 
 def folder_argv(model, folder, output, *extra):
@@ -485,3 +455,4 @@ def shapes_with(area):
     from training.buckets import shapes_of_area
 
     return shapes_of_area(area)
+

@@ -171,9 +171,11 @@ def _assert_lora_loads_in_diffusers(model, output):
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_lora_with_accumulation_killed_and_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job):
-    """deepspeed.yaml (ZeRO-2, optimizer offloaded): accumulation 2, killed at step 3, resumed without any pickle."""
+def test_deepspeed_zero2_lora_with_accumulation_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job):
+    """deepspeed.yaml (ZeRO-2, optimizer offloaded): accumulation 2, resumed from the step-2 checkpoint without any
+    pickle (the ZeRO-3 tests below kill their runs; here the checkpoint is copied, as if the run stopped after it)."""
     import pickle
+    import shutil
 
     deepspeed_job("deepspeed.yaml")
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1",
@@ -184,8 +186,7 @@ def test_deepspeed_zero2_lora_with_accumulation_killed_and_resumed(tiny_model_2b
 
     output = tmp_path / "run"
     argv = lora_argv(tiny_model_2b, ASSETS, output, *flags)
-    _killed_here(monkeypatch, LORA, argv, "step:3")
-    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-2"]
+    shutil.copytree(reference / "checkpoint-2", output / "checkpoint-2")
 
     real_load = torch.load
 

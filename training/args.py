@@ -74,6 +74,16 @@ def add_model_arguments(parser):
         required=True,
         help="Hub id (e.g. THUDM/CogVideoX-5b) or local folder of a diffusers CogVideoX pipeline.",
     )
+    group.add_argument(
+        "--transformer_config", type=str, default=None,
+        help="JSON or YAML of CogVideoXTransformer3DModel arguments: train a transformer of this size (full "
+        "fine-tuning) instead of the pipeline's; the VAE, T5 and scheduler still come from the pipeline.",
+    )
+    group.add_argument(
+        "--transformer_ckpt_path", type=str, default=None,
+        help="With --transformer_config: weights to start from (a .safetensors file or a diffusers transformer "
+        "folder); tensors it lacks (or of another shape) are initialised at random and reported.",
+    )
     group.add_argument("--revision", type=str, default=None, help="Revision of the model on the Hub.")
     group.add_argument("--variant", type=str, default=None, help="Variant of the weight files, e.g. fp16.")
     group.add_argument(
@@ -380,10 +390,41 @@ def add_configuration_arguments(parser):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_transformer_config(args):
-    """The transformer's config.json (a small download at most); UsageError if it is not a CogVideoX pipeline."""
+def read_transformer_config(path):
+    """--transformer_config: {argument: value} of CogVideoXTransformer3DModel from a JSON or YAML file; UsageError
+    naming an unreadable file or arguments the class does not take."""
+    import inspect
+    import json
+
+    import yaml
     from diffusers import CogVideoXTransformer3DModel
 
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        config = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except OSError as error:
+        raise UsageError(f"--transformer_config {path}: cannot read it ({error.strerror})") from error
+    except (ValueError, yaml.YAMLError) as error:
+        raise UsageError(f"--transformer_config {path}: not valid JSON/YAML ({str(error).splitlines()[0]})") from error
+    if not isinstance(config, dict):
+        raise UsageError(f"--transformer_config {path}: expected a mapping of CogVideoXTransformer3DModel arguments")
+    known = set(inspect.signature(CogVideoXTransformer3DModel.__init__).parameters) - {"self"}
+    unknown = sorted(key for key in config if key not in known and not key.startswith("_"))
+    if unknown:
+        raise UsageError(f"--transformer_config {path}: CogVideoXTransformer3DModel takes no {', '.join(unknown)}")
+    defaults = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
+                if name in known}
+    return {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")},
+            "_class_name": "CogVideoXTransformer3DModel"}
+
+
+def load_transformer_config(args):
+    """The transformer's config.json (a small download at most), or --transformer_config; UsageError if it is not a
+    CogVideoX pipeline."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    if getattr(args, "transformer_config", None):
+        return read_transformer_config(args.transformer_config)
     path = args.pretrained_model_name_or_path
     try:
         config = CogVideoXTransformer3DModel.load_config(

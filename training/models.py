@@ -43,9 +43,14 @@ def load_vae(args, dtype):
 
 
 def load_transformer(args, dtype):
-    """The transformer in `dtype`; with --quantize_base nf4 its linear weights are loaded as 4-bit NF4 (QLoRA)."""
+    """The transformer in `dtype`; with --quantize_base nf4 its linear weights are loaded as 4-bit NF4 (QLoRA).
+    With --transformer_config, one of that size (`build_transformer`)."""
     from diffusers import CogVideoXTransformer3DModel
 
+    if getattr(args, "transformer_config", None):
+        from .args import read_transformer_config
+
+        return build_transformer(args, read_transformer_config(args.transformer_config), dtype)
     kwargs = {}
     if getattr(args, "quantize_base", "none") == "nf4":
         from diffusers import BitsAndBytesConfig
@@ -57,6 +62,52 @@ def load_transformer(args, dtype):
         args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(args),
         **kwargs,
     )
+
+
+def build_transformer(args, config, dtype):
+    """A transformer of `config`'s size, initialised from --seed (so every process builds the same one), with the
+    tensors of --transformer_ckpt_path that fit loaded over it. Logs what was initialised and what was not used."""
+    import logging
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed or 0)
+        transformer = CogVideoXTransformer3DModel.from_config(config)
+    transformer.to(dtype)
+    if not getattr(args, "transformer_ckpt_path", None):
+        logging.getLogger("cogvideox_factory").info("built a transformer from --transformer_config (random weights)")
+        return transformer
+    saved = read_transformer_weights(args.transformer_ckpt_path)
+    own = transformer.state_dict()
+    fitting = {name: tensor for name, tensor in saved.items() if name in own and own[name].shape == tensor.shape}
+    transformer.load_state_dict(fitting, strict=False)
+    initialised = sorted(set(own) - set(fitting))
+    unused = sorted(set(saved) - set(fitting))
+    log = logging.getLogger("cogvideox_factory")
+    log.info("--transformer_ckpt_path: %d of %d tensors loaded", len(fitting), len(own))
+    if initialised:
+        log.warning("%d tensor(s) initialised at random (not in %s, or of another shape): %s%s", len(initialised),
+                    args.transformer_ckpt_path, ", ".join(initialised[:8]), " ..." if len(initialised) > 8 else "")
+    if unused:
+        log.warning("%d tensor(s) of %s not used (no such weight, or another shape): %s%s", len(unused),
+                    args.transformer_ckpt_path, ", ".join(unused[:8]), " ..." if len(unused) > 8 else "")
+    return transformer
+
+
+def read_transformer_weights(path):
+    """{name: tensor} of a .safetensors file, or of every .safetensors file in a folder (a diffusers transformer
+    folder, sharded or not)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    weights = {}
+    for file in files:
+        weights.update(load_file(str(file)))
+    return weights
 
 
 def prepare_frozen_base(transformer, args, compute_dtype):

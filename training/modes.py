@@ -65,6 +65,9 @@ class LoRA:
             problems.append(f"--lora_alpha must be positive (got {args.lora_alpha})")
         if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
             problems.append("--lora_target_modules is empty")
+        if getattr(args, "transformer_config", None):
+            problems.append("--transformer_config is for full fine-tuning (the *_sft trainers): a LoRA needs the "
+                            "pipeline's own trained transformer as its base")
         return problems
 
     def load_dtype(self, args, compute_dtype):

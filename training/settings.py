@@ -43,6 +43,13 @@ def validate_training_args(args, conditioning, mode):
         problems.extend(error.problems)
     if transformer_config is not None:
         problems.extend(model_problems(args, transformer_config, conditioning, mode, data_source))
+        if args.transformer_config:
+            problems.extend(custom_transformer_problems(args, transformer_config, conditioning))
+    if args.transformer_ckpt_path and not args.transformer_config:
+        problems.append("--transformer_ckpt_path goes with --transformer_config (the pipeline's own transformer "
+                        "loads from --pretrained_model_name_or_path)")
+    elif args.transformer_ckpt_path and not Path(args.transformer_ckpt_path).exists():
+        problems.append(f"--transformer_ckpt_path {args.transformer_ckpt_path}: no such file or folder")
     if problems:
         raise UsageError(problems)
     validation_epochs = args.validation_epochs
@@ -56,6 +63,23 @@ def validate_training_args(args, conditioning, mode):
         validation_epochs=validation_epochs,
         eval_every=args.eval_steps or args.checkpointing_steps,
     )
+
+
+def custom_transformer_problems(args, transformer_config, conditioning):
+    """A --transformer_config must fit the pipeline's VAE and T5 (their configs are read, not their weights)."""
+    from .batch_size import component_configs
+
+    try:
+        vae_config, text_encoder_config = component_configs(args)
+    except Exception as error:  # no such pipeline: load_transformer_config's check does not run for a custom config
+        return [f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no CogVideoX VAE/T5 config "
+                f"found there ({type(error).__name__}); the VAE, T5 and scheduler come from that pipeline"]
+    latent = vae_config["latent_channels"]
+    expected = {"text_embed_dim": text_encoder_config.d_model, "out_channels": latent,
+                "in_channels": 2 * latent if conditioning.image_to_video else latent}
+    return [f"--transformer_config {args.transformer_config}: {name} is {transformer_config.get(name)}, but the "
+            f"pipeline's {'T5 gives' if name == 'text_embed_dim' else 'VAE and this trainer need'} {value}"
+            for name, value in expected.items() if transformer_config.get(name) != value]
 
 
 def model_problems(args, transformer_config, conditioning, mode, data_source):

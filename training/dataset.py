@@ -81,13 +81,18 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
     if not samples:
         raise UsageError("the data set is empty: no caption/video pairs found")
     if check_files:
-        missing = [s for s in samples if not s.video_path.is_file()]
-        if missing:
-            lines = [f"video file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
-            if len(missing) > 10:
-                lines.append(f"... and {len(missing) - 10} more missing video files")
-            raise UsageError(lines)
+        check_files_exist(samples)
     return samples
+
+
+def check_files_exist(samples):
+    """UsageError naming the missing files (the first 10, then a count)."""
+    missing = [s for s in samples if not s.video_path.is_file()]
+    if missing:
+        lines = [f"video file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
+        if len(missing) > 10:
+            lines.append(f"... and {len(missing) - 10} more missing video files")
+        raise UsageError(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def read_folder(folder, caption_extension=".txt", id_token=None, start=0, repeat
 def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
     """CogVideoX-Fun's metadata JSON: [{"file_path": ..., "text": ..., "type": "video" | "image"}, ...]. Relative
     paths are taken from `data_root` (its --train_data_dir) or else the JSON's own folder."""
-    from .dataset import Sample, with_id_token
+    from .dataset import Sample, check_files_exist, with_id_token
 
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -148,7 +148,7 @@ def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
         caption = str(entry["text"]).strip()
         samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
                               video_path=root / entry["file_path"], repeats=repeats))
-    _check_files_exist(samples)
+    check_files_exist(samples)
     return samples
 
 
@@ -202,15 +202,6 @@ def read_dataset_config(path, default_id_token=None):
             part = [replace(s, index=start + s.index, repeats=repeats) for s in listed]
         samples.extend(part)
     return samples
-
-
-def _check_files_exist(samples):
-    missing = [s for s in samples if not s.video_path.is_file()]
-    if missing:
-        lines = [f"file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
-        if len(missing) > 10:
-            lines.append(f"... and {len(missing) - 10} more missing files")
-        raise UsageError(lines)
 
 
 def expand_repeats(items):

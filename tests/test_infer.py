@@ -1,0 +1,80 @@
+"""tools/infer.py and run_infer_*.sh: prompts shared out over processes, one mp4 per prompt named after it, a contact
+sheet; a video is the same however many processes generate."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+
+PROMPTS = ["a cat walks on the grass", "a red car drives", "BW_STYLE a panda plays the guitar"]
+TINY = ["--height", "32", "--width", "32", "--num_frames", "9", "--num_inference_steps", "2", "--dtype", "fp32"]
+
+
+def frames_of(folder):
+    from diffusers.utils import load_video
+
+    return {path.name: np.asarray(load_video(str(path))) for path in sorted(folder.glob("*.mp4"))}
+
+
+@pytest.mark.slow  # a two-process launch
+def test_prompts_shared_over_two_processes_give_the_videos_of_one(trained_lora, tmp_path):
+    from tools.infer import main
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["--model_name_or_path", trained_lora["model"], "--lora_path", trained_lora["output"], "--prompts_file",
+            tmp_path / "prompts.txt", *TINY]
+    main([str(a) for a in [*argv, "--output_dir", tmp_path / "one"]])
+    one = frames_of(tmp_path / "one")
+    assert list(one) == ["000_a-cat-walks-on-the-grass.mp4", "001_a-red-car-drives.mp4",
+                         "002_bw-style-a-panda-plays-the-guitar.mp4"]
+    assert (tmp_path / "one" / "sheet.png").is_file() and all(v.shape == (9, 32, 32, 3) for v in one.values())
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "tools" / "infer.py",
+               *argv, "--output_dir", tmp_path / "two"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = frames_of(tmp_path / "two")
+    assert two.keys() == one.keys() and all(np.array_equal(one[name], two[name]) for name in one)
+    assert len({video.tobytes() for video in one.values()}) == 3  # three prompts, three different videos
+
+    # The LoRA is applied: without it the same seed gives another video.
+    main([str(a) for a in ["--model_name_or_path", trained_lora["model"], "--prompt", PROMPTS[0], *TINY,
+                           "--output_dir", tmp_path / "base"]])
+    assert not np.array_equal(frames_of(tmp_path / "base")["000_a-cat-walks-on-the-grass.mp4"],
+                              one["000_a-cat-walks-on-the-grass.mp4"])
+
+
+def test_the_shell_scripts_run_the_tool_with_their_settings(tmp_path):
+    from tools.infer import build_parser
+
+    env = dict(os.environ, DRY_RUN="1", MODEL_NAME_OR_PATH="THUDM/CogVideoX-5b-I2V", LORA_PATH="outputs/my-lora",
+               PROMPTS_FILE="prompts.txt", IMAGES_FILE="images.txt", H="480", W="720", F="49", NUM_GPUS="4",
+               OUTPUT_DIR=str(tmp_path / "videos"), STEPS="30")
+    result = subprocess.run(["bash", str(ROOT / "run_infer_image_to_video.sh")], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert command[:5] == ["accelerate", "launch", "--num_processes", "4", "--multi_gpu"]
+    args = build_parser().parse_args(command[command.index("tools/infer.py") + 1:])
+    assert (args.height, args.width, args.num_frames, args.num_inference_steps) == (480, 720, 49, 30)
+    assert args.lora_path == str(tmp_path / "outputs/my-lora") and args.images_file == str(tmp_path / "images.txt")
+    missing = subprocess.run(["bash", str(ROOT / "run_infer_image_to_video.sh")], capture_output=True, text=True,
+                             env={k: v for k, v in env.items() if not k.startswith("IMAGES")}, timeout=60)
+    assert missing.returncode == 1 and "set IMAGE or IMAGES_FILE" in missing.stderr
+
+
+def test_mismatched_images_are_one_line_before_any_model_loads(capsys, tmp_path):
+    from tools.infer import main
+
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model_name_or_path", str(tmp_path / "no-model"), "--prompt", "one", "--prompt", "two",
+              "--prompt", "three", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "a.png")])
+    assert exit_.value.code == 2
+    assert "2 images for 3 prompts: give one image, or one per prompt" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""Generate videos with a CogVideoX pipeline (and a trained LoRA or full fine-tune) on one or many GPUs.
+
+The prompts are shared out over the processes (`accelerate launch --num_processes N`, or the run_infer_*.sh
+scripts): each process loads the pipeline once and generates its share. Every video is seeded by its place in the
+prompt list (--seed + index), so a video comes out the same however many processes run. Output: one mp4 per prompt,
+named after it (`003_a-panda-plays-the-guitar.mp4`), and `sheet.png`, a contact sheet of all of them.
+
+    accelerate launch --num_processes 4 tools/infer.py --model_name_or_path THUDM/CogVideoX-5b \\
+        --lora_path outputs/my-lora --prompts_file prompts.txt --output_dir videos
+    python tools/infer.py --model_name_or_path THUDM/CogVideoX-5b-I2V --prompt "a cat wakes up" --image cat.png
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+
+if __package__ in (None, ""):  # run as a script: make `training` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.args import UsageError, exit_on_usage_error  # noqa: E402
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="Hub id or local folder of a CogVideoX pipeline.")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--lora_path", help="A training run's folder (pytorch_lora_weights.safetensors) or the file.")
+    weights.add_argument("--transformer_path", help="A full fine-tune's transformer folder (<run>/transformer).")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="1.0: the strength it was trained at.")
+    parser.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for more).")
+    parser.add_argument("--prompts_file", help="A text file, one prompt per line.")
+    parser.add_argument("--image", action="append", default=[],
+                        help="Image-to-video: the first frame, one per prompt (or one for all).")
+    parser.add_argument("--images_file", help="Image-to-video: a text file, one image path per line.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the model's own size.")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num_frames", type=int, default=None)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=6.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--enable_model_cpu_offload", action="store_true")
+    parser.add_argument("--output_dir", default="inference-output")
+    return parser
+
+
+def read_lines(path, flag):
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot read it ({error.strerror})") from error
+
+
+def jobs(args):
+    """[(index, prompt, image or None)], checked before any model loads."""
+    prompts = args.prompt + (read_lines(args.prompts_file, "--prompts_file") if args.prompts_file else [])
+    if not prompts:
+        raise UsageError("give --prompt (one or more) or --prompts_file")
+    images = args.image + (read_lines(args.images_file, "--images_file") if args.images_file else [])
+    problems = [f"image not found: {image}" for image in images if not Path(image).is_file()]
+    if images and len(images) not in (1, len(prompts)):
+        problems.append(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+    if problems:
+        raise UsageError(problems)
+    images = (images * len(prompts) if len(images) == 1 else images) or [None] * len(prompts)
+    return list(zip(range(len(prompts)), prompts, images))
+
+
+def file_name(index, prompt):
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "video"
+    return f"{index:03d}_{slug}.mp4"
+
+
+def load_pipeline(args, image_to_video, device):
+    import torch
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    extra = {}
+    if args.transformer_path:
+        extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(args.transformer_path, torch_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(args.model_name_or_path, torch_dtype=dtype, **extra)
+    if args.lora_path:
+        path = Path(args.lora_path)
+        folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(str(folder), weight_name=name, adapter_name="lora")
+        pipe.set_adapters(["lora"], [args.lora_scale])
+    if args.enable_model_cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def generate(pipe, args, prompt, image, index):
+    import torch
+    from diffusers.utils import load_image
+
+    sizes = {k: v for k, v in dict(height=args.height, width=args.width, num_frames=args.num_frames).items() if v}
+    extra = {"image": load_image(image)} if image else {}
+    return pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
+                generator=torch.Generator().manual_seed(args.seed + index), **sizes, **extra).frames[0]
+
+
+@exit_on_usage_error
+def main(argv=None):
+    import os
+
+    from accelerate import PartialState
+    from diffusers.utils import export_to_video
+    from tqdm.auto import tqdm
+
+    args = build_parser().parse_args(argv)
+    work = jobs(args)
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:  # torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
+        raise UsageError(f"started as {launched} processes, but each runs alone (each would generate every video): "
+                         "on a machine without GPUs set ACCELERATE_USE_CPU=true, or start with accelerate launch")
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args, image_to_video=work[0][2] is not None, device=state.device)
+    with state.split_between_processes(work) as mine:
+        for index, prompt, image in tqdm(mine, desc=f"videos (process {state.process_index})",
+                                         disable=len(mine) < 2):
+            export_to_video(list(generate(pipe, args, prompt, image, index)), str(output / file_name(index, prompt)),
+                            fps=args.fps)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        import numpy as np
+        from diffusers.utils import load_video
+
+        from training.report import contact_sheet
+
+        videos = [np.asarray(load_video(str(output / file_name(i, p)))) / 255.0 for i, p, _ in work]
+        contact_sheet(videos, [p for _, p, _ in work], output / "sheet.png")
+        print(f"{len(work)} video(s) and sheet.png in {output}")
+
+
+if __name__ == "__main__":
+    main()

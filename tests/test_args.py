@@ -47,6 +47,9 @@ def _argv(model, output, *changes, data=ASSETS):
         (["--load_tensors"], "has no manifest.json; run training/prepare_dataset.py"),
         (["--height", "40"], "--height 40: validation size must be a multiple of 16"),
         (["--validation_num_frames", "10"], "--validation_num_frames: 10 frames do not suit this model"),
+        (["--gradient_checkpointing_ratio", "0.5"], "pass --gradient_checkpointing too"),
+        (["--train_batch_size", "auto"], "a batch size of auto needs --max_memory_gb N"),
+        (["--max_memory_gb", "24"], "--max_memory_gb 24 is only used to choose batch sizes of auto"),
     ],
 )
 def test_bad_flags_give_one_line_errors(capsys, no_model_file_opened, tiny_model_2b, tmp_path, changes, expected):

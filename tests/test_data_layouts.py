@@ -314,20 +314,15 @@ def test_a_mixed_folder_trains_each_bucket_at_its_batch_size_and_resumes_exactly
 
 @pytest.mark.slow
 def test_the_mixed_folder_prepared_first_trains_the_same_way(monkeypatch, tiny_model_2b, mixed_folder, tmp_path):
-    """prepare_dataset.py on two processes with the bucket config and the folder layout: the same buckets, its batch
-    sizes stored in the manifest, and training on the prepared entries batches exactly as on the raw files."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    """prepare_dataset.py with the bucket config and the folder layout: the same buckets, its batch sizes stored in
+    the manifest, and training on the prepared entries batches exactly as on the raw files. (Two processes prepare
+    this folder in tests/test_training.py::test_prepare_with_two_processes_matches_one.)"""
+    from conftest import run_prepare
 
     prepared = tmp_path / "prepared"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "training" /
-               "prepare_dataset.py", "--model_id", tiny_model_2b, "--data_root", mixed_folder, "--bucket_config",
-               mixed_folder.parent / "bucket.yaml", "--max_sequence_length", "16", "--save_latents_and_embeddings",
-               "--output_dir", prepared, "--batch_size", "2"]
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_prepare(["--model_id", tiny_model_2b, "--data_root", mixed_folder, "--bucket_config",
+                 mixed_folder.parent / "bucket.yaml", "--max_sequence_length", "16", "--save_latents_and_embeddings",
+                 "--output_dir", prepared])
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert {e["source_video"].split("/")[-1]: tuple(e["bucket"]) for e in manifest["entries"]} == EXPECTED_BUCKETS
     assert manifest["batch_sizes"] == {"x".join(map(str, b)): n for b, n in BATCH_SIZES.items()}

@@ -240,14 +240,17 @@ def test_a_short_clip_is_skipped_and_reported(tiny_model_2b, clips, tmp_path):
 
 
 @pytest.mark.slow  # subprocesses or several runs
-def test_prepare_with_two_processes_matches_one(tiny_model_2b, tmp_path):
-    flags = prepare_argv(tiny_model_2b, ASSETS, tmp_path / "one")[:-2]  # the output folder varies below
+def test_prepare_with_two_processes_matches_one(tiny_model_2b, mixed_folder, tmp_path):
+    """On the mixed folder (clips and stills, captions beside them) with a bucket config: the layouts and buckets of
+    tests/test_data_layouts.py, prepared by two processes."""
+    flags = ["--model_id", tiny_model_2b, "--data_root", mixed_folder, "--bucket_config",
+             mixed_folder.parent / "bucket.yaml", "--max_sequence_length", "16", "--save_latents_and_embeddings"]
     run_prepare([*flags, "--output_dir", tmp_path / "one"])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                ROOT / "training" / "prepare_dataset.py", *flags, "--output_dir", tmp_path / "two", "--batch_size", "2"]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1: 3 sample(s) to encode" in result.stderr
+    assert "rank 1: 4 sample(s) to encode" in result.stderr
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())["entries"]
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())["entries"]
     assert [e["file"] for e in one] == [e["file"] for e in two]

@@ -327,6 +327,11 @@ def add_training_arguments(parser):
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument(
+        "--gradient_checkpointing_ratio", type=float, default=1.0,
+        help="With --gradient_checkpointing: the share of transformer blocks checkpointed, evenly spread (1.0: all). "
+        "Lower keeps more activations (more memory) and recomputes less (faster); --dry_run shows the memory.",
+    )
+    group.add_argument(
         "--offload_activations",
         action="store_true",
         help="Keep the tensors the backward pass needs in pinned CPU memory instead of on the GPU (with "

@@ -141,6 +141,11 @@ def _flag_problems(args):
             problems.append(f"--{name} must be at least 1 when given (got {value})")
     problems.extend(_eval_problems(args))
     problems.extend(_auto_batch_problems(args))
+    if not 0 <= args.gradient_checkpointing_ratio <= 1:
+        problems.append(f"--gradient_checkpointing_ratio must be from 0 to 1 (got {args.gradient_checkpointing_ratio:g})")
+    elif args.gradient_checkpointing_ratio < 1 and not args.gradient_checkpointing:
+        problems.append("--gradient_checkpointing_ratio chooses which blocks --gradient_checkpointing checkpoints: "
+                        "pass --gradient_checkpointing too")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.dataloader_num_workers < 0:

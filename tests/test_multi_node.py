@@ -1,4 +1,4 @@
-"""Several machines: two launchers on this machine stand for two nodes (torchrun --nnodes 2, the launcher that
+"""Several processes and machines (DDP over gloo). Two launchers on this machine stand for two nodes (torchrun --nnodes 2, the launcher that
 `accelerate launch --num_machines 2` runs on each node; one process each, gloo). They must train exactly what one
 launcher with two processes trains, and resume together from a checkpoint they wrote. The data is the mixed folder
 of tests/test_data_layouts.py (clips and stills, captions beside them, a batch size per bucket), so this is also the
@@ -39,8 +39,17 @@ def launch(model, folder, output, machines, *extra):
 def test_two_machines_train_what_one_machine_with_two_processes_trains(tiny_model_2b, mixed_folder, tmp_path):
     import json
 
+    from safetensors.torch import load_file
+
     one, pair, resumed = tmp_path / "one", tmp_path / "pair", tmp_path / "resumed"
     launch(tiny_model_2b, mixed_folder, one, 1)
+    checkpoint = one / "checkpoint-2"
+    # What resume reads: both ranks' RNG, the optimizer, the schedule, the loop position, the adapter.
+    for name in ("rng_state_0.safetensors", "rng_state_1.safetensors", "optimizer.bin", "lr_scheduler.json",
+                 "training_state.json", "pytorch_lora_weights.safetensors"):
+        assert (checkpoint / name).is_file(), name
+    rank_0, rank_1 = (load_file(checkpoint / f"rng_state_{rank}.safetensors")["torch"] for rank in (0, 1))
+    assert not torch.equal(rank_0, rank_1)  # seeded per rank: the ranks draw different noise
     errs = launch(tiny_model_2b, mixed_folder, pair, 2)
     assert sum("saved checkpoint" in err for err in errs) == 1  # written once, by the main process
     # The epoch's 6 batches, each at its bucket's size, shared out 3 and 3: every sample once.

@@ -93,6 +93,19 @@ def test_estimate_follows_the_options_that_change_memory(estimate):
     assert estimate(mode="sft", master_weight_dtype="bf16")["static"] < full["static"]
 
 
+def test_estimate_of_one_process_of_a_shard_group(estimate):
+    """--enable_sequence_parallelism: one process holds the activations of 1/shards of the video tokens (the
+    exchanges are simulated with their real shapes); the weights and optimizer states stay whole."""
+    plain = estimate()
+    activations = plain["training_peak"] - plain["static"]
+    for shards in (2, 4):
+        sharded = estimate(enable_sequence_parallelism=True, sequence_parallel_shards=shards)
+        assert sharded["static"] == pytest.approx(plain["static"], rel=1e-3)
+        assert sharded["training_peak"] - sharded["static"] < activations * (1 / shards + 0.15), shards
+    assert estimate(enable_sequence_parallelism=True, sequence_parallel_shards=4)["training_peak"] < \
+        estimate(enable_sequence_parallelism=True, sequence_parallel_shards=2)["training_peak"]
+
+
 def _state_bytes(optimizer):
     """Bytes of distinct state storages (bitsandbytes shares its quantization maps between tensors)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for state in optimizer.state.values()

@@ -206,6 +206,7 @@ def build_parser(description="CogVideoX fine-tuning"):
     )
     add_validation_arguments(parser)
     add_training_arguments(parser)
+    add_parallelism_arguments(parser)
     add_optimizer_arguments(parser)
     add_configuration_arguments(parser)
     return parser
@@ -355,6 +356,27 @@ def add_training_arguments(parser):
     group.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
     group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
     group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
+
+
+def add_parallelism_arguments(parser):
+    group = parser.add_argument_group("Sequence parallelism and attention kernels")
+    group.add_argument(
+        "--enable_sequence_parallelism", action="store_true",
+        help="Split each sample's video tokens over --sequence_parallel_shards processes (Ulysses: attention "
+        "exchanges heads with an all-to-all; text tokens stay with every process). For clips whose activations do "
+        "not fit one GPU. Processes = data-parallel groups x shards.",
+    )
+    group.add_argument(
+        "--sequence_parallel_shards", type=int, default=None,
+        help="Processes per sample with --enable_sequence_parallelism (default: all of them). Must divide the number "
+        "of processes, the attention heads and every bucket's video tokens (checked before anything loads).",
+    )
+    group.add_argument(
+        "--attention_backend", type=str, default=None,
+        help="Attention kernel through diffusers' dispatcher: native (PyTorch SDPA), _native_flash, "
+        "_native_efficient, _native_cudnn, _native_math, flash (flash-attn 2), _flash_3 (flash-attn 3), flash_hub, "
+        "_flash_3_hub. Default: diffusers' CogVideoX attention as shipped.",
+    )
 
 
 def add_optimizer_arguments(parser):

@@ -57,9 +57,26 @@ def build_backend(args):
     if isinstance(backend, DeepSpeedBackend):
         configure_deepspeed(accelerator, args)
     backend.waiting_room = WaitingRoom(accelerator.num_processes)
+    if args.enable_sequence_parallelism:
+        backend.sequence_shards = start_sequence_parallelism(args, accelerator.num_processes)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return backend
+
+
+def start_sequence_parallelism(args, num_processes):
+    """This process's shard group (training/attention.py), after the one check that needs the number of processes."""
+    from .args import UsageError
+    from .attention import build_shard_groups
+
+    shards = args.sequence_parallel_shards or num_processes
+    if args.dry_run and num_processes == 1:
+        return None  # the estimate simulates one process of a shard group (--sequence_parallel_shards)
+    if num_processes < 2 or num_processes % shards or shards < 2:
+        raise UsageError(f"--enable_sequence_parallelism with {shards} shard(s) over {num_processes} process(es): "
+                         "the shards must be 2 or more and divide the number of processes (accelerate launch "
+                         "--num_processes N, N a multiple of --sequence_parallel_shards)")
+    return build_shard_groups(shards)
 
 
 class WaitingRoom:
@@ -90,12 +107,24 @@ class Backend:
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.waiting_room = None
+        self.sequence_shards = None  # attention.SequenceShards with --enable_sequence_parallelism
 
     # ------------------------------------------------------------------ facts (accelerate's, read through)
     device = property(lambda self: self.accelerator.device)
     num_processes = property(lambda self: self.accelerator.num_processes)
     process_index = property(lambda self: self.accelerator.process_index)
     is_main_process = property(lambda self: self.accelerator.is_main_process)
+
+    @property
+    def data_parallel_size(self):
+        """Groups of processes that train different samples: all processes, or their shard groups."""
+        return self.num_processes // (self.sequence_shards.size if self.sequence_shards else 1)
+
+    @property
+    def data_parallel_rank(self):
+        """This process's data-parallel group: the processes of a shard group take the same batches and noise."""
+        return self.process_index // (self.sequence_shards.size if self.sequence_shards else 1)
+
     is_local_main_process = property(lambda self: self.accelerator.is_local_main_process)
 
     @property

@@ -162,7 +162,8 @@ def start_processes(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if backend.is_main_process else logging.WARNING)
     if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # each rank its own noise; rank 0 as a single process
+        # Each data-parallel group its own noise (the processes of a shard group share theirs); rank 0 as alone.
+        set_seed(args.seed + backend.data_parallel_rank)
     if backend.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return backend
@@ -186,10 +187,10 @@ def build_models_and_optimizer(job):
     if source.needs_vae or job.conditioning.needs_vae:
         encoders["vae"] = load_vae(args, weight_dtype).to(device).requires_grad_(False).eval()
     context = build_context(args, job.settings.transformer_config, vae_config, load_training_scheduler(args), device,
-                            weight_dtype, source, encoders)
+                            weight_dtype, source, encoders, sequence_shards=backend.sequence_shards)
     learning_rate = args.learning_rate
     if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * job.data.mean_batch_size() * backend.num_processes
+        learning_rate *= args.gradient_accumulation_steps * job.data.mean_batch_size() * backend.data_parallel_size
     return build_trainer(transformer, context, job.conditioning, job.mode, backend, job.schedule.max_train_steps,
                          learning_rate)
 

@@ -259,6 +259,7 @@ def build_training_data(args, source, conditioning, transformer_config, backend,
     `choose_sizes(counts, sizes)` -> (sizes, simulated peaks) replaces batch sizes of "auto" (training/batch_size.py)."""
     items, listed, skipped, notes = source.samples(args, conditioning, transformer_config)
     problems = shape_problems(items + listed, args, conditioning, transformer_config)
+    problems += sequence_parallel_problems(items + listed, args, transformer_config, backend)
     if problems:
         raise UsageError(problems)
     if notes:
@@ -306,6 +307,25 @@ def shape_problems(items, args, conditioning, transformer_config):
     return problems + conditioning.shape_problems(shapes, args, transformer_config)
 
 
+def sequence_parallel_problems(items, args, transformer_config, backend):
+    """--enable_sequence_parallelism's rules (attention heads, every bucket's video tokens divisible by the shards),
+    one line each, with the shard count the run has (a one-process --dry_run: --sequence_parallel_shards)."""
+    if not args.enable_sequence_parallelism:
+        return []
+    from .attention import shard_problems
+
+    shards = backend.sequence_shards.size if backend.sequence_shards else args.sequence_parallel_shards
+    if shards is None:
+        return ["--dry_run on one process estimates one process of a shard group: give --sequence_parallel_shards"]
+    problems = []
+    heads = transformer_config["num_attention_heads"]
+    if heads % shards:
+        problems.append(f"--sequence_parallel_shards {shards}: the model's {heads} attention heads do not split "
+                        f"evenly (shard counts that fit: {', '.join(str(n) for n in range(2, 9) if heads % n == 0)})")
+    buckets = {tuple(item["bucket"]) if isinstance(item, dict) else item.bucket for item in items}
+    return problems + shard_problems(buckets, transformer_config, shards)
+
+
 def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):
     sampler = BucketBatchSampler(
         dataset.bucket_keys,
@@ -313,8 +333,8 @@ def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):
         shuffle=shuffle,
         drop_last=False,
         seed=args.seed or 0,
-        num_replicas=backend.num_processes,
-        rank=backend.process_index,
+        num_replicas=backend.data_parallel_size,
+        rank=backend.data_parallel_rank,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -83,14 +83,25 @@ def fake_text_encoder(text_encoder_config, dtype, fake_mode):
     return _make_fake(_cast(encoder, dtype), fake_mode).requires_grad_(False).eval()
 
 
-def fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode):
+def simulated_shards(args):
+    """With --enable_sequence_parallelism: one process of a shard group, its exchanges simulated (attention.py)."""
+    if not getattr(args, "enable_sequence_parallelism", False):
+        return None
+    import os
+
+    from .attention import SimulatedShards
+
+    return SimulatedShards(args.sequence_parallel_shards or int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode, shards=None):
     """The transformer exactly as training prepares it (step.prepare_transformer), with fake weights."""
     from diffusers import CogVideoXTransformer3DModel
 
     transformer = _on_meta(lambda: CogVideoXTransformer3DModel.from_config(transformer_config))
     _cast(transformer, weight_dtype)
     with _module_conversion_assigns():  # the hooks bind their methods when registered
-        prepare_transformer(transformer, args, conditioning, mode, weight_dtype)
+        prepare_transformer(transformer, args, conditioning, mode, weight_dtype, shards)
     return _make_fake(transformer, fake_mode)
 
 
@@ -245,11 +256,13 @@ def estimate_training(args, transformer_config, vae_config, text_encoder_config,
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     source = choose_data_source(args)
     backend = SimulatedBackend(weight_dtype)
-    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode)
+    shards = simulated_shards(args)
+    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode,
+                                            shards)
     parameters = mode.trainable_parameters(transformer)
     encoders = fake_encoders(args, source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode)
     context = build_context(args, transformer_config, vae_config, _training_scheduler(), backend.device, weight_dtype,
-                            source, encoders, save_on_cpu=_fake_save_on_cpu)
+                            source, encoders, save_on_cpu=_fake_save_on_cpu, sequence_shards=shards)
     correction = optimizer_state_bytes(args, parameters) - _adamw_state_bytes(parameters) - _nf4_saving(args, transformer)
     modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 

@@ -146,6 +146,7 @@ def _flag_problems(args):
     elif args.gradient_checkpointing_ratio < 1 and not args.gradient_checkpointing:
         problems.append("--gradient_checkpointing_ratio chooses which blocks --gradient_checkpointing checkpoints: "
                         "pass --gradient_checkpointing too")
+    problems.extend(_attention_problems(args))
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.dataloader_num_workers < 0:
@@ -173,6 +174,31 @@ def _flag_problems(args):
         except ImportError:
             problems.append(f"--report_to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})")
     check_output_dir(args.output_dir, problems)
+    return problems
+
+
+def _attention_problems(args):
+    """--attention_backend (a kernel with a backward pass, its package installed) and the sequence-parallel flags."""
+    from .attention import TRAINING_BACKENDS
+
+    problems = []
+    if args.sequence_parallel_shards is not None and not args.enable_sequence_parallelism:
+        problems.append("--sequence_parallel_shards needs --enable_sequence_parallelism")
+    elif args.sequence_parallel_shards is not None and args.sequence_parallel_shards < 2:
+        problems.append(f"--sequence_parallel_shards must be 2 or more (got {args.sequence_parallel_shards}); "
+                        "without sequence parallelism drop --enable_sequence_parallelism")
+    backend = args.attention_backend
+    if backend is None:
+        return problems
+    if backend not in TRAINING_BACKENDS:
+        return problems + [f"--attention_backend {backend}: not a kernel training can use (one with a backward "
+                           f"pass): {', '.join(TRAINING_BACKENDS)}"]
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(backend))
+    except (RuntimeError, ImportError) as error:
+        problems.append(f"--attention_backend {backend}: {error}")
     return problems
 
 

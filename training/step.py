@@ -37,12 +37,15 @@ class Context:
     vae: object = None
     # Where tensors saved for backward live during the transformer's forward (--offload_activations: CPU).
     saved_tensors: object = contextlib.nullcontext
+    # --enable_sequence_parallelism: this process's shard group (attention.SequenceShards), else None.
+    sequence_shards: object = None
 
 
 def build_context(args, transformer_config, vae_config, scheduler, device, weight_dtype, data_source, encoders=None,
-                  save_on_cpu=None):
+                  save_on_cpu=None, sequence_shards=None):
     """The Context. `encoders`: {"tokenizer", "text_encoder", "vae"} as loaded (or simulated); `save_on_cpu`: how
-    --offload_activations moves saved tensors (default torch's save_on_cpu, pinned on CUDA)."""
+    --offload_activations moves saved tensors (default torch's save_on_cpu, pinned on CUDA); `sequence_shards`: the
+    backend's shard group (or the memory estimate's simulated one)."""
     context = Context(
         args=args,
         device=torch.device(device),
@@ -53,6 +56,7 @@ def build_context(args, transformer_config, vae_config, scheduler, device, weigh
         vae_spatial_scale=vae_scale_factor_spatial(vae_config),
         scheduler=scheduler,
         data_source=data_source,
+        sequence_shards=sequence_shards,
         **(encoders or {}),
     )
     if args.offload_activations:
@@ -61,11 +65,16 @@ def build_context(args, transformer_config, vae_config, scheduler, device, weigh
     return context
 
 
-def prepare_transformer(transformer, args, conditioning, mode, weight_dtype):
-    """The loaded transformer made ready to train, in place: adapted to the conditioning, its frozen base stored as
-    --quantize_base says (before LoRA layers exist: they keep their precision), the mode's trainable part added,
-    the frozen part cast to the compute dtype, gradient checkpointing on."""
+def prepare_transformer(transformer, args, conditioning, mode, weight_dtype, sequence_shards=None):
+    """The loaded transformer made ready to train, in place: adapted to the conditioning, our attention where
+    --attention_backend or sequence parallelism asks for it, its frozen base stored as --quantize_base says (before
+    LoRA layers exist: they keep their precision), the mode's trainable part added, the frozen part cast to the
+    compute dtype, gradient checkpointing on."""
     conditioning.adapt_transformer(transformer, args)
+    if sequence_shards is not None or getattr(args, "attention_backend", None):
+        from .attention import install
+
+        install(transformer, sequence_shards, getattr(args, "attention_backend", None))
     prepare_frozen_base(transformer, args, weight_dtype)
     mode.prepare(transformer, args)
     cast_frozen(transformer, weight_dtype)
@@ -111,7 +120,7 @@ def build_trainer(transformer, context, conditioning, mode, backend, max_train_s
     """From a loaded transformer: prepare it, put it on the device, build the optimizer (at `learning_rate`, e.g.
     scaled by --scale_lr; default --learning_rate) and the LR schedule, and hand them to the backend."""
     args = context.args
-    prepare_transformer(transformer, args, conditioning, mode, context.weight_dtype)
+    prepare_transformer(transformer, args, conditioning, mode, context.weight_dtype, context.sequence_shards)
     transformer.to(backend.device)
     optimizer = build_optimizer(args, mode.trainable_parameters(transformer), learning_rate)
     lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)

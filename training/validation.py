@@ -3,6 +3,7 @@ test, which loads the saved artifact into a fresh pipeline as a user would and c
 validation (the parity check).
 """
 
+import contextlib
 import copy
 import logging
 import re
@@ -95,7 +96,9 @@ class Validation:
         if context.vae is not None:
             encoders.update(vae=context.vae)
         pipe = build_pipeline(args, self.conditioning, context.weight_dtype, transformer=model, **encoders)
-        with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+        # Whole sequences: under DDP only the main process generates (no shard group to exchange with).
+        shards_paused = context.sequence_shards.paused() if context.sequence_shards else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), shards_paused:
             output_dir = args.output_dir if main else scratch  # the other ranks' copies are thrown away
             videos = generate_videos(pipe, cases, args, self.num_frames, backend.device, output_dir, f"{tag}_step{step}")
         if args.enable_model_cpu_offload:

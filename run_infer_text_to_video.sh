@@ -10,6 +10,8 @@
 #   H, W, F              height, width, frames (default: the model's own)
 #   STEPS                denoising steps (default 50)
 #   NUM_GPUS             processes (default 1)
+#   SP_SIZE              processes per video (sequence parallelism; default 1): groups of SP_SIZE GPUs generate
+#                        each video together, the groups share out the prompts
 #   OUTPUT_DIR           default inference-output
 #   ACCELERATE_BIN       the launcher (default accelerate)
 #   DRY_RUN=1            print the command instead of running it

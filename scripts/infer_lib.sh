@@ -31,6 +31,7 @@ infer_main() {
   [[ -z "${H:-}" ]] || command+=(--height "$H")
   [[ -z "${W:-}" ]] || command+=(--width "$W")
   [[ -z "${F:-}" ]] || command+=(--num_frames "$F")
+  [[ -z "${SP_SIZE:-}" ]] || command+=(--sequence_parallel_shards "$SP_SIZE")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${command[@]}"
     echo

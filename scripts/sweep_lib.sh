@@ -81,6 +81,9 @@ split_separated() {
 #   GRADIENT_ACCUMULATION_STEPS [1]; LR_WARMUP_STEPS [400]; LR_SCHEDULES
 #     [cosine_with_restarts]; MIXED_PRECISION [bf16]; REPORT_TO [wandb]; SEED [42];
 #   DATALOADER_NUM_WORKERS [8]; DRY_RUN [0]: 1 prints the commands only;
+#   SP_SIZE [1]: with 2 or more, each sample's video tokens are split over that
+#     many processes (--enable_sequence_parallelism --sequence_parallel_shards);
+#     it must divide the processes (GPU_IDS with a multi-GPU config);
 #   EXTRA_ARGS: split on whitespace (no quoting, no globbing) and appended to
 #     every command; a flag given there overrides the same flag set earlier.
 # Relative paths given in the environment are taken from the directory you run
@@ -179,11 +182,12 @@ sweep_run() {
   : "${VALIDATION_PROMPT:=}" "${VALIDATION_EPOCHS:=10}" "${CHECKPOINTING_STEPS:=1000}"
   : "${TRAIN_BATCH_SIZE:=1}" "${GRADIENT_ACCUMULATION_STEPS:=1}" "${LR_WARMUP_STEPS:=400}"
   : "${LR_SCHEDULES:=cosine_with_restarts}" "${MIXED_PRECISION:=bf16}" "${REPORT_TO:=wandb}"
-  : "${SEED:=42}" "${DATALOADER_NUM_WORKERS:=8}" "${EXTRA_ARGS:=}" "${DRY_RUN:=0}"
+  : "${SEED:=42}" "${DATALOADER_NUM_WORKERS:=8}" "${EXTRA_ARGS:=}" "${DRY_RUN:=0}" "${SP_SIZE:=1}"
   case $DRY_RUN in
     0 | 1) ;;
     *) die "DRY_RUN must be 0 or 1, got '$DRY_RUN'" ;;
   esac
+  [[ "$SP_SIZE" =~ ^[1-9][0-9]*$ ]] || die "SP_SIZE must be a whole number of processes per sample (1: off), got '$SP_SIZE'"
   [[ -n "${DATA_ROOT:-}" ]] || die "the script must call sweep_data before sweep_run"
 
   local learning_rates lr_schedules optimizers max_train_steps
@@ -265,6 +269,9 @@ sweep_run() {
           )
           if [[ "$LOAD_TENSORS" == 1 ]]; then
             cmd+=(--load_tensors)
+          fi
+          if ((10#$SP_SIZE > 1)); then
+            cmd+=(--enable_sequence_parallelism --sequence_parallel_shards "$((10#$SP_SIZE))")
           fi
           cmd+=(
             --optimizer "$optimizer"

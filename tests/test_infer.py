@@ -22,7 +22,7 @@ def frames_of(folder):
 
 
 @pytest.mark.slow  # a two-process launch
-def test_prompts_shared_over_two_processes_give_the_videos_of_one(trained_lora, tmp_path):
+def test_prompts_shared_over_processes_and_videos_split_over_them_give_the_videos_of_one(trained_lora, tmp_path):
     from tools.infer import main
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -34,13 +34,14 @@ def test_prompts_shared_over_two_processes_give_the_videos_of_one(trained_lora, 
                          "002_bw-style-a-panda-plays-the-guitar.mp4"]
     assert (tmp_path / "one" / "sheet.png").is_file() and all(v.shape == (9, 32, 32, 3) for v in one.values())
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "tools" / "infer.py",
-               *argv, "--output_dir", tmp_path / "two"]
+    # Four processes: two groups share out the prompts, the two processes of a group split each video's tokens.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", ROOT / "tools" / "infer.py",
+               *argv, "--sequence_parallel_shards", "2", "--output_dir", tmp_path / "four"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = frames_of(tmp_path / "two")
-    assert two.keys() == one.keys() and all(np.array_equal(one[name], two[name]) for name in one)
+    four = frames_of(tmp_path / "four")
+    assert four.keys() == one.keys() and all(np.array_equal(one[name], four[name]) for name in one)
     assert len({video.tobytes() for video in one.values()}) == 3  # three prompts, three different videos
 
     # The LoRA is applied: without it the same seed gives another video.
@@ -55,7 +56,7 @@ def test_the_shell_scripts_run_the_tool_with_their_settings(tmp_path):
 
     env = dict(os.environ, DRY_RUN="1", MODEL_NAME_OR_PATH="THUDM/CogVideoX-5b-I2V", LORA_PATH="outputs/my-lora",
                PROMPTS_FILE="prompts.txt", IMAGES_FILE="images.txt", H="480", W="720", F="49", NUM_GPUS="4",
-               OUTPUT_DIR=str(tmp_path / "videos"), STEPS="30")
+               OUTPUT_DIR=str(tmp_path / "videos"), STEPS="30", SP_SIZE="2")
     result = subprocess.run(["bash", str(ROOT / "run_infer_image_to_video.sh")], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -63,6 +64,7 @@ def test_the_shell_scripts_run_the_tool_with_their_settings(tmp_path):
     assert command[:5] == ["accelerate", "launch", "--num_processes", "4", "--multi_gpu"]
     args = build_parser().parse_args(command[command.index("tools/infer.py") + 1:])
     assert (args.height, args.width, args.num_frames, args.num_inference_steps) == (480, 720, 49, 30)
+    assert args.sequence_parallel_shards == 2
     assert args.lora_path == str(tmp_path / "outputs/my-lora") and args.images_file == str(tmp_path / "images.txt")
     missing = subprocess.run(["bash", str(ROOT / "run_infer_image_to_video.sh")], capture_output=True, text=True,
                              env={k: v for k, v in env.items() if not k.startswith("IMAGES")}, timeout=60)

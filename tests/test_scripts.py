@@ -55,6 +55,19 @@ def test_sweep_script_overrides_from_environment(tmp_path):
     assert not args.load_tensors and args.learning_rate == 3e-4 and args.checkpoints_total_limit == 2
 
 
+@pytest.mark.parametrize("script", ["train_text_to_video_lora.sh", "train_text_to_video_sft.sh",
+                                    "train_image_to_video_lora.sh", "train_image_to_video_sft.sh"])
+def test_sp_size_turns_sequence_parallelism_on(script, tmp_path):
+    for command in _dry_run(script, DATA_ROOT=str(tmp_path), SP_SIZE="4", GPU_IDS="0,1,2,3,4,5,6,7"):
+        args = build_parser().parse_args(_script_args(command))
+        assert args.enable_sequence_parallelism and args.sequence_parallel_shards == 4
+    for command in _dry_run(script, DATA_ROOT=str(tmp_path)):
+        assert "--enable_sequence_parallelism" not in command  # SP_SIZE=1, the default: off
+    result = _run_script(script, DRY_RUN="1", DATA_ROOT=str(tmp_path), SP_SIZE="two")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == \
+        "error: SP_SIZE must be a whole number of processes per sample (1: off), got 'two'"
+
+
 @pytest.mark.parametrize("num_gpus, launcher", [("1", "python"), ("4", "torchrun")])
 def test_prepare_script_command_parses(num_gpus, launcher):
     (command,) = _dry_run("prepare_dataset.sh", NUM_GPUS=num_gpus)

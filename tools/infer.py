@@ -1,7 +1,9 @@
 """Generate videos with a CogVideoX pipeline (and a trained LoRA or full fine-tune) on one or many GPUs.
 
 The prompts are shared out over the processes (`accelerate launch --num_processes N`, or the run_infer_*.sh
-scripts): each process loads the pipeline once and generates its share. Every video is seeded by its place in the
+scripts): each process loads the pipeline once and generates its share. With --sequence_parallel_shards S, groups of
+S processes generate each video together (its tokens split over them: training/attention.py), and the groups share
+out the prompts. Every video is seeded by its place in the
 prompt list (--seed + index), so a video comes out the same however many processes run. Output: one mp4 per prompt,
 named after it (`003_a-panda-plays-the-guitar.mp4`), and `sheet.png`, a contact sheet of all of them.
 
@@ -43,6 +45,10 @@ def build_parser():
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--enable_model_cpu_offload", action="store_true")
+    parser.add_argument("--sequence_parallel_shards", type=int, default=1,
+                        help="Processes per video: each video's tokens are split over this many processes (sequence "
+                        "parallelism, for long or large videos); the groups share out the prompts. Must divide the "
+                        "processes, the attention heads and the video's tokens.")
     parser.add_argument("--output_dir", default="inference-output")
     return parser
 
@@ -72,6 +78,29 @@ def jobs(args):
 def file_name(index, prompt):
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "video"
     return f"{index:03d}_{slug}.mp4"
+
+
+def shard_problems(args, num_processes):
+    """--sequence_parallel_shards against the processes and the model's config (read, not its weights)."""
+    shards = args.sequence_parallel_shards
+    if shards == 1:
+        return []
+    if shards < 1 or num_processes % shards:
+        return [f"--sequence_parallel_shards {shards} must divide the {num_processes} process(es)"]
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+    from training.attention import shard_problems as token_problems
+    from training.models import vae_scale_factor_spatial
+
+    config = CogVideoXTransformer3DModel.load_config(args.model_name_or_path, subfolder="transformer")
+    scale = vae_scale_factor_spatial(AutoencoderKLCogVideoX.load_config(args.model_name_or_path, subfolder="vae"))
+    height = args.height or config["sample_height"] * scale  # the pipelines' defaults
+    width = args.width or config["sample_width"] * scale
+    frames = args.num_frames or config["sample_frames"]
+    problems = [f"--sequence_parallel_shards {shards}: the model's {config['num_attention_heads']} attention heads "
+                "do not split evenly"] if config["num_attention_heads"] % shards else []
+    return problems + [line.replace("bucket ", "video ", 1).replace("the bucket", "the size")
+                       for line in token_problems([(frames, height, width)], config, shards)]
 
 
 def load_pipeline(args, image_to_video, device):
@@ -124,14 +153,25 @@ def main(argv=None):
     if launched > 1 and state.num_processes == 1:  # torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
         raise UsageError(f"started as {launched} processes, but each runs alone (each would generate every video): "
                          "on a machine without GPUs set ACCELERATE_USE_CPU=true, or start with accelerate launch")
+    problems = shard_problems(args, state.num_processes)
+    if problems:
+        raise UsageError(problems)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args, image_to_video=work[0][2] is not None, device=state.device)
-    with state.split_between_processes(work) as mine:
-        for index, prompt, image in tqdm(mine, desc=f"videos (process {state.process_index})",
-                                         disable=len(mine) < 2):
-            export_to_video(list(generate(pipe, args, prompt, image, index)), str(output / file_name(index, prompt)),
-                            fps=args.fps)
+    group, writes = state.process_index // args.sequence_parallel_shards, True
+    if args.sequence_parallel_shards > 1:  # every process of a group generates the group's videos together
+        from training.attention import build_shard_groups, install
+
+        shards = build_shard_groups(args.sequence_parallel_shards)
+        install(pipe.transformer, shards)
+        writes = shards.rank == 0
+    groups = state.num_processes // args.sequence_parallel_shards
+    mine = work[group::groups]
+    for index, prompt, image in tqdm(mine, desc=f"videos (process {state.process_index})", disable=len(mine) < 2):
+        frames = generate(pipe, args, prompt, image, index)
+        if writes:
+            export_to_video(list(frames), str(output / file_name(index, prompt)), fps=args.fps)
     state.wait_for_everyone()
     if state.is_main_process:
         import numpy as np

@@ -72,6 +72,20 @@ def test_attention_processor_is_diffusers_attention(variant, backend):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_the_readme_figures_for_the_published_models():
+    """README "Many GPUs and machines": 40,800 video tokens for 1.5 at 77x768x1360; the shard counts that split the
+    heads (2b: 30 heads, 5b and 1.5: 48)."""
+    from benchmarks.benchmark_training import MODELS
+    from training.attention import video_tokens
+
+    assert video_tokens(77, 768, 1360, MODELS["1.5-5b"].transformer) == 40_800
+    fits = lambda heads: [n for n in range(2, 9) if heads % n == 0]  # noqa: E731
+    assert fits(MODELS["2b"].transformer["num_attention_heads"]) == [2, 3, 5, 6]
+    assert fits(MODELS["5b"].transformer["num_attention_heads"]) == [2, 3, 4, 6, 8]
+    assert fits(MODELS["1.5-5b"].transformer["num_attention_heads"]) == [2, 3, 4, 6, 8]
+    assert fits(video_tokens(77, 768, 1360, MODELS["1.5-5b"].transformer)) == [2, 3, 4, 5, 6, 8]
+
+
 def test_simulated_shards_shapes_match_the_exchange():
     """The memory estimate's stand-in for a shard group makes the shapes the real exchange makes."""
     from training.attention import SimulatedShards

@@ -42,6 +42,12 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable otherwise): spread over the CPU cores by pytest-xdist, the long multi-process runs
+    start at once and the quick tests fill the gaps, instead of the longest starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """tiny_models("5b-i2v") -> path of a tiny pipeline of that variant, built once per session."""

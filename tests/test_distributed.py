@@ -91,6 +91,9 @@ def deepspeed_job(monkeypatch):
 
             monkeypatch.setattr(backend, "configure_deepspeed", with_torch_adam)
             monkeypatch.setattr(accelerate.accelerator, "map_pytorch_optim_to_deepspeed", lambda optimizer: optimizer)
+        # DeepSpeed JIT-compiles its shared-memory all-reduce for CPU processes (about 50 s, once per machine); a
+        # one-process job never reduces across processes, so it is left out here.
+        monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
         build = core.build_backend
 
         def fresh_job(args):

@@ -359,7 +359,20 @@ def add_training_arguments(parser):
 
 
 def add_parallelism_arguments(parser):
-    group = parser.add_argument_group("Sequence parallelism and attention kernels")
+    group = parser.add_argument_group("Sequence parallelism, kernels and compilation")
+    group.add_argument(
+        "--fp8_training", action="store_true",
+        help="Matmuls of the transformer blocks' linear layers in FP8 (torchao float8 training; weights keep their "
+        "dtype). GPUs with compute capability 8.9+ (Ada, Hopper).",
+    )
+    group.add_argument(
+        "--regional_compile", action="store_true",
+        help="torch.compile each transformer block (compile time of one block, not of the model). An accelerate "
+        "config that compiles the whole model (dynamo_backend) is the other way; use one.",
+    )
+    group.add_argument("--compile_mode", type=str, default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile mode for --regional_compile.")
     group.add_argument(
         "--enable_sequence_parallelism", action="store_true",
         help="Split each sample's video tokens over --sequence_parallel_shards processes (Ulysses: attention "

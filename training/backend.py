@@ -116,6 +116,12 @@ class Backend:
     is_main_process = property(lambda self: self.accelerator.is_main_process)
 
     @property
+    def compiles_whole_model(self):
+        """Whether accelerate's config compiles the prepared model (dynamo_backend other than no)."""
+        plugin = getattr(self.accelerator.state, "dynamo_plugin", None)
+        return plugin is not None and str(plugin.backend).lower() not in ("no", "dynamobackend.no")
+
+    @property
     def data_parallel_size(self):
         """Groups of processes that train different samples: all processes, or their shard groups."""
         return self.num_processes // (self.sequence_shards.size if self.sequence_shards else 1)

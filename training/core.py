@@ -157,6 +157,9 @@ def start_processes(args):
         problems.append(f"started as {launched} processes (WORLD_SIZE={launched}), but each runs alone, so they would "
                         "all train the same samples and write the same files: on a machine without GPUs set "
                         "ACCELERATE_USE_CPU=true, or start with accelerate launch")
+    if args.regional_compile and backend.compiles_whole_model:
+        problems.append("--regional_compile with an accelerate config that compiles the whole model (dynamo_backend, "
+                        "e.g. compiled_1.yaml): use one of them (uncompiled_1.yaml with --regional_compile)")
     if problems:
         raise UsageError(problems)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)

@@ -18,6 +18,7 @@ from .args import (
     size_limit_problem,
 )
 from .buckets import validation_frames
+from .compute import compute_problems
 from .data_source import choose_data_source
 
 
@@ -147,6 +148,7 @@ def _flag_problems(args):
         problems.append("--gradient_checkpointing_ratio chooses which blocks --gradient_checkpointing checkpoints: "
                         "pass --gradient_checkpointing too")
     problems.extend(_attention_problems(args))
+    problems.extend(compute_problems(args))
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.dataloader_num_workers < 0:

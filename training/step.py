@@ -67,14 +67,18 @@ def build_context(args, transformer_config, vae_config, scheduler, device, weigh
 
 def prepare_transformer(transformer, args, conditioning, mode, weight_dtype, sequence_shards=None):
     """The loaded transformer made ready to train, in place: adapted to the conditioning, our attention where
-    --attention_backend or sequence parallelism asks for it, its frozen base stored as --quantize_base says (before
-    LoRA layers exist: they keep their precision), the mode's trainable part added, the frozen part cast to the
-    compute dtype, gradient checkpointing on."""
+    --attention_backend or sequence parallelism asks for it, FP8 matmuls (--fp8_training), its frozen base stored as
+    --quantize_base says (before LoRA layers exist: they keep their precision), the mode's trainable part added, the
+    frozen part cast to the compute dtype, gradient checkpointing on."""
     conditioning.adapt_transformer(transformer, args)
     if sequence_shards is not None or getattr(args, "attention_backend", None):
         from .attention import install
 
         install(transformer, sequence_shards, getattr(args, "attention_backend", None))
+    if getattr(args, "fp8_training", False):
+        from .compute import use_fp8_matmuls
+
+        use_fp8_matmuls(transformer)  # before LoRA layers wrap the base layers
     prepare_frozen_base(transformer, args, weight_dtype)
     mode.prepare(transformer, args)
     cast_frozen(transformer, weight_dtype)
@@ -122,6 +126,10 @@ def build_trainer(transformer, context, conditioning, mode, backend, max_train_s
     args = context.args
     prepare_transformer(transformer, args, conditioning, mode, context.weight_dtype, context.sequence_shards)
     transformer.to(backend.device)
+    if getattr(args, "regional_compile", False):  # not in prepare_transformer: the memory estimate runs eagerly
+        from .compute import compile_blocks
+
+        compile_blocks(transformer, args.compile_mode)
     optimizer = build_optimizer(args, mode.trainable_parameters(transformer), learning_rate)
     lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
     transformer, optimizer = backend.prepare(transformer, optimizer)

@@ -1,0 +1,82 @@
+"""--fp8_training and --regional_compile (training/compute.py): what they change in the model, that training with
+them follows training without them, and their flag errors."""
+
+import pytest
+import torch
+from conftest import ASSETS, lora_argv, lora_weights, run_trainer
+from test_args import _errors
+
+
+ONE_BUCKET = ["--height_buckets", "32", "--width_buckets", "32", "--frame_buckets", "9", "--max_train_steps", "2"]
+
+
+def test_fp8_layers_are_the_blocks_linear_layers_under_lora():
+    """Base layers of the blocks become Float8Linear, LoRA wraps them, nothing outside the blocks changes, and the
+    state dict (what checkpoints and the saved files hold) keeps its names."""
+    from diffusers import CogVideoXTransformer3DModel
+    from peft import LoraConfig
+
+    from tools.build_tiny_model import VARIANTS
+    from training.compute import use_fp8_matmuls
+
+    config = dict(num_attention_heads=2, in_channels=4, out_channels=4, time_embed_dim=4, text_embed_dim=32,
+                  num_layers=2, sample_width=8, sample_height=8, sample_frames=9, max_text_seq_length=16,
+                  use_learned_positional_embeddings=False, **VARIANTS["5b"]["transformer"])
+    transformer = CogVideoXTransformer3DModel(**config)
+    names = set(transformer.state_dict())
+    use_fp8_matmuls(transformer)
+    assert set(transformer.state_dict()) == names
+    fp8 = {name for name, m in transformer.named_modules() if type(m).__name__ == "Float8Linear"}
+    linear = {name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert fp8 and all(name.startswith("transformer_blocks.") for name in fp8)
+    modules = dict(transformer.named_modules())
+    left = {name for name in linear - fp8 if name.startswith("transformer_blocks.")}
+    assert left and all(modules[name].in_features % 16 for name in left)  # the AdaLN linears: 4 inputs here
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    base = dict(transformer.named_modules())["transformer_blocks.0.attn1.to_q"]
+    assert type(base.base_layer).__name__ == "Float8Linear" and type(base.lora_A["default"]).__name__ == "Linear"
+
+
+def test_fp8_training_follows_plain_training(tiny_model_5b, tmp_path, caplog):
+    """Same seed: the loss after two steps within FP8's rounding of the plain run's; the LoRA trains and has the
+    plain run's tensors (names and shapes), so it loads wherever that one does."""
+    import logging
+
+    plain = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "plain", *ONE_BUCKET))
+    with caplog.at_level(logging.INFO, logger="cogvideox_factory"):
+        fp8 = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "fp8", *ONE_BUCKET, "--fp8_training"))
+    assert "FP8 matmuls in 6 linear layers of the transformer blocks" in caplog.text  # q, k, v, out, 2 feed-forward
+    assert fp8["final_loss"] == pytest.approx(plain["final_loss"], rel=0.02)
+    assert fp8["final_loss"] != plain["final_loss"]  # it did compute in FP8
+    expected, got = lora_weights(tmp_path / "plain"), lora_weights(tmp_path / "fp8")
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    assert all(v.abs().max() > 0 for k, v in got.items() if "lora_B" in k)
+
+
+@pytest.mark.slow  # inductor compiles the block (C++ on this CPU): about 30 s
+def test_regional_compile_trains_what_eager_trains(tiny_model_5b, tmp_path, caplog):
+    import logging
+
+    eager = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "eager", *ONE_BUCKET))
+    with caplog.at_level(logging.INFO, logger="cogvideox_factory"):
+        compiled = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "compiled", *ONE_BUCKET,
+                                         "--regional_compile"))
+    assert "compiling each of the 1 transformer blocks on first use" in caplog.text
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-4)
+    expected = lora_weights(tmp_path / "eager")
+    for name, value in lora_weights(tmp_path / "compiled").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-3, atol=1e-5)
+
+
+def test_compute_flag_errors(capsys, tiny_model_2b, tmp_path, monkeypatch):
+    def problems(*extra):
+        return _errors(capsys, lora_argv(tiny_model_2b, ASSETS, tmp_path / "out", *extra))
+
+    assert problems("--compile_mode", "max-autotune") == ["error: --compile_mode goes with --regional_compile"]
+    assert problems("--fp8_training", "--quantize_base", "fp8") == [
+        "error: --fp8_training with --quantize_base fp8: the base weights would be stored quantized and computed in "
+        "FP8 again; use one of them"]
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # what compiled_1.yaml gives accelerate launch
+    assert problems("--regional_compile") == [
+        "error: --regional_compile with an accelerate config that compiles the whole model (dynamo_backend, e.g. "
+        "compiled_1.yaml): use one of them (uncompiled_1.yaml with --regional_compile)"]

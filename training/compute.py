@@ -1,0 +1,68 @@
+"""How the transformer's blocks compute, beyond the precision flags: FP8 matmuls and regional compilation.
+
+- `--fp8_training`: the linear layers of the transformer blocks become torchao's `Float8Linear`: each matmul
+  (forward, and both of the backward pass) runs in FP8 with dynamic per-tensor scales, while the weights stay in
+  their own dtype (so checkpoints, the LoRA file and the saved transformer are as without it). Under LoRA the frozen
+  base layers compute in FP8 and the adapters, which peft wraps around them, in their own precision. Layers whose
+  sides are not multiples of 16 (FP8 kernels need them) and everything outside the blocks (embeddings, the output
+  projection) keep their precision. On a GPU it needs FP8 tensor cores (compute capability 8.9: Ada, Hopper or newer).
+- `--regional_compile`: `torch.compile` of each transformer block instead of the whole model, as diffusers'
+  `compile_repeated_blocks` does for models that name their repeated block: the blocks share one compiled graph, so
+  compiling costs one block's time, not the model's.
+"""
+
+import logging
+
+import torch
+
+
+logger = logging.getLogger("cogvideox_factory")
+
+
+FP8_MULTIPLE = 16  # torch._scaled_mm needs both sides of a matrix to be multiples of 16
+
+
+def fp8_layer(module, name):
+    """torchao's module filter: the linear layers inside the transformer blocks with sides FP8 kernels take."""
+    return (name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear)
+            and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0)
+
+
+def use_fp8_matmuls(transformer):
+    """Swap the chosen linear layers for torchao's Float8Linear, in place (before LoRA layers wrap them)."""
+    from torchao.float8 import convert_to_float8_training
+
+    convert_to_float8_training(transformer, module_filter_fn=fp8_layer)
+    logger.info("FP8 matmuls in %d linear layers of the transformer blocks",
+                sum(type(m).__name__ == "Float8Linear" for m in transformer.modules()))
+    return transformer
+
+
+def compile_blocks(transformer, mode=None):
+    """Compile each transformer block in place (nn.Module.compile): later calls run the compiled block."""
+    for block in transformer.transformer_blocks:
+        block.compile(mode=mode)
+    logger.info("compiling each of the %d transformer blocks on first use (torch.compile, mode %s)",
+                len(transformer.transformer_blocks), mode or "default")
+    return transformer
+
+
+def compute_problems(args):
+    """--fp8_training and --regional_compile against the other flags and this machine, one line each."""
+    problems = []
+    if args.compile_mode is not None and not args.regional_compile:
+        problems.append("--compile_mode goes with --regional_compile")
+    if not args.fp8_training:
+        return problems
+    if args.quantize_base != "none":
+        problems.append(f"--fp8_training with --quantize_base {args.quantize_base}: the base weights would be "
+                        "stored quantized and computed in FP8 again; use one of them")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as error:
+        problems.append(f"--fp8_training needs torchao's float8 training ({error}): pip install -r requirements.txt")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        problems.append(f"--fp8_training needs FP8 tensor cores (compute capability 8.9: Ada, Hopper or newer); this "
+                        f"GPU has {major}.{minor}")
+    return problems

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's memory/speed tables, measured on this machine's GPU: every configuration of `--sweep readme`
 # (2b, 5b, 1.5-5b; LoRA ranks 16/64/256 and full fine-tuning with five optimizer set-ups; batch 1 and 4), each in
-# its own process, appended to benchmarks/results/<gpu>.jsonl, then rendered to benchmarks/results/<gpu>.md.
+# its own process, then every speed lever of `--sweep levers`, appended to benchmarks/results/<gpu>.jsonl, then
+# rendered to benchmarks/results/<gpu>.md.
 #
 #   bash benchmarks/run_gpu_benchmarks.sh                      # everything (hours on one GPU)
 #   bash benchmarks/run_gpu_benchmarks.sh --model 5b           # one model's rows
@@ -18,6 +19,8 @@ GPU=$("$PYTHON" benchmarks/benchmark_training.py --gpu_slug)  # the GPU's name a
 mkdir -p benchmarks/results
 RESULTS="benchmarks/results/$GPU.jsonl"
 "$PYTHON" benchmarks/benchmark_training.py --sweep readme --output "$RESULTS" "$@"
+# A row per speed lever (attention kernel, regional compile, FP8, selective checkpointing) for each model.
+"$PYTHON" benchmarks/benchmark_training.py --sweep levers --output "$RESULTS" "$@"
 "$PYTHON" benchmarks/benchmark_training.py --markdown "$RESULTS" > "benchmarks/results/$GPU.md"
 echo "rows: $RESULTS"
 echo "tables: benchmarks/results/$GPU.md"

@@ -233,6 +233,19 @@ def test_readme_sweep_covers_the_issue_matrix():
         assert any(optimizer in flags for flags in full), optimizer
 
 
+def test_levers_sweep_has_a_row_per_lever_that_the_trainer_accepts():
+    from training.args import build_parser
+
+    configurations = bench.SWEEPS["levers"]()
+    assert {(model, mode) for model, mode, _ in configurations} == {("2b", "lora"), ("5b", "lora"), ("5b", "sft"),
+                                                                    ("1.5-5b", "lora")}
+    after_base = [flags[flags.index("--gradient_checkpointing") + 1:] for _, _, flags in configurations]
+    for lever in bench.LEVERS.values():
+        assert after_base.count(lever) == 4, lever  # one row per model and mode
+    for _, _, flags in configurations:
+        build_parser().parse_args(["--pretrained_model_name_or_path", "-", *flags])
+
+
 def test_memory_estimate_table_row_has_its_command(capsys):
     from benchmarks import estimate_memory
 

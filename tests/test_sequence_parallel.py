@@ -174,7 +174,9 @@ def test_two_processes_per_sample_train_what_one_process_trains(tiny_model_5b, t
     """CogVideoX-5b (rotary positions) LoRA: loss and gradient norm at every step, and the LoRA, equal one process's
     within float tolerance (the group's gradient is summed from two halves); a copy of the pair's checkpoint-2
     resumes on the pair to the same LoRA as their straight run, bitwise."""
-    flags = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--report_to", "tensorboard"]
+    # Gradient checkpointing on: the blocks' exchanges run again in the backward pass (the sweep scripts' default).
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--report_to", "tensorboard",
+             "--gradient_checkpointing"]
     one, pair, resumed = tmp_path / "one", tmp_path / "pair", tmp_path / "resumed"
     run_trainer(lora_argv(tiny_model_5b, ASSETS, one, *flags))
     script = ROOT / "training" / "cogvideox_text_to_video_lora.py"
@@ -184,7 +186,7 @@ def test_two_processes_per_sample_train_what_one_process_trains(tiny_model_5b, t
         [script, *lora_argv(tiny_model_5b, ASSETS, resumed, *flags, *SP, "--resume_from_checkpoint",
                             pair / "checkpoint-2")],
     ])
-    assert "x 2 process(es)" in stderr and "resumed from" in stderr
+    assert "x 2 process(es) (1 data-parallel group(s) of 2 sharing each sample)" in stderr and "resumed from" in stderr
     for tag in ("loss", "grad_norm"):
         expected, got = _scalars(one, tag), _scalars(pair, tag)
         assert sorted(got) == [1, 2, 3] and sorted(expected) == [1, 2, 3]
@@ -220,3 +222,26 @@ def test_sequence_parallel_full_fine_tuning_under_fsdp(tiny_models, tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=1e-3, atol=1e-5, msg=name)
     base = transformer_weights(model)  # the model folder holds transformer/ too: the run changed it
     assert sum(not torch.equal(value, base[name]) for name, value in got.items()) > len(got) // 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs: accelerate runs DeepSpeed over several processes only on GPUs")
+@pytest.mark.parametrize("config", ["deepspeed.yaml", "deepspeed_zero3.yaml"])
+def test_sequence_parallel_under_deepspeed_trains_what_one_gpu_trains(tiny_model_5b, tmp_path, config):
+    """ZeRO-2 (optimizer offloaded, DeepSpeed's CPU Adam) and ZeRO-3 with two GPUs sharing each clip: the LoRA of
+    one GPU without DeepSpeed's sharding, within float tolerance."""
+    flags = ["--max_train_steps", "3", "--mixed_precision", "no"]
+
+    def launch(output, *extra, config_args=()):
+        command = [sys.executable, "-m", "accelerate.commands.launch", *config_args, ROOT / "training" /
+                   "cogvideox_text_to_video_lora.py", *lora_argv(tiny_model_5b, ASSETS, output, *flags, *extra)]
+        result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "one", config_args=["--num_processes", "1", "--mixed_precision", "no"])
+    launch(tmp_path / "pair", *SP, config_args=["--config_file", ROOT / "accelerate_configs" / config,
+                                                "--num_processes", "2", "--mixed_precision", "no"])
+    expected = lora_weights(tmp_path / "one")
+    for name, value in lora_weights(tmp_path / "pair").items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -220,9 +220,11 @@ def start_logging_run(job):
     backend.init_trackers(args.tracker_name or f"cogvideox-{job.mode.name}", _tracker_config(args))
     logger.info(
         "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, batch %s x %d "
-        "process(es) x %d accumulation", job.conditioning.name, job.mode.name, len(data.dataset),
+        "process(es)%s x %d accumulation", job.conditioning.name, job.mode.name, len(data.dataset),
         job.schedule.batches_per_epoch, job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
-        data.describe_batch_size(), backend.num_processes, args.gradient_accumulation_steps,
+        data.describe_batch_size(), backend.num_processes,
+        f" ({backend.data_parallel_size} data-parallel group(s) of {backend.sequence_shards.size} sharing each sample)"
+        if backend.sequence_shards else "", args.gradient_accumulation_steps,
     )
     stepping = backend.stepping_optimizer(job.trainer.optimizer)
     logger.info("optimizer that steps: %s.%s", type(stepping).__module__, type(stepping).__name__)

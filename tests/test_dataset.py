@@ -118,22 +118,23 @@ def test_random_flip_is_one_decision_per_clip_and_repeatable():
     assert outcomes == {True, False}
 
 
-def test_decord_width_bug_falls_back_to_pyav(tmp_path, monkeypatch):
-    """A 48 px wide clip, which decord cannot decode: the frames come from PyAV, with the pixel values written."""
+@pytest.mark.parametrize("width", [16, 24, 48, 72])  # the widths decord 0.6 fails on (reference/environment.md)
+def test_decord_width_bug_falls_back_to_pyav(tmp_path, monkeypatch, width):
+    """A clip of a width decord cannot decode: the frames come from PyAV, with the pixel values written."""
     import imageio
     import numpy as np
 
     import training.video_io as video_io
 
-    path = tmp_path / "w48.mp4"
-    frames = [np.full((32, 48, 3), 20 * i, dtype=np.uint8) for i in range(6)]
+    path = tmp_path / f"w{width}.mp4"
+    frames = [np.full((32, width, 3), 20 * i, dtype=np.uint8) for i in range(6)]
     imageio.mimwrite(path, frames, fps=8, codec="libx264", macro_block_size=1, output_params=["-pix_fmt", "yuv420p"])
     info = probe_video(path)
-    assert (info.num_frames, info.height, info.width) == (6, 32, 48)
+    assert (info.num_frames, info.height, info.width) == (6, 32, width)
     fallbacks = []
     monkeypatch.setattr(video_io, "_read_frames_pyav", lambda *a: fallbacks.append(a) or _read_frames_pyav(*a))
     decoded = read_frames(path, [0, 2, 4])
-    assert decoded.shape == (3, 32, 48, 3) and decoded.dtype == torch.uint8
+    assert decoded.shape == (3, 32, width, 3) and decoded.dtype == torch.uint8
     if video_io.decord is not None:
         assert len(fallbacks) == 1  # decord was tried and failed (its width bug), PyAV read the clip
     # flat grey frames 0, 40, 80 survive H.264 within a level or two

@@ -12,6 +12,7 @@ counts by its path, size and mtime, or with --hash_videos by the sha256 of its b
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,7 +69,14 @@ def build_parser():
     )
     parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--num_artifact_workers", type=int, default=4, help="Kept for compatibility; writes are synchronous.")
+    parser.add_argument("--num_artifact_workers", type=int, default=4,
+                        help="Kept for compatibility: one background thread writes the entries, in order.")
+    parser.add_argument(
+        "--save_videos", action="store_true",
+        help="With --save_latents_and_embeddings, also write videos/<stem>.mp4, the clips as encoded (resized, cropped, "
+        "sampled: to look at, or to train from without --load_tensors). Off by default: training with --load_tensors "
+        "reads only latents/. Without --save_latents_and_embeddings the clips are the prepared data and always written.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print what would be encoded (and disk needed); exit.")
     return parser
 
@@ -343,11 +351,12 @@ def cache_settings(args, vae_config, transformer_config):
 
 
 def _is_prepared(output, stem, args):
-    """The entry's clip exists and (with --save_latents_and_embeddings) its safetensors file is complete."""
+    """The entry's clip exists (where it is written) and (with --save_latents_and_embeddings) its safetensors file is
+    complete."""
     from training.precomputed import readable_entry
 
     latents_ready = not args.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
-    return latents_ready and (output / "videos" / f"{stem}.mp4").is_file()
+    return latents_ready and (not _needs_clip(args) or (output / "videos" / f"{stem}.mp4").is_file())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,27 +370,42 @@ class Encoders(NamedTuple):
     vae: object
 
 
+# Clips whose captions are embedded together (each distinct caption once, in T5 batches of up to T5_BATCH).
+CAPTION_CHUNK = 16
+T5_BATCH = 8
+# Batches decoded ahead of the encoder, and entries waiting for the writer: bounds the memory the overlap costs.
+PREFETCH_BATCHES = 2
+WRITE_QUEUE = 4
+
+
 def encode_samples(args, output, usable, plan, rank, device):
     """Write the entries of the samples at `plan.mine`: each one's preprocessed clip and, with
-    --save_latents_and_embeddings, its latent distributions and prompt embeddings."""
+    --save_latents_and_embeddings, its latent distributions and prompt embeddings.
+
+    A pipeline of three stages that overlap: decoding and resizing (DataLoader workers, or a thread of this process
+    with --dataloader_num_workers 0), encoding (VAE per batch of one bucket, T5 once per distinct caption, in
+    batches), and writing (a background thread, in order). What each entry holds does not depend on the overlap."""
     import torch
     from tqdm.auto import tqdm
 
     dtype = getattr(torch, DTYPES[args.dtype])
     encoders = _load_encoders(args, dtype, device) if args.save_latents_and_embeddings else None
-    loader = _encoding_loader(args, [usable[i] for i in plan.mine], [plan.stems[i] for i in plan.mine])
-    position_of = {usable[i].sample.index: i for i in plan.mine}
-    progress = tqdm(total=len(plan.mine), desc=f"preparing (rank {rank})", disable=rank != 0)
-    written = 0
-    with torch.no_grad(), progress:  # closed (its line ended) before an error is printed
-        for batch in loader:
-            tensors = _encode_batch(batch, encoders, args, device, dtype)
-            for j, sample_index in enumerate(batch["index"]):
-                position = position_of[sample_index]
-                _write_entry(output, plan.stems[position], usable[position], batch["video"][j], tensors[j], args)
-                written += 1
-                simulate_crash("prepare", written)  # tests: killed here after `written` complete entries
-            progress.update(len(batch["index"]))
+    items, stems = [usable[i] for i in plan.mine], [plan.stems[i] for i in plan.mine]
+    loader = _encoding_loader(args, items, stems)
+    entry_of = {item.sample.index: (stem, item) for item, stem in zip(items, stems)}
+    captions = CaptionEmbeddings(encoders, args, device, dtype, [item.sample.caption for item in items])
+    # unit "clip": the bar shows clips/s (s/clip when slower) and the time left.
+    progress = tqdm(total=len(items), desc=f"preparing (rank {rank})", unit="clip", disable=rank != 0)
+    batches = _prefetched(loader, args.dataloader_num_workers)
+    with progress:  # closed (its line ended) before an error is printed
+        with torch.no_grad(), EntryWriter(output, args, progress) as writer, contextlib.closing(batches):
+            for chunk in _chunks(batches, CAPTION_CHUNK):
+                captions.encode([prompt for batch in chunk for prompt in batch["prompt"]])
+                for batch in chunk:
+                    tensors = _encode_batch(batch, encoders, captions, args, dtype)
+                    for j, sample_index in enumerate(batch["index"]):
+                        stem, item = entry_of[sample_index]
+                        writer.put(stem, item, batch["video"][j], tensors[j])
 
 
 def _load_encoders(args, dtype, device):
@@ -410,28 +434,172 @@ def _encoding_loader(args, items, stems):
     )
 
 
-def _encode_batch(batch, encoders, args, device, dtype):
+def _prefetched(loader, num_workers):
+    """The loader's batches. Its workers already decode ahead; without workers, a thread of this process does (decord,
+    PyAV and torch's resize release the GIL), PREFETCH_BATCHES ahead. An error there is raised here, in order."""
+    if num_workers > 0:
+        yield from loader
+        return
+    import queue
+    import threading
+
+    batches, stop, done = queue.Queue(maxsize=PREFETCH_BATCHES), threading.Event(), object()
+
+    def produce():
+        try:
+            for batch in loader:
+                while not stop.is_set():
+                    try:
+                        batches.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            result = done
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            result = error
+        while not stop.is_set():
+            try:
+                batches.put(result, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="prepare-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch = batches.get()
+            if batch is done:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            yield batch
+    finally:
+        stop.set()  # the consumer stopped (done, or an error): let the producer end
+        thread.join()
+
+
+def _chunks(batches, size):
+    """Lists of consecutive batches holding at least `size` samples (the last one fewer)."""
+    chunk, count = [], 0
+    for batch in batches:
+        chunk.append(batch)
+        count += len(batch["index"])
+        if count >= size:
+            yield chunk
+            chunk, count = [], 0
+    if chunk:
+        yield chunk
+
+
+class CaptionEmbeddings:
+    """T5 embeddings of the captions, each distinct caption encoded once: `encode` embeds (in batches of T5_BATCH)
+    those of a chunk not held yet; `take` hands one out and forgets it after its last use in this run."""
+
+    def __init__(self, encoders, args, device, dtype, captions):
+        from collections import Counter
+
+        self.encoders, self.args, self.device, self.dtype = encoders, args, device, dtype
+        self.remaining = Counter(captions)
+        self.held = {}
+        self.encoded = 0  # distinct captions encoded (tests count them)
+
+    def encode(self, prompts):
+        if self.encoders is None:
+            return
+        from training.models import encode_prompts
+
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.held))
+        for start in range(0, len(missing), T5_BATCH):
+            part = missing[start : start + T5_BATCH]
+            embeds = encode_prompts(self.encoders.tokenizer, self.encoders.text_encoder, part,
+                                    self.args.max_sequence_length, self.device, self.dtype).cpu()
+            self.held.update(zip(part, embeds))
+            self.encoded += len(part)
+
+    def take(self, prompt):
+        embeds = self.held[prompt]
+        self.remaining[prompt] -= 1
+        if self.remaining[prompt] <= 0:
+            del self.held[prompt]
+        return embeds
+
+
+def _encode_batch(batch, encoders, captions, args, dtype):
     """One dict of tensors to save per sample of the batch (empty without --save_latents_and_embeddings)."""
-    from training.models import encode_prompts, encode_video_distribution
+    from training.models import encode_video_distribution
 
     tensors = [{} for _ in batch["index"]]
     if not args.save_latents_and_embeddings:
         return tensors
-    tokenizer, text_encoder, vae = encoders
-    video_dist = encode_video_distribution(vae, batch["video"].to(dtype))
-    embeds = encode_prompts(tokenizer, text_encoder, batch["prompt"], args.max_sequence_length, device, dtype)
+    video_dist = encode_video_distribution(encoders.vae, batch["video"].to(dtype)).cpu()
     for j, entry in enumerate(tensors):
-        entry["video_latent_dist"] = video_dist[j].cpu()
-        entry["prompt_embeds"] = embeds[j].cpu()
+        entry["video_latent_dist"] = video_dist[j]
+        entry["prompt_embeds"] = captions.take(batch["prompt"][j])
         if args.save_image_latents:
             # The pixels, not a latent: training noise-augments the frame, then encodes it, at every step.
             entry["first_frame"] = batch["image"][j].to(dtype)
     return tensors
 
 
+def _needs_clip(args):
+    """videos/<stem>.mp4 is written without --save_latents_and_embeddings (the clips are then what training reads)
+    and, with it, only with --save_videos (training with --load_tensors reads only latents/)."""
+    return not args.save_latents_and_embeddings or args.save_videos
+
+
+class EntryWriter:
+    """Writes entries in a background thread, in the order given, so the encoder never waits for the disk or the
+    clip export. `put` blocks while WRITE_QUEUE entries wait; an error in the writer is raised by the next `put` or
+    at the end. Leaving the block (also on an error) writes what was queued: finished entries are kept."""
+
+    def __init__(self, output, args, progress):
+        import queue
+
+        self.output, self.args, self.progress = output, args, progress
+        self.queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error = None
+        self.written = 0
+
+    def __enter__(self):
+        import threading
+
+        self.thread = threading.Thread(target=self._run, name="prepare-writer", daemon=True)
+        self.thread.start()
+        return self
+
+    def put(self, stem, item, video, tensors):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((stem, item, video, tensors))
+
+    def _run(self):
+        while (entry := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep taking entries so that `put` never blocks; the error is raised there
+            try:
+                _write_entry(self.output, *entry, self.args)
+                self.written += 1
+                simulate_crash("prepare", self.written)  # tests: killed here after `written` complete entries
+                self.progress.update(1)
+            except BaseException as error:  # noqa: BLE001 - raised in the main thread
+                self.error = error
+
+    def __exit__(self, exc_type, exc, traceback):
+        self.queue.put(None)
+        self.thread.join()
+        if exc is None and self.error is not None:
+            raise self.error
+        return False
+
+
 def _write_entry(output, stem, item, video, tensors, args):
-    """videos/<stem>.mp4, then (if there are tensors) latents/<stem>.safetensors; each written atomically."""
-    _export_clip(video, output / "videos" / f"{stem}.mp4", args.target_fps)
+    """videos/<stem>.mp4 (when needed: `_needs_clip`), then (if there are tensors) latents/<stem>.safetensors; each
+    written atomically."""
+    if _needs_clip(args):
+        _export_clip(video, output / "videos" / f"{stem}.mp4", args.target_fps)
     if tensors:
         metadata = {"caption": item.sample.caption, "bucket": json.dumps(list(item.bucket))}
         _atomic_save(tensors, output / "latents" / f"{stem}.safetensors", metadata)

@@ -125,7 +125,9 @@ def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path, caplog):
     assert entry["video_latent_dist"].shape == (8, (frames - 1) // 4 + 1, height // 8, width // 8)  # mean+logvar
     assert entry["prompt_embeds"].shape == (16, 32)
     lines = (prepared / "videos.txt").read_text().split()
-    assert len(lines) == 6 and all((prepared / line).is_file() for line in lines)
+    # The original's list, one line per entry; the clips themselves only with --save_videos (training never reads them).
+    assert len(lines) == 6 and all(line.startswith("videos/") for line in lines)
+    assert not any((prepared / line).exists() for line in lines)
 
     # A second run reuses every entry (names are content keys; files untouched).
     stamps = {p: p.stat().st_mtime_ns for p in (prepared / "latents").iterdir()}

@@ -122,6 +122,9 @@ def test_sequence_parallel_flags_are_checked_before_anything_loads(capsys, no_mo
         "error: --attention_backend sage: not a kernel training can use (one with a backward pass): native, "
         "_native_math, _native_flash, _native_efficient, _native_cudnn, flash, _flash_3, flash_hub, _flash_3_hub"]
     assert problems("--attention_backend", "flash")[0].startswith("error: --attention_backend flash: Flash Attention")
+    plan = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "dry", "--dry_run", "--enable_sequence_parallelism",
+                                 "--sequence_parallel_shards", "2"))["dry_run"]
+    assert plan["sequence_parallel_shards"] == 2 and plan["processes"] == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ def dry_run_plan(job):
         "optimizer_steps": schedule.max_train_steps,
         "epochs": schedule.epochs,
         "processes": backend.num_processes,
+        # With --enable_sequence_parallelism the training peak is one process of a shard group of this size.
+        "sequence_parallel_shards": (backend.sequence_shards.size if backend.sequence_shards
+                                     else args.sequence_parallel_shards if args.enable_sequence_parallelism else None),
         "transformer_parameters": count_parameters(transformer.parameters()),
         "trainable_parameters": count_parameters(job.mode.trainable_parameters(transformer)),
         "peak_memory_gib": {k: (round(v / 2**30, 3) if k in ("training", "validation", "final_test") else v)

@@ -40,6 +40,10 @@ def test_prompts_shared_over_processes_and_videos_split_over_them_give_the_video
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Each group ran its videos sharded: one transformer call per denoising step (2), guidance batched in it.
+    sharded = sorted(line for line in result.stdout.splitlines() if "transformer calls sharded" in line)
+    assert sharded == ["group 0: 4 transformer calls sharded over 2 processes",
+                       "group 1: 2 transformer calls sharded over 2 processes"], result.stdout[-2000:]
     four = frames_of(tmp_path / "four")
     assert four.keys() == one.keys() and all(np.array_equal(one[name], four[name]) for name in one)
     assert len({video.tobytes() for video in one.values()}) == 3  # three prompts, three different videos

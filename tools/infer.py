@@ -97,10 +97,7 @@ def shard_problems(args, num_processes):
     height = args.height or config["sample_height"] * scale  # the pipelines' defaults
     width = args.width or config["sample_width"] * scale
     frames = args.num_frames or config["sample_frames"]
-    problems = [f"--sequence_parallel_shards {shards}: the model's {config['num_attention_heads']} attention heads "
-                "do not split evenly"] if config["num_attention_heads"] % shards else []
-    return problems + [line.replace("bucket ", "video ", 1).replace("the bucket", "the size")
-                       for line in token_problems([(frames, height, width)], config, shards)]
+    return token_problems([(frames, height, width)], config, shards, what="video")
 
 
 def load_pipeline(args, image_to_video, device):
@@ -172,6 +169,9 @@ def main(argv=None):
         frames = generate(pipe, args, prompt, image, index)
         if writes:
             export_to_video(list(frames), str(output / file_name(index, prompt)), fps=args.fps)
+    if args.sequence_parallel_shards > 1 and writes:
+        print(f"group {group}: {shards.sharded_calls} transformer calls sharded over {args.sequence_parallel_shards} "
+              "processes")
     state.wait_for_everyone()
     if state.is_main_process:
         import numpy as np

@@ -86,6 +86,7 @@ class SequenceShards:
         self.size, self.rank, self.group = size, rank, group
         self.active = True
         self.text_length = None  # of the forward in progress (recorded by the patch embedding's hook)
+        self.sharded_calls = 0  # transformer forwards run sharded (their output tokens gathered)
 
     @contextlib.contextmanager
     def paused(self):
@@ -188,7 +189,10 @@ def install(transformer, shards=None, attention_backend=None):
         return torch.cat([output[:, :text], shards.split(output[:, text:])], dim=1)
 
     def gather_video_tokens(module, inputs, output):
-        return shards.gather(output) if shards.active else output
+        if not shards.active:
+            return output
+        shards.sharded_calls += 1
+        return shards.gather(output)
 
     transformer.patch_embed.register_forward_pre_hook(record_text_length)
     transformer.embedding_dropout.register_forward_hook(split_video_tokens)
@@ -205,14 +209,19 @@ def video_tokens(num_frames, height, width, transformer_config, spatial_scale=8)
     return (frames // patch_t) * (latent_height // patch) * (latent_width // patch)
 
 
-def shard_problems(buckets, transformer_config, shards):
-    """Sequence parallelism's rules for the buckets in use, one line each: video tokens divisible by the shards."""
+def shard_problems(shapes, transformer_config, shards, what="bucket"):
+    """Sequence parallelism's rules, one line each: the attention heads, and the video tokens of every (frames,
+    height, width) in `shapes` (the buckets in use, or the videos to generate), divisible by the shards."""
     problems = []
-    for frames, height, width in sorted(buckets):
+    heads = transformer_config["num_attention_heads"]
+    if heads % shards:
+        problems.append(f"--sequence_parallel_shards {shards}: the model's {heads} attention heads do not split "
+                        f"evenly (shard counts that fit: {', '.join(str(n) for n in range(2, 9) if heads % n == 0)})")
+    for frames, height, width in sorted(shapes):
         tokens = video_tokens(frames, height, width, transformer_config)
         if tokens % shards:
             fitting = [n for n in range(2, 9) if tokens % n == 0]
-            problems.append(f"bucket {frames}x{height}x{width}: its {tokens} video tokens do not split into "
+            problems.append(f"{what} {frames}x{height}x{width}: its {tokens} video tokens do not split into "
                             f"--sequence_parallel_shards {shards} equal parts (shard counts that fit: "
-                            f"{', '.join(map(str, fitting)) or 'none up to 8'}); change the shards or the bucket")
+                            f"{', '.join(map(str, fitting)) or 'none up to 8'}); change the shards or the {what}")
     return problems

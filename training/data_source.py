@@ -317,13 +317,8 @@ def sequence_parallel_problems(items, args, transformer_config, backend):
     shards = backend.sequence_shards.size if backend.sequence_shards else args.sequence_parallel_shards
     if shards is None:
         return ["--dry_run on one process estimates one process of a shard group: give --sequence_parallel_shards"]
-    problems = []
-    heads = transformer_config["num_attention_heads"]
-    if heads % shards:
-        problems.append(f"--sequence_parallel_shards {shards}: the model's {heads} attention heads do not split "
-                        f"evenly (shard counts that fit: {', '.join(str(n) for n in range(2, 9) if heads % n == 0)})")
     buckets = {tuple(item["bucket"]) if isinstance(item, dict) else item.bucket for item in items}
-    return problems + shard_problems(buckets, transformer_config, shards)
+    return shard_problems(buckets, transformer_config, shards)
 
 
 def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):

@@ -76,3 +76,32 @@ def test_figures_quoted_in_the_readmes_are_those_of_docs_memory(readme):
     assert f"5b LoRA {original} / 30.3 / 38.7" in text
     ratios = [float(r) for r in re.findall(r"\| (\d\.\d{3}) \|\n", memory)]
     assert ratios and f"{min(ratios):.3f}-{max(ratios):.3f}" in text
+
+
+def _table_rows(text, header_start):
+    """The cells of each row of the markdown table whose header line starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_memory_table_is_the_estimate_table_of_docs_memory():
+    """Each row of the README's estimate table (both languages) carries the figures of the docs/memory.md row for the
+    same model, mode and options (the README names only the options beyond rank 64 and gradient checkpointing; fp32
+    master weights are the default)."""
+    docs = {(model, mode, batch, options): figures for model, mode, _, batch, options, *figures, _ in
+            _table_rows((ROOT / "docs" / "memory.md").read_text(encoding="utf-8"), "| model | mode |")}
+    english = _table_rows((ROOT / "README.md").read_text(encoding="utf-8"), "| configuration | training |")
+    chinese = _table_rows((ROOT / "README_zh.md").read_text(encoding="utf-8"), "| 配置 |")
+    assert len(english) == len(chinese) >= 7
+    for (label, *figures), (_, *figures_zh) in zip(english, chinese):
+        model = re.match(r"CogVideoX-(\S+) ", label).group(1)
+        mode = "lora" if " LoRA" in label else "sft"
+        base = "--rank 64 --gradient_checkpointing" if mode == "lora" else "--gradient_checkpointing"
+        options = " ".join([base, *re.findall(r"`([^`]+)`", label)])
+        assert docs[(model, mode, "1", options)] == figures == figures_zh, label

@@ -121,14 +121,22 @@ def _entries(output):
     return {e["file"] for e in json.loads((output / "manifest.json").read_text())["entries"]}
 
 
+def _tensors(output, name):
+    """Tensor `name` of every entry in the manifest."""
+    from safetensors.torch import load_file
+
+    return [load_file(output / file)[name] for file in _entries(output)]
+
+
 def test_each_change_recomputes_exactly_the_entries_it_affects(tiny_model_2b, tiny_model_5b, clips, tmp_path):
-    """Default keys. Each change below, then prepare again into the same folder: the entries it creates are exactly
-    those the change touches; every other entry is reused (same file, not rewritten)."""
+    """Default keys (and at the end the switch to --hash_videos). Each change below, then prepare again into the same
+    folder: the entries it creates are exactly those the change touches; every other entry is reused (same file, not
+    rewritten)."""
     output = tmp_path / "prepared"
 
-    def prepare(model=tiny_model_2b, *extra):
+    def prepare(model=tiny_model_2b, *extra, data=clips, hash_videos=False):
         before = _latents(output) if output.exists() else {}
-        run_prepare([a for a in _argv(model, clips, output, *extra) if a != "--hash_videos"])
+        run_prepare([a for a in _argv(model, data, output, *extra) if hash_videos or a != "--hash_videos"])
         entries = _entries(output)
         assert len(entries) == 6
         reused = {f for f in entries if Path(f).name in before}
@@ -150,3 +158,68 @@ def test_each_change_recomputes_exactly_the_entries_it_affects(tiny_model_2b, ti
     # Frame sampling: skipping the first frame shifts every clip's frames.
     assert prepare(tiny_model_2b, *buckets, "--skip_frames_start", "1") == 6
     assert prepare(tiny_model_5b, *buckets, "--skip_frames_start", "1") == 6  # another model
+    latest = (tiny_model_5b, *buckets, "--skip_frames_start", "1", "--dtype", "bf16")
+    assert prepare(*latest) == 6  # another dtype
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(output, "video_latent_dist"))
+    # Default keys cannot see a video replaced by another of the same size with its mtime kept (docs/bad-inputs.md,
+    # row 35): the entry is reused. --hash_videos keys by the bytes: switching it on recomputes every entry once.
+    video = clips / "videos" / "waves.mp4"
+    stat = video.stat()
+    video.write_bytes(video.read_bytes().replace(b"Lavf", b"LAVF", 1))
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prepare(*latest) == 0
+    assert prepare(*latest, hash_videos=True) == 6 and prepare(*latest, hash_videos=True) == 0
+    # A moved data folder (row 36): new paths, so with default keys every entry is recomputed.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(clips, moved)
+    assert prepare(*latest, data=moved) == 6
+
+
+def test_the_weights_digest_reads_64_slices_of_64_kib_per_file(monkeypatch, tmp_path):
+    """docs/bad-inputs.md: the VAE and T5 weight files are read in 64 slices of 64 KiB for the digest (a few MiB even
+    for T5-XXL); a change inside a slice, or in size, changes it; a byte between slices does not (not every byte)."""
+    import builtins
+    from argparse import Namespace
+
+    import training.precomputed as precomputed
+
+    weights = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    data = bytearray(os.urandom(16 << 20))
+    weights.write_bytes(data)
+    where = Namespace(pretrained_model_name_or_path=str(tmp_path / "model"), variant=None, revision=None,
+                      cache_dir=None)
+    reads = []
+
+    class Counted:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def seek(self, offset):
+            return self.file.seek(offset)
+
+        def read(self, size=-1):
+            chunk = self.file.read(size)
+            reads.append(len(chunk))
+            return chunk
+
+    monkeypatch.setattr(precomputed, "open", lambda path, mode="r": Counted(builtins.open(path, mode)), raising=False)
+    digest = precomputed.weights_digest(where, "vae")
+    assert reads == [64 << 10] * 64  # 4 MiB of the 16
+
+    stride = len(data) // 64
+    data[stride + 5] ^= 0xFF  # inside the second slice
+    weights.write_bytes(data)
+    assert precomputed.weights_digest(where, "vae") != digest
+    data[stride + 5] ^= 0xFF
+    data[(64 << 10) + 5] ^= 0xFF  # between the first and the second slice
+    weights.write_bytes(data)
+    assert precomputed.weights_digest(where, "vae") == digest
+    weights.write_bytes(data + b"\0")
+    assert precomputed.weights_digest(where, "vae") != digest

@@ -178,3 +178,48 @@ def test_clips_are_written_only_when_asked_and_the_entries_are_the_same(capsys, 
     assert "preparing (rank 0)" not in capsys.readouterr().err  # nothing encoded again
     run_prepare(prepare_argv(tiny_model_2b, clips, without, "--save_videos"))
     assert len(list((without / "videos").glob("*.mp4"))) == 6
+
+
+
+def _conv_kernels(run):
+    """run(), and how many times each 3-D convolution kernel ran in it (torch's profiler, all threads)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = run()
+    names = Counter(event.name for event in prof.events())
+    return result, {kernel: names[kernel] for kernel in ("aten::mkldnn_convolution", "aten::slow_conv3d_forward")}
+
+
+def test_prepare_runs_the_vae_convolutions_on_cpu_through_onednn(tiny_model_2b, clips, tmp_path):
+    """prepare routes the VAE's CPU 3-D convolutions to oneDNN, which torch's own rule sends to its much slower native
+    kernel for small inputs (the plain VAE below runs it for most layers); the latents are the same to float rounding,
+    and with gradients torch chooses as usual (oneDNN's inference call is not differentiable)."""
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    from training.models import convolve_on_cpu_with_onednn
+
+    _, kernels = _conv_kernels(lambda: run_prepare(prepare_argv(tiny_model_2b, clips, tmp_path / "prepared")))
+    assert kernels["aten::mkldnn_convolution"] > 0 and kernels["aten::slow_conv3d_forward"] == 0
+
+    plain = AutoencoderKLCogVideoX.from_pretrained(tiny_model_2b, subfolder="vae").eval()
+    routed = convolve_on_cpu_with_onednn(AutoencoderKLCogVideoX.from_pretrained(tiny_model_2b, subfolder="vae").eval())
+    video = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected, plain_kernels = _conv_kernels(lambda: plain.encode(video).latent_dist.parameters)
+        latents, routed_kernels = _conv_kernels(lambda: routed.encode(video).latent_dist.parameters)
+    convolutions = sum(plain_kernels.values())
+    assert plain_kernels["aten::slow_conv3d_forward"] > convolutions / 2  # the small, deep layers
+    assert routed_kernels == {"aten::mkldnn_convolution": convolutions, "aten::slow_conv3d_forward": 0}
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+
+    latents, grad_kernels = _conv_kernels(lambda: routed.encode(video.clone().requires_grad_()).latent_dist.parameters)
+    assert latents.grad_fn is not None and grad_kernels == plain_kernels
+    # bf16 stays on torch's choice: oneDNN's bf16 convolution needs CPU features many CPUs lack (it raises there).
+    with torch.no_grad():
+        _, bf16_kernels = _conv_kernels(lambda: routed.to(torch.bfloat16).encode(video.bfloat16()))
+        _, plain_bf16_kernels = _conv_kernels(lambda: plain.to(torch.bfloat16).encode(video.bfloat16()))
+    assert bf16_kernels == plain_bf16_kernels

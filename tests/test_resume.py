@@ -82,9 +82,11 @@ def test_kill_while_writing_a_checkpoint_never_leaves_a_picked_partial(tiny_mode
     assert all(torch.equal(ours[k], uninterrupted[trainer][k]) for k in ours)
 
 
-@pytest.mark.parametrize("blown_up", [1e30, float("inf")], ids=["huge-weights-then-nan-loss", "non-finite-weights"])
-def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_2b, tmp_path, blown_up):
-    """A divergent update at step 3 (the adapters blown up to 1e30: finite, but the next loss is not; or to inf).
+@pytest.mark.parametrize("where, blown_up", [("weights", 1e30), ("weights", float("inf")), ("optimizer", float("inf"))],
+                         ids=["huge-weights-then-nan-loss", "non-finite-weights", "non-finite-optimizer-states"])
+def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_2b, tmp_path, where, blown_up):
+    """A divergent update at step 3 (the adapters blown up to 1e30: finite, but the next loss is not; or to inf; or
+    AdamW's second moments to inf, with weights and losses still finite, since the update then divides by inf).
     The run stops with one line naming the last checkpoint whose weights precede the divergence (step 2: checkpoint 3
     holds the blown-up weights, or is never written when they are not finite), sets the bad one aside, and
     `--resume_from_checkpoint latest` from there trains on."""
@@ -97,7 +99,10 @@ def test_nan_loss_stops_the_run_naming_the_step(capsys, monkeypatch, tiny_model_
         if trainer.lr_scheduler.last_epoch == 3:  # the third optimizer step just ran
             with torch.no_grad():
                 for parameter in trainer.parameters:
-                    parameter.fill_(blown_up)
+                    if where == "weights":
+                        parameter.fill_(blown_up)
+                    else:
+                        trainer.optimizer.state[parameter]["exp_avg_sq"].fill_(blown_up)
         return outcome
 
     output = tmp_path / "run"

@@ -104,12 +104,15 @@ def load_pipeline(args, image_to_video, device):
     import torch
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 
+    from training.models import convolve_on_cpu_with_onednn
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
     extra = {}
     if args.transformer_path:
         extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(args.transformer_path, torch_dtype=dtype)
     pipe = pipeline_class.from_pretrained(args.model_name_or_path, torch_dtype=dtype, **extra)
+    convolve_on_cpu_with_onednn(pipe.vae)  # decoding on a CPU: oneDNN for the small layers too (training/models.py)
     if args.lora_path:
         path = Path(args.lora_path)
         folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")

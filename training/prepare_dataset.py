@@ -409,11 +409,11 @@ def encode_samples(args, output, usable, plan, rank, device):
 
 
 def _load_encoders(args, dtype, device):
-    from training.models import load_text_encoder, load_tokenizer, load_vae
+    from training.models import convolve_on_cpu_with_onednn, load_text_encoder, load_tokenizer, load_vae
 
     tokenizer = load_tokenizer(args)
     text_encoder = load_text_encoder(args, dtype).to(device).eval()
-    vae = load_vae(args, dtype).to(device).eval()
+    vae = convolve_on_cpu_with_onednn(load_vae(args, dtype)).to(device).eval()  # CPU prepare: twice as fast
     return Encoders(tokenizer, text_encoder, vae)
 
 

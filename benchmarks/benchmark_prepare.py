@@ -177,6 +177,23 @@ def run_once(kind, command, output, env, log):
     return {"implementation": kind, "clips": clips, "seconds": round(seconds, 2), "clips_per_s": clips / seconds}
 
 
+def work_folder(args, prefix):
+    """(work folder, clips folder, model folder, environment) for --work_dir, --num_clips and --model: the clips and
+    the medium model are made on first use and reused after (benchmark_startup.py shares them)."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"clips-{args.num_clips}"
+    if not (data / "videos.txt").is_file():
+        print(f"writing {args.num_clips} clips to {data}", flush=True)
+        make_clips(data, args.num_clips)
+    model = Path(args.model) if args.model else work / "medium-model"
+    if not args.model and not (model / "model_index.json").is_file():
+        print(f"building the medium model in {model}", flush=True)
+        build_medium_model(model)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    return work, data, model, env
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_clips", type=int, default=96)
@@ -190,18 +207,7 @@ def main(argv=None):
     parser.add_argument("extra", nargs="*", help="After --: extra flags for both scripts.")
     args = parser.parse_args(argv)
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="benchmark-prepare-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"clips-{args.num_clips}"
-    if not (data / "videos.txt").is_file():
-        print(f"writing {args.num_clips} clips to {data}", flush=True)
-        make_clips(data, args.num_clips)
-    model = Path(args.model) if args.model else work / "medium-model"
-    if not args.model and not (model / "model_index.json").is_file():
-        print(f"building the medium model in {model}", flush=True)
-        build_medium_model(model)
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    work, data, model, env = work_folder(args, "benchmark-prepare-")
     flags = ["--model_id", str(model), "--data_root", str(data), *DATA_FLAGS, *args.extra]
     ours = [sys.executable, str(ROOT / "training" / "prepare_dataset.py"), *flags]
     commands, envs = {"ours": ours}, {"ours": env}

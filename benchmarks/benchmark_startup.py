@@ -23,20 +23,12 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.benchmark_prepare import (  # noqa: E402
-    DATA_FLAGS,
-    ROOT,
-    build_medium_model,
-    make_clips,
-    original_command,
-    run_once,
-)
+from benchmarks.benchmark_prepare import DATA_FLAGS, ROOT, original_command, run_once, work_folder  # noqa: E402
 
 
 TRAIN_FLAGS = ["--caption_column", "prompts.txt", "--video_column", "videos.txt", "--height_buckets", "64", "96",
@@ -105,18 +97,7 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="Append every run as a JSON line to this file.")
     args = parser.parse_args(argv)
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="benchmark-startup-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / f"clips-{args.num_clips}"
-    if not (data / "videos.txt").is_file():
-        print(f"writing {args.num_clips} clips to {data}", flush=True)
-        make_clips(data, args.num_clips)
-    model = Path(args.model) if args.model else work / "medium-model"
-    if not args.model and not (model / "model_index.json").is_file():
-        print(f"building the medium model in {model}", flush=True)
-        build_medium_model(model)
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    work, data, model, env = work_folder(args, "benchmark-startup-")
     prepare_flags = ["--model_id", str(model), "--data_root", str(data), *DATA_FLAGS]
     train_flags = ["--pretrained_model_name_or_path", str(model), *TRAIN_FLAGS]
     trainers, envs = {"ours": [sys.executable, str(ROOT / "training" / "cogvideox_text_to_video_lora.py")]}, {}

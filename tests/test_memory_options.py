@@ -4,7 +4,7 @@ optimizer and a 4-bit NF4 base. Each trains, checkpoints, resumes, validates and
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_trainer
+from conftest import ASSETS, TINY_VALIDATION_FLAGS, generate, lora_argv, run_trainer, tiny_pipeline
 from safetensors.torch import load_file
 
 
@@ -39,12 +39,42 @@ def test_torchao_low_bit_adamw_trains_and_resumes(tiny_model_2b, tmp_path, bits)
     _assert_trained_lora(tmp_path / "run")
 
 
-def test_fp8_base_trains_resumes_validates_and_reproduces(tiny_model_2b, tmp_path):
+def test_fp8_base_trains_resumes_validates_and_reproduces(tiny_model_2b, tmp_path, monkeypatch):
+    import training.validation
+
+    tested, generate_videos = [], training.validation.generate_videos
+
+    def keep_test_frames(pipe, cases, args, num_frames, device, output_dir, tag):
+        videos = generate_videos(pipe, cases, args, num_frames, device, output_dir, tag)
+        if tag == "test":  # the trainer's final test: a fresh pipeline that loads the saved LoRA
+            tested.extend(frames for _, frames in videos)
+        return videos
+
+    monkeypatch.setattr(training.validation, "generate_videos", keep_test_frames)
     output = tmp_path / "run"
     validation = ["--validation_prompt", "a cat walks", "--validation_steps", "3", *TINY_VALIDATION_FLAGS]
     summary = _train_and_resume(tiny_model_2b, output, "--quantize_base", "fp8", validation=validation)
     assert summary["global_step"] == 3 and summary["parity"]["exact"]
     _assert_trained_lora(output)
+
+    # The README's inference recipe for an FP8-trained LoRA, in plain diffusers, at the run's compute dtype (fp32
+    # here: no --mixed_precision; bf16 in the README's runs) and with the validation's settings (seed 7).
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    pipe = tiny_pipeline(tiny_model_2b)
+    pipe.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
+    pipe.set_adapters(["trained"], [1.0])
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
+                                              skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, "lora_"))
+    dtypes = {name: p.dtype for name, p in pipe.transformer.named_parameters()}
+    assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # the adapter is not rounded to FP8
+    recipe = generate(pipe, "a cat walks", seed=7)
+    # Bit for bit what the trainer's own final test generated (same code, same order of operations).
+    (final_test,) = tested
+    np.testing.assert_array_equal(recipe, final_test)
+    pipe.disable_lora()  # the same FP8 base without the adapter: the LoRA did change the video
+    assert np.abs(generate(pipe, "a cat walks", seed=7) - recipe).mean() > 1e-4
 
 
 def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):

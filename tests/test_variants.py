@@ -54,6 +54,29 @@ def test_text_to_video_sft(tiny_model_2b, tmp_path):
     assert summary["parity"]["exact"]  # the final test ran the saved transformer, not the base model
     assert (output / "transformer" / "config.json").is_file() and not (output / "pytorch_lora_weights.safetensors").exists()
     _assert_transformer_changes_output(tiny_model_2b, output)
+    _assert_full_fine_tune_card_and_plot(tiny_model_2b, output, summary)
+
+
+def _assert_full_fine_tune_card_and_plot(model, output, summary):
+    """README: every run, a full fine-tune too, writes a model card (README.md) and a loss plot beside its weights;
+    the card of a full fine-tune loads transformer/ (no LoRA file, no ComfyUI section)."""
+    import yaml
+    from PIL import Image
+
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\n")
+    header = yaml.safe_load(card.split("\n---\n", 1)[0][4:])
+    assert header["base_model"] == model and header["library_name"] == "diffusers" and header["license"]
+    assert {"text-to-video", "full-fine-tune", "cogvideox"} <= set(header["tags"]) and "lora" not in header["tags"]
+    assert [w["text"] for w in header["widget"]] == ["a cat walks on the grass"]
+    assert (output / header["widget"][0]["output"]["url"]).is_file()  # the final test's GIF
+    assert "| trainer | text-to-video full fine-tune |" in card and "| steps | 3 |" in card and "| rank |" not in card
+    assert "Data: 6 training samples." in card and f"Final training loss: {summary['final_loss']:.4f}." in card
+    assert 'CogVideoXTransformer3DModel.from_pretrained("path/to/this/folder", subfolder="transformer"' in card
+    assert "pytorch_lora_weights" not in card and "ComfyUI" not in card
+    assert "(loss.png)" in card
+    with Image.open(output / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size == (800, 450)
 
 
 def test_sft_resume_gives_the_same_weights(tiny_model_2b, tmp_path):
@@ -240,7 +263,8 @@ def test_a_bucket_beyond_the_cogvideox_1_5_position_grid_is_refused(capsys, tiny
 
 def test_full_fine_tuning_loads_the_checkpoint_in_the_master_dtype(tiny_model_2b, tmp_path, monkeypatch):
     """An fp16 checkpoint (as CogVideoX-2b's) trained in bf16 mixed precision with fp32 master weights: loaded
-    straight into fp32, every weight as stored, not rounded to bf16 first."""
+    straight into fp32, every weight as stored, not rounded to bf16 first. --save_dtype fp32 writes transformer/ in
+    full precision (without it: the --mixed_precision dtype, bf16)."""
     import shutil
 
     from diffusers import CogVideoXTransformer3DModel
@@ -263,7 +287,15 @@ def test_full_fine_tuning_loads_the_checkpoint_in_the_master_dtype(tiny_model_2b
 
     monkeypatch.setattr(training.core, "load_transformer", recording)
     summary = run_trainer(lora_argv(str(model), ASSETS, tmp_path / "run", "--max_train_steps", "1",
-                                    "--mixed_precision", "bf16"), main=trainer_main("cogvideox_text_to_video_sft"))
+                                    "--mixed_precision", "bf16", "--save_dtype", "fp32"),
+                         main=trainer_main("cogvideox_text_to_video_sft"))
     assert summary["global_step"] == 1
     assert loaded.keys() == expected.keys()
     assert all(loaded[name].dtype == torch.float32 and torch.equal(loaded[name], expected[name]) for name in expected)
+    saved = {}
+    for shard in sorted((tmp_path / "run" / "transformer").glob("*.safetensors")):
+        saved.update(load_file(shard))
+    assert expected.keys() <= saved.keys()
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+    # Full precision, not bf16 values widened again on the way out.
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in saved.values() if v.is_floating_point())

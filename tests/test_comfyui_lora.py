@@ -99,21 +99,26 @@ def diffusers_call_order(transformer):
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: order.append(name))
              for name, module in transformer.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     config = transformer.config
-    frames = 2 * (config.patch_size_t or 1)
+    frames, height, width = 2 * (config.patch_size_t or 1), 4, 4
+    if config.use_learned_positional_embeddings:  # 5b-I2V: its learned table's size only
+        frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
+        height, width = config.sample_height, config.sample_width
     with torch.no_grad():
-        transformer(hidden_states=torch.randn(1, frames, config.in_channels, 4, 4),
+        transformer(hidden_states=torch.randn(1, frames, config.in_channels, height, width),
                     encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim),
                     timestep=torch.tensor([10]), ofs=torch.tensor([2.0]) if config.ofs_embed_dim else None,
-                    image_rotary_emb=_rotary(config, frames) if config.use_rotary_positional_embeddings else None)
+                    image_rotary_emb=_rotary(config, frames, height, width)
+                    if config.use_rotary_positional_embeddings else None)
     for hook in hooks:
         hook.remove()
     return order
 
 
-def _rotary(config, frames):
+def _rotary(config, frames, height, width):
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    return get_3d_rotary_pos_embed(config.attention_head_dim, ((0, 0), (2, 2)), (2, 2), frames // (config.patch_size_t or 1),
+    grid = (height // config.patch_size, width // config.patch_size)
+    return get_3d_rotary_pos_embed(config.attention_head_dim, ((0, 0), grid), grid, frames // (config.patch_size_t or 1),
                                    device="cpu")
 
 
@@ -122,20 +127,28 @@ def _rotary(config, frames):
 
 @pytest.fixture(scope="module")
 def every_module_lora(tiny_models, tmp_path_factory):
-    """LoRAs on every linear layer a user can target: CogVideoX 1.0 text-to-video (Conv2d patch embedding) and 1.5
-    image-to-video (temporal patches, ofs embedding)."""
-    runs = {}
-    for variant, trainer, extra in (("2b", "cogvideox_text_to_video_lora", []),
-                                     ("1.5-i2v", "cogvideox_image_to_video_lora", ["--frame_buckets", "5"])):
-        output = tmp_path_factory.mktemp(f"comfyui-{variant}")
-        model = tiny_models(variant)
-        run_trainer(lora_argv(model, ASSETS, output, "--max_train_steps", "2", "--lora_target_modules", ALL_TARGETS,
-                              "--lora_alpha", "12", *extra), main=trainer_main(trainer))
-        runs[variant] = (model, output)
-    return runs
+    """LoRAs on every linear layer a user can target, one per model family: CogVideoX 1.0 text-to-video (Conv2d patch
+    embedding), 5b-I2V (rotary and learned positions, image channels), 1.5 text-to-video (temporal patches) and 1.5
+    image-to-video (temporal patches, ofs embedding). Each is trained when a test first asks for it (2 steps)."""
+    recipes = {"2b": ("cogvideox_text_to_video_lora", []),
+               "5b-i2v": ("cogvideox_image_to_video_lora", ["--frame_buckets", "5", "--ignore_learned_positional_embeddings"]),
+               "1.5": ("cogvideox_text_to_video_lora", ["--frame_buckets", "5"]),
+               "1.5-i2v": ("cogvideox_image_to_video_lora", ["--frame_buckets", "5"])}
+
+    class Runs(dict):
+        def __missing__(self, variant):
+            trainer, extra = recipes[variant]
+            output = tmp_path_factory.mktemp(f"comfyui-{variant}")
+            model = tiny_models(variant)
+            run_trainer(lora_argv(model, ASSETS, output, "--max_train_steps", "2", "--lora_target_modules", ALL_TARGETS,
+                                  "--lora_alpha", "12", *extra), main=trainer_main(trainer))
+            self[variant] = (model, output)
+            return self[variant]
+
+    return Runs()
 
 
-@pytest.mark.parametrize("variant", ["2b", "1.5-i2v"])
+@pytest.mark.parametrize("variant", ["2b", "5b-i2v", "1.5", "1.5-i2v"])
 def test_comfyui_lora_changes_each_weight_as_the_diffusers_lora_does(every_module_lora, variant):
     from diffusers import CogVideoXTransformer3DModel
     from safetensors.torch import load_file
@@ -161,6 +174,7 @@ def test_comfyui_lora_changes_each_weight_as_the_diffusers_lora_does(every_modul
         native_key = f"diffusion_model.{native_module(weight_key[:-len('.weight')])}.weight"
         assert native_key in patches, native_key
         assert tuple(native[native_key]) == tuple(change.shape), native_key
+        assert patches[native_key].numel() == change.numel(), native_key  # else ComfyUI fails to reshape it
         torch.testing.assert_close(patches[native_key].reshape(change.shape), change, rtol=1e-5, atol=1e-6)
         assert change.abs().max() > 0
 

@@ -52,11 +52,28 @@ def _mid_size_config():
     }
 
 
+# A VAE the validation pipeline can build (the real one's tiling geometry: tiles of 240x360 pixels, as its
+# sample_height/width are 480x720) and a small T5 whose width fits _mid_size_config's text_embed_dim.
+PIPELINE_VAE = {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 2, "layers_per_block": 1,
+                "scaling_factor": 0.7, "temporal_compression_ratio": 4}
+SMALL_T5 = {"d_model": 128, "d_kv": 8, "d_ff": 64, "num_heads": 2, "num_layers": 1, "vocab_size": 1000,
+            "feed_forward_proj": "gated-gelu"}
+
+
+def _validation_config():
+    """_mid_size_config with one block: the validation estimates need only a transformer phase below the decode."""
+    return dict(_mid_size_config(), num_layers=1)
+
+
 @pytest.fixture(scope="module")
 def estimate():
+    """estimate(**flags) -> estimate_training's bytes; estimate(phases=True, **flags) -> estimate_phases' (validation
+    and final test, --validation_prompt given; the training phase is not simulated)."""
+    from transformers import T5Config
+
     from training.args import parse_args
     from training.conditioning import TextToVideo
-    from training.memory_estimate import estimate_training
+    from training.memory_estimate import estimate_phases, estimate_training
     from training.modes import MODES
 
     vae_config = {"block_out_channels": [8, 8, 8, 8], "scaling_factor": 0.7, "temporal_compression_ratio": 4}
@@ -65,13 +82,20 @@ def estimate():
 
     done = {}  # tests share the simulations they both need
 
-    def run(mode="lora", bucket=(17, 256, 384), **changes):
-        key = (mode, bucket, tuple(sorted(changes.items())))
+    def run(mode="lora", bucket=(17, 256, 384), phases=False, **changes):
+        key = (mode, bucket, phases, tuple(sorted(changes.items())))
         if key not in done:
             args = copy.copy(base)
             vars(args).update(changes)
-            done[key] = estimate_training(args, _mid_size_config(), vae_config, None, TextToVideo(), MODES[mode](),
-                                          torch.bfloat16, bucket)
+            if phases:
+                args.validation_prompt = "a cat"
+                batch = args.train_batch_size
+                done[key] = estimate_phases(args, _validation_config(), PIPELINE_VAE, T5Config(**SMALL_T5), TextToVideo(),
+                                            MODES[mode](), torch.bfloat16, {bucket: batch},
+                                            known_peaks={(bucket, batch): 0})
+            else:
+                done[key] = estimate_training(args, _mid_size_config(), vae_config, None, TextToVideo(), MODES[mode](),
+                                              torch.bfloat16, bucket)
         return done[key]
 
     return run
@@ -91,6 +115,69 @@ def test_estimate_follows_the_options_that_change_memory(estimate):
     full = estimate(mode="sft")
     assert estimate(mode="sft", use_8bit=True)["static"] < full["static"]
     assert estimate(mode="sft", master_weight_dtype="bf16")["static"] < full["static"]
+
+
+def _weight_bytes(parameters, element_size):
+    """Accelerator bytes of weights held in `element_size`-byte dtypes, in the CUDA allocator's 512-byte blocks."""
+    return sum(-(-p.numel() * element_size // 512) * 512 for p in parameters)
+
+
+def test_validation_estimate_follows_slicing_tiling_and_model_cpu_offload(estimate):
+    """README: --enable_model_cpu_offload and --enable_tiling lower the validation and final-test peaks, and
+    --enable_slicing a VAE call over several videos (validation decodes one per call); docs/memory.md: the estimate
+    decodes with the VAE options as given, and with offload "only the working module counts". Validation at 9x192x576: the VAE decode is the peak of both phases, and tiling splits it in two
+    tiles (the real VAE's 240x360-pixel tiles)."""
+    from argparse import Namespace
+
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import T5Config, T5EncoderModel
+
+    from training.args import parse_args
+    from training.memory import AllocationTracker
+    from training.memory_estimate import fake_vae
+    from training.modes import MODES
+
+    size = {"phases": True, "height": 192, "width": 576, "validation_num_frames": 9}
+    plain, tiled = estimate(**size), estimate(enable_tiling=True, **size)
+    for phase in ("validation", "final_test"):
+        # Tiling: two overlapping tiles (latent columns 0-44 and 36-71 of 72) are decoded one after the other.
+        assert tiled[phase] < 0.8 * plain[phase], phase
+
+    # Slicing decodes a batch one video at a time: the VAE the estimate builds does so for a batch of two ...
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    vae = fake_vae(PIPELINE_VAE, torch.bfloat16, fake_mode, Namespace(enable_slicing=True))
+
+    def decode_peak():
+        tracker = AllocationTracker()
+        with fake_mode, tracker, torch.no_grad():
+            latents = torch.zeros(2, 16, 3, 8, 8, dtype=torch.bfloat16)
+            tracker.reset_peak()
+            vae.decode(latents)
+        return tracker.peak
+
+    sliced = decode_peak()
+    vae.disable_slicing()
+    whole = decode_peak()
+    output = 2 * 3 * 9 * 64 * 64 * 2  # both decoded videos, bf16, held at the end either way
+    assert sliced - output < 0.6 * (whole - output), (sliced, whole)
+    # ... while validation decodes one video per call (as the pipeline does): nothing to slice. The offloaded run below
+    # has --enable_slicing too, and the difference it shows is the offload's alone.
+    offloaded = estimate(enable_model_cpu_offload=True, enable_slicing=True, **size)
+
+    # Offload: during the decode only the VAE is on the accelerator; the transformer (bf16 base, fp32 LoRA while
+    # training, all bf16 in the final test's fresh pipeline) and T5 (bf16) are not.
+    with init_empty_weights():
+        transformer = CogVideoXTransformer3DModel.from_config(_validation_config())
+        t5 = T5EncoderModel(T5Config(**SMALL_T5))
+    lora = MODES["lora"]()
+    lora.prepare(transformer, parse_args(["--pretrained_model_name_or_path", "-"]))  # default rank, targets, fp32
+    base = [p for p in transformer.parameters() if not p.requires_grad]
+    adapters = lora.trainable_parameters(transformer)
+    idle_weights = _weight_bytes(t5.parameters(), 2) + _weight_bytes(base, 2)
+    assert plain["validation"] - offloaded["validation"] == idle_weights + _weight_bytes(adapters, 4)
+    assert plain["final_test"] - offloaded["final_test"] == idle_weights + _weight_bytes(adapters, 2)
 
 
 def test_estimate_of_one_process_of_a_shard_group(estimate):

@@ -47,7 +47,7 @@ if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
 else
   "${pip[@]}" "$TORCH_SPEC"
 fi
-torch_info=$("$VENV/bin/python" -c "import torch; v = torch.version
+torch_info=$("$VENV/bin/python" -W ignore -c "import torch; v = torch.version
 print(torch.__version__, f'CUDA-{v.cuda}' if v.cuda else f'ROCm-{v.hip}' if getattr(v, 'hip', None) else 'CPU')")
 read -r torch_version torch_build <<<"$torch_info"
 echo "torch $torch_version: the $torch_build build (TORCH_INDEX_URL chooses another, see the header of this script)"

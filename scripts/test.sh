@@ -13,7 +13,4 @@ export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false HF_HUB_OFF
 if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-# One intra-op thread per worker: the workers already fill the cores, and torch's default (a thread per core in each)
-# oversubscribes them; on 2 cores this made a mixed sample of the suite 30 % faster (90 s -> 64 s).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q -n auto --dist worksteal --durations=25

@@ -1,5 +1,5 @@
 """--fp8_training and --regional_compile (training/compute.py): what they change in the model, that training with
-them follows training without them, and their flag errors."""
+them follows training without them, and their flag errors; --pin_memory, the copy lever (CUDA only)."""
 
 import pytest
 import torch
@@ -80,3 +80,34 @@ def test_compute_flag_errors(capsys, tiny_model_2b, tmp_path, monkeypatch):
     assert problems("--regional_compile") == [
         "error: --regional_compile with an accelerate config that compiles the whole model (dynamo_backend, e.g. "
         "compiled_1.yaml): use one of them (uncompiled_1.yaml with --regional_compile)"]
+
+
+def test_pin_memory_reaches_the_training_loader_where_cuda_is(monkeypatch):
+    """--pin_memory: batches go to page-locked memory (then copied with non_blocking=True) when there is a CUDA device
+    to copy to; without one, pinning does nothing and is not asked for."""
+    from types import SimpleNamespace
+
+    from training.data_source import build_dataloader
+
+    dataset = SimpleNamespace(bucket_keys=[(9, 32, 32)] * 4)
+    backend = SimpleNamespace(data_parallel_size=1, data_parallel_rank=0)
+
+    def loader(pin, cuda):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args = SimpleNamespace(seed=0, dataloader_num_workers=0, pin_memory=pin)
+        return build_dataloader(args, dataset, backend, {(9, 32, 32): 2})[0]
+
+    assert loader(pin=True, cuda=True).pin_memory
+    assert not loader(pin=False, cuda=True).pin_memory and not loader(pin=True, cuda=False).pin_memory
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned memory and asynchronous copies "
+                    "exist only for CUDA devices (on a CPU --pin_memory is not used)")
+def test_pinned_asynchronous_copies_train_what_plain_copies_train(tiny_model_2b, tmp_path):
+    """The copies change when data reaches the GPU, not what arrives: the same LoRA, bit for bit."""
+    runs = {}
+    for name, extra in (("plain", []), ("pinned", ["--pin_memory"])):
+        runs[name] = run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / name, *ONE_BUCKET, *extra))
+    assert runs["plain"]["final_loss"] == runs["pinned"]["final_loss"]
+    plain, pinned = lora_weights(tmp_path / "plain"), lora_weights(tmp_path / "pinned")
+    assert plain.keys() == pinned.keys() and all(torch.equal(plain[k], pinned[k]) for k in plain)

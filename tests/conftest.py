@@ -44,8 +44,65 @@ def reset_accelerate():
 
 def pytest_collection_modifyitems(items):
     """Slow tests first (stable otherwise): spread over the CPU cores by pytest-xdist, the long multi-process runs
-    start at once and the quick tests fill the gaps, instead of the longest starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    start at once and the quick tests fill the gaps, instead of the longest starting last. The tests that need
+    DeepSpeed's compiled CPU Adam come last: it compiles in the background meanwhile."""
+    items.sort(key=lambda item: (DEEPSPEED_CPU_ADAM_FIXTURE in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("slow") is None))
+    if any(DEEPSPEED_CPU_ADAM_FIXTURE in getattr(item, "fixturenames", ()) for item in items):
+        start_compiling_deepspeed_cpu_adam()
+
+
+# DeepSpeed JIT-compiles its CPU Adam, which steps the shipped configs' offloaded optimizer, on first use into
+# torch's extension cache (~/.cache/torch_extensions): about 2 minutes of 2 cores on a fresh machine, then cached.
+DEEPSPEED_CPU_ADAM_FIXTURE = "deepspeed_cpu_adam"
+
+
+def compile_deepspeed_cpu_adam():
+    """Compile (or load from the cache) CPU Adam as DeepSpeed's runtime does, through its accelerator's builder. A
+    process that finds another one compiling waits for it on torch's build lock."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()
+
+
+@pytest.fixture(scope="session")
+def deepspeed_cpu_adam():
+    """DeepSpeed's CPU Adam, compiled and cached (by the background compile started at collection, or here)."""
+    compile_deepspeed_cpu_adam()
+
+
+def start_compiling_deepspeed_cpu_adam():
+    """Compile the ops in a background process at the lowest priority, so that the compiler takes the CPU time the
+    tests leave idle; the tests that need it come last and wait for it in `deepspeed_cpu_adam`. Only one
+    pytest-xdist worker starts it; nothing starts once the op is in the cache."""
+    import importlib.util
+    import os
+    import subprocess
+    import tempfile
+
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or importlib.util.find_spec("deepspeed") is None:
+        return
+    if deepspeed_op_compiled("cpu_adam"):
+        return
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import conftest; conftest.compile_deepspeed_cpu_adam()"
+    with open(os.path.join(tempfile.gettempdir(), "cogvideox-factory-deepspeed-cpu-adam.log"), "w") as log:
+        subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                         start_new_session=True, preexec_fn=lambda: os.nice(19))
+
+
+def deepspeed_op_compiled(name):
+    """Whether a DeepSpeed op is in torch's extension cache, where DeepSpeed's JIT build puts it."""
+    import os
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")  # as torch.utils.cpp_extension
+    return os.path.isfile(os.path.join(root, name, f"{name}.so"))
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
 """Many processes: DeepSpeed ZeRO-2/3 and FSDP, with the shipped accelerate configs, on CPU.
 
 The configs are read by accelerate's own launcher code into the environment `accelerate launch` would give the
-training process. DeepSpeed runs in this process as a one-process job (accelerate cannot run DeepSpeed on several
-CPU processes); FSDP runs as two CPU processes under torchrun (tests/fsdp_on_cpu.py lets accelerate take FSDP on CPU).
-Every run is killed (the crash hook) or checkpointed part way and resumed: the weights must come out identical.
+training process. DeepSpeed runs as a one-process job (accelerate cannot run DeepSpeed on several CPU processes), with
+the configs as shipped: the offloaded optimizer steps with DeepSpeed's CPU Adam (compiled once per machine, see
+conftest.deepspeed_cpu_adam). Killed runs are launched with `accelerate launch` as users launch them and killed by a
+real SIGKILL; the other runs are in this process. FSDP runs as two CPU processes under torchrun
+(tests/launch_on_cpu.py lets accelerate take FSDP on CPU). Every run is killed or checkpointed part way and resumed:
+the weights must come out identical.
 """
 
 import importlib.util
@@ -67,32 +70,17 @@ def restore_functional_linear():
 @pytest.fixture()
 def deepspeed_job(monkeypatch):
     """deepspeed_job("deepspeed_zero3.yaml"): this process becomes rank 0 of a one-process DeepSpeed job with that
-    config (fp32 on CPU). DeepSpeed's CPU Adam is a C++ op compiled on first use (about 2 minutes on 2 cores, then
-    cached): unless cpu_adam=True the offloaded partitions are stepped by torch's AdamW instead
-    (zero_force_ds_cpu_optimizer off). Offload, partitioning, checkpoints and the trainer's code are those of the
-    shipped config either way."""
-    import accelerate.accelerator
+    config as shipped (fp32 on CPU)."""
+    from training import core
 
-    from training import backend, core
-
-    def use(config, cpu_adam=False):
+    def use(config):
         env = launch_env(CONFIGS / config, "--num_processes", "1", "--mixed_precision", "no")
         env.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(free_port()))
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        if not cpu_adam:
-            configure = backend.configure_deepspeed
-
-            def with_torch_adam(accelerator, args):
-                configure(accelerator, args)
-                if accelerator.state.deepspeed_plugin is not None:
-                    accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
-
-            monkeypatch.setattr(backend, "configure_deepspeed", with_torch_adam)
-            monkeypatch.setattr(accelerate.accelerator, "map_pytorch_optim_to_deepspeed", lambda optimizer: optimizer)
-        # DeepSpeed JIT-compiles its shared-memory all-reduce for CPU processes (about 50 s, once per machine); a
-        # one-process job never reduces across processes, so it is left out here.
+        # Every DeepSpeed process on CPU sets up its shared-memory all-reduce when the job starts; set up again for
+        # each run of this process it would collide with the last one's, and a one-process job never reduces.
         monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
         build = core.build_backend
 
@@ -112,36 +100,17 @@ def deepspeed_job(monkeypatch):
         torch.distributed.destroy_process_group()
 
 
-def _cpu_adam_built():
-    """Whether DeepSpeed's CPU Adam op is already compiled in torch's extension cache (where its JIT build goes)."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        accelerator = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
-        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}")
-    return os.path.isfile(os.path.join(root, "cpu_adam", "cpu_adam.so"))
-
-
-class Killed(Exception):
-    pass
-
-
-def _killed_here(monkeypatch, trainer, argv, crash_at):
-    """The crash hook (COGVIDEOX_FACTORY_CRASH_AT), with the SIGKILL turned into an exception so the job stays in
-    this process: what is on disk is what a killed run leaves."""
-    real_kill = os.kill
-
-    def kill(pid, sig):
-        if pid == os.getpid() and sig == signal.SIGKILL:
-            raise Killed
-        real_kill(pid, sig)
-
-    with monkeypatch.context() as patch:
-        patch.setenv("COGVIDEOX_FACTORY_CRASH_AT", crash_at)
-        patch.setattr(os, "kill", kill)
-        with pytest.raises(Killed):
-            run_trainer(argv, main=trainer_main(trainer))
+def _launched_and_killed(config, trainer, argv, crash_at):
+    """`accelerate launch --config_file accelerate_configs/<config> training/<trainer>.py argv`, as a user types it
+    (one CPU process, fp32; tests/launch_on_cpu.py leaves out the all-reduce op a one-process job never uses),
+    SIGKILLed by the crash hook (COGVIDEOX_FACTORY_CRASH_AT) at crash_at. Its stderr."""
+    command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+               CONFIGS / config, "--num_processes", "1", "--mixed_precision", "no", "--main_process_port",
+               free_port(), ROOT / "tests" / "launch_on_cpu.py", ROOT / "training" / f"{trainer}.py", *argv]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at))
+    assert "Signal 9 (SIGKILL) received" in result.stderr, result.stderr[-3000:]  # torchrun's report of its child
+    return result.stderr
 
 
 def _assert_identical(ours, reference):
@@ -174,9 +143,11 @@ def _assert_lora_loads_in_diffusers(model, output):
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_lora_with_accumulation_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job):
-    """deepspeed.yaml (ZeRO-2, optimizer offloaded): accumulation 2, resumed from the step-2 checkpoint without any
-    pickle (the ZeRO-3 tests below kill their runs; here the checkpoint is copied, as if the run stopped after it)."""
+def test_deepspeed_zero2_lora_with_accumulation_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job,
+                                                        deepspeed_cpu_adam):
+    """deepspeed.yaml as shipped (ZeRO-2, optimizer offloaded to DeepSpeed's CPU Adam): accumulation 2, resumed from
+    the step-2 checkpoint without any pickle (the ZeRO-3 tests below kill their runs; here the checkpoint is copied,
+    as if the run stopped after it)."""
     import pickle
     import shutil
 
@@ -221,29 +192,47 @@ def test_deepspeed_zero2_lora_with_accumulation_resumed(tiny_model_2b, tmp_path,
 
 @needs_deepspeed
 @pytest.mark.parametrize("trainer", [SFT, LORA])
-def test_deepspeed_zero3_killed_and_resumed(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job, trainer):
-    """deepspeed_zero3.yaml (parameters and optimizer offloaded): the gathered artifact is complete, and a run killed
-    at step 3 resumes to the same weights, for the full fine-tune and for LoRA."""
-    deepspeed_job("deepspeed_zero3.yaml")
+def test_deepspeed_zero3_as_shipped_killed_by_a_signal_and_resumed(tiny_model_2b, tmp_path, monkeypatch,
+                                                                   deepspeed_job, deepspeed_cpu_adam, trainer):
+    """deepspeed_zero3.yaml as shipped (parameters and optimizer offloaded, DeepSpeed's CPU Adam), accumulation 2:
+    launched with `accelerate launch`, SIGKILLed at step 3, resumed from checkpoint-2 to the weights of a run never
+    killed, for the full fine-tune and for LoRA. The gathered artifact is complete, and the update is that of a run
+    without DeepSpeed."""
     weights = transformer_weights if trainer == SFT else lora_weights
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
-    reference = tmp_path / "reference"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(trainer))
-    assert (reference / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO-3
+    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1",
+             "--gradient_accumulation_steps", "2"]
     output = tmp_path / "run"
     argv = lora_argv(tiny_model_2b, ASSETS, output, *flags)
-    _killed_here(monkeypatch, trainer, argv, "step:3")
+    stderr = _launched_and_killed("deepspeed_zero3.yaml", trainer, argv, "step:3")
+    assert "optimizer that steps: deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam" in stderr
+    assert (output / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO-3
+    assert not (output / "checkpoint-4").exists() and not (output / "summary.json").exists()
+
+    deepspeed_job("deepspeed_zero3.yaml")
     summary = run_trainer([*argv, "--resume_from_checkpoint", "latest"], main=trainer_main(trainer))
     assert summary["global_step"] == 4
+    reference = tmp_path / "reference"
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, reference, *flags), main=trainer_main(trainer))
     _assert_identical(weights(output), weights(reference))
     if trainer == SFT:
         _assert_complete_transformer(weights(output), tiny_model_2b)
     else:
         _assert_real_lora(weights(output))
 
+    # DeepSpeed steps where the loop's accumulation group ends: the same update as without DeepSpeed.
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    plain = tmp_path / "plain"
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, plain, *flags), main=trainer_main(trainer))
+    for key, value in weights(plain).items():
+        # Not the key norm's bias: a shift of every key leaves the softmax unchanged, so its gradient is zero but for
+        # rounding, and Adam turns that rounding into full-size steps whose sign depends on the order of the sums.
+        if not key.endswith("attn1.norm_k.bias"):
+            torch.testing.assert_close(weights(reference)[key], value, rtol=1e-5, atol=1e-6)
+
 
 @needs_deepspeed
-def test_deepspeed_zero3_lora_is_gathered_and_validates_on_the_sharded_model(tiny_model_2b, tmp_path, deepspeed_job):
+def test_deepspeed_zero3_lora_is_gathered_and_validates_on_the_sharded_model(tiny_model_2b, tmp_path, deepspeed_job,
+                                                                             deepspeed_cpu_adam):
     """Validation runs the ZeRO-3 model itself; the saved (gathered) LoRA must reproduce those videos exactly."""
     deepspeed_job("deepspeed_zero3.yaml")
     output = tmp_path / "run"
@@ -255,33 +244,12 @@ def test_deepspeed_zero3_lora_is_gathered_and_validates_on_the_sharded_model(tin
 
 
 @needs_deepspeed
-@pytest.mark.skipif(not _cpu_adam_built(), reason="DeepSpeed's CPU Adam op is not compiled yet (about 2 minutes, once): "
-                    "python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'")
-def test_deepspeed_zero3_as_shipped_with_cpu_adam_resumes(tiny_model_2b, tmp_path, monkeypatch, deepspeed_job):
-    """deepspeed_zero3.yaml exactly as shipped, its optimizer turned into DeepSpeed's CPU Adam."""
-    import accelerate.accelerator
-
-    deepspeed_job("deepspeed_zero3.yaml", cpu_adam=True)
-    made, convert = [], accelerate.accelerator.map_pytorch_optim_to_deepspeed
-    monkeypatch.setattr(accelerate.accelerator, "map_pytorch_optim_to_deepspeed",
-                        lambda optimizer: made.append(convert(optimizer)) or made[-1])
-    flags = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--optimizer", "adamw"]
-    first, resumed = tmp_path / "first", tmp_path / "resumed"
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, first, *flags), main=trainer_main(LORA))
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, resumed, *flags, "--resume_from_checkpoint", first / "checkpoint-1"),
-                main=trainer_main(LORA))
-    _assert_identical(lora_weights(resumed), lora_weights(first))
-    _assert_real_lora(lora_weights(resumed))
-    assert [type(o).__name__ for o in made] == ["DeepSpeedCPUAdam"] * 2
-
-
-@needs_deepspeed
 @pytest.mark.parametrize("flags", [["--optimizer", "prodigy"], ["--optimizer", "adamw", "--use_8bit"]])
 def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_is_refused(capsys, tiny_model_2b, tmp_path, deepspeed_job,
                                                                     flags):
     """With the optimizer offloaded (as shipped), accelerate replaces the trainer's optimizer by DeepSpeed's CPU Adam:
     prodigy would run as Adam at lr 1, 8-bit states in full precision. Refused in one line, before any model loads."""
-    deepspeed_job("deepspeed.yaml", cpu_adam=True)  # as shipped: nothing patched (the run stops before CPU Adam)
+    deepspeed_job("deepspeed.yaml")
     with pytest.raises(SystemExit) as exit_info:
         run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "run", "--max_train_steps", "1", *flags),
                     main=trainer_main(LORA))
@@ -292,12 +260,14 @@ def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_is_refused(capsys, tiny_
 
 
 def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_path):
-    """fsdp.yaml (FSDP2, FULL_SHARD, one unit per CogVideoXBlock) on two CPU processes: LoRA and full fine-tuning
-    train, checkpoint, resume from step 2 to the same weights, and validate on both ranks in step."""
+    """fsdp.yaml (FSDP2, FULL_SHARD, one unit per CogVideoXBlock) on two CPU processes, accumulation 2: LoRA and full
+    fine-tuning train, checkpoint, resume from step 2 to the same weights, and validate on both ranks in step. The
+    LoRA is the one DDP trains on the same two processes."""
     env = dict(os.environ, **launch_env(CONFIGS / "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no"))
     env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    runs = []  # four runs in the same two processes: imports are paid once
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1"]
+    runs = []  # five runs in the same two processes: imports are paid once
+    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1",
+             "--gradient_accumulation_steps", "2"]
     for trainer in (LORA, SFT):
         script = ROOT / "training" / f"{trainer}.py"
         first, second = tmp_path / f"{trainer}-first", tmp_path / f"{trainer}-resumed"
@@ -305,8 +275,10 @@ def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_
                  "--then", script, *lora_argv(tiny_model_2b, ASSETS, second, *flags, "--resume_from_checkpoint",
                                               first / "checkpoint-2", "--validation_prompt", "a dog runs",
                                               *TINY_VALIDATION_FLAGS)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", ROOT / "tests" / "fsdp_on_cpu.py",
-               *runs]
+    runs += ["--then", "--env", "ACCELERATE_USE_FSDP=false", ROOT / "training" / f"{LORA}.py",
+             *lora_argv(tiny_model_2b, ASSETS, tmp_path / "ddp", *flags)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               ROOT / "tests" / "launch_on_cpu.py", *runs]
     process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, start_new_session=True)
     try:
@@ -321,42 +293,35 @@ def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_
     _assert_identical(lora_weights(second), lora_weights(first))
     _assert_real_lora(lora_weights(second))
     assert json.loads((second / "summary.json").read_text())["parity"]["exact"] is True
+    assert (tmp_path / "ddp" / "checkpoint-2" / "optimizer.bin").is_file()  # DDP's checkpoint, not FSDP's
+    for key, value in lora_weights(tmp_path / "ddp").items():  # FSDP reduces where the accumulation group ends
+        torch.testing.assert_close(lora_weights(first)[key], value, rtol=1e-5, atol=1e-6)
     first, second = tmp_path / f"{SFT}-first", tmp_path / f"{SFT}-resumed"
     _assert_identical(transformer_weights(second), transformer_weights(first))
     _assert_complete_transformer(transformer_weights(second), tiny_model_2b)
     assert json.loads((second / "summary.json").read_text())["parity"]["exact"] is True
 
 
-def _waiting_worker(rank, port):
-    """Rank 0 'validates' for 4 s; collectives time out after 2 s (like --nccl_timeout)."""
-    import time
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from training.backend import WaitingRoom
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    training_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
-    waiting_room = WaitingRoom(num_processes=2)
-
-    if rank == 0:
-        time.sleep(4)
-    waiting_room.wait()  # what validation does on every rank
-    dist.all_reduce(torch.ones(1), group=training_group)  # the next training collective: in time
-
-    # The same without the waiting room: the waiting rank's collective times out.
-    if rank == 0:
-        time.sleep(4)
-    else:
-        with pytest.raises(RuntimeError, match="(?i)timed out|timeout"):
-            dist.all_reduce(torch.ones(1), group=training_group)
-    # A group with a timed-out operation aborts the process when torch tears it down at exit: leave at once.
-    os._exit(0)
-
-
-def test_ranks_wait_for_a_validation_longer_than_the_collective_timeout():
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_waiting_worker, args=(free_port(),), nprocs=2, start_method="spawn", join=True)
+def test_a_validation_longer_than_the_collective_timeout_in_a_two_process_launch(tiny_model_2b, tmp_path):
+    """DDP on two CPU processes with --nccl_timeout 15, and a first validation (step 1 of 2) that takes 30 s longer
+    than it would: rank 1 waits for it in the waiting room, not in step 2's gradient all-reduce, which would time out
+    and end the run."""
+    output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--max_train_steps", "2", "--train_batch_size", "1",
+                     "--nccl_timeout", "15", "--validation_prompt", "a dog runs", "--validation_steps", "1",
+                     *TINY_VALIDATION_FLAGS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               ROOT / "tests" / "launch_on_cpu.py", ROOT / "training" / f"{LORA}.py", *argv]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", SLOW_FIRST_VALIDATION="30")
+    process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert "running validation at step 1" in stderr
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["global_step"] == 2
+    assert [path.name for path in output.glob("validation_step1_*.mp4")] == ["validation_step1_video_0_0_a_dog_runs.mp4"]

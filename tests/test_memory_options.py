@@ -86,7 +86,7 @@ def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
     from training.modes import LoRA, cast_frozen
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
-    args = SimpleNamespace(quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
+    args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
                            master_weight_dtype="fp32")
     prepare_frozen_base(transformer, args, torch.float32)
     LoRA().prepare(transformer, args)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # two launches of two processes
 
 def launch(model, folder, machines, *runs):
     """One launcher per machine, all started at once, 2 processes in all; each run (output, *extra flags) in turn in
-    the same processes (tests/fsdp_on_cpu.py runs them; without FSDP settings it only chains them). Their stderr."""
+    the same processes (tests/launch_on_cpu.py runs them; without FSDP settings it only chains them). Their stderr."""
     port = free_port()
     trainer = ROOT / "training" / "cogvideox_text_to_video_lora.py"
     chained = []
@@ -31,7 +31,7 @@ def launch(model, folder, machines, *runs):
     launchers = [subprocess.Popen(
         [str(c) for c in [sys.executable, "-m", "torch.distributed.run", "--nnodes", machines, "--node_rank", rank,
                           "--nproc_per_node", 2 // machines, "--master_addr", "127.0.0.1", "--master_port", port,
-                          ROOT / "tests" / "fsdp_on_cpu.py", *chained]],
+                          ROOT / "tests" / "launch_on_cpu.py", *chained]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(machines)]
     outcomes = [launcher.communicate(timeout=300) for launcher in launchers]
     for launcher, (_, err) in zip(launchers, outcomes):

@@ -133,10 +133,10 @@ def test_sequence_parallel_flags_are_checked_before_anything_loads(capsys, no_mo
 
 
 def _launch(runs, env_extra=None, timeout=420):
-    """torchrun, two processes, tests/fsdp_on_cpu.py running each argv list in turn in the same processes."""
+    """torchrun, two processes, tests/launch_on_cpu.py running each argv list in turn in the same processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_port()), ROOT / "tests" / "fsdp_on_cpu.py"]
+               str(_port()), ROOT / "tests" / "launch_on_cpu.py"]
     for index, run in enumerate(runs):
         command += (["--then"] if index else []) + list(run)
     process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

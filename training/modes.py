@@ -80,9 +80,14 @@ class LoRA:
 
         transformer.requires_grad_(False)
         target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-        transformer.add_adapter(
-            LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True, target_modules=target_modules)
-        )
+        # The adapter's random start (lora_A) comes from --seed alone, the same on every rank: a sharded model (FSDP,
+        # ZeRO-3) keeps each rank's shard of that rank's own copy, and by now the ranks' random streams differ
+        # (seeded per rank, each encodes its own share of raw videos). The training stream is left as it was.
+        with torch.random.fork_rng():
+            if args.seed is not None:
+                torch.manual_seed(args.seed)
+            transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                               target_modules=target_modules))
         # Every adapted module must have a place in the ComfyUI file too: say so now, not after the GPU hours.
         adapted = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
         problems = comfyui_problems(adapted)

@@ -57,7 +57,10 @@ echo "torch==$torch_version" >"$constraints"
 installer=("${pip[@]}")
 if [[ ${INSTALLER:-uv} == uv ]]; then
   if "${pip[@]}" uv && "$VENV/bin/uv" --version >/dev/null 2>&1; then
-    installer=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
+    # --compile-bytecode: pip writes each module's .pyc at install, uv does not. Without them every process compiles
+    # the sources it imports (diffusers, transformers, peft...: about 6 s a process here) wherever Python may not
+    # write .pyc files (PYTHONDONTWRITEBYTECODE, a read-only environment), and the first run everywhere else.
+    installer=("$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python")
   else
     echo "uv is not available here; installing with pip (slower)"
   fi

@@ -44,10 +44,10 @@ def reset_accelerate():
 
 def pytest_collection_modifyitems(items):
     """Slow tests first (stable otherwise): spread over the CPU cores by pytest-xdist, the long multi-process runs
-    start at once and the quick tests fill the gaps, instead of the longest starting last. The tests that need
-    DeepSpeed's compiled CPU Adam come last: it compiles in the background meanwhile."""
-    items.sort(key=lambda item: (DEEPSPEED_CPU_ADAM_FIXTURE in getattr(item, "fixturenames", ()),
-                                 item.get_closest_marker("slow") is None))
+    start at once and the quick tests fill the gaps, instead of the longest starting last. Of the slow tests, those
+    that need DeepSpeed's compiled CPU Adam come last: it compiles in the background meanwhile."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 DEEPSPEED_CPU_ADAM_FIXTURE in getattr(item, "fixturenames", ())))
     if any(DEEPSPEED_CPU_ADAM_FIXTURE in getattr(item, "fixturenames", ()) for item in items):
         start_compiling_deepspeed_cpu_adam()
 
@@ -225,6 +225,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_on_cpu(runs, env_extra=None, timeout=420):
+    """torchrun with two CPU processes (gloo): tests/launch_on_cpu.py runs each run (an entry point and its flags,
+    optionally after `--env KEY=VALUE`) in turn in the same processes. Its stderr; a failed launch fails the test."""
+    import os
+    import signal
+    import subprocess
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               ROOT / "tests" / "launch_on_cpu.py"]
+    for index, run in enumerate(runs):
+        command += (["--then"] if index else []) + list(run)
+    process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ resume exactly; under FSDP too, with image-to-video CogVideoX 1.5 fully fine-tun
 gives diffusers' CogVideoX attention (outputs and gradients) on every kernel.
 """
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -17,6 +15,7 @@ import torch
 from conftest import (
     ASSETS,
     ROOT,
+    launch_on_cpu,
     lora_argv,
     lora_weights,
     run_trainer,
@@ -132,30 +131,6 @@ def test_sequence_parallel_flags_are_checked_before_anything_loads(capsys, no_mo
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(runs, env_extra=None, timeout=420):
-    """torchrun, two processes, tests/launch_on_cpu.py running each argv list in turn in the same processes."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_port()), ROOT / "tests" / "launch_on_cpu.py"]
-    for index, run in enumerate(runs):
-        command += (["--then"] if index else []) + list(run)
-    process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, stderr[-3000:]
-    return stderr
-
-
-def _port():
-    from conftest import free_port
-
-    return free_port()
-
-
 def _scalars(output, tag):
     """{step: value} of a tensorboard scalar the run logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -184,7 +159,7 @@ def test_two_processes_per_sample_train_what_one_process_trains(tiny_model_5b, t
     run_trainer(lora_argv(tiny_model_5b, ASSETS, one, *flags))
     script = ROOT / "training" / "cogvideox_text_to_video_lora.py"
     resumed.mkdir()
-    stderr = _launch([
+    stderr = launch_on_cpu([
         [script, *lora_argv(tiny_model_5b, ASSETS, pair, *flags, *SP)],
         [script, *lora_argv(tiny_model_5b, ASSETS, resumed, *flags, *SP, "--resume_from_checkpoint",
                             pair / "checkpoint-2")],
@@ -218,7 +193,7 @@ def test_sequence_parallel_full_fine_tuning_under_fsdp(tiny_models, tmp_path):
 
     run_trainer(argv(one), main=trainer_main("cogvideox_image_to_video_sft"))
     fsdp = launch_env(CONFIGS / "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no")
-    _launch([[ROOT / "training" / "cogvideox_image_to_video_sft.py", *argv(pair, *SP)]], env_extra=fsdp)
+    launch_on_cpu([[ROOT / "training" / "cogvideox_image_to_video_sft.py", *argv(pair, *SP)]], env_extra=fsdp)
     expected, got = transformer_weights(one), transformer_weights(pair)
     assert sorted(got) == sorted(expected)
     for name, value in got.items():

@@ -42,6 +42,19 @@ def reset_accelerate():
     GradientState._reset_state()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch computes on its share of the CPU cores: workers x torch's default
+    threads (one per core) would contend for the cores. Set here, not through OMP_NUM_THREADS: the processes that
+    tests launch (trainers under torchrun, killed runs) keep their own default."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(items):
     """Slow tests first (stable otherwise): spread over the CPU cores by pytest-xdist, the long multi-process runs
     start at once and the quick tests fill the gaps, instead of the longest starting last. Of the slow tests, those

@@ -43,9 +43,10 @@ AcceleratorState.__init__ = _init_with_fsdp_on_cpu
 PartialState.destroy_process_group = lambda self, group=None: None
 
 if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("WORLD_SIZE") == "1":
-    import deepspeed.comm.torch
+    import importlib
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # import_module, not `import deepspeed.comm.torch`: that name resolves to the torch module deepspeed.comm imports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 if os.environ.get("SLOW_FIRST_VALIDATION"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,7 +19,9 @@ RANDOM_DATA = ["--random_flip", "0.5", "--video_reshape_mode", "random", "--data
 
 def _killed_run(trainer, argv, crash_at):
     command = [sys.executable, ROOT / "training" / f"{trainer}.py", *argv]
-    env = dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at)
+    # This process's torch threads: the resumed run (here) is compared bit for bit, and sums split over another
+    # number of threads may round differently.
+    env = dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at, OMP_NUM_THREADS=str(torch.get_num_threads()))
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no cleanup ran
 

@@ -15,7 +15,7 @@
 #   VENV             where the environment lives (default: .venv in the repository)
 #   EXTRAS           extra pip requirements, e.g. "comet_ml"
 #   INSTALLER        uv (default) or pip, for everything after torch. uv (itself a pip package, put in the
-#                    environment) installs the same versions as pip in about a third of the time; pip reads
+#                    environment) installs the same versions as pip in about half the time; pip reads
 #                    your pip.conf (a private index, say), which uv does not: INSTALLER=pip then.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny random CogVideoX pipelines built offline, the bundled clips, and
 helpers that run the real entry points in this process (imports are paid once)."""
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,8 +49,6 @@ def pytest_configure(config):
     """Under pytest-xdist, each worker's torch computes on its share of the CPU cores: workers x torch's default
     threads (one per core) would contend for the cores. Set here, not through OMP_NUM_THREADS: the processes that
     tests launch (trainers under torchrun, killed runs) keep their own default."""
-    import os
-
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
@@ -85,12 +86,10 @@ def deepspeed_cpu_adam():
 
 
 def start_compiling_deepspeed_cpu_adam():
-    """Compile the ops in a background process at the lowest priority, so that the compiler takes the CPU time the
+    """Compile CPU Adam in a background process at the lowest priority, so that the compiler takes the CPU time the
     tests leave idle; the tests that need it come last and wait for it in `deepspeed_cpu_adam`. Only one
     pytest-xdist worker starts it; nothing starts once the op is in the cache."""
     import importlib.util
-    import os
-    import subprocess
     import tempfile
 
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or importlib.util.find_spec("deepspeed") is None:
@@ -105,8 +104,6 @@ def start_compiling_deepspeed_cpu_adam():
 
 def deepspeed_op_compiled(name):
     """Whether a DeepSpeed op is in torch's extension cache, where DeepSpeed's JIT build puts it."""
-    import os
-
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -243,10 +240,6 @@ def free_port():
 def launch_on_cpu(runs, env_extra=None, timeout=420):
     """torchrun with two CPU processes (gloo): tests/launch_on_cpu.py runs each run (an entry point and its flags,
     optionally after `--env KEY=VALUE`) in turn in the same processes. Its stderr; a failed launch fails the test."""
-    import os
-    import signal
-    import subprocess
-
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                ROOT / "tests" / "launch_on_cpu.py"]

@@ -94,7 +94,7 @@ def start_compiling_deepspeed_cpu_adam():
 
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or importlib.util.find_spec("deepspeed") is None:
         return
-    if deepspeed_op_compiled("cpu_adam"):
+    if cpu_adam_compiled():
         return
     code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import conftest; conftest.compile_deepspeed_cpu_adam()"
     with open(os.path.join(tempfile.gettempdir(), "cogvideox-factory-deepspeed-cpu-adam.log"), "w") as log:
@@ -102,8 +102,8 @@ def start_compiling_deepspeed_cpu_adam():
                          start_new_session=True, preexec_fn=lambda: os.nice(19))
 
 
-def deepspeed_op_compiled(name):
-    """Whether a DeepSpeed op is in torch's extension cache, where DeepSpeed's JIT build puts it."""
+def cpu_adam_compiled():
+    """Whether DeepSpeed's CPU Adam is in torch's extension cache, where DeepSpeed's JIT build puts it."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -112,7 +112,7 @@ def deepspeed_op_compiled(name):
         accelerator = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
         python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
         root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")  # as torch.utils.cpp_extension
-    return os.path.isfile(os.path.join(root, name, f"{name}.so"))
+    return os.path.isfile(os.path.join(root, "cpu_adam", "cpu_adam.so"))
 
 
 @pytest.fixture(scope="session")
@@ -235,6 +235,14 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def crashing_env(crash_at):
+    """The environment of a run the crash hook kills at crash_at ("step:3"), with this process's torch threads: the
+    run is resumed here and compared bit for bit, and sums split over other thread counts may round differently."""
+    import torch
+
+    return dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at, OMP_NUM_THREADS=str(torch.get_num_threads()))
 
 
 def launch_on_cpu(runs, env_extra=None, timeout=420):

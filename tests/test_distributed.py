@@ -21,6 +21,7 @@ from conftest import (
     ASSETS,
     ROOT,
     TINY_VALIDATION_FLAGS,
+    crashing_env,
     free_port,
     launch_on_cpu,
     lora_argv,
@@ -107,9 +108,8 @@ def _launched_and_killed(config, trainer, argv, crash_at):
     command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
                CONFIGS / config, "--num_processes", "1", "--mixed_precision", "no", "--main_process_port",
                free_port(), ROOT / "tests" / "launch_on_cpu.py", ROOT / "training" / f"{trainer}.py", *argv]
-    # This process's torch threads: the run is resumed here and compared bit for bit.
-    env = dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600,
+                            env=crashing_env(crash_at))
     assert "Signal 9 (SIGKILL) received" in result.stderr, result.stderr[-3000:]  # torchrun's report of its child
     return result.stderr
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ASSETS, ROOT, lora_argv, prepare_argv, run_trainer, trained_weights, trainer_main
+from conftest import ASSETS, ROOT, crashing_env, lora_argv, prepare_argv, run_trainer, trained_weights, trainer_main
 
 
 pytestmark = pytest.mark.slow  # runs killed in subprocesses, then resumed
@@ -19,10 +19,8 @@ RANDOM_DATA = ["--random_flip", "0.5", "--video_reshape_mode", "random", "--data
 
 def _killed_run(trainer, argv, crash_at):
     command = [sys.executable, ROOT / "training" / f"{trainer}.py", *argv]
-    # This process's torch threads: the resumed run (here) is compared bit for bit, and sums split over another
-    # number of threads may round differently.
-    env = dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT=crash_at, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=crashing_env(crash_at),
+                            timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL: no cleanup ran
 
 
@@ -138,7 +136,7 @@ def test_killed_prepare_resumes_with_no_corrupt_entry(tiny_model_2b, tmp_path):
     argv = prepare_argv(tiny_model_2b, ASSETS, output)
     command = [sys.executable, ROOT / "training" / "prepare_dataset.py", *argv]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, COGVIDEOX_FACTORY_CRASH_AT="prepare:3"))
+                            env=crashing_env("prepare:3"))
     assert result.returncode == -9, result.stderr[-2000:]
     done = sorted((output / "latents").glob("*.safetensors"))
     assert len(done) == 3 and all(readable_entry(p) for p in done) and not (output / "manifest.json").exists()

@@ -12,6 +12,7 @@ smaller than about 1/256 of itself, so at fine-tuning learning rates most update
 bf16-stored weight round away to nothing.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def adapter_metadata(transformer):
     return metadata
 
 
+@contextlib.contextmanager
+def _drawn_from_seed(seed, device):
+    """Random draws inside come from `seed` (the CPU's, and `device`'s if it is a GPU); the global random streams
+    are as they were afterwards. Only that GPU is touched: fork_rng's default visits every visible GPU."""
+    gpus = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for gpu in gpus:
+                with torch.cuda.device(gpu):
+                    torch.cuda.manual_seed(seed)
+        yield
+
+
 class LoRA:
     name = "lora"
 
@@ -82,10 +97,8 @@ class LoRA:
         target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
         # The adapter's random start (lora_A) comes from --seed alone, the same on every rank: a sharded model (FSDP,
         # ZeRO-3) keeps each rank's shard of that rank's own copy, and by now the ranks' random streams differ
-        # (seeded per rank, each encodes its own share of raw videos). The training stream is left as it was.
-        with torch.random.fork_rng():
-            if args.seed is not None:
-                torch.manual_seed(args.seed)
+        # (seeded per rank, each encodes its own share of raw videos). The training streams are left as they were.
+        with _drawn_from_seed(args.seed, next(transformer.parameters()).device):
             transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
                                                target_modules=target_modules))
         # Every adapted module must have a place in the ComfyUI file too: say so now, not after the GPU hours.

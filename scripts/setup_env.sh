@@ -14,6 +14,8 @@
 #   PYTHON           the interpreter for a new environment: Python 3.10 or newer (default python3)
 #   VENV             where the environment lives (default: .venv in the repository)
 #   EXTRAS           extra pip requirements, e.g. "comet_ml"
+#   LOCK             the versions to install (default requirements-lock.txt: exactly what the test suite last
+#                    passed with); LOCK=none installs the newest that requirements.txt allows
 #   INSTALLER        uv (default) or pip, for everything after torch. uv (itself a pip package, put in the
 #                    environment) installs the same versions as pip in about half the time; pip reads
 #                    your pip.conf (a private index, say), which uv does not: INSTALLER=pip then.
@@ -23,8 +25,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PYTHON=${PYTHON:-python3}
+LOCK=${LOCK:-requirements-lock.txt}
+if [[ $LOCK != none && ! -f $LOCK ]]; then
+  echo "error: LOCK=$LOCK: no such file (LOCK=none installs the newest versions instead)" >&2
+  exit 1
+fi
 
-stamp_input="$TORCH_SPEC ${TORCH_INDEX_URL:-} ${EXTRAS:-} $(cat requirements.txt requirements-dev.txt)"
+stamp_input="$TORCH_SPEC ${TORCH_INDEX_URL:-} ${EXTRAS:-} $LOCK $(cat requirements.txt requirements-dev.txt)
+$([[ $LOCK == none ]] || cat "$LOCK")"
 stamp="$VENV/.installed-$(printf '%s' "$stamp_input" | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" ]]; then
   exit 0  # already set up with these requirements
@@ -54,9 +62,13 @@ echo "torch $torch_version: the $torch_build build (TORCH_INDEX_URL chooses anot
 constraints="$VENV/constraints.txt"
 echo "torch==$torch_version" >"$constraints"
 
+locked=()
+if [[ $LOCK != none ]]; then
+  locked=(-c "$LOCK")
+fi
 installer=("${pip[@]}")
 if [[ ${INSTALLER:-uv} == uv ]]; then
-  if "${pip[@]}" uv && "$VENV/bin/uv" --version >/dev/null 2>&1; then
+  if "${pip[@]}" "${locked[@]}" uv && "$VENV/bin/uv" --version >/dev/null 2>&1; then
     # --compile-bytecode: pip writes each module's .pyc at install, uv does not. Without them every process compiles
     # the sources it imports (diffusers, transformers, peft...: about 6 s a process here) wherever Python may not
     # write .pyc files (PYTHONDONTWRITEBYTECODE, a read-only environment), and the first run everywhere else.
@@ -65,10 +77,10 @@ if [[ ${INSTALLER:-uv} == uv ]]; then
     echo "uv is not available here; installing with pip (slower)"
   fi
 fi
-echo "installing requirements (torch held at $torch_version)"
+echo "installing requirements (torch held at $torch_version; versions: ${LOCK/#none/the newest})"
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}  # DeepSpeed installs from source: its C++ ops compile on first use, not here
 # shellcheck disable=SC2086  # EXTRAS is a list of requirement words
-"${installer[@]}" -c "$constraints" -r requirements.txt -r requirements-dev.txt ${EXTRAS:-}
+"${installer[@]}" -c "$constraints" "${locked[@]}" -r requirements.txt -r requirements-dev.txt ${EXTRAS:-}
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "environment ready: source $VENV/bin/activate"

@@ -184,6 +184,9 @@ def test_a_missing_optional_package_is_named(capsys, monkeypatch, no_model_file_
                                              changes, module, expected):
     """The package is hidden (None in sys.modules: `import` fails and importlib.util.find_spec finds nothing)."""
     monkeypatch.setitem(sys.modules, module, None)
+    from training import optional_libraries
+
+    monkeypatch.setattr(optional_libraries, "_hidden_installed", set())  # not installed, rather than kept out
     with no_model_file_opened(tiny_model_2b):
         lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "out", *changes))
     assert f"error: {expected}" in lines, lines

@@ -5,6 +5,7 @@ them; these checks are fast and offline."""
 import ast
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -188,13 +189,62 @@ def test_importing_the_toolkit_prints_no_alarm_about_optional_kernels():
     and DeepSpeed says it found no GPU: announced at import through loggers that `import training` quiets. A run's
     output shows nothing that is not about the user's data."""
     code = ("import training\nimport deepspeed\nfrom diffusers import CogVideoXPipeline\nimport diffusers.loaders\n"
-            "import transformers, accelerate, peft\nimport torchao.optim\nimport bitsandbytes\n")
+            "import transformers, accelerate, peft\nimport torchao.optim\n"
+            "from training.optional_libraries import use_bitsandbytes\nuse_bitsandbytes()\n")
     result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=300, cwd=ROOT)  # DeepSpeed's logger writes to stdout
     assert result.returncode == 0, result.stdout
     alarms = [line for line in result.stdout.splitlines()
-              if re.search(r"Failed to load|Unable to import|Skipping import|unable to detect|Traceback|Error|is deprecated", line)]
+              if re.search(r"Failed to load|Unable to import|Skipping import|unable to detect|Traceback|Error|is deprecated"
+                           r"|kernels|bitsandbytes|publisher trust", line)]
     assert not alarms, "\n".join(alarms)
+
+
+# Run online (HF_HUB_OFFLINE unset) and offline: every socket a process opens is recorded by an audit hook.
+_BITSANDBYTES_ON_DEMAND = """
+import sys
+connections = []
+sys.addaudithook(lambda event, args: connections.append(args) if event == "socket.connect" else None)
+import training
+from diffusers import CogVideoXPipeline
+import diffusers.loaders, peft, transformers, accelerate
+from peft import LoraConfig
+from training.models import load_transformer
+assert "bitsandbytes" not in {name for name, module in sys.modules.items() if module is not None}, "imported"
+from training.args import _missing_module
+assert not _missing_module("bitsandbytes")  # hidden, yet the options that need it are not refused
+from training.optional_libraries import use_bitsandbytes
+bnb = use_bitsandbytes()
+import torch
+from diffusers import BitsAndBytesConfig
+from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+from diffusers.utils import is_bitsandbytes_available
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from transformers.utils import is_bitsandbytes_available as transformers_sees_it
+assert is_bitsandbytes_available() and is_bnb_available() and is_bnb_4bit_available() and transformers_sees_it()
+layers = replace_with_bnb_linear(torch.nn.Sequential(torch.nn.Linear(64, 64)), modules_to_not_convert=[],
+                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+assert isinstance(layers[0], bnb.nn.Linear4bit), layers
+optimizer = bnb.optim.AdamW8bit(torch.nn.Linear(64, 64).parameters())
+assert not connections, connections
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+def test_bitsandbytes_is_imported_only_when_an_option_needs_it_and_never_asks_the_hub(online):
+    """bitsandbytes 0.50 with `kernels` (transformers 5.25 depends on it) asks the Hub for a CPU kernel at import:
+    a network request online, a "Skipping publisher trust check" line offline. `import training` keeps it out;
+    use_bitsandbytes (--use_8bit, --quantize_base nf4) brings it in for diffusers, peft and transformers alike,
+    without that request."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if not online:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", _BITSANDBYTES_ON_DEMAND], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stdout
+    noise = [line for line in result.stdout.splitlines() if re.search(r"kernels|bitsandbytes|publisher trust", line)]
+    assert not noise, "\n".join(noise)
 
 
 @pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
@@ -204,3 +254,20 @@ def test_readme_install_section_says_how_to_choose_torch_and_the_python_version(
     section = text[start:text.index("\n## ", start + 3)]
     for needed in ("TORCH_INDEX_URL", "scripts/check_min_versions.sh", "Python 3.10", "requirements.txt"):
         assert needed in section, f"{readme}: the install section does not mention {needed}"
+
+
+def test_the_environment_is_the_lock():
+    """scripts/setup_env.sh installs requirements-lock.txt exactly (LOCK=none: the newest, which this does not check)."""
+    if os.environ.get("LOCK") == "none":
+        pytest.skip("LOCK=none: the environment holds the newest versions, not the lock's")
+    import importlib.metadata
+
+    locked = dict(line.split("==") for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    wrong = {name: (version, installed.get(canonical(name))) for name, version in locked.items()
+             if installed.get(canonical(name)) not in (version, None)}
+    assert not wrong, f"(locked, installed) differ: {wrong}; run bash scripts/setup_env.sh"
+    required = {canonical(line.split(";")[0].split(">")[0].split("=")[0].strip()) for line in
+                (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert required - {"torch"} <= {canonical(name) for name in locked}, "a requirement is missing from the lock"

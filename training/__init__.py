@@ -3,6 +3,11 @@
 import logging
 import warnings
 
+from .optional_libraries import hide_bitsandbytes
+
+
+hide_bitsandbytes()  # before anything imports diffusers: see optional_libraries.py
+
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; the old name keeps older diffusers working.
 warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)

@@ -524,7 +524,9 @@ def check_output_dir(path, problems):
 def _missing_module(name):
     import importlib.util
 
-    return importlib.util.find_spec(name) is None
+    from .optional_libraries import NAME, bitsandbytes_missing
+
+    return bitsandbytes_missing() if name == NAME else importlib.util.find_spec(name) is None
 
 
 def optimizer_problems(args):

@@ -89,6 +89,9 @@ def load_transformer(args, dtype):
     if getattr(args, "quantize_base", "none") == "nf4":
         from diffusers import BitsAndBytesConfig
 
+        from .optional_libraries import use_bitsandbytes
+
+        use_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )

@@ -24,8 +24,9 @@ def optimizer_class_and_kwargs(args, learning_rate=None):
     if args.optimizer in ("adam", "adamw"):
         decoupled = args.optimizer == "adamw"
         if args.use_8bit and not args.use_torchao:
-            import bitsandbytes as bnb
+            from .optional_libraries import use_bitsandbytes
 
+            bnb = use_bitsandbytes()
             cls = bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
         elif args.use_torchao and (args.use_8bit or args.use_4bit):
             import torchao.optim as ao

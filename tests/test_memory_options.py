@@ -1,5 +1,5 @@
-"""Memory-saving options end to end: low-bit optimizers, an FP8-stored base, and (on a CUDA GPU) the CPU-offloaded
-optimizer and a 4-bit NF4 base. Each trains, checkpoints, resumes, validates and saves a LoRA diffusers loads."""
+"""Memory-saving options end to end: low-bit optimizers, an FP8-stored base, and (on a CUDA GPU) a 4-bit NF4 base
+(the CPU-offloaded optimizer: tests/test_cuda_paths.py). Each trains, checkpoints, resumes, validates and saves a LoRA diffusers loads."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from conftest import ASSETS, TINY_VALIDATION_FLAGS, generate, lora_argv, run_tra
 from safetensors.torch import load_file
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torchao CPUOffloadOptimizer and "
-                          "bitsandbytes 4-bit layers run only on CUDA); runs on the GPU machine")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes 4-bit layers run "
+                          "only on CUDA); runs on the GPU machine")
 
 
 def _train_and_resume(model, output, *flags, steps=3, validation=()):
@@ -96,26 +96,6 @@ def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
     assert dtypes["transformer_blocks.0.ff.net.0.proj.weight"] == torch.float8_e4m3fn
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".norm" in n)  # norms are not stored in FP8
-
-
-@CUDA
-@pytest.mark.parametrize("flags", [[], ["--offload_gradients"], ["--use_8bit"]], ids=["offload", "offload-grads", "bnb8"])
-def test_cpu_offloaded_optimizer_matches_the_plain_one(tiny_model_2b, tmp_path, flags):
-    """Clipping acts on the CPU copies of the gradients, the LR schedule runs: same weights as on-device AdamW."""
-    # Rank 256: adapter matrices of >= 4096 values, which torchao moves to the CPU (smaller ones stay on the GPU).
-    common = ["--optimizer", "adamw", "--max_grad_norm", "0.01", "--lr_scheduler", "linear", "--lr_warmup_steps", "1",
-              "--rank", "256", "--lora_alpha", "256"]
-    same_optimizer = [flag for flag in flags if flag == "--use_8bit"]
-    steps = ["--max_train_steps", "3", "--checkpointing_steps", "10"]
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "plain", *common, *steps, *same_optimizer))
-    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "offload", *common, *steps, "--use_cpu_offload_optimizer",
-                          *flags))
-    plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
-    offloaded = load_file(tmp_path / "offload" / "pytorch_lora_weights.safetensors")
-    for key in plain:
-        torch.testing.assert_close(offloaded[key], plain[key], rtol=1e-3, atol=1e-5)
-    summary = _train_and_resume(tiny_model_2b, tmp_path / "resumed", *common, "--use_cpu_offload_optimizer", *flags)
-    assert summary["global_step"] == 3
 
 
 @CUDA

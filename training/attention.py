@@ -55,6 +55,9 @@ class CogVideoXAttention:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        # Under CUDA autocast the norms return fp32 beside the projections' 16-bit value: kernels such as flash take
+        # one 16-bit dtype, and the sequence-parallel exchange would move fp32 (SDPA casts to the autocast dtype anyway).
+        query, key = query.to(value.dtype), key.to(value.dtype)
         shards = self.shards if self.shards is not None and self.shards.active else None
         if shards is not None:
             query, key, value = (shards.tokens_to_heads(t, text_length) for t in (query, key, value))

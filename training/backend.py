@@ -175,9 +175,12 @@ class Backend:
     def all_finite(self, tensors):
         """Whether every value of `tensors` (this rank's: shards where sharded) is finite on every rank. A collective."""
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2: this rank's shard
-        local = [torch.isfinite(t).all() for t in local if t.numel()]
-        finite = torch.stack(local).all() if local else torch.tensor(True)
-        return bool(self.reduce_mean(finite.to(self.device, torch.float32)).item() == 1.0)
+        # One flag per tensor, gathered on this rank's device: CUDA refuses to stack tensors of two devices, and
+        # optimizers keep some state on the CPU (torchao's offloaded copies) beside the weights on the GPU.
+        with torch.no_grad():
+            flags = [torch.isfinite(t).all().to(self.device) for t in local if t.numel()]
+            finite = torch.stack(flags).all() if flags else torch.tensor(True, device=self.device)
+        return bool(self.reduce_mean(finite.to(torch.float32)).item() == 1.0)
 
     # ------------------------------------------------------------------ models and files
     def stepping_optimizer(self, optimizer):

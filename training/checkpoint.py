@@ -97,9 +97,10 @@ def _set_rng_state(tensors, plain):
     import torch
 
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():  # by GPU index, for the GPUs this process sees (a resume may see fewer or more)
+        for index in range(torch.cuda.device_count()):
+            if f"cuda_{index}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda_{index}"], index)
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = plain["numpy"]
@@ -119,6 +120,21 @@ def _write_resume_state(backend, folder, lr_scheduler):
             (folder / "grad_scaler.json").write_text(json.dumps(backend.grad_scaler.state_dict()))
 
 
+def refresh_host_copies(optimizer):
+    """torchao's CPUOffloadOptimizer copies each large weight to the CPU once, when it is built, then steps that copy
+    and copies it back: after a resume has loaded the checkpoint's weights, the copies must follow them, or the first
+    step would bring back the weights the run started from."""
+    import torch
+
+    from .optim import offloaded_optimizer
+
+    offloaded = offloaded_optimizer(optimizer)
+    if offloaded is not None:
+        with torch.no_grad():
+            for weight, host_copy in offloaded.param_d2h_map.items():
+                host_copy.copy_(weight.detach())
+
+
 def load_checkpoint(backend, folder, transformer, optimizer, lr_scheduler, mode, pipeline_class):
     """Restore what save_checkpoint wrote; the mode reads its own weights. Every rank calls this."""
     from safetensors.torch import load_file
@@ -126,6 +142,7 @@ def load_checkpoint(backend, folder, transformer, optimizer, lr_scheduler, mode,
     folder = Path(folder)
     backend.check_checkpoint_layout(folder)
     backend.load_engine_state(folder, transformer, optimizer, mode, pipeline_class)
+    refresh_host_copies(optimizer)
     scaler_file = folder / "grad_scaler.json"
     if backend.grad_scaler is not None and scaler_file.is_file():
         backend.grad_scaler.load_state_dict(json.loads(scaler_file.read_text()))

@@ -334,11 +334,13 @@ def diverged(job, what, first_bad_checkpoint):
 
 
 def optimizer_state_tensors(optimizer):
-    """The optimizer's floating-point state tensors (plain ones: quantized states of low-bit optimizers are skipped)."""
+    """The optimizer's floating-point state tensors (plain ones: quantized states of low-bit optimizers are skipped;
+    step counters, which torch's Adam keeps on the CPU whatever the weights' device, are not weights)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     state = getattr(inner, "state", {})
-    return [value for values in state.values() if isinstance(values, dict) for value in values.values()
-            if type(value) is torch.Tensor and value.is_floating_point()]
+    return [value for values in state.values() if isinstance(values, dict) for key, value in values.items()
+            if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+            and not type(value).__module__.startswith("torchao.")]
 
 
 # ----------------------------------------------------------------------------------------------

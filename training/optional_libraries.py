@@ -8,7 +8,7 @@ hides it (`hide_bitsandbytes`) and those options call `use_bitsandbytes` before 
 
 Hidden means a None entry in sys.modules: `importlib.util.find_spec` then answers None, which is how diffusers,
 peft and transformers decide that a package is absent, and `import bitsandbytes` fails. A script that imported
-bitsandbytes (or diffusers) before `training` keeps it.
+bitsandbytes, diffusers, peft or transformers before `training` keeps it.
 """
 
 import importlib
@@ -22,8 +22,8 @@ _hidden_installed = set()  # what hide_bitsandbytes hid that is installed (an ab
 
 
 def hide_bitsandbytes():
-    if NAME in sys.modules:
-        return  # imported already (or hidden by someone else): nothing to keep out
+    if NAME in sys.modules or any(seen in sys.modules for seen in ("diffusers", "peft", "transformers")):
+        return  # imported already, or a library that looks for it has looked: too late to keep it out
     if importlib.util.find_spec(NAME) is not None:
         _hidden_installed.add(NAME)
     sys.modules[NAME] = None

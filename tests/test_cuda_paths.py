@@ -1,0 +1,188 @@
+"""The GPU-only paths, run in CI through the CUDA layer (tests/cuda_semantics.py): fake CUDA tensors under CUDA
+autocast with CUDA's device rule and flash-attention's dtype rules, or real CPU tensors with CUDA's streams,
+pinned memory and random states stubbed where numbers must be compared."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ASSETS, lora_argv, run_trainer
+from cuda_semantics import (
+    FLASH_BACKENDS,
+    cuda_streams_on_cpu,
+    fake_cuda,
+    install_fake_flash,
+    offload_optimizer_on_cpu,
+    synthetic_gradients,
+)
+from safetensors.torch import load_file
+
+
+def _tiny_transformer(variant, dtype=torch.bfloat16):
+    from tools.build_tiny_model import build_pipeline
+    from training import attention
+
+    transformer = build_pipeline(variant).transformer.to(dtype).requires_grad_(False)
+    attention.install(transformer)
+    return transformer
+
+
+def _forward(transformer, frames=3, size=8):
+    """One forward of the transformer on fake CUDA inputs (inside fake_cuda); its weights become fake CUDA ones."""
+    config = transformer.config
+    transformer.to_empty(device="cuda")
+    noisy = torch.empty(1, frames, config.in_channels, size, size, device="cuda")
+    text = torch.empty(1, config.max_text_seq_length, config.text_embed_dim, device="cuda")
+    rotary = None
+    if config.use_rotary_positional_embeddings:
+        tokens = frames * (size // config.patch_size) ** 2
+        rotary = tuple(torch.empty(tokens, config.attention_head_dim, device="cuda") for _ in range(2))
+    timestep = torch.zeros(1, dtype=torch.long, device="cuda")
+    return transformer(hidden_states=noisy, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rotary,
+                       return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------- attention kernels
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("variant", ["2b", "5b"])
+def test_flash_backends_get_q_k_v_of_one_16_bit_dtype_under_cuda_autocast(monkeypatch, backend, variant):
+    """Under CUDA bf16 autocast the norms of q and k return fp32 and the value projection bf16; flash-attention
+    takes one 16-bit dtype, so before the fix every flash backend crashed at the first step."""
+    calls = []
+    install_fake_flash(monkeypatch, calls)
+    transformer = _tiny_transformer(variant)
+    for processor in transformer.attn_processors.values():
+        processor._attention_backend = backend  # set_attention_backend would ask for the flash package
+    with fake_cuda(torch.bfloat16):
+        out = _forward(transformer)
+    assert out.device.type == "cuda" and calls
+    assert set(calls) == {(torch.bfloat16,) * 3}
+
+
+def test_sequence_parallel_exchange_moves_the_kernel_dtype(monkeypatch):
+    """The all-to-all before the kernel moves q, k and v in the autocast dtype (fp32 q and k: 1.67x the bytes)."""
+    from training import attention
+
+    moved = []
+
+    class Recorded(attention.SimulatedShards):
+        def _all_to_all(self, x):
+            moved.append(x.dtype)
+            return super()._all_to_all(x)
+
+    transformer = _tiny_transformer("5b")
+    attention.install(transformer, Recorded(2))
+    with fake_cuda(torch.bfloat16):
+        _forward(transformer, frames=2)
+    exchanged_before_kernel = moved[0::4], moved[1::4], moved[2::4]  # per layer: q, k, v, then the output
+    assert moved and all(set(dtypes) == {torch.bfloat16} for dtypes in exchanged_before_kernel), moved
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _stepped_optimizer(name, weights):
+    if name in ("adam", "adamw"):
+        optimizer = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(weights, lr=1e-3)
+    else:
+        import prodigyopt
+
+        optimizer = prodigyopt.Prodigy(weights, lr=1.0)
+    synthetic_gradients(weights)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("optimizer_name", ["adam", "adamw"])
+def test_the_finiteness_check_before_a_checkpoint_takes_a_gpu_training_state(optimizer_name):
+    """Before every checkpoint one flag per weight and optimizer state is gathered; torch's Adam keeps its step
+    counter on the CPU beside CUDA weights, and CUDA refuses to stack tensors of two devices: every GPU run crashed
+    at its first checkpoint. The flags go to one device, and step counters are not weights."""
+    from training.backend import Backend
+    from training.core import optimizer_state_tensors
+
+    reduced = []  # what goes into the all-reduce; every rank's flag said "finite" (a fake tensor has no value)
+    backend = SimpleNamespace(device=torch.device("cuda", 0),
+                              reduce_mean=lambda t: reduced.append(t) or SimpleNamespace(item=lambda: 1.0))
+    with fake_cuda(None):
+        weights = [torch.nn.Parameter(torch.empty(64, 32, device="cuda")), torch.nn.Parameter(torch.empty(32, device="cuda"))]
+        optimizer = _stepped_optimizer(optimizer_name, weights)
+        states = optimizer_state_tensors(optimizer)
+        assert states and all(t.device.type == "cuda" for t in states)
+        host_copy = torch.empty(64, 32)  # a CPU tensor beside them (torchao's offloaded weights)
+        assert Backend.all_finite(backend, [*weights, *states, host_copy]) is True
+    assert [t.device.type for t in reduced] == ["cuda"]
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _killed_at(step):
+    def crash(where, at):
+        if (where, at) == ("step", step):
+            raise _Killed  # in place of the SIGKILL a subprocess gets: this run stops right there
+    return crash
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--optimizer", "adamw", "--offload_gradients"],
+                                   ["--optimizer", "adamw", "--use_8bit"], ["--optimizer", "came"]],
+                         ids=["adamw", "offload-grads", "bnb8", "came"])
+def test_cpu_offloaded_optimizer_resumes_to_the_weights_of_a_straight_run(tiny_model_2b, tmp_path, monkeypatch, flags):
+    """torchao's CPUOffloadOptimizer (unchanged, its streams stubbed) copies each weight to the host once, when it is
+    built; a resume loads the checkpoint's weights after that, so its first step brought back the initial weights
+    plus one update. Killed at step 3 and resumed from checkpoint-2, a run ends bit for bit where a straight run
+    does, and as the on-device optimizer within rounding (clipping acts on the host copies, the LR schedule runs)."""
+    import training.checkpoint
+
+    offload_optimizer_on_cpu(monkeypatch)
+    # Rank 256: adapter matrices of >= 4096 values, which torchao moves to the host (smaller ones stay on the GPU).
+    common = ["--max_grad_norm", "0.01", "--lr_scheduler", "linear", "--lr_warmup_steps", "1", "--rank", "256",
+              "--lora_alpha", "256", "--checkpointing_steps", "2", "--max_train_steps", "4",
+              "--use_cpu_offload_optimizer", *flags]
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "plain",
+                          *[f for f in common if f not in ("--use_cpu_offload_optimizer", "--offload_gradients")]))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "straight", *common))
+    with monkeypatch.context() as killing:
+        killing.setattr(training.checkpoint, "simulate_crash", _killed_at(3))
+        with pytest.raises(_Killed):
+            run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "resumed", *common))
+    run_trainer(lora_argv(tiny_model_2b, ASSETS, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest"))
+    plain, straight, resumed = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors")
+                                for run in ("plain", "straight", "resumed"))
+    assert straight.keys() == resumed.keys() == plain.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+        torch.testing.assert_close(straight[key], plain[key], rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- random states
+def test_cuda_random_states_are_saved_and_restored_by_gpu_index(monkeypatch):
+    """A checkpoint keeps each GPU's state under its index; a resume restores each GPU present from its own index
+    (12 GPUs: text order would give GPU 2 the state of GPU 10), and one that sees fewer GPUs than the run that wrote
+    it (a sweep's GPU_IDS=0 after a run on all of them) restores those it has instead of failing."""
+    from training.checkpoint import _rng_state, _set_rng_state
+
+    cuda_streams_on_cpu(monkeypatch, devices=12, available=True)
+    written = torch.cuda.get_rng_state_all()
+    tensors, plain = _rng_state()
+    torch.cuda.manual_seed_all(99)
+    _set_rng_state(tensors, plain)
+    for index, state in enumerate(written):
+        assert torch.equal(torch.cuda.get_rng_state(index), state), f"GPU {index}"
+
+    cuda_streams_on_cpu(monkeypatch, devices=1, available=True)
+    _set_rng_state(tensors, plain)
+    assert torch.equal(torch.cuda.get_rng_state(0), written[0])
+
+
+def test_a_lora_starts_from_the_seed_on_the_gpu_too(monkeypatch):
+    """modes._drawn_from_seed seeds the model's own GPU (and only it) inside a fork: the GPU streams are as they
+    were afterwards."""
+    from training.modes import _drawn_from_seed
+
+    cuda_streams_on_cpu(monkeypatch, devices=2, available=True)
+    before = torch.cuda.get_rng_state_all()
+    seen = []
+    with _drawn_from_seed(5, torch.device("cuda", 1)):
+        seen = torch.cuda.get_rng_state_all()
+    assert torch.equal(seen[1], torch.full((16,), 5, dtype=torch.uint8)) and torch.equal(seen[0], before[0])
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before))

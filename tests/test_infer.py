@@ -84,3 +84,33 @@ def test_mismatched_images_are_one_line_before_any_model_loads(capsys, tmp_path)
               "--prompt", "three", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "a.png")])
     assert exit_.value.code == 2
     assert "2 images for 3 prompts: give one image, or one per prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant, expected", [("1.5", (768, 1360)), ("2b", (64, 64))])
+def test_without_a_size_a_model_generates_at_the_size_it_was_trained_at(tiny_models, variant, expected):
+    """CogVideoX 1.5's config holds its rotary grid's cap (300 latent px): the pipelines' default made 2400 x 2400
+    videos. It was trained at 768 x 1360; 2b/5b at their sample size (the tiny 2b's: 8 latent px, 64 px)."""
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.configuration_utils import FrozenDict
+
+    from tools.infer import build_parser, generate
+
+    config = CogVideoXTransformer3DModel.load_config(tiny_models(variant), subfolder="transformer")
+    calls = []
+
+    class Pipeline:
+        transformer = SimpleNamespace(config=FrozenDict(config))  # what a loaded pipeline's transformer has
+        vae_scale_factor_spatial = 8
+
+        def __call__(self, prompt, **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(frames=[None])
+
+    args = build_parser().parse_args(["--model_name_or_path", tiny_models(variant), "--prompt", "a cat"])
+    generate(Pipeline(), args, "a cat", None, 0)
+    assert (calls[0]["height"], calls[0]["width"]) == expected
+    args = build_parser().parse_args(["--model_name_or_path", "m", "--prompt", "a cat", "--height", "32", "--width", "48"])
+    generate(Pipeline(), args, "a cat", None, 0)
+    assert (calls[1]["height"], calls[1]["width"]) == (32, 48)

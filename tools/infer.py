@@ -94,8 +94,7 @@ def shard_problems(args, num_processes):
 
     config = CogVideoXTransformer3DModel.load_config(args.model_name_or_path, subfolder="transformer")
     scale = vae_scale_factor_spatial(AutoencoderKLCogVideoX.load_config(args.model_name_or_path, subfolder="vae"))
-    height = args.height or config["sample_height"] * scale  # the pipelines' defaults
-    width = args.width or config["sample_width"] * scale
+    height, width = video_size(args, config, scale)
     frames = args.num_frames or config["sample_frames"]
     return token_problems([(frames, height, width)], config, shards, what="video")
 
@@ -125,11 +124,21 @@ def load_pipeline(args, image_to_video, device):
     return pipe
 
 
+def video_size(args, transformer_config, spatial_scale):
+    """(height, width): as given, else the size the model was trained at (for CogVideoX 1.5 not the pipelines'
+    default, which would be 2400 x 2400)."""
+    from training.models import default_video_size
+
+    height, width = default_video_size(transformer_config, spatial_scale)
+    return args.height or height, args.width or width
+
+
 def generate(pipe, args, prompt, image, index):
     import torch
     from diffusers.utils import load_image
 
-    sizes = {k: v for k, v in dict(height=args.height, width=args.width, num_frames=args.num_frames).items() if v}
+    height, width = video_size(args, pipe.transformer.config, pipe.vae_scale_factor_spatial)
+    sizes = dict(height=height, width=width, **({"num_frames": args.num_frames} if args.num_frames else {}))
     extra = {"image": load_image(image)} if image else {}
     return pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",

@@ -162,6 +162,18 @@ def prepare_frozen_base(transformer, args, compute_dtype):
     return transformer
 
 
+# CogVideoX 1.5 (the models with temporal patches) was trained at 768 x 1360 (THUDM's model card); its config's sample
+# size, 300 x 300 latent pixels, is the cap of its rotary grid, which the pipelines' default turns into 2400 x 2400.
+CogVideoX15_SIZE = (768, 1360)
+
+
+def default_video_size(transformer_config, spatial_scale):
+    """(height, width) to generate at when none is given: the size the model was trained at."""
+    if transformer_config.get("patch_size_t"):
+        return CogVideoX15_SIZE
+    return transformer_config["sample_height"] * spatial_scale, transformer_config["sample_width"] * spatial_scale
+
+
 def nf4_bytes_saved(transformer):
     """Bytes NF4 saves against 16-bit storage: bitsandbytes packs two weights per byte plus an fp32 scale per
     64 weights, in every linear layer (used by the memory estimate, which cannot run bitsandbytes kernels)."""

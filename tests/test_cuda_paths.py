@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, run_trainer
+from conftest import ASSETS, lora_argv, prepare_argv, run_prepare, run_trainer
 from cuda_semantics import (
     FLASH_BACKENDS,
     cuda_streams_on_cpu,
@@ -186,3 +186,29 @@ def test_a_lora_starts_from_the_seed_on_the_gpu_too(monkeypatch):
         seen = torch.cuda.get_rng_state_all()
     assert torch.equal(seen[1], torch.full((16,), 5, dtype=torch.uint8)) and torch.equal(seen[0], before[0])
     assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before))
+
+
+# ----------------------------------------------------------------------------------------------- several GPUs
+@pytest.mark.parametrize("rank", [0, 1])
+def test_prepare_ranks_wait_for_the_hashing_rank_on_a_group_with_a_long_timeout(tiny_model_2b, tmp_path, monkeypatch,
+                                                                                rank):
+    """With --hash_videos the other ranks wait while rank 0 hashes every video: in an NCCL barrier its default
+    10 minutes killed them on large data sets. Every wait of prepare is on a gloo group with a long timeout (as the
+    trainer's), on every rank (two ranks of one launch, their process group simulated)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    groups, barriers = {}, []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in dict(is_initialized=lambda: True, get_rank=lambda group=None: rank,
+                            get_world_size=lambda group=None: 2, init_process_group=lambda *a, **k: None,
+                            destroy_process_group=lambda *a, **k: None,
+                            new_group=lambda *a, **k: groups.setdefault(len(groups), k),
+                            barrier=lambda group=None, **k: barriers.append(group)).items():
+        monkeypatch.setattr(dist, name, value)
+    run_prepare(prepare_argv(tiny_model_2b, ASSETS, tmp_path / "prepared", "--hash_videos", "--dry_run"))
+    assert barriers, "no rank waited for the hashes"
+    for group in barriers:
+        assert group is not None and group["backend"] == "gloo", group
+        assert group["timeout"] >= datetime.timedelta(hours=1), group

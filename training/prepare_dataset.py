@@ -190,7 +190,7 @@ def _export_clip(video, path, fps):
 
 
 def _distributed():
-    """(rank, world_size, device); starts a process group under torchrun/accelerate."""
+    """(rank, world_size, device, waiting_room); starts a process group under torchrun/accelerate."""
     import torch
     import torch.distributed as dist
 
@@ -205,14 +205,11 @@ def _distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return rank, world_size, device
+    # Ranks wait for each other here for as long as the work takes (rank 0 hashing every video, the slowest rank's
+    # encodes): on a gloo group with a long timeout, not in an NCCL barrier, whose default 10 minutes would kill them.
+    from .backend import WaitingRoom
 
-
-def _barrier(world_size):
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    return rank, world_size, device, WaitingRoom(world_size)
 
 
 def prepare(args):
@@ -220,14 +217,14 @@ def prepare(args):
     import torch
 
     transformer_config = validate(args)
-    rank, world_size, device = _distributed()
+    rank, world_size, device, waiting_room = _distributed()
     torch.manual_seed(args.seed + rank)
     output = Path(args.output_dir)
     for sub in ("latents", "videos"):
         (output / sub).mkdir(parents=True, exist_ok=True)
 
     # With --hash_videos, rank 0 hashes the videos first while the other ranks wait at a barrier in scan_samples.
-    usable, skipped, buckets = scan_samples(args, output, rank, world_size, transformer_config)
+    usable, skipped, buckets = scan_samples(args, output, rank, waiting_room, transformer_config)
     plan = plan_encoding(args, output, usable, transformer_config, rank, world_size)
     if args.dry_run:
         if rank == 0:
@@ -238,10 +235,10 @@ def prepare(args):
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(plan.mine), plan.already_prepared)
     if plan.mine:
         encode_samples(args, output, usable, plan, rank, device)
-    _barrier(world_size)  # every rank's entries are written
+    waiting_room.wait()  # every rank's entries are written
     if rank == 0:
         write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config, buckets)
-    _barrier(world_size)  # the lists and the manifest are written
+    waiting_room.wait()  # the lists and the manifest are written
     _end_distributed(world_size)
     return output
 
@@ -251,7 +248,7 @@ def prepare(args):
 # ----------------------------------------------------------------------------------------------
 
 
-def scan_samples(args, output, rank, world_size, transformer_config):
+def scan_samples(args, output, rank, waiting_room, transformer_config):
     """(usable, skipped, plan): the samples with their bucket (and, with --hash_videos, their video's sha256), the
     samples that cannot be used, and the bucket plan (training/buckets.py) that chose the buckets. Rank 0 writes data_notes.jsonl. Unusable samples stop the run (bad_sample_error,
     after rank 0 wrote skipped_samples.jsonl) unless --skip_bad_samples or --dry_run.
@@ -268,14 +265,14 @@ def scan_samples(args, output, rank, world_size, transformer_config):
     hashes = None
     if args.hash_videos:
         if rank != 0:
-            _barrier(world_size)  # wait until rank 0 has hashed every video and saved the hashes
+            waiting_room.wait()  # until rank 0 has hashed every video and saved the hashes
         hashes = ContentHashes(output / HASHES)
     usable, skipped = assign_buckets(samples, plan, args.skip_frames_start, args.skip_frames_end,
                                      num_threads=args.num_decode_threads or 8, hashes=hashes)
     if hashes is not None and rank == 0:
         hashes.save()
         logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
-        _barrier(world_size)  # let the other ranks scan
+        waiting_room.wait()  # let the other ranks scan
     _write_data_notes(usable, args, output, rank)
     if skipped and not args.skip_bad_samples and not args.dry_run:
         if rank == 0:

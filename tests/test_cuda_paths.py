@@ -212,3 +212,59 @@ def test_prepare_ranks_wait_for_the_hashing_rank_on_a_group_with_a_long_timeout(
     for group in barriers:
         assert group is not None and group["backend"] == "gloo", group
         assert group["timeout"] >= datetime.timedelta(hours=1), group
+
+
+# ----------------------------------------------------------------------------------------------- pinned memory
+def _copies_from_pinned_memory(monkeypatch):
+    """[(args, kwargs)] of the first Tensor.to called on each pinned tensor (stubbed pinning: cuda_streams_on_cpu):
+    the copy to the device. (On the CPU that copy is the tensor itself, so later calls on it are not copies.)"""
+    pinned = cuda_streams_on_cpu(monkeypatch)
+    copies, to = [], torch.Tensor.to
+
+    def recorded(self, *args, **kwargs):
+        if self.data_ptr() in pinned:
+            pinned.discard(self.data_ptr())
+            copies.append((args, kwargs))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded)
+    return copies
+
+
+def _assert_copied_as_pinned(copies):
+    """A copy from pinned memory is worth it only as it is (a dtype conversion on the host makes an unpinned
+    tensor first) and without blocking."""
+    assert copies, "nothing was copied from pinned memory"
+    for args, kwargs in copies:
+        assert kwargs.get("non_blocking") is True, (args, kwargs)
+        assert "dtype" not in kwargs and not any(isinstance(a, torch.dtype) for a in args), (args, kwargs)
+
+
+def test_prepare_copies_pinned_clips_to_the_device_without_blocking(monkeypatch):
+    """--pin_memory in prepare: each clip was converted to the VAE's dtype on the host and the unpinned result
+    copied (an fp32 VAE: pinned, but blocking)."""
+    from tools.build_tiny_model import build_pipeline
+    from training.prepare_dataset import _encode_batch
+
+    vae = build_pipeline("2b").vae.to(torch.bfloat16)
+    copies = _copies_from_pinned_memory(monkeypatch)
+    batch = {"index": [0], "prompt": ["a cat"], "video": (torch.rand(1, 9, 3, 32, 32) * 2 - 1).pin_memory()}
+    args = SimpleNamespace(save_latents_and_embeddings=True, save_image_latents=False)
+    captions = SimpleNamespace(take=lambda prompt: torch.zeros(16, 32))
+    (entry,) = _encode_batch(batch, SimpleNamespace(vae=vae), captions, args, torch.bfloat16)
+    assert entry["video_latent_dist"].dtype == torch.bfloat16
+    _assert_copied_as_pinned(copies)
+
+
+def test_image_to_video_training_copies_the_pinned_first_frame_without_blocking(monkeypatch):
+    from tools.build_tiny_model import build_pipeline
+    from training.conditioning import ImageToVideo
+
+    vae = build_pipeline("5b-i2v").vae.to(torch.bfloat16)
+    copies = _copies_from_pinned_memory(monkeypatch)
+    context = SimpleNamespace(device=torch.device("cpu"), vae=vae, vae_scaling_factor=vae.config.scaling_factor,
+                              vae_invert_scale_latents=False, args=SimpleNamespace(noised_image_dropout=0.0))
+    batch = {"image": torch.rand(1, 1, 3, 32, 32).pin_memory()}
+    model_input = ImageToVideo().model_input(torch.zeros(1, 3, 4, 4, 4, dtype=torch.bfloat16), batch, context)
+    assert model_input.shape == (1, 3, 8, 4, 4)
+    _assert_copied_as_pinned(copies)

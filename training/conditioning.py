@@ -121,7 +121,8 @@ class ImageToVideo(TextToVideo):
 
     def model_input(self, noisy_latents, batch, context):
         """Noisy video latents with the (noise-augmented, maybe dropped) first-frame latents on the channel axis."""
-        images = batch["image"].to(context.device, dtype=context.vae.dtype)  # [B, 1, C, H, W] in [-1, 1]
+        # [B, 1, C, H, W] in [-1, 1]: copied as it is (from pinned memory without blocking), converted on the device
+        images = batch["image"].to(context.device, non_blocking=True).to(dtype=context.vae.dtype)
         batch_size = images.shape[0]
         sigmas = torch.exp(torch.randn(batch_size, device=images.device) * 0.5 - 3.0)  # log-normal(-3, 0.5) per sample
         images = images + torch.randn_like(images) * sigmas.view(-1, 1, 1, 1, 1).to(images.dtype)

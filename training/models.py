@@ -210,8 +210,9 @@ def encode_video_distribution(vae, videos):
 
     Stored instead of a sample so every training step draws a fresh latent.
     """
-    videos = videos.permute(0, 2, 1, 3, 4).to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(videos).latent_dist.parameters
+    # Copied as they are (from pinned memory with --pin_memory: without blocking), converted on the device.
+    videos = videos.to(vae.device, non_blocking=True)
+    return vae.encode(videos.permute(0, 2, 1, 3, 4).to(dtype=vae.dtype)).latent_dist.parameters
 
 
 def sample_latents(distribution_parameters, scaling_factor, generator=None):

@@ -531,7 +531,7 @@ def _encode_batch(batch, encoders, captions, args, dtype):
     tensors = [{} for _ in batch["index"]]
     if not args.save_latents_and_embeddings:
         return tensors
-    video_dist = encode_video_distribution(encoders.vae, batch["video"].to(dtype)).cpu()
+    video_dist = encode_video_distribution(encoders.vae, batch["video"]).cpu()  # in the VAE's dtype
     for j, entry in enumerate(tensors):
         entry["video_latent_dist"] = video_dist[j]
         entry["prompt_embeds"] = captions.take(batch["prompt"][j])

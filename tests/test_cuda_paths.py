@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, prepare_argv, run_prepare, run_trainer
+from conftest import ASSETS, free_port, lora_argv, prepare_argv, run_prepare, run_trainer
 from cuda_semantics import (
     FLASH_BACKENDS,
     cuda_streams_on_cpu,
@@ -212,6 +212,40 @@ def test_prepare_ranks_wait_for_the_hashing_rank_on_a_group_with_a_long_timeout(
     for group in barriers:
         assert group is not None and group["backend"] == "gloo", group
         assert group["timeout"] >= datetime.timedelta(hours=1), group
+
+
+def test_gradient_checkpointing_ratio_checkpoints_its_blocks_under_fsdp1(monkeypatch):
+    """--gradient_checkpointing_ratio 0.5 under FSDP1: the blocks were chosen by identity before accelerate wrapped
+    them, and FSDP1 puts a wrapper in each block's place, so no block was checkpointed (a run meant to fit ran out of
+    memory). Real FSDP1, one process on the CPU; the blocks checkpointed are the ones the ratio spreads over."""
+    import torch.distributed as dist
+    import torch.utils.checkpoint
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from tools.build_tiny_model import build_pipeline
+
+    from training.step import selective_checkpointing
+
+    transformer = build_pipeline("2b", transformer=dict(num_layers=4)).transformer
+    checkpointed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda call, *a, **k: checkpointed.append(call.__self__) or checkpoint(call, *a, **k))
+    transformer.enable_gradient_checkpointing(selective_checkpointing(transformer.transformer_blocks, 0.5))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(transformer, auto_wrap_policy=ModuleWrapPolicy({CogVideoXBlock}),
+                                           device_id=torch.device("cpu"), use_orig_params=True)
+        blocks = list(transformer.transformer_blocks)
+        assert all(isinstance(block, FullyShardedDataParallel) for block in blocks)
+        config = transformer.config
+        wrapped(hidden_states=torch.randn(1, 3, config.in_channels, 8, 8),
+                encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim),
+                timestep=torch.tensor([10]), return_dict=False)
+    finally:
+        dist.destroy_process_group()
+    assert [blocks.index(block) for block in checkpointed] == [0, 2]
 
 
 # ----------------------------------------------------------------------------------------------- pinned memory

@@ -95,10 +95,14 @@ def selective_checkpointing(blocks, ratio):
     import torch.utils.checkpoint
 
     count = round(ratio * len(blocks))
-    chosen = {id(blocks[i * len(blocks) // count]) for i in range(count)} if count else set()
+    chosen = {i * len(blocks) // count for i in range(count)} if count else set()
+    # Marked on the block, not remembered by identity: FSDP1 (and activation-checkpoint wrappers) replace each block
+    # with a wrapper that the transformer then calls, and they look attributes up on the module they wrap.
+    for index, block in enumerate(blocks):
+        block.selectively_checkpointed = index in chosen
 
     def checkpoint_some(block, *inputs):
-        if id(block) in chosen:
+        if getattr(block, "selectively_checkpointed", False):
             return torch.utils.checkpoint.checkpoint(block.__call__, *inputs, use_reentrant=False)
         return block(*inputs)
 

@@ -223,8 +223,8 @@ def test_gradient_checkpointing_ratio_checkpoints_its_blocks_under_fsdp1(monkeyp
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from tools.build_tiny_model import build_pipeline
 
+    from tools.build_tiny_model import build_pipeline
     from training.step import selective_checkpointing
 
     transformer = build_pipeline("2b", transformer=dict(num_layers=4)).transformer

@@ -37,6 +37,48 @@ def test_fp8_layers_are_the_blocks_linear_layers_under_lora():
     assert type(base.base_layer).__name__ == "Float8Linear" and type(base.lora_A["default"]).__name__ == "Linear"
 
 
+def _fp8_backward(model, x, monkeypatch):
+    """(input gradient, weight gradients, matmuls in the backward pass) of a sum of squares through `model`."""
+    matmuls, mm = [], torch.mm
+    out = model(x).pow(2).sum()
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(1) or mm(*a, **k))
+    out.backward()
+    monkeypatch.setattr(torch, "mm", mm)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return x.grad, grads, len(matmuls)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["lora-base", "trained"])
+def test_fp8_frozen_layers_compute_only_the_input_gradient(monkeypatch, frozen):
+    """Under LoRA the FP8 base layers are frozen: torchao's backward computed their weights' gradients anyway (two
+    matmuls per layer instead of one). Now one, giving bit for bit torchao's input gradient; a trained layer runs
+    torchao's own backward."""
+    import copy
+
+    import torchao.float8.float8_linear as float8_linear
+    from torchao.float8 import convert_to_float8_training
+
+    from training.compute import use_fp8_matmuls
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 64)).requires_grad_(not frozen)
+    plain = torch.nn.ModuleDict({"transformer_blocks": layers})  # where use_fp8_matmuls converts layers
+    ours = use_fp8_matmuls(copy.deepcopy(plain))["transformer_blocks"]
+    reference = convert_to_float8_training(copy.deepcopy(plain))["transformer_blocks"]
+    assert all(type(m).__name__ == "Float8Linear" for m in (*ours, *reference))
+    x = torch.randn(8, 32, requires_grad=True)
+    grad, weight_grads, matmuls = _fp8_backward(ours, x, monkeypatch)
+    x.grad = None
+    with monkeypatch.context() as torchao_own:
+        installed = float8_linear.matmul_with_hp_or_float8_args
+        own = installed.__bases__[0] if getattr(installed, "skips_frozen_weights", False) else installed
+        torchao_own.setattr(float8_linear, "matmul_with_hp_or_float8_args", own)
+        expected, expected_weight_grads, expected_matmuls = _fp8_backward(reference, x, monkeypatch)
+    assert torch.equal(grad, expected)
+    assert all(torch.equal(a, b) for a, b in zip(weight_grads, expected_weight_grads))
+    assert (matmuls, expected_matmuls) == ((2, 4) if frozen else (4, 4))
+
+
 def test_fp8_training_follows_plain_training(tiny_model_5b, tmp_path, caplog):
     """Same seed: the loss after two steps within FP8's rounding of the plain run's; the LoRA trains and has the
     plain run's tensors (names and shapes), so it loads wherever that one does."""

@@ -3,7 +3,8 @@
 - `--fp8_training`: the linear layers of the transformer blocks become torchao's `Float8Linear`: each matmul
   (forward, and both of the backward pass) runs in FP8 with dynamic per-tensor scales, while the weights stay in
   their own dtype (so checkpoints, the LoRA file and the saved transformer are as without it). Under LoRA the frozen
-  base layers compute in FP8 and the adapters, which peft wraps around them, in their own precision. Layers whose
+  base layers compute in FP8 (their backward only the input's gradient) and the adapters, which peft wraps around
+  them, in their own precision. Layers whose
   sides are not multiples of 16 (FP8 kernels need them) and everything outside the blocks (embeddings, the output
   projection) keep their precision. On a GPU it needs FP8 tensor cores (compute capability 8.9: Ada, Hopper or newer).
 - `--regional_compile`: `torch.compile` of each transformer block instead of the whole model, as diffusers'
@@ -33,9 +34,50 @@ def use_fp8_matmuls(transformer):
     from torchao.float8 import convert_to_float8_training
 
     convert_to_float8_training(transformer, module_filter_fn=fp8_layer)
+    _skip_frozen_weight_gradients()
     logger.info("FP8 matmuls in %d linear layers of the transformer blocks",
                 sum(type(m).__name__ == "Float8Linear" for m in transformer.modules()))
     return transformer
+
+
+def _skip_frozen_weight_gradients():
+    """Float8Linear's matmul, made to compute only the input's gradient where the weight is frozen (LoRA's base
+    layers): torchao's backward always computes the weight's too, a second matmul per layer for nothing. Installed
+    where Float8Linear looks its matmul up, once; where the weight trains, torchao's own backward runs."""
+    import torchao.float8.float8_linear as float8_linear
+
+    matmul = float8_linear.matmul_with_hp_or_float8_args
+    if getattr(matmul, "skips_frozen_weights", False):
+        return
+
+    class Float8MatmulSkippingFrozenWeights(matmul):
+        skips_frozen_weights = True
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            if ctx.needs_input_grad[1]:
+                return matmul.backward(ctx, grad_output)
+            return _fp8_input_gradient(matmul, ctx, grad_output), None, None, None
+
+    float8_linear.matmul_with_hp_or_float8_args = Float8MatmulSkippingFrozenWeights
+
+
+def _fp8_input_gradient(matmul, ctx, grad_output):
+    """grad_output @ weight as torchao's backward computes it (grad_output and weight cast by the config's
+    grad_input settings, the grad_input GEMM config), through torchao's own forward matmul with those settings."""
+    import dataclasses
+
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    _, weight_t = ctx.saved_tensors
+    config, gemms = ctx.config, ctx.linear_mm_config
+    # (the config checks that each operand is cast alike wherever it is used: the grad_weight half is not run)
+    as_forward = dataclasses.replace(
+        config, cast_config_input=config.cast_config_grad_output,
+        cast_config_input_for_grad_weight=config.cast_config_grad_output,
+        cast_config_weight=config.cast_config_weight_for_grad_input)
+    unsaved = type("Unsaved", (), {"save_for_backward": lambda self, *tensors: None})()
+    return matmul.forward(unsaved, grad_output, weight_t.t(), LinearMMConfig(gemms.grad_input, *gemms[1:]), as_forward)
 
 
 def compile_blocks(transformer, mode=None):

@@ -61,8 +61,9 @@ def trainer_args(spec, mode, flags):
     return parse_args(argv)
 
 
-def estimate(model, mode, flags, scale="full"):
-    """{"training": bytes, "validation": bytes, "final_test": bytes, ...} for one configuration."""
+def estimate(model, mode, flags, scale="full", autocast="cuda"):
+    """{"training": bytes, "validation": bytes, "final_test": bytes, ...} for one configuration, on a GPU (CUDA
+    autocast's rules) unless `autocast` says "cpu"."""
     import torch
     from transformers import T5Config
 
@@ -76,7 +77,8 @@ def estimate(model, mode, flags, scale="full"):
     text_encoder = T5_XXL if scale == "full" else dict(T5_XXL, d_model=spec.transformer["text_embed_dim"], d_kv=8,
                                                         d_ff=64, num_heads=2, num_layers=1, vocab_size=1000)
     return estimate_phases(args, spec.transformer, spec.vae, T5Config(**text_encoder), CONDITIONINGS[spec.conditioning](),
-                           MODES[mode](), torch.bfloat16, {tuple(spec.train_video): args.train_batch_size})
+                           MODES[mode](), torch.bfloat16, {tuple(spec.train_video): args.train_batch_size},
+                           autocast=autocast)
 
 
 def command(model, mode, flags):

@@ -82,8 +82,8 @@ def estimate():
 
     done = {}  # tests share the simulations they both need
 
-    def run(mode="lora", bucket=(17, 256, 384), phases=False, **changes):
-        key = (mode, bucket, phases, tuple(sorted(changes.items())))
+    def run(mode="lora", bucket=(17, 256, 384), phases=False, autocast=None, **changes):
+        key = (mode, bucket, phases, autocast, tuple(sorted(changes.items())))
         if key not in done:
             args = copy.copy(base)
             vars(args).update(changes)
@@ -95,10 +95,79 @@ def estimate():
                                             known_peaks={(bucket, batch): 0})
             else:
                 done[key] = estimate_training(args, _mid_size_config(), vae_config, None, TextToVideo(), MODES[mode](),
-                                              torch.bfloat16, bucket)
+                                              torch.bfloat16, bucket, autocast)
         return done[key]
 
     return run
+
+
+@pytest.mark.parametrize("variant", ["2b", "5b"])
+def test_the_estimates_cuda_rules_give_the_dtypes_of_cuda_autocast(variant):
+    """The estimate runs on fake CPU tensors (autograd cannot run on fake CUDA ones in a CPU build of torch); for a
+    GPU run it follows CUDA autocast's rules. Every norm and every linear of a forward gets the dtype CUDA autocast
+    itself gives (fake CUDA tensors under CUDA autocast), which plain CPU autocast does not (its norms stay bf16)."""
+    from cuda_semantics import fake_cuda
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tools.build_tiny_model import build_pipeline
+    from training import attention
+    from training.memory_estimate import cuda_autocast_rules
+
+    class Dtypes(TorchDispatchMode):
+        """(op, output dtype) of every norm and matmul."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("native_layer_norm", "native_group_norm", "addmm", "mm"):
+                self.seen.append((func.overloadpacket.__name__, (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+
+    transformer = attention.install(build_pipeline(variant).transformer.to(torch.bfloat16).requires_grad_(False))
+    config = transformer.config
+
+    def forward(device):
+        tokens = 3 * (8 // config.patch_size) ** 2
+        rotary = (tuple(torch.zeros(tokens, config.attention_head_dim, device=device) for _ in range(2))
+                  if config.use_rotary_positional_embeddings else None)
+        with Dtypes() as dtypes:
+            transformer(hidden_states=torch.zeros(1, 3, config.in_channels, 8, 8, device=device),
+                        encoder_hidden_states=torch.zeros(1, config.max_text_seq_length, config.text_embed_dim,
+                                                          device=device),
+                        timestep=torch.zeros(1, dtype=torch.long, device=device), image_rotary_emb=rotary)
+        return dtypes.seen
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_cpu = forward("cpu")
+        with cuda_autocast_rules():
+            simulated = forward("cpu")
+    with fake_cuda(torch.bfloat16):
+        transformer.to_empty(device="cuda")
+        cuda = forward("cuda")
+    assert ("native_layer_norm", torch.float32) in cuda and len(cuda) > 10
+    assert simulated == cuda
+    assert plain_cpu != cuda
+
+
+def test_a_gpu_estimate_counts_the_norms_in_fp32(estimate, monkeypatch):
+    """CUDA autocast keeps LayerNorm's output (and the input it saves for backward) in fp32: more memory than CPU
+    autocast's bf16, most of all without gradient checkpointing. The default is where training would run."""
+    from training.memory_estimate import machine_autocast
+
+    for flags in ({}, {"gradient_checkpointing": True}):
+        cpu, cuda = estimate(autocast="cpu", **flags), estimate(autocast="cuda", **flags)
+        assert cuda["static"] == cpu["static"]
+        assert cuda["training_peak"] > cpu["training_peak"], flags
+    plain = estimate(autocast="cuda")["training_peak"] / estimate(autocast="cpu")["training_peak"]
+    checkpointed = (estimate(autocast="cuda", gradient_checkpointing=True)["training_peak"]
+                    / estimate(autocast="cpu", gradient_checkpointing=True)["training_peak"])
+    assert plain > checkpointed > 1
+    assert machine_autocast() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert machine_autocast() == "cuda"
 
 
 def test_estimate_follows_the_options_that_change_memory(estimate):

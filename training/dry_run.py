@@ -20,7 +20,7 @@ def dry_run_plan(job):
     from diffusers import CogVideoXTransformer3DModel
 
     from .batch_size import component_configs
-    from .memory_estimate import estimate_phases
+    from .memory_estimate import estimate_phases, machine_autocast
 
     args, data, schedule, backend = job.args, job.data, job.schedule, job.backend
     transformer_config = job.settings.transformer_config
@@ -55,6 +55,8 @@ def dry_run_plan(job):
                                      else args.sequence_parallel_shards if args.enable_sequence_parallelism else None),
         "transformer_parameters": count_parameters(transformer.parameters()),
         "trainable_parameters": count_parameters(job.mode.trainable_parameters(transformer)),
+        # Whose autocast rules the estimate followed: the GPU's (norms in fp32) where there is one, else the CPU's.
+        "memory_estimated_for": {"cuda": "a GPU (CUDA autocast)", "cpu": "the CPU (CPU autocast)"}[machine_autocast()],
         "peak_memory_gib": {k: (round(v / 2**30, 3) if k in ("training", "validation", "final_test") else v)
                             for k, v in phases.items()},
         "peak_memory_bytes": phases,

@@ -120,14 +120,49 @@ def _token_ids(prompts, max_length, **kwargs):
     return SimpleNamespace(input_ids=torch.zeros(len(prompts), max_length, dtype=torch.long))
 
 
+def machine_autocast():
+    """The autocast whose rules the estimate follows by default: CUDA's where there is a GPU, else the CPU's."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def cuda_autocast_rules():
+    """CUDA autocast's rules on fake CPU tensors, which run under CPU autocast (autograd cannot run on fake CUDA
+    tensors in a CPU build of torch). The two differ, for CogVideoX, in the norms: CUDA autocast computes layer_norm
+    and group_norm in fp32 (their output, and the input LayerNorm saves for backward, in fp32), CPU autocast in the
+    lower dtype. tests/test_memory_estimate.py holds the dtypes this gives against CUDA autocast itself."""
+    import torch.nn.functional as F
+
+    layer_norm, group_norm = F.layer_norm, F.group_norm
+
+    def in_fp32(norm):
+        def fp32_norm(input, *args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return norm(input, *args, **kwargs)  # CUDA's fp32 policy casts every floating input, weights too
+            as_fp32 = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return norm(input.float(), *as_fp32, **kwargs)
+        return fp32_norm
+
+    F.layer_norm, F.group_norm = in_fp32(layer_norm), in_fp32(group_norm)
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm = layer_norm, group_norm
+
+
 class SimulatedBackend:
     """What the training backend does within a step, for one process and fake tensors: autocast around the
-    transformer's forward (as accelerate's mixed precision wraps it), plain backward and clipping, no reduction."""
+    transformer's forward (as accelerate's mixed precision wraps it), plain backward and clipping, no reduction.
+    `autocast`: whose autocast rules ("cuda" or "cpu"; default: this machine's, where training would run)."""
 
     device = torch.device("cpu")
 
-    def __init__(self, weight_dtype):
+    def __init__(self, weight_dtype, autocast=None):
         self.weight_dtype = weight_dtype
+        self.autocast = autocast or machine_autocast()
 
     def prepare(self, transformer):
         """The forward wrapped as accelerate's prepare wraps it under mixed precision (outputs back in fp32)."""
@@ -137,6 +172,10 @@ class SimulatedBackend:
             forward = torch.autocast("cpu", dtype=self.weight_dtype)(type(transformer).forward)
             transformer.forward = MethodType(convert_outputs_to_fp32(forward), transformer)
         return transformer
+
+    def autocast_rules(self):
+        """Around everything the simulation runs (gradient checkpointing recomputes forwards in the backward)."""
+        return cuda_autocast_rules() if self.autocast == "cuda" else contextlib.nullcontext()
 
     def accumulating(self, model, sync):
         return contextlib.nullcontext()
@@ -248,14 +287,14 @@ def _training_scheduler():
 
 
 def estimate_training(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
-                      bucket):
+                      bucket, autocast=None):
     """Bytes: {"static": weights + optimizer states, "training_peak": the high-water mark over two optimizer steps,
     "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     source = choose_data_source(args)
-    backend = SimulatedBackend(weight_dtype)
+    backend = SimulatedBackend(weight_dtype, autocast)
     shards = simulated_shards(args)
     transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode,
                                             shards)
@@ -268,7 +307,7 @@ def estimate_training(args, transformer_config, vae_config, text_encoder_config,
 
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules])
-    with fake_mode, tracker, _module_conversion_assigns():
+    with fake_mode, tracker, _module_conversion_assigns(), backend.autocast_rules():
         optimizer = _simulated_optimizer(parameters, args)
         trainer = Trainer(backend.prepare(transformer), optimizer, build_lr_scheduler(args, optimizer, 2), parameters,
                           context, conditioning, mode, backend)
@@ -342,7 +381,7 @@ def estimate_inference(args, transformer, vae, text_encoder, transformer_config,
 
 
 def estimate_phases(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
-                    buckets, batch_sizes=None, each_bucket=False, known_peaks=None):
+                    buckets, batch_sizes=None, each_bucket=False, known_peaks=None, autocast=None):
     """Peak bytes per phase for the heaviest batch: {"training": ..., "validation": ..., "final_test": ...}.
     `buckets`: {(frames, height, width): number of samples} (or a list, assuming full batches); `batch_sizes`:
     {bucket: batch size} where buckets differ (else --train_batch_size). With `each_bucket`, also
@@ -365,7 +404,7 @@ def estimate_phases(args, transformer_config, vae_config, text_encoder_config, c
         bucket_args = copy.copy(args)
         bucket_args.train_batch_size = batch_size(bucket)
         return estimate_training(bucket_args, transformer_config, vae_config, text_encoder_config, conditioning, mode,
-                                 weight_dtype, bucket)["training_peak"]
+                                 weight_dtype, bucket, autocast)["training_peak"]
 
     largest = max(buckets, key=lambda b: b[0] * b[1] * b[2] * batch_size(b))
     phases = {"bucket": "x".join(map(str, largest)), "batch_size": batch_size(largest)}
@@ -383,14 +422,16 @@ def estimate_phases(args, transformer_config, vae_config, text_encoder_config, c
     # Validation: the training transformer (in eval, its forward still wrapped for mixed precision) plus encoders
     # the training did not hold.
     transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode)
-    transformer = SimulatedBackend(weight_dtype).prepare(transformer)
+    backend = SimulatedBackend(weight_dtype, autocast)
+    transformer = backend.prepare(transformer)
     vae = fake_vae(vae_config, weight_dtype, fake_mode, args)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
     optimizer_states = optimizer_state_bytes(args, mode.trainable_parameters(transformer))
-    peak = estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
-                              weight_dtype, fake_mode, tracker, offload)
+    with backend.autocast_rules():
+        peak = estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
+                                  weight_dtype, fake_mode, tracker, offload)
     phases["validation"] = peak + optimizer_states - _nf4_saving(args, transformer)
 
     # Final test: a fresh pipeline in the compute dtype with the artifact applied; nothing from training.

@@ -45,7 +45,7 @@ def use_bitsandbytes():
     kernels = sys.modules.get("kernels", 0)
     sys.modules["kernels"] = None  # bitsandbytes falls back (it catches the ImportError) and logs at a quiet logger
     try:
-        bnb = importlib.import_module(NAME)
+        import bitsandbytes as bnb
     finally:
         if kernels == 0:
             del sys.modules["kernels"]

@@ -27,12 +27,13 @@ def _tiny_transformer(variant, dtype=torch.bfloat16):
     return transformer
 
 
-def _forward(transformer, frames=3, size=8):
-    """One forward of the transformer on fake CUDA inputs (inside fake_cuda); its weights become fake CUDA ones."""
+def _forward(transformer, frames=3, size=8, dtype=torch.float32):
+    """One forward of the transformer on fake CUDA inputs of `dtype` (inside fake_cuda); its weights become fake
+    CUDA ones."""
     config = transformer.config
     transformer.to_empty(device="cuda")
-    noisy = torch.empty(1, frames, config.in_channels, size, size, device="cuda")
-    text = torch.empty(1, config.max_text_seq_length, config.text_embed_dim, device="cuda")
+    noisy = torch.empty(1, frames, config.in_channels, size, size, device="cuda", dtype=dtype)
+    text = torch.empty(1, config.max_text_seq_length, config.text_embed_dim, device="cuda", dtype=dtype)
     rotary = None
     if config.use_rotary_positional_embeddings:
         tokens = frames * (size // config.patch_size) ** 2
@@ -76,6 +77,43 @@ def test_sequence_parallel_exchange_moves_the_kernel_dtype(monkeypatch):
         _forward(transformer, frames=2)
     exchanged_before_kernel = moved[0::4], moved[1::4], moved[2::4]  # per layer: q, k, v, then the output
     assert moved and all(set(dtypes) == {torch.bfloat16} for dtypes in exchanged_before_kernel), moved
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, None], ids=["training-autocast", "inference-bf16"])
+def test_an_fp8_stored_base_computes_every_matmul_in_bf16_on_cuda(autocast):
+    """--quantize_base fp8 (diffusers' layerwise casting, which training, validation and the README's inference
+    recipe use) on fake CUDA tensors, under CUDA bf16 autocast (training, validation) and without (the final test and
+    the recipe, a bf16 pipeline): each layer's weights are cast to bf16 around its forward, so every matmul takes
+    bf16 operands, and the weights are stored in FP8 again afterwards."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from training.memory_estimate import _module_conversion_assigns
+    from training.models import prepare_frozen_base
+    from training.modes import LoRA, cast_frozen
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.operands = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("addmm", "mm"):  # the linears (attention is the kernel's)
+                self.operands.add(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    transformer = _tiny_transformer("5b")
+    args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
+                           master_weight_dtype="bf16")
+    with _module_conversion_assigns():  # layerwise casting assigns cast copies (fake parameters cannot be swapped)
+        prepare_frozen_base(transformer, args, torch.bfloat16)
+        LoRA().prepare(transformer, args)
+        cast_frozen(transformer, torch.bfloat16)
+        stored = {name: p.dtype for name, p in transformer.named_parameters()}
+        assert stored["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+        with fake_cuda(autocast), Matmuls() as matmuls:
+            out = _forward(transformer, dtype=torch.float32 if autocast else torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and matmuls.operands == {(torch.bfloat16,) * 3, (torch.bfloat16,) * 2}
+    assert {name: p.dtype for name, p in transformer.named_parameters()} == stored
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

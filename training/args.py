@@ -209,6 +209,9 @@ def build_parser(description="CogVideoX fine-tuning"):
     add_parallelism_arguments(parser)
     add_optimizer_arguments(parser)
     add_configuration_arguments(parser)
+    from .run_config import add_config_arguments
+
+    add_config_arguments(parser)
     return parser
 
 
@@ -583,5 +586,9 @@ def _offload_problems(args):
 
 
 def parse_args(argv=None, description="CogVideoX fine-tuning"):
-    """Parse only (validation needs to know the trainer variant: see settings.validate_training_args)."""
-    return build_parser(description).parse_args(argv)
+    """Parse only, with --config's values under the command line's (validation needs to know the trainer variant:
+    see settings.validate_training_args)."""
+    from .run_config import parse_with_config, trainer_sections
+
+    parser = build_parser(description)
+    return parse_with_config(parser, argv, trainer_sections(parser))

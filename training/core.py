@@ -37,6 +37,7 @@ from .models import load_text_encoder, load_tokenizer, load_training_scheduler, 
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
 from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
+from .run_config import RUN_CONFIG, write_trainer_config
 from .settings import validate_training_args
 from .startup import StartupClock
 from .step import build_context, build_trainer, train_step
@@ -116,6 +117,11 @@ def run(argv, conditioning, mode):
         plan = dry_run_plan(job)
         backend.end()
         return {"dry_run": plan}
+    if backend.is_main_process:  # what this run is: --config <output_dir>/config.toml runs it again
+        write_trainer_config(args, Path(args.output_dir) / RUN_CONFIG)
+        if args.hub_token:
+            logger.warning("--hub_token is kept out of every file and tracker of this run; `hf auth login` stores a "
+                           "token once, for every tool, and keeps it off command lines")
     job.trainer = build_models_and_optimizer(job)  # 4.
     job.state, job.history = resume(job)  # 5.
     startup.mark("models, optimizer and resume")
@@ -384,11 +390,15 @@ def save_and_test(job, summary):
 
 
 def _tracker_config(args):
-    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in vars(args).items()}
+    from .run_config import public_values
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in public_values(args).items()}
 
 
 # What --push_to_hub uploads: the artifact (LoRA in both forms, or transformer/), the card, and what the card shows.
-HUB_FILES = ["*.safetensors", "transformer/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "*.gif", "*_sheet.png", "summary.json"]
+HUB_FILES = ["*.safetensors", "transformer/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "*.gif", "*_sheet.png", "summary.json",
+             RUN_CONFIG]
 
 
 def push_to_hub(args):

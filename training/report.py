@@ -289,6 +289,7 @@ def run_settings(args, conditioning, mode, num_processes, steps, batch_size):
         "mixed precision": args.mixed_precision or "no",
         **buckets,
         "seed": args.seed,
+        "every setting": "config.toml (train the same run again with --config config.toml)",
     }
     if mode.name == "lora":
         settings.update({"rank": args.rank, "alpha": args.lora_alpha, "target modules": args.lora_target_modules})

@@ -158,8 +158,6 @@ def _flag_problems(args):
             problems.append(f"--{name} {getattr(args, name)}: validation size must be a multiple of 16")
     if args.validation_prompt is not None and not args.validation_prompt.strip():
         problems.append("--validation_prompt is empty")
-    if args.push_to_hub and args.report_to == "wandb" and args.hub_token is not None:
-        problems.append("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir() and not (
             Path(args.output_dir) / args.resume_from_checkpoint

@@ -1,0 +1,273 @@
+"""A whole run in one file: `--config run.toml` (or .yaml), the flags grouped in sections; flags given on the
+command line override it. The trainers read the sections below; `prepare_dataset.py` reads [prepare] and
+`tools/infer.py` [infer], so one file can describe the whole pipeline (each tool skips the others' sections).
+
+    [model]
+    pretrained_model_name_or_path = "THUDM/CogVideoX-5b"
+    [lora]
+    rank = 64
+    [optimizer]
+    optimizer = "adamw"
+
+Every key is a flag's name without the dashes; a switch (`--gradient_checkpointing`) is `true` or `false`, a flag
+that takes several values a list. A run writes what it ran with, every value resolved, to <output_dir>/config.toml
+(`config_toml`), without secrets (--hub_token) and without what only says how to start this time (--dry_run,
+--resume_from_checkpoint): `--config <run>/config.toml` trains the same run again.
+"""
+
+import argparse
+import difflib
+import json
+import math
+import sys
+from pathlib import Path
+
+from .args import UsageError
+
+
+RUN_CONFIG = "config.toml"  # in --output_dir
+
+# Flags that are never written (secrets) or that say how to start rather than what the run is.
+SECRETS = {"hub_token"}
+NOT_RECORDED = {"config", "print_config", "dry_run", "resume_from_checkpoint", "help"}
+
+# The trainers' sections, in the order config.toml lists them: each flag's section is its argparse group's, but for
+# the flags named in REFINED.
+GROUP_SECTIONS = {
+    "Model information": "model",
+    "Dataset information": "data",
+    "CogVideoX-Fun sampling (any of these replaces the bucket flags)": "buckets",
+    "Validation": "validation",
+    "Held-out evaluation": "validation",
+    "Training": "training",
+    "Sequence parallelism, kernels and compilation": "parallelism",
+    "Optimizer": "optimizer",
+    "Configuration": "logging",
+}
+REFINED = {
+    "buckets": ["height_buckets", "width_buckets", "frame_buckets", "bucket_config", "max_num_frames"],
+    "data": ["load_tensors"],
+    "lora": ["rank", "lora_alpha", "lora_target_modules"],
+    "validation": ["height", "width", "fps", "enable_slicing", "enable_tiling"],
+    "checkpointing": ["checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"],
+    "memory": ["gradient_checkpointing", "gradient_checkpointing_ratio", "offload_activations", "quantize_base",
+               "max_memory_gb", "pin_memory", "use_cpu_offload_optimizer", "offload_gradients"],
+    "parallelism": ["nccl_timeout", "allow_tf32"],
+    "training": ["dry_run"],
+}
+TRAINER_SECTIONS = ["model", "data", "buckets", "training", "optimizer", "lora", "validation", "checkpointing",
+                    "memory", "parallelism", "logging"]
+TOOL_SECTIONS = ["prepare", "infer"]
+
+
+def add_config_arguments(parser):
+    group = parser.add_argument_group("Run configuration")
+    group.add_argument("--config", type=str, default=None,
+                       help="A TOML or YAML file of this command's flags in sections (README: one run, one config); "
+                            "flags on the command line override it.")
+    group.add_argument("--print_config", action="store_true",
+                       help="Print every resolved value as a config file and exit.")
+
+
+def trainer_sections(parser):
+    """{dest: section} of a trainer's parser."""
+    refined = {dest: section for section, dests in REFINED.items() for dest in dests}
+    sections = {}
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            if action.dest in refined:
+                sections[action.dest] = refined[action.dest]
+            elif group.title in GROUP_SECTIONS:
+                sections[action.dest] = GROUP_SECTIONS[group.title]
+    return sections
+
+
+def parse_with_config(parser, argv, sections):
+    """parser.parse_args(argv), with the --config file's values as defaults. `sections`: {dest: section} (a trainer:
+    trainer_sections) or one section name for every flag (a tool). --print_config prints the result and exits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given, _ = _pre_parser().parse_known_args(argv)
+    if given.config:
+        defaults = read_config(given.config, parser, sections)
+        for action in parser._actions:
+            if action.dest in defaults:
+                action.required = False  # the file gives it
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    if args.print_config:
+        print(config_toml(args, parser, sections), end="")
+        sys.exit(0)
+    return args
+
+
+def _pre_parser():
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    return pre
+
+
+def read_config(path, parser, sections):
+    """{dest: value} from the file, each value checked and converted as its flag's would be; UsageError with one
+    line per problem, naming the file, the section and the key."""
+    data = _load(Path(path))
+    mine = _my_sections(sections)
+    known_sections = set(TRAINER_SECTIONS) | set(TOOL_SECTIONS)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    values, problems = {}, []
+    for section, table in data.items():
+        where = f"--config {path}: [{section}]"
+        if not isinstance(table, dict):
+            problems.append(f"--config {path}: {section} = {table!r} is outside any section; put it under "
+                            f"its section ({', '.join(f'[{s}]' for s in mine)})")
+            continue
+        if section not in known_sections:
+            close = difflib.get_close_matches(section, sorted(known_sections), n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else f" (sections: {', '.join(sorted(known_sections))})"
+            problems.append(f"{where}: unknown section{hint}")
+            continue
+        if section not in mine:
+            continue  # another tool's section
+        for key, value in table.items():
+            action = actions.get(key)
+            own = _section_of(key, sections)
+            if action is None or own is None:
+                close = difflib.get_close_matches(key, sorted(actions), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{where} {key}: unknown setting{hint}")
+            elif own != section:
+                problems.append(f"{where} {key}: belongs in [{own}]")
+            else:
+                try:
+                    values[key] = _converted(action, value)
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                    shown = _toml_value(value) if _writable(value) else repr(value)
+                    problems.append(f"{where} {key} = {shown}: {error}")
+    if problems:
+        raise UsageError(problems)
+    return values
+
+
+def _load(path):
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as error:  # noqa: BLE001 - any parse error is the file's, reported in one line
+        detail = str(error).splitlines()[0]
+        raise UsageError(f"--config {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'TOML'}"
+                         f" ({detail})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected sections of settings, got {type(data).__name__}")
+    return data
+
+
+def _my_sections(sections):
+    return [sections] if isinstance(sections, str) else [s for s in TRAINER_SECTIONS if s in set(sections.values())]
+
+
+def _section_of(dest, sections):
+    return sections if isinstance(sections, str) else sections.get(dest)
+
+
+def _converted(action, value):
+    """`value` as argparse would have made it from the command line (its type, choices and number of values)."""
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else None
+        if items is None:
+            raise TypeError("expected a list, e.g. [1, 2]")
+        return [_scalar(action, item) for item in items]
+    if isinstance(value, (list, dict)):
+        raise TypeError("expected a single value")
+    return _scalar(action, value)
+
+
+def _scalar(action, value):
+    if isinstance(value, bool):
+        raise TypeError("expected a value, not true/false")
+    kind = action.type
+    if kind is int and (isinstance(value, float) or isinstance(value, str)):
+        raise TypeError("expected a whole number")
+    if kind is float and isinstance(value, str):
+        raise TypeError("expected a number")
+    if kind in (None, str) and not isinstance(value, str):
+        raise TypeError("expected a string (in quotes)")
+    converted = kind(value if kind in (int, float) else str(value)) if kind is not None else value
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: what a run ran with
+# ----------------------------------------------------------------------------------------------
+
+
+def recorded_values(args, parser, sections):
+    """{section: {dest: value}} of every flag this run resolved, secrets and per-start flags left out, None left out
+    (the default of such flags is None)."""
+    table = {}
+    for action in parser._actions:
+        dest = action.dest
+        section = _section_of(dest, sections)
+        if not action.option_strings or section is None or dest in SECRETS | NOT_RECORDED:
+            continue
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        table.setdefault(section, {})[dest] = value
+    order = _my_sections(sections)
+    return {section: table[section] for section in order if section in table}
+
+
+def config_toml(args, parser, sections):
+    lines = ["# Every value this run resolved (flags, --config and defaults). Rerun with --config this_file;",
+             "# flags on the command line override it."]
+    for section, values in recorded_values(args, parser, sections).items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_trainer_config(args, path):
+    """<output_dir>/config.toml of a trainer's run."""
+    from .args import build_parser
+
+    parser = build_parser()
+    Path(path).write_text(config_toml(args, parser, trainer_sections(parser)), encoding="utf-8")
+
+
+def public_values(args):
+    """vars(args) without secrets: what trackers and reports may show."""
+    return {k: v for k, v in vars(args).items() if k not in SECRETS}
+
+
+def _writable(value):
+    return isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and all(map(_writable, value)))
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's

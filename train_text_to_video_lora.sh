@@ -9,6 +9,7 @@
 #   ACCELERATE_CONFIG_FILE=accelerate_configs/cpu.yaml MIXED_PRECISION=no ...
 #   EXTRA_ARGS="--checkpoints_total_limit 2 --resume_from_checkpoint latest" ...
 #   RANK=64 LORA_ALPHA=64 VALIDATION_PROMPT= ...      # smaller adapter, no validation
+#   CONFIG=run.toml LEARNING_RATES="1e-4 3e-4" ./train_text_to_video_lora.sh   # a run config, two learning rates
 # The settings shared by the train_*.sh scripts (their defaults, how lists,
 # EXTRA_ARGS and relative paths work) are listed in scripts/sweep_lib.sh.
 

@@ -86,6 +86,13 @@ split_separated() {
 #     it must divide the processes (GPU_IDS with a multi-GPU config);
 #   EXTRA_ARGS: split on whitespace (no quoting, no globbing) and appended to
 #     every command; a flag given there overrides the same flag set earlier.
+#   CONFIG: a run config file (--config, README "One run, one config"). The runs
+#     then take every setting from it, except the settings above (and the
+#     script's own: RANK, LORA_ALPHA, NOISED_IMAGE_DROPOUT) that you set in the
+#     environment, which override it; the scripts' defaults do not apply. The
+#     grid is the lists you set (LEARNING_RATES="1e-4 3e-4": two runs), each in
+#     OUTPUT_ROOT/RUN_NAME__<the settings you set>; with none set, one run in the
+#     config's output_dir. GPU_IDS and ACCELERATE_CONFIG_FILE keep their defaults.
 # Relative paths given in the environment are taken from the directory you run
 # the script from (inputs only when they exist there); the defaults are
 # relative to this repository, which the scripts change into.
@@ -100,6 +107,15 @@ split_separated() {
 # repository and export the training environment.
 sweep_begin() {
   CALLER_DIR=$PWD
+  # What you set yourself (before the script's defaults): with CONFIG only these override the file.
+  local name
+  SWEEP_SET_BY_USER=" "
+  for name in "${SWEEP_SETTINGS[@]}"; do
+    if [[ -n "${!name+set}" ]]; then
+      SWEEP_SET_BY_USER+="$name "
+    fi
+  done
+  resolve_from_caller CONFIG existing
   resolve_from_caller ACCELERATE_CONFIG_FILE existing
   resolve_from_caller MODEL_PATH existing
   resolve_from_caller DATA_ROOT existing
@@ -132,6 +148,14 @@ sweep_begin() {
   export NCCL_P2P_DISABLE="${NCCL_P2P_DISABLE:-1}"
   export TORCH_NCCL_ENABLE_MONITORING="${TORCH_NCCL_ENABLE_MONITORING:-0}"
 }
+
+# The settings a sweep turns into trainer flags (with CONFIG: only those you set).
+SWEEP_SETTINGS=(MODEL_PATH DATA_ROOT CAPTION_COLUMN VIDEO_COLUMN ID_TOKEN HEIGHT_BUCKETS WIDTH_BUCKETS FRAME_BUCKETS
+  MAX_NUM_FRAMES VALIDATION_PROMPT VALIDATION_IMAGES VALIDATION_EPOCHS CHECKPOINTING_STEPS TRAIN_BATCH_SIZE
+  GRADIENT_ACCUMULATION_STEPS LR_WARMUP_STEPS LR_SCHEDULES MIXED_PRECISION REPORT_TO SEED DATALOADER_NUM_WORKERS
+  LOAD_TENSORS SP_SIZE LEARNING_RATES OPTIMIZERS MAX_TRAIN_STEPS OUTPUT_ROOT RANK LORA_ALPHA NOISED_IMAGE_DROPOUT)
+
+user_set() { [[ "$SWEEP_SET_BY_USER" == *" $1 "* ]]; }
 
 # sweep_data RAW_DATA_ROOT RAW_CAPTION_COLUMN: check LOAD_TENSORS and default
 # the data to match prepare_dataset.sh: raw videos in RAW_DATA_ROOT (captions
@@ -189,6 +213,10 @@ sweep_run() {
   esac
   [[ "$SP_SIZE" =~ ^[1-9][0-9]*$ ]] || die "SP_SIZE must be a whole number of processes per sample (1: off), got '$SP_SIZE'"
   [[ -n "${DATA_ROOT:-}" ]] || die "the script must call sweep_data before sweep_run"
+  if [[ -n "${CONFIG:-}" ]]; then
+    sweep_run_with_config "$trainer" "$run_name"
+    return
+  fi
 
   local learning_rates lr_schedules optimizers max_train_steps
   local height_buckets width_buckets frame_buckets extra_args validation_flags frames
@@ -213,13 +241,6 @@ sweep_run() {
 
   if [[ "$DRY_RUN" == 0 ]] && ! command -v "$ACCELERATE_BIN" >/dev/null 2>&1; then
     die "'$ACCELERATE_BIN' not found: activate the environment with accelerate installed, or set ACCELERATE_BIN"
-  fi
-
-  # The Python that filters the launch's stderr: the one next to ACCELERATE_BIN, else python3 (none: unfiltered).
-  local filter_python=''
-  if [[ "$DRY_RUN" == 0 ]]; then
-    filter_python="$(dirname "$(command -v "$ACCELERATE_BIN")")/python"
-    [[ -x "$filter_python" ]] || filter_python=$(command -v python3 || true)
   fi
 
   local learning_rate lr_schedule optimizer steps output_dir cmd
@@ -285,19 +306,112 @@ sweep_run() {
             ${extra_args[@]+"${extra_args[@]}"}
           )
 
-          printf '%q ' "${cmd[@]}"
-          printf '\n'
-          if [[ "$DRY_RUN" == 0 ]]; then
-            if [[ -n "$filter_python" ]]; then
-              # stderr through scripts/launch_errors_only.py (stdout stays as it is): after the trainer's own
-              # `error:` lines, the launcher's traceback (torchrun's with several processes) is dropped. The
-              # pipeline's status is the launch's (pipefail).
-              { "${cmd[@]}" 2>&1 1>&3 3>&- | "$filter_python" scripts/launch_errors_only.py >&2 3>&-; } 3>&1
-            else
-              "${cmd[@]}"
-            fi
-            echo "-------------------- finished $output_dir --------------------"
+          sweep_launch "$output_dir" "${cmd[@]}"
+        done
+      done
+    done
+  done
+}
+
+# sweep_launch OUTPUT_DIR COMMAND...: print the command; unless DRY_RUN=1, run it.
+sweep_launch() {
+  local output_dir=$1
+  shift
+  printf '%q ' "$@"
+  printf '\n'
+  [[ "$DRY_RUN" == 0 ]] || return 0
+  # The Python that filters the launch's stderr: the one next to ACCELERATE_BIN, else python3 (none: unfiltered).
+  local filter_python
+  filter_python="$(dirname "$(command -v "$ACCELERATE_BIN")")/python"
+  [[ -x "$filter_python" ]] || filter_python=$(command -v python3 || true)
+  if [[ -n "$filter_python" ]]; then
+    # stderr through scripts/launch_errors_only.py (stdout stays as it is): after the trainer's own `error:` lines,
+    # the launcher's traceback (torchrun's with several processes) is dropped. The pipeline's status is the
+    # launch's (pipefail).
+    { "$@" 2>&1 1>&3 3>&- | "$filter_python" scripts/launch_errors_only.py >&2 3>&-; } 3>&1
+  else
+    "$@"
+  fi
+  echo "-------------------- finished $output_dir --------------------"
+}
+
+# sweep_run_with_config TRAINER RUN_NAME: the sweep over CONFIG (see CONFIG above): the file, then the settings you
+# set, then EXTRA_ARGS.
+sweep_run_with_config() {
+  local trainer=$1 run_name=$2 name flag
+  [[ -f "$CONFIG" ]] || die "CONFIG=$CONFIG: no such file"
+  local -a base=("$ACCELERATE_BIN" launch --quiet --config_file "$ACCELERATE_CONFIG_FILE" --gpu_ids "$GPU_IDS"
+    "$trainer" --config "$CONFIG")
+  local -A flags=([MODEL_PATH]=--pretrained_model_name_or_path [DATA_ROOT]=--data_root
+    [CAPTION_COLUMN]=--caption_column [VIDEO_COLUMN]=--video_column [ID_TOKEN]=--id_token
+    [MAX_NUM_FRAMES]=--max_num_frames [VALIDATION_EPOCHS]=--validation_epochs
+    [CHECKPOINTING_STEPS]=--checkpointing_steps [TRAIN_BATCH_SIZE]=--train_batch_size
+    [GRADIENT_ACCUMULATION_STEPS]=--gradient_accumulation_steps [LR_WARMUP_STEPS]=--lr_warmup_steps
+    [MIXED_PRECISION]=--mixed_precision [REPORT_TO]=--report_to [SEED]=--seed
+    [DATALOADER_NUM_WORKERS]=--dataloader_num_workers [RANK]=--rank [LORA_ALPHA]=--lora_alpha
+    [NOISED_IMAGE_DROPOUT]=--noised_image_dropout)
+  for name in MODEL_PATH DATA_ROOT CAPTION_COLUMN VIDEO_COLUMN ID_TOKEN MAX_NUM_FRAMES VALIDATION_EPOCHS \
+    CHECKPOINTING_STEPS TRAIN_BATCH_SIZE GRADIENT_ACCUMULATION_STEPS LR_WARMUP_STEPS MIXED_PRECISION REPORT_TO SEED \
+    DATALOADER_NUM_WORKERS RANK LORA_ALPHA NOISED_IMAGE_DROPOUT; do
+    if user_set "$name"; then
+      case $name in
+        RANK | LORA_ALPHA) [[ "$trainer" == *lora* ]] || continue ;;  # the full fine-tunes have no adapter
+        NOISED_IMAGE_DROPOUT) [[ "$trainer" == *image_to_video* ]] || continue ;;
+      esac
+      base+=("${flags[$name]}" "${!name}")
+    fi
+  done
+  for name in HEIGHT_BUCKETS WIDTH_BUCKETS FRAME_BUCKETS; do
+    if user_set "$name"; then
+      flag=--$(echo "$name" | tr '[:upper:]' '[:lower:]')
+      split_list "$name" && base+=("$flag" "${words[@]}")
+    fi
+  done
+  if user_set VALIDATION_PROMPT || user_set VALIDATION_IMAGES; then
+    sweep_validation_flags "$trainer" && base+=(${words[@]+"${words[@]}"})
+  fi
+  if user_set LOAD_TENSORS && [[ "$LOAD_TENSORS" == 1 ]]; then
+    base+=(--load_tensors)
+  fi
+  if user_set SP_SIZE && ((10#$SP_SIZE > 1)); then
+    base+=(--enable_sequence_parallelism --sequence_parallel_shards "$((10#$SP_SIZE))")
+  fi
+
+  # The grid: the lists you set; a list you did not set is the config's one value ("").
+  local -a learning_rates=("") lr_schedules=("") optimizers=("") max_train_steps=("") extra_args=()
+  user_set LEARNING_RATES && split_list LEARNING_RATES && learning_rates=("${words[@]}")
+  user_set LR_SCHEDULES && split_list LR_SCHEDULES && lr_schedules=("${words[@]}")
+  user_set OPTIMIZERS && split_list OPTIMIZERS && optimizers=("${words[@]}")
+  user_set MAX_TRAIN_STEPS && split_list MAX_TRAIN_STEPS && max_train_steps=("${words[@]}")
+  split_words "$EXTRA_ARGS" && extra_args=(${words[@]+"${words[@]}"})
+  local named=0
+  if user_set LEARNING_RATES || user_set LR_SCHEDULES || user_set OPTIMIZERS || user_set MAX_TRAIN_STEPS ||
+    user_set OUTPUT_ROOT; then
+    named=1
+  fi
+  if [[ "$DRY_RUN" == 0 ]] && ! command -v "$ACCELERATE_BIN" >/dev/null 2>&1; then
+    die "'$ACCELERATE_BIN' not found: activate the environment with accelerate installed, or set ACCELERATE_BIN"
+  fi
+
+  local learning_rate lr_schedule optimizer steps output_dir
+  local -a cmd
+  for learning_rate in "${learning_rates[@]}"; do
+    for lr_schedule in "${lr_schedules[@]}"; do
+      for optimizer in "${optimizers[@]}"; do
+        for steps in "${max_train_steps[@]}"; do
+          cmd=("${base[@]}")
+          output_dir="$OUTPUT_ROOT/$run_name"
+          if [[ -n "$optimizer" ]]; then cmd+=(--optimizer "$optimizer"); output_dir+="__optimizer_$optimizer"; fi
+          if [[ -n "$steps" ]]; then cmd+=(--max_train_steps "$steps"); output_dir+="__steps_$steps"; fi
+          if [[ -n "$lr_schedule" ]]; then cmd+=(--lr_scheduler "$lr_schedule"); output_dir+="__lr-schedule_$lr_schedule"; fi
+          if [[ -n "$learning_rate" ]]; then cmd+=(--learning_rate "$learning_rate"); output_dir+="__learning-rate_$learning_rate"; fi
+          if [[ "$named" == 1 ]]; then
+            cmd+=(--output_dir "$output_dir")
+          else
+            output_dir="the output_dir of $CONFIG"
           fi
+          cmd+=(${extra_args[@]+"${extra_args[@]}"})
+          sweep_launch "$output_dir" "${cmd[@]}"
         done
       done
     done

@@ -107,3 +107,43 @@ def test_no_token_reaches_what_a_run_writes_or_its_trackers(tiny_model_2b, tmp_p
     assert any(p.name == "config.toml" for p in written)
     leaks = [p for p in written if token.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_prepare_and_infer_read_their_own_sections(tiny_model_2b, tmp_path, capsys):
+    """One file for the pipeline: prepare_dataset.py reads [prepare], tools/infer.py [infer]; each passes over the
+    trainer's sections and refuses an unknown key of its own."""
+    from conftest import run_prepare
+
+    from tools.infer import main as infer_main
+
+    prepared = tmp_path / "prepared"
+    config = _write(tmp_path / "pipeline.toml", f'''
+[lora]
+rank = 8
+[prepare]
+model_id = "{tiny_model_2b}"
+data_root = "{ASSETS}"
+caption_column = "prompts.txt"
+video_column = "videos.txt"
+height_buckets = [32]
+width_buckets = [32]
+frame_buckets = [9]
+max_sequence_length = 16
+save_latents_and_embeddings = true
+output_dir = "{prepared}"
+[infer]
+model_name_or_path = "{tiny_model_2b}"
+prompt = ["a cat walks", "a dog runs"]
+num_inference_steps = 2
+''')
+    run_prepare(["--config", config])
+    assert (prepared / "manifest.json").is_file() and len(list((prepared / "latents").iterdir())) > 0
+    with pytest.raises(SystemExit) as stopped:
+        infer_main(["--config", str(config), "--num_inference_steps", "3", "--print_config"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert '[infer]\nmodel_name_or_path = ' in printed and 'prompt = ["a cat walks", "a dog runs"]' in printed
+    assert "num_inference_steps = 3" in printed and "rank" not in printed
+    bad = _write(tmp_path / "bad.toml", "[prepare]\nbatch_sise = 2\n")
+    lines = _errors(capsys, ["--config", bad], runner=run_prepare)
+    assert lines == [f"error: --config {bad}: [prepare] batch_sise: unknown setting (did you mean batch_size?)"]

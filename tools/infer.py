@@ -50,6 +50,9 @@ def build_parser():
                         "parallelism, for long or large videos); the groups share out the prompts. Must divide the "
                         "processes, the attention heads and the video's tokens.")
     parser.add_argument("--output_dir", default="inference-output")
+    from training.run_config import add_config_arguments
+
+    add_config_arguments(parser)  # its settings: the [infer] section
     return parser
 
 
@@ -153,7 +156,9 @@ def main(argv=None):
     from diffusers.utils import export_to_video
     from tqdm.auto import tqdm
 
-    args = build_parser().parse_args(argv)
+    from training.run_config import parse_with_config
+
+    args = parse_with_config(build_parser(), argv, "infer")
     work = jobs(args)
     from accelerate.utils import parse_flag_from_env
 

@@ -78,6 +78,9 @@ def build_parser():
         "reads only latents/. Without --save_latents_and_embeddings the clips are the prepared data and always written.",
     )
     parser.add_argument("--dry_run", action="store_true", help="Print what would be encoded (and disk needed); exit.")
+    from training.run_config import add_config_arguments
+
+    add_config_arguments(parser)  # its settings: the [prepare] section
     return parser
 
 
@@ -684,7 +687,9 @@ def _end_distributed(world_size):
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    from training.run_config import parse_with_config
+
+    args = parse_with_config(build_parser(), argv, "prepare")
     prepare(args)
 
 

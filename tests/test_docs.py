@@ -105,3 +105,31 @@ def test_the_readme_memory_table_is_the_estimate_table_of_docs_memory():
         base = "--rank 64 --gradient_checkpointing" if mode == "lora" else "--gradient_checkpointing"
         options = " ".join([base, *re.findall(r"`([^`]+)`", label)])
         assert docs[(model, mode, "1", options)] == figures == figures_zh, label
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
+def test_the_readme_example_config_is_a_complete_5b_lora_run(readme, tmp_path, capsys):
+    """The config in "One run, one config" (the same in both languages) is read by the trainer as it stands, and its
+    commands parse; the flags beside --config override it."""
+    from training.args import parse_args
+
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    start = text.index("#### One run, one config" if readme == "README.md" else "#### 一次运行，一个配置文件")
+    config = re.compile(r"```toml\n(.*?)```", re.S).search(text, start).group(1)
+    english = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert config in english
+    (tmp_path / "run.toml").write_text(config, encoding="utf-8")
+    args = parse_args(["--config", str(tmp_path / "run.toml")])
+    assert args.pretrained_model_name_or_path == "THUDM/CogVideoX-5b" and args.rank == 64 and args.load_tensors
+    assert args.gradient_checkpointing and args.optimizer == "adamw" and args.frame_buckets == [49]
+    commands = re.compile(r"```bash\n(.*?)```", re.S).search(text, start).group(1).splitlines()
+    for line in commands:
+        words = shlex.split(line, comments=True)
+        words = [str(tmp_path / "run.toml") if w == "run.toml" else w for w in words]
+        if words[0].startswith("CONFIG="):
+            continue  # the sweep: tests/test_scripts.py
+        args = parse_args([w for w in words[words.index(next(w for w in words if w.endswith(".py"))) + 1:]
+                           if w != "--print_config"])
+        assert args.rank == 64
+        if "--learning_rate" in words:
+            assert args.learning_rate == 3e-4 and args.output_dir == "outputs/lr3e-4"

@@ -8,46 +8,15 @@ model's configuration), raising `UsageError` with one line per problem.
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from .errors import TrainingError, UsageError, exit_on_usage_error  # noqa: F401 - where the flags' users find them
 
 
 DEFAULT_HEIGHT_BUCKETS = [256, 320, 384, 480, 512, 576, 720, 768, 960, 1024, 1280, 1536]
 DEFAULT_WIDTH_BUCKETS = [256, 320, 384, 480, 512, 576, 720, 768, 960, 1024, 1280, 1536]
 DEFAULT_FRAME_BUCKETS = [49]
 DEFAULT_LORA_TARGET_MODULES = "to_k,to_q,to_v,to_out.0"
-
-
-class UsageError(Exception):
-    """Bad flags or inputs. Each entry of `problems` is one line for the user."""
-
-    def __init__(self, problems):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. the loss became NaN); the message says what to do."""
-
-
-def exit_on_usage_error(function):
-    """Run `function(argv)`; a UsageError becomes `error: ...` lines and exit status 2, a TrainingError
-    one `error: ...` line and exit status 1 (no traceback: the message is the whole story)."""
-
-    def wrapper(argv=None):
-        try:
-            return function(argv)
-        except UsageError as error:
-            for problem in error.problems:
-                print(f"error: {problem}", file=sys.stderr)
-            sys.exit(2)
-        except TrainingError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
-
-    wrapper.__name__ = function.__name__
-    wrapper.__doc__ = function.__doc__
-    return wrapper
 
 
 def _batch_size(value):

@@ -27,7 +27,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import memory
-from .args import TrainingError, UsageError, exit_on_usage_error, parse_args
+from .args import TrainingError, UsageError, build_parser, exit_on_usage_error, parse_args
 from .backend import build_backend
 from .batch_size import choose_batch_sizes
 from .conditioning import CONDITIONINGS
@@ -118,7 +118,7 @@ def run(argv, conditioning, mode):
         backend.end()
         return {"dry_run": plan}
     if backend.is_main_process:  # what this run is: --config <output_dir>/config.toml runs it again
-        write_trainer_config(args, Path(args.output_dir) / RUN_CONFIG)
+        write_trainer_config(args, build_parser(), Path(args.output_dir) / RUN_CONFIG)
         if args.hub_token:
             logger.warning("--hub_token is kept out of every file and tracker of this run; `hf auth login` stores a "
                            "token once, for every tool, and keeps it off command lines")

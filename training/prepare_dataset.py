@@ -210,7 +210,7 @@ def _distributed():
         device = torch.device("cpu")
     # Ranks wait for each other here for as long as the work takes (rank 0 hashing every video, the slowest rank's
     # encodes): on a gloo group with a long timeout, not in an NCCL barrier, whose default 10 minutes would kill them.
-    from .backend import WaitingRoom
+    from training.backend import WaitingRoom
 
     return rank, world_size, device, WaitingRoom(world_size)
 

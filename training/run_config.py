@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from .args import UsageError
+from .errors import UsageError
 
 
 RUN_CONFIG = "config.toml"  # in --output_dir
@@ -240,11 +240,8 @@ def config_toml(args, parser, sections):
     return "\n".join(lines) + "\n"
 
 
-def write_trainer_config(args, path):
-    """<output_dir>/config.toml of a trainer's run."""
-    from .args import build_parser
-
-    parser = build_parser()
+def write_trainer_config(args, parser, path):
+    """<output_dir>/config.toml of a trainer's run (`parser`: the trainer's)."""
     Path(path).write_text(config_toml(args, parser, trainer_sections(parser)), encoding="utf-8")
 
 

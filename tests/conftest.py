@@ -181,6 +181,30 @@ def run_prepare(argv):
     return main([str(a) for a in argv])
 
 
+def tiny_run_config(path, model, output_dir, steps=1, learning_rate=0.01, rank=8):
+    """A --config file of a LoRA run on the bundled clips (one 9x32x32 bucket); returns its path."""
+    path.write_text(f'''[model]
+pretrained_model_name_or_path = "{model}"
+[data]
+data_root = "{ASSETS}"
+caption_column = "prompts.txt"
+video_column = "videos.txt"
+[buckets]
+height_buckets = [32]
+width_buckets = [32]
+frame_buckets = [9]
+[training]
+output_dir = "{output_dir}"
+max_train_steps = {steps}
+learning_rate = {learning_rate}
+mixed_precision = "no"
+[lora]
+rank = {rank}
+lora_alpha = {rank}
+''', encoding="utf-8")
+    return path
+
+
 def lora_argv(model, data_root, output_dir, *extra):
     return [
         "--pretrained_model_name_or_path", model,

@@ -4,7 +4,7 @@ reaches what a run writes or logs."""
 
 import pytest
 import test_bad_inputs
-from conftest import ASSETS, lora_argv, lora_weights, run_trainer
+from conftest import ASSETS, lora_argv, lora_weights, run_trainer, tiny_run_config
 from test_args import _errors
 
 
@@ -32,25 +32,8 @@ def test_a_run_from_the_config_another_run_wrote_trains_the_same_lora(tiny_model
 
 
 def test_command_line_flags_override_the_file_and_print_config_shows_the_result(tiny_model_2b, tmp_path, capsys):
-    config = _write(tmp_path / "run.toml", f'''
-[model]
-pretrained_model_name_or_path = "{tiny_model_2b}"
-[data]
-data_root = "{ASSETS}"
-caption_column = "prompts.txt"
-video_column = "videos.txt"
-[buckets]
-height_buckets = [32]
-width_buckets = [32]
-frame_buckets = [9]
-[training]
-output_dir = "{tmp_path / 'out'}"
-learning_rate = 0.001
-[lora]
-rank = 16
-[memory]
-gradient_checkpointing = true
-''')
+    config = tiny_run_config(tmp_path / "run.toml", tiny_model_2b, tmp_path / "out", learning_rate=0.001, rank=16)
+    config.write_text(config.read_text() + "[memory]\ngradient_checkpointing = true\n")
     with pytest.raises(SystemExit) as stopped:
         run_trainer(["--config", config, "--rank", "4", "--print_config"])
     assert stopped.value.code == 0

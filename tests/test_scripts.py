@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, ROOT, run_trainer
+from conftest import ROOT, run_trainer, tiny_run_config
 
 from training.args import build_parser, parse_args
 from training.prepare_dataset import build_parser as build_prepare_parser
@@ -306,34 +306,11 @@ def test_report_to_chooses_the_sweeps_tracker(tracker):
         assert args[args.index("--report_to") + 1] == tracker
 
 
-def _run_config(path, model, output_dir, steps=1):
-    path.write_text(f'''[model]
-pretrained_model_name_or_path = "{model}"
-[data]
-data_root = "{ASSETS}"
-caption_column = "prompts.txt"
-video_column = "videos.txt"
-[buckets]
-height_buckets = [32]
-width_buckets = [32]
-frame_buckets = [9]
-[training]
-output_dir = "{output_dir}"
-max_train_steps = {steps}
-learning_rate = 0.01
-mixed_precision = "no"
-[lora]
-rank = 8
-lora_alpha = 8
-''')
-    return path
-
-
 @pytest.mark.parametrize("script", ["train_text_to_video_lora.sh", "train_text_to_video_sft.sh"])
 def test_a_sweep_over_a_config_takes_only_the_settings_you_set(script, tmp_path):
     """CONFIG=run.toml: the file's values, overridden by what you set in the environment (the grid's lists among
     them: one run per value, each in its own folder); the script's defaults do not apply."""
-    config = _run_config(tmp_path / "run.toml", "some/model", tmp_path / "from-config")
+    config = tiny_run_config(tmp_path / "run.toml", "some/model", tmp_path / "from-config")
     commands = _dry_run(script, CONFIG=str(config), LEARNING_RATES="1e-4 3e-4", RANK="16", OUTPUT_ROOT=str(tmp_path))
     assert len(commands) == 2
     outputs = set()
@@ -351,7 +328,7 @@ def test_a_sweep_over_a_config_takes_only_the_settings_you_set(script, tmp_path)
 
 def test_a_sweep_runs_from_a_config(tiny_model_2b, tmp_path):
     output = tmp_path / "run"
-    config = _run_config(tmp_path / "run.toml", tiny_model_2b, output)
+    config = tiny_run_config(tmp_path / "run.toml", tiny_model_2b, output)
     result = _run_script("train_text_to_video_lora.sh", timeout=300, CONFIG=str(config), OMP_NUM_THREADS="2",
                          ACCELERATE_CONFIG_FILE=str(ROOT / "accelerate_configs" / "cpu.yaml"),
                          ACCELERATE_BIN=str(ROOT / ".venv" / "bin" / "accelerate"))

@@ -104,6 +104,18 @@ def test_keep_probability_passes_samples_down_reproducibly():
     assert choices != [configured(config, seed=1).choose(100, 720, 1280, False, key=k) for k in range(400)]
 
 
+def test_each_frame_count_of_a_resolution_draws_its_own_keep_probability():
+    """A sample passed on at 49 frames draws afresh at 17: with 720p {49: 0.5, 17: 0.5} half stay at 49, a quarter
+    at 17 and a quarter go down to 480p. (One draw reused for every frame count of a resolution would send none to
+    17: a sample that failed at 49 would fail at 17 too.)"""
+    config = {"720p": {49: (0.5, 1), 17: (0.5, 1)}, "480p": {49: (1.0, 2)}}
+    choices = [configured(config).choose(100, 720, 1280, False, key=k) for k in range(800)]
+    share = {bucket: choices.count(bucket) / len(choices) for bucket in set(choices)}
+    assert share.keys() == {(49, 720, 1280), (17, 720, 1280), (49, 448, 784)}
+    expected = {(49, 720, 1280): 0.5, (17, 720, 1280): 0.5 * 0.5, (49, 448, 784): 0.5 * 0.5}
+    assert all(abs(share[bucket] - expected[bucket]) < 0.06 for bucket in expected), share  # 4 standard deviations
+
+
 @pytest.mark.parametrize("text, message", [
     ("bucket_config: [1, 2]", 'expected a mapping "bucket_config:"'),
     ("bucket_config: {'480p': {49: [1.0]}}", "give [keep_prob, batch_size]"),
@@ -190,6 +202,57 @@ def test_a_folder_with_captions_beside_the_files_is_read_in_order(mixed_folder):
     assert {u.sample.video_path.name: u.bucket for u in usable}["still_a.png"] == (1, 48, 64)
 
 
+def test_upper_case_suffixes_are_media_like_their_lower_case_kin(mixed_folder, tmp_path):
+    """Cameras and Windows tools write clip.MP4 and photo.JPG: they are read (not silently left out), captioned by
+    the .txt beside them, and bucketed as the same files in lower case; a folder of them alone is a data set."""
+    from training.buckets import GridBuckets
+    from training.layouts import check_data_source, read_samples
+
+    copies = {"clip.MP4": "ball.mp4", "photo.JPG": "still_b.jpg"}  # upper-case name: lower-case original
+    for name, original in copies.items():
+        shutil.copy(mixed_folder / original, mixed_folder / name)
+        (mixed_folder / name).with_suffix(".txt").write_text(f"the copy of {original}")
+    samples = read_samples(layout_args(data_root=str(mixed_folder)))
+    assert sorted(s.video_path.name for s in samples) == sorted([*EXPECTED_BUCKETS, *copies])
+    captions = {s.video_path.name: s.caption for s in samples}
+    assert all(captions[name] == f"the copy of {original}" for name, original in copies.items())
+    usable, skipped = assign_buckets(samples, GridBuckets([5, 9], [32, 48, 64], [32, 64, 96], 9, 1, 1))
+    buckets = {u.sample.video_path.name: u.bucket for u in usable}
+    assert not skipped and all(buckets[name] == buckets[original] for name, original in copies.items())
+    assert buckets["photo.JPG"][0] == 1  # a still, not a clip
+
+    alone = tmp_path / "upper"
+    alone.mkdir()
+    shutil.copy(mixed_folder / "photo.JPG", alone / "photo.JPG")
+    shutil.copy(mixed_folder / "photo.txt", alone / "photo.txt")
+    problems = []
+    check_data_source(layout_args(data_root=str(alone)), problems)
+    assert problems == [] and [s.video_path.name for s in read_samples(layout_args(data_root=str(alone)))] == [
+        "photo.JPG"]
+
+
+def test_captions_are_read_from_the_caption_extension_given(mixed_folder, tmp_path):
+    """--caption_extension .caption (and caption_extension in a [[datasets]] table of --dataset_config) captions
+    clip.mp4 with clip.caption, not with the clip.txt beside it; without it, .txt is read."""
+    from training.layouts import read_samples
+
+    txt = {}
+    for path in sorted(mixed_folder.glob("*.txt")):
+        txt[path.stem] = " ".join(path.read_text().split())
+        path.with_suffix(".caption").write_text(f"captioned: {txt[path.stem]}\n")
+    expected = {stem: f"captioned: {caption}" for stem, caption in txt.items()}
+
+    def captions(samples):
+        return {s.video_path.stem: s.caption for s in samples}
+
+    by_flag = read_samples(layout_args(data_root=str(mixed_folder), caption_extension=".caption"))
+    assert len(by_flag) == len(EXPECTED_BUCKETS) and captions(by_flag) == expected
+    assert {s.caption_file.suffix for s in by_flag} == {".caption"}
+    (tmp_path / "datasets.toml").write_text('[[datasets]]\nfolder = "mixed"\ncaption_extension = ".caption"\n')
+    assert captions(read_samples(layout_args(dataset_config=str(tmp_path / "datasets.toml")))) == expected
+    assert captions(read_samples(layout_args(data_root=str(mixed_folder)))) == txt  # the default: .txt
+
+
 def test_a_still_image_is_a_clip_of_one_held_frame(mixed_folder, tmp_path):
     from training.video_io import VideoReadError, probe_video, read_frames
 
@@ -251,6 +314,28 @@ def test_the_largest_batch_under_the_limit_takes_few_simulations():
     # Faster than linear (attention): the line's guess, 6, is over (46 GiB); the search settles on 5 (37.5 GiB).
     batch, peaks = largest_batch_under(40 * 2**30, lambda b: (10 + 3 * b + 0.5 * b * b) * 2**30, 64)
     assert batch == 5 and len(peaks) <= 5
+
+
+def test_max_memory_gb_is_a_limit_in_gib(monkeypatch):
+    """--max_memory_gb N allows N GiB (2**30 bytes), as the estimate and nvidia-smi count: with 10 GiB of weights and
+    3 GiB per sample (the simulation faked), 40 allows the batch whose peak is exactly 40 GiB, over 40 GB (1e9)."""
+    import training.batch_size as batch_size
+    import training.memory_estimate as memory_estimate
+
+    def peak(batch):
+        return (10 + 3 * batch) * 2**30
+
+    monkeypatch.setattr(batch_size, "component_configs", lambda args: (None, None))
+    monkeypatch.setattr(memory_estimate, "estimate_training",
+                        lambda args, *rest: {"training_peak": peak(args.train_batch_size)})
+    args = Namespace(max_memory_gb=40, train_batch_size="auto")
+    auto, fixed = (9, 48, 64), (1, 48, 64)
+    chosen, simulated = batch_size.choose_batch_sizes(args, {}, None, None, torch.float32, {auto: 64, fixed: 9},
+                                                      {auto: "auto", fixed: 4})
+    largest = max(batch for batch in range(1, 65) if peak(batch) <= 40 * 2**30)
+    assert peak(largest) > 40e9  # the batch a limit in GB would refuse
+    assert chosen == {auto: largest, fixed: 4}
+    assert all(value == peak(batch) for (bucket, batch), value in simulated.items()) and (auto, largest) in simulated
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,22 @@ def test_prompts_shared_over_processes_and_videos_split_over_them_give_the_video
                               one["000_a-cat-walks-on-the-grass.mp4"])
 
 
+def test_each_video_is_seeded_by_its_place_in_the_prompt_list(tiny_model_2b, tmp_path):
+    """Video i is generated with --seed + i: the same prompt listed twice gives two different videos, and the second is
+    the video a run of that prompt alone at --seed + 1 gives (so a video does not depend on how the list is shared
+    out over processes)."""
+    from tools.infer import file_name, main
+
+    prompt = PROMPTS[0]
+    model = ["--model_name_or_path", tiny_model_2b, "--prompt", prompt, *TINY]
+    main([str(a) for a in [*model, "--prompt", prompt, "--seed", "7", "--output_dir", tmp_path / "twice"]])
+    main([str(a) for a in [*model, "--seed", "8", "--output_dir", tmp_path / "alone"]])
+    twice, alone = frames_of(tmp_path / "twice"), frames_of(tmp_path / "alone")
+    first, second = twice[file_name(0, prompt)], twice[file_name(1, prompt)]
+    assert first.shape == second.shape == (9, 32, 32, 3) and not np.array_equal(first, second)
+    assert np.array_equal(second, alone[file_name(0, prompt)])
+
+
 def test_the_shell_scripts_run_the_tool_with_their_settings(tmp_path):
     from tools.infer import build_parser
 

@@ -131,8 +131,9 @@ def _tensors(output, name):
 def test_each_change_recomputes_exactly_the_entries_it_affects(tiny_model_2b, tiny_model_5b, clips, tmp_path):
     """Default keys (and at the end the switch to --hash_videos). Each change below, then prepare again into the same
     folder: the entries it creates are exactly those the change touches; every other entry is reused (same file, not
-    rewritten)."""
+    rewritten). A setting (model, dtype, clip fitting, flips, text length, first frame) touches every entry."""
     output = tmp_path / "prepared"
+    model_5b = shutil.copytree(tiny_model_5b, tmp_path / "model-5b")  # a copy: its config is edited below
 
     def prepare(model=tiny_model_2b, *extra, data=clips, hash_videos=False):
         before = _latents(output) if output.exists() else {}
@@ -157,10 +158,28 @@ def test_each_change_recomputes_exactly_the_entries_it_affects(tiny_model_2b, ti
     assert prepare(tiny_model_2b, *buckets) == 2
     # Frame sampling: skipping the first frame shifts every clip's frames.
     assert prepare(tiny_model_2b, *buckets, "--skip_frames_start", "1") == 6
-    assert prepare(tiny_model_5b, *buckets, "--skip_frames_start", "1") == 6  # another model
-    latest = (tiny_model_5b, *buckets, "--skip_frames_start", "1", "--dtype", "bf16")
+    assert prepare(model_5b, *buckets, "--skip_frames_start", "1") == 6  # another model
+    latest = (model_5b, *buckets, "--skip_frames_start", "1", "--dtype", "bf16")
     assert prepare(*latest) == 6  # another dtype
     assert all(t.dtype == torch.bfloat16 for t in _tensors(output, "video_latent_dist"))
+    # How clips are fitted to their bucket: cropped at the centre instead of stretched (no seed enters the key).
+    latest = (*latest, "--video_reshape_mode", "center")
+    assert prepare(*latest) == 6
+    # Random flips: on (the seed enters the key with them), then another probability (the same seed).
+    assert prepare(*latest, "--random_flip", "0.5") == 6
+    latest = (*latest, "--random_flip", "0.25")
+    assert prepare(*latest) == 6
+    # The first frame for image-to-video: entries without it are not reused.
+    latest = (*latest, "--save_image_latents")
+    assert prepare(*latest) == 6
+    assert len(_tensors(output, "first_frame")) == 6
+    # The text length: the model's config edited in place (the flag must match it), the same path and components.
+    config_file = Path(model_5b) / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "max_text_seq_length": config["max_text_seq_length"] // 2}))
+    latest = (*latest, "--max_sequence_length", str(config["max_text_seq_length"] // 2))
+    assert prepare(*latest) == 6
+    assert {t.shape[0] for t in _tensors(output, "prompt_embeds")} == {config["max_text_seq_length"] // 2}
     # Default keys cannot see a video replaced by another of the same size with its mtime kept (docs/bad-inputs.md,
     # row 35): the entry is reused. --hash_videos keys by the bytes: switching it on recomputes every entry once.
     video = clips / "videos" / "waves.mp4"

@@ -99,6 +99,33 @@ def test_loss_plot_is_drawn_at_checkpoints_and_at_the_end(reported_run):
     assert [row[0] for row in saved["held_out"]] == sorted(reported_run["summary"]["eval_loss"])
 
 
+def test_the_loss_plot_draws_each_series_on_its_own_axis(monkeypatch, tmp_path):
+    """loss.png shows the raw and smoothed training loss and the held-out loss against the loss axis, and the learning
+    rate against its own axis at the right: the figure's lines, read as it is saved, hold exactly those values."""
+    from matplotlib.figure import Figure
+
+    from training.report import LossHistory, plot_losses, smoothed
+
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: saved.append(self) or savefig(self, *args,
+                                                                                                          **kwargs))
+    train = [[step, 2.0 / step + 0.1 * (step % 2), 1e-4 * min(step, 3) / 3] for step in range(1, 9)]  # warm-up
+    held_out = [[4, 0.8], [8, 0.45]]
+    assert plot_losses(LossHistory(train, held_out), tmp_path / "loss.png") == tmp_path / "loss.png"
+    (figure,) = saved
+    loss_axis, rate_axis = figure.axes
+
+    def series(axis):
+        return {line.get_label(): ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+                for line in axis.get_lines()}
+
+    steps, losses, rates = ([row[column] for row in train] for column in range(3))
+    assert series(loss_axis) == {"training loss": (steps, losses), "training loss, smoothed": (steps, smoothed(losses)),
+                                 "held-out loss": ([row[0] for row in held_out], [row[1] for row in held_out])}
+    assert series(rate_axis) == {"learning rate": (steps, rates)}
+    assert (loss_axis.get_ylabel(), rate_axis.get_ylabel()) == ("loss", "learning rate")
+
+
 def test_a_resumed_run_plots_its_whole_history(reported_run, tmp_path):
     import shutil
 

@@ -153,3 +153,17 @@ def test_the_logged_loss_is_the_mean_over_processes(monkeypatch, tiny_model_2b, 
     expected = [(loss.item() + 1.0) / 2 for loss in local]
     assert len(local) == 2 and [v for v in logged if v is not None] == pytest.approx(expected)
     assert summary["final_loss"] == pytest.approx(expected[-1]) and local[-1].item() != pytest.approx(expected[-1])
+
+
+def test_weights_are_finite_only_when_they_are_finite_on_every_rank(backend, monkeypatch):
+    """The check before each checkpoint is a collective: a second rank is simulated inside reduce_mean (its flag
+    1.0: finite, 0.0: not). Non-finite weights on either rank make it false on both, so every rank stops at the same
+    step (one rank stopping alone would leave the others hanging in the next collective)."""
+    from training.backend import Backend
+
+    real_reduce = Backend.reduce_mean
+    finite, broken = torch.ones(3), torch.tensor([1.0, float("nan"), float("inf")])
+    for ours, other_rank, expected in ((finite, 1.0, True), (finite, 0.0, False), (broken, 1.0, False),
+                                       (broken, 0.0, False)):
+        monkeypatch.setattr(Backend, "reduce_mean", lambda self, t, other=other_rank: (real_reduce(self, t) + other) / 2)
+        assert backend.all_finite([torch.ones(2, 2), ours]) is expected, (ours, other_rank)

@@ -127,6 +127,9 @@ num_inference_steps = 2
     printed = capsys.readouterr().out
     assert '[infer]\nmodel_name_or_path = ' in printed and 'prompt = ["a cat walks", "a dog runs"]' in printed
     assert "num_inference_steps = 3" in printed and "rank" not in printed
+    with pytest.raises(SystemExit):  # prompts on the command line replace the file's, they do not add to them
+        infer_main(["--config", str(config), "--prompt", "a bird sings", "--print_config"])
+    assert 'prompt = ["a bird sings"]' in capsys.readouterr().out
     bad = _write(tmp_path / "bad.toml", "[prepare]\nbatch_sise = 2\n")
     lines = _errors(capsys, ["--config", bad], runner=run_prepare)
     assert lines == [f"error: --config {bad}: [prepare] batch_sise: unknown setting (did you mean batch_size?)"]

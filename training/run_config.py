@@ -90,8 +90,12 @@ def parse_with_config(parser, argv, sections):
     if given.config:
         defaults = read_config(given.config, parser, sections)
         for action in parser._actions:
-            if action.dest in defaults:
-                action.required = False  # the file gives it
+            if action.dest not in defaults:
+                continue
+            action.required = False  # the file gives it
+            if isinstance(action, argparse._AppendAction) and any(
+                    word == option or word.startswith(option + "=") for word in argv for option in action.option_strings):
+                del defaults[action.dest]  # a repeated flag given on the command line replaces the file's list
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.print_config:

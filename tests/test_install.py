@@ -271,3 +271,14 @@ def test_the_environment_is_the_lock():
     required = {canonical(line.split(";")[0].split(">")[0].split("=")[0].strip()) for line in
                 (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert required - {"torch"} <= {canonical(name) for name in locked}, "a requirement is missing from the lock"
+
+
+def test_a_script_that_imported_diffusers_first_keeps_bitsandbytes():
+    """Hiding bitsandbytes after diffusers has looked for it would break diffusers' quantizers (they import it where
+    they found it): a script that imports diffusers before `training` gets bitsandbytes as diffusers saw it."""
+    code = ("import sys\nimport diffusers\nimport training\nfrom diffusers import BitsAndBytesConfig\n"
+            "import diffusers.quantizers.bitsandbytes.utils as u\nassert hasattr(u, 'bnb')\n"
+            "assert sys.modules.get('bitsandbytes') is not None\nprint('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "ok", result.stdout[-2000:]

@@ -411,3 +411,28 @@ def test_the_tiny_model_builder_command_writes_a_pipeline_diffusers_loads(tmp_pa
     assert "tiny CogVideoX-5b-i2v-style pipeline written to" in capsys.readouterr().out
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(tmp_path / "tiny")
     assert pipe.transformer.config.use_learned_positional_embeddings and pipe.transformer.config.in_channels == 8
+
+
+def test_the_parity_check_reports_a_difference_when_the_videos_differ(caplog):
+    """The final test's videos against the last validation's: identical gives exact parity, a single changed pixel
+    of any video gives its size and a warning (a check that cannot say no would hide a saved file that does not
+    reproduce the training)."""
+    import logging
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from training.validation import Validation
+
+    rng = np.random.default_rng(0)
+    last = [("a cat", rng.random((9, 8, 8, 3))), ("a dog", rng.random((9, 8, 8, 3)))]
+    check = Validation.__new__(Validation)  # only the parity state: no pipeline is built
+    check.last_videos = last
+    mode = SimpleNamespace(name="lora")
+    assert check._parity([(p, v.copy()) for p, v in last], mode) == {"max_abs_difference": 0.0, "exact": True}
+    changed = [(p, v.copy()) for p, v in last]
+    changed[1][1][4, 2, 2, 0] += 0.25
+    with caplog.at_level(logging.WARNING, logger="cogvideox_factory"):
+        parity = check._parity(changed, mode)
+    assert parity["exact"] is False and parity["max_abs_difference"] == pytest.approx(0.25)
+    assert "parity check: saved weights give videos differing" in caplog.text

@@ -6,9 +6,14 @@
     python scripts/check_min_versions.py deepspeed-config accelerate_configs/deepspeed.yaml OUT_DIR
     python scripts/check_min_versions.py options                            # each optional optimizer steps
     python scripts/check_min_versions.py reload MODEL_DIR LORA_DIR --rank 4 --lora_alpha 8
+    python scripts/check_min_versions.py floors requirements.txt            # `name floor` of each, this platform's
+    python scripts/check_min_versions.py imports requirements.txt           # the pipelines, and every requirement
+    python scripts/check_min_versions.py moved BEFORE.txt AFTER.txt         # what changed between two pip freezes
+    python scripts/check_min_versions.py unneeded requirements.txt          # installed, but nothing requires them
 
 `constraints` (and `read_floors`, which tests/test_install.py uses) needs only the standard library: it runs before
-the environment exists. The other commands run inside the minimum environment.
+the environment exists. The other commands run inside the environment under test (MODE=each-floor: the newest one
+with one package moved to its floor).
 """
 
 import argparse
@@ -151,6 +156,111 @@ def cmd_deepspeed_config(args):
     print(out / "deepspeed_cpu.yaml")
 
 
+def cmd_floors(args):
+    """`name floor` for each requirement this platform installs (its marker holds), torch left out: the list that
+    MODE=each-floor goes through."""
+    from packaging.markers import Marker
+
+    for name, floor, marker in read_floors(args.requirements):
+        if canonical(name) != "torch" and floor is not None and (not marker or Marker(marker).evaluate()):
+            print(name, floor)
+
+
+# distribution -> module, where the names differ
+_MODULES = {"pillow": "PIL", "pyyaml": "yaml", "imageio-ffmpeg": "imageio_ffmpeg", "came-pytorch": "came_pytorch",
+            "huggingface-hub": "huggingface_hub"}
+
+
+def cmd_imports(args):
+    """What the trainers import from the libraries (the CogVideoX pipelines, T5, LoRA), then every requirement this
+    platform installs; reports each and fails if any fails. Most mismatches between versions show here first."""
+    import importlib
+    import traceback
+    from importlib.metadata import version
+
+    from packaging.markers import Marker
+
+    statements = [
+        "from diffusers import CogVideoXPipeline, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel",
+        "from transformers import T5EncoderModel, T5Tokenizer",
+        "from peft import LoraConfig, get_peft_model_state_dict",
+        "from accelerate import Accelerator",
+    ]
+    for name, _, marker in read_floors(args.requirements):
+        if not marker or Marker(marker).evaluate():
+            statements.append(f"import {_MODULES.get(canonical(name), canonical(name).replace('-', '_'))}")
+    failed = []
+    for statement in statements:
+        try:
+            importlib.invalidate_caches()
+            exec(statement, {})
+            print(f"ok      {statement}", flush=True)
+        except Exception as error:  # report every import, then fail
+            chain = [error]  # down to the first error: diffusers wraps it in "Failed to import ..."
+            while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+                chain.append(chain[-1].__cause__ or chain[-1].__context__)
+            root = chain[-1]
+            where = traceback.extract_tb(root.__traceback__)[-1] if root.__traceback__ else None
+            at = f" ({where.filename.rsplit('site-packages/', 1)[-1]}:{where.lineno})" if where else ""
+            errors = " <- ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}" for e in chain[-3:])
+            print(f"FAILED  {statement}: {errors}{at}", flush=True)
+            failed.append(statement)
+    core = ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torchao")
+    print("versions: " + ", ".join(f"{name} {version(name)}" for name in core))
+    if failed:
+        sys.exit(f"error: {len(failed)} import(s) failed")
+
+
+def _freeze(path):
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        name, sep, pinned = line.partition("==")
+        if sep:
+            pins[canonical(name.strip())] = pinned.strip()
+    return pins
+
+
+def cmd_moved(args):
+    """One line: the packages whose version differs between two `pip freeze` lists (`name old->new`)."""
+    before, after = _freeze(args.before), _freeze(args.after)
+    moved = [f"{name} {before.get(name, '-')}->{after.get(name, '-')}" for name in sorted(before.keys() | after.keys())
+             if before.get(name) != after.get(name)]
+    print(", ".join(moved) or "nothing")
+
+
+def cmd_unneeded(args):
+    """The installed distributions that neither the requirements nor anything they require (followed through the
+    installed metadata, markers and extras evaluated) need, one a line: what an environment synced back from the
+    newest keeps after a floor moved a package down (transformers 5 brings `kernels`, which then fails to import
+    with transformers 4's huggingface_hub). A fresh install of the same set would not have them."""
+    from importlib.metadata import PackageNotFoundError, distribution, distributions
+
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement
+
+    keep = {"pip", "setuptools", "wheel", "uv"}  # the environment's own tools
+    todo = [(name, frozenset()) for name, _, marker in read_floors(args.requirements)
+            if not marker or Marker(marker).evaluate()]
+    seen = set()
+    while todo:
+        name, extras = todo.pop()
+        if (canonical(name), extras) in seen:
+            continue
+        seen.add((canonical(name), extras))
+        keep.add(canonical(name))
+        try:
+            requires = distribution(name).requires or []
+        except PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in (extras or {""})):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    installed = {canonical(d.metadata["Name"]) for d in distributions()}
+    print("\n".join(sorted(installed - keep)))
+
+
 def _step_changes(optimizer, parameter):
     import torch
 
@@ -262,6 +372,19 @@ def main(argv=None):
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--lora_alpha", type=float, required=True)
     p.set_defaults(run=cmd_reload)
+    p = commands.add_parser("floors", help="`name floor` of each requirement this platform installs, torch aside")
+    p.add_argument("requirements")
+    p.set_defaults(run=cmd_floors)
+    p = commands.add_parser("imports", help="import the pipelines and every requirement; report each")
+    p.add_argument("requirements")
+    p.set_defaults(run=cmd_imports)
+    p = commands.add_parser("moved", help="what differs between two pip freeze lists")
+    p.add_argument("before")
+    p.add_argument("after")
+    p.set_defaults(run=cmd_moved)
+    p = commands.add_parser("unneeded", help="installed distributions nothing in the requirements needs")
+    p.add_argument("requirements")
+    p.set_defaults(run=cmd_unneeded)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -141,9 +141,9 @@ def test_constraints_keep_markers_and_refuse_a_requirement_without_floor(tmp_pat
         check_min_versions.constraint_lines(requirements, "2.13.0")
 
 
-def test_min_version_script_parses():
-    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "check_min_versions.sh")], capture_output=True,
-                            text=True)
+@pytest.mark.parametrize("script", ["check_min_versions.sh", "check_newest_versions.sh", "setup_env.sh"])
+def test_the_version_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

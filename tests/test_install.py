@@ -264,7 +264,12 @@ def test_the_environment_is_the_lock():
 
     locked = dict(line.split("==") for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
                   if line and not line.startswith("#"))
-    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # The environment's own site-packages: once setuptools is imported (torch's extension builder does), sys.path also
+    # holds its _vendor folder, whose older packaging, zipp, ... would be read too.
+    import sysconfig
+
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site_packages)}
     wrong = {name: (version, installed.get(canonical(name))) for name, version in locked.items()
              if installed.get(canonical(name)) not in (version, None)}
     assert not wrong, f"(locked, installed) differ: {wrong}; run bash scripts/setup_env.sh"

@@ -154,7 +154,10 @@ def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
 
 def read_dataset_config(path, default_id_token=None):
     """Several sources from a TOML file, in order, each with its num_repeats and id token."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+        import tomli as tomllib
 
     from .dataset import load_samples
 

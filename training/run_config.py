@@ -161,7 +161,10 @@ def _load(path):
 
             data = yaml.safe_load(text) or {}
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+                import tomli as tomllib
 
             data = tomllib.loads(text)
     except Exception as error:  # noqa: BLE001 - any parse error is the file's, reported in one line

@@ -37,7 +37,7 @@ from .models import load_text_encoder, load_tokenizer, load_training_scheduler, 
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
 from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
-from .run_config import RUN_CONFIG, write_trainer_config
+from .run_config import RUN_CONFIG, public_values, write_trainer_config
 from .settings import validate_training_args
 from .startup import StartupClock
 from .step import build_context, build_trainer, train_step
@@ -390,8 +390,6 @@ def save_and_test(job, summary):
 
 
 def _tracker_config(args):
-    from .run_config import public_values
-
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in public_values(args).items()}
 

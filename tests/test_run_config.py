@@ -19,7 +19,8 @@ def _write(path, text):
 def test_a_run_from_the_config_another_run_wrote_trains_the_same_lora(tiny_model_2b, tmp_path):
     first = tmp_path / "first"
     run_trainer(lora_argv(tiny_model_2b, ASSETS, first, "--max_train_steps", "2", "--checkpointing_steps", "1",
-                          "--rank", "8", "--lora_alpha", "4", "--resume_from_checkpoint", "latest"))
+                          "--rank", "8", "--lora_alpha", "4", "--resume_from_checkpoint", "latest",
+                          "--weight_decay", "0"))  # a zero whose default is not: it must be written too
     written = (first / "config.toml").read_text()
     assert "[lora]\nrank = 8\nlora_alpha = 4\n" in written
     assert "resume_from_checkpoint" not in written and "dry_run" not in written  # how to start, not what the run is

@@ -177,21 +177,21 @@ def run_once(kind, command, output, env, log):
     return {"implementation": kind, "clips": clips, "seconds": round(seconds, 2), "clips_per_s": clips / seconds}
 
 
-def work_folder(args, prefix):
+def work_folder(work_dir, num_clips, model, prefix):
     """(work folder, clips folder, model folder, environment) for --work_dir, --num_clips and --model: the clips and
     the medium model are made on first use and reused after (benchmark_startup.py shares them)."""
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix=prefix))
+    work = Path(work_dir or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"clips-{args.num_clips}"
+    data = work / f"clips-{num_clips}"
     if not (data / "videos.txt").is_file():
-        print(f"writing {args.num_clips} clips to {data}", flush=True)
-        make_clips(data, args.num_clips)
-    model = Path(args.model) if args.model else work / "medium-model"
-    if not args.model and not (model / "model_index.json").is_file():
-        print(f"building the medium model in {model}", flush=True)
-        build_medium_model(model)
+        print(f"writing {num_clips} clips to {data}", flush=True)
+        make_clips(data, num_clips)
+    folder = Path(model) if model else work / "medium-model"
+    if not model and not (folder / "model_index.json").is_file():
+        print(f"building the medium model in {folder}", flush=True)
+        build_medium_model(folder)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
-    return work, data, model, env
+    return work, data, folder, env
 
 
 def main(argv=None):
@@ -207,7 +207,7 @@ def main(argv=None):
     parser.add_argument("extra", nargs="*", help="After --: extra flags for both scripts.")
     args = parser.parse_args(argv)
 
-    work, data, model, env = work_folder(args, "benchmark-prepare-")
+    work, data, model, env = work_folder(args.work_dir, args.num_clips, args.model, "benchmark-prepare-")
     flags = ["--model_id", str(model), "--data_root", str(data), *DATA_FLAGS, *args.extra]
     ours = [sys.executable, str(ROOT / "training" / "prepare_dataset.py"), *flags]
     commands, envs = {"ours": ours}, {"ours": env}

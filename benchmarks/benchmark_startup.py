@@ -97,7 +97,7 @@ def main(argv=None):
     parser.add_argument("--output", default=None, help="Append every run as a JSON line to this file.")
     args = parser.parse_args(argv)
 
-    work, data, model, env = work_folder(args, "benchmark-startup-")
+    work, data, model, env = work_folder(args.work_dir, args.num_clips, args.model, "benchmark-startup-")
     prepare_flags = ["--model_id", str(model), "--data_root", str(data), *DATA_FLAGS]
     train_flags = ["--pretrained_model_name_or_path", str(model), *TRAIN_FLAGS]
     trainers, envs = {"ours": [sys.executable, str(ROOT / "training" / "cogvideox_text_to_video_lora.py")]}, {}

@@ -210,8 +210,9 @@ def build_random(model_class, config, dtype, device):
     return model
 
 
-def load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, through_loader):
-    """The transformer as the trainer loads it (`training.models.load_transformer`), with random weights.
+def load_transformer_like_trainer(spec, pretrained, weight_dtype, device, scratch, through_loader):
+    """The transformer as the trainer loads it (`training.models.load_transformer` of `pretrained`, a
+    `training.models.Pretrained`), with random weights.
 
     By default random weights are built in place (seconds, even for 5b on a GPU). With `through_loader` they are
     written to `scratch` and read back by the trainer's own `training.models.load_transformer`, so whatever that
@@ -227,7 +228,7 @@ def load_transformer_like_trainer(spec, args, weight_dtype, device, scratch, thr
     transformer.save_pretrained(Path(scratch) / "transformer")
     transformer = None
     memory.free_memory()
-    return load_transformer(argparse.Namespace(**{**vars(args), "pretrained_model_name_or_path": scratch}), weight_dtype)
+    return load_transformer(dataclasses.replace(pretrained, path=scratch), weight_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,20 +416,22 @@ class TransformerTimer:
 
 
 @torch.no_grad()
-def denoise(model, context, conditioning):
+def denoise(model, context, conditioning, validation, buckets):
     """The transformer's share of validation: `--num_inference_steps` denoising steps with classifier-free guidance
-    (batch 2) at the validation size, as CogVideoXPipeline runs them with the DPM scheduler. No T5, no VAE decode."""
+    (batch 2) at the validation size, as CogVideoXPipeline runs them with the DPM scheduler. No T5, no VAE decode.
+    `validation`, `buckets`: the [validation] and [buckets] sections (size, frames, steps, guidance)."""
     from diffusers import CogVideoXDPMScheduler
 
     from training.models import rotary_embeddings
 
-    args, dtype, device, config = context.args, context.weight_dtype, context.device, context.transformer_config
+    dtype, device, config = context.weight_dtype, context.device, context.transformer_config
     was_training = model.training
     model.eval()
-    latent_frames, latent_height, latent_width = latent_grid(validation_frames(args), args.height, args.width, config)
+    latent_frames, latent_height, latent_width = latent_grid(validation_frames(validation, buckets), validation.height,
+                                                             validation.width, config)
     shape = (1, latent_frames, config["out_channels"], latent_height, latent_width)
     scheduler = CogVideoXDPMScheduler.from_config(context.scheduler.config)
-    scheduler.set_timesteps(args.num_inference_steps, device=device)
+    scheduler.set_timesteps(validation.num_inference_steps, device=device)
     latents = torch.randn(shape, device=device, dtype=dtype) * scheduler.init_noise_sigma
     prompt_embeds = torch.randn(2, config["max_text_seq_length"], config["text_embed_dim"], device=device, dtype=dtype)
     # The image-to-video pipeline concatenates the encoded image's latents; their values do not matter here.
@@ -449,7 +452,7 @@ def denoise(model, context, conditioning):
             **conditioning.transformer_kwargs(latents, context),
         )[0].float()
         unconditional, conditional = prediction.chunk(2)
-        guided = unconditional + args.guidance_scale * (conditional - unconditional)
+        guided = unconditional + validation.guidance_scale * (conditional - unconditional)
         previous = scheduler.timesteps[index - 1] if index > 0 else None
         latents, previous_x0 = scheduler.step(guided, previous_x0, timestep, previous, latents, return_dict=False)
         latents = latents.to(dtype)
@@ -479,38 +482,41 @@ def base_trainer_argv(spec, output_dir):
     return [str(value) for value in argv]
 
 
-def check_trainer_args(args, transformer_config, conditioning, mode, data_source):
-    """The trainer's own checks that concern the model, the clip sizes and the optimizer (its data checks do not
-    apply: there is no data)."""
+def parse_trainer_flags(spec, scratch, trainer_flags, conditioning, mode, data_source):
+    """(the trainer's flags for this configuration as sections (sections.RunFlags), the problems the trainer's own
+    checks find that concern the model, the clip sizes and the optimizer: its data checks do not apply, there is no
+    data)."""
+    from training.sections import run_flags
     from training.settings import model_problems
 
-    problems = model_problems(args, transformer_config, conditioning, mode, data_source)
-    if problems:
-        raise UsageError(problems)
+    args = parse_args(base_trainer_argv(spec, scratch) + trainer_flags)  # --output_dir: nothing is written there
+    flags = run_flags(args)
+    return flags, model_problems(flags, spec.transformer, conditioning, mode, data_source)
 
 
-def describe_optimizer(args):
-    text = args.optimizer
-    if args.use_torchao and (args.use_8bit or args.use_4bit):
-        text += f" {'8' if args.use_8bit else '4'}-bit (torchao)"
-    elif args.use_8bit:
+def describe_optimizer(training, optimizer, memory):
+    """The optimizer of the [optimizer] flags, with [memory]'s offloading and [training]'s master weights."""
+    text = optimizer.optimizer
+    if optimizer.use_torchao and (optimizer.use_8bit or optimizer.use_4bit):
+        text += f" {'8' if optimizer.use_8bit else '4'}-bit (torchao)"
+    elif optimizer.use_8bit:
         text += " 8-bit (bitsandbytes)"
-    if args.use_cpu_offload_optimizer:
-        text += ", CPU offload" + (" + gradients" if args.offload_gradients else "")
-    if args.master_weight_dtype != "fp32":
-        text += f", {args.master_weight_dtype} master weights"
+    if memory.use_cpu_offload_optimizer:
+        text += ", CPU offload" + (" + gradients" if memory.offload_gradients else "")
+    if training.master_weight_dtype != "fp32":
+        text += f", {training.master_weight_dtype} master weights"
     return text
 
 
-def configuration_name(options, args):
+def configuration_name(options, training, optimizer, lora, memory):
     """E.g. 5b-lora-r64-b1-gc, 2b-sft-adamw-8-bit-bitsandbytes-b4-gc."""
     parts = [options.model, options.mode]
-    optimizer = re.sub(r"[^a-z0-9]+", "-", describe_optimizer(args).lower()).strip("-")
-    parts.append(f"r{args.rank}" if options.mode == "lora" else optimizer)
-    if args.quantize_base != "none":
-        parts.append(args.quantize_base)
-    parts.append(f"b{args.train_batch_size}")
-    if args.gradient_checkpointing:
+    described = re.sub(r"[^a-z0-9]+", "-", describe_optimizer(training, optimizer, memory).lower()).strip("-")
+    parts.append(f"r{lora.rank}" if options.mode == "lora" else described)
+    if memory.quantize_base != "none":
+        parts.append(memory.quantize_base)
+    parts.append(f"b{training.train_batch_size}")
+    if memory.gradient_checkpointing:
         parts.append("gc")
     if options.scale != "full":
         parts.append(options.scale)
@@ -535,28 +541,28 @@ def memory_phase(device):
         memory.reset_peak(device)
 
 
-def describe(options, args, spec):
-    """The row's description of a configuration, from the parsed trainer flags."""
-    frames, height, width = args.frame_buckets[0], args.height_buckets[0], args.width_buckets[0]
-    lora = options.mode == "lora"
+def describe(options, buckets, training, optimizer, lora, validation, memory, spec):
+    """The row's description of a configuration, from the trainer's flag sections."""
+    frames, height, width = buckets.frame_buckets[0], buckets.height_buckets[0], buckets.width_buckets[0]
+    is_lora = options.mode == "lora"
     return dict(
-        name=configuration_name(options, args),
+        name=configuration_name(options, training, optimizer, lora, memory),
         model_id=spec.model_id,
-        rank=args.rank if lora else None,
-        lora_alpha=args.lora_alpha if lora else None,
-        batch=args.train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=describe_optimizer(args),
-        quantize_base=args.quantize_base,
-        mixed_precision=args.mixed_precision,
-        master_weight_dtype=args.master_weight_dtype,
+        rank=lora.rank if is_lora else None,
+        lora_alpha=lora.lora_alpha if is_lora else None,
+        batch=training.train_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_checkpointing=memory.gradient_checkpointing,
+        optimizer=describe_optimizer(training, optimizer, memory),
+        quantize_base=memory.quantize_base,
+        mixed_precision=training.mixed_precision,
+        master_weight_dtype=training.master_weight_dtype,
         frames=frames,
         resolution=f"{height}x{width}",
         latent_grid=list(latent_grid(frames, height, width, spec.transformer)),
-        validation=dict(frames=validation_frames(args),
-                        resolution=f"{args.height}x{args.width}", denoising_steps=args.num_inference_steps,
-                        guidance_batch=2),
+        validation=dict(frames=validation_frames(validation, buckets),
+                        resolution=f"{validation.height}x{validation.width}",
+                        denoising_steps=validation.num_inference_steps, guidance_batch=2),
     )
 
 
@@ -568,7 +574,7 @@ def run_configuration(options, trainer_flags, row):
 
 def _run_configuration(options, trainer_flags, row, scratch):
     spec = model_spec(options.model, options.scale, trainer_flags)
-    backend, trainer, batch = build_like_trainer(options, trainer_flags, row, spec, scratch)
+    backend, trainer, batch, flags = build_like_trainer(options, trainer_flags, row, spec, scratch)
     device, model = backend.device, backend.unwrap(trainer.transformer)
     row["parameters"] = dict(total=count_parameters(model.parameters()), trainable=count_parameters(trainer.parameters))
     memory_phase(device)
@@ -578,14 +584,14 @@ def _run_configuration(options, trainer_flags, row, scratch):
     steps, loss, saved = measure_training_steps(trainer, batch, options)
     row["memory_before_validation"] = memory.memory_stats(device)
     row.update(saved, final_loss=loss)
-    row.update(speed_figures(steps, spec.transformer, trainer.context.args, row["latent_grid"], options.mode, device,
-                             options.peak_tflops))
+    row.update(speed_figures(steps, spec.transformer, trainer.context.training, row["latent_grid"], options.mode,
+                             device, options.peak_tflops))
 
     # Validation with the optimizer state still held, as during training.
     row["phase"] = "validation"
     memory_phase(device)
     context, conditioning = trainer.context, trainer.conditioning
-    denoise(model, context, conditioning)
+    denoise(model, context, conditioning, flags.validation, flags.buckets)
     row["memory_after_validation"] = memory.memory_stats(device)
 
     # The final test: optimizer and gradients gone, the trained weights in the compute dtype as the saved artifact
@@ -599,14 +605,15 @@ def _run_configuration(options, trainer_flags, row, scratch):
         parameter.data = parameter.data.to(context.weight_dtype)
     trained = None
     memory_phase(device)
-    denoise(model, context, conditioning)
+    denoise(model, context, conditioning, flags.validation, flags.buckets)
     row["memory_after_testing"] = memory.memory_stats(device)
     del row["phase"]  # kept only when a phase fails: where it failed
     backend.end()
 
 
 def build_like_trainer(options, trainer_flags, row, spec, scratch):
-    """(backend, step.Trainer, a batch): the trainer's flags, checks, backend and Trainer, on random weights."""
+    """(backend, step.Trainer, a batch, the trainer's flag sections): the trainer's flags, checks, backend and Trainer,
+    on random weights."""
     import accelerate
     import diffusers
     import peft
@@ -616,19 +623,22 @@ def build_like_trainer(options, trainer_flags, row, spec, scratch):
     from training.backend import build_backend
     from training.conditioning import CONDITIONINGS
     from training.data_source import PreparedEntries
+    from training.models import Pretrained
     from training.modes import MODES
     from training.optim import offload_runtime_problems
     from training.step import build_context, build_trainer
 
     conditioning, mode, source = CONDITIONINGS[spec.conditioning](), MODES[options.mode](), PreparedEntries()
-    args = parse_args(base_trainer_argv(spec, scratch) + trainer_flags)  # --output_dir: nothing is written there
-    row.update(describe(options, args, spec))
-    check_trainer_args(args, spec.transformer, conditioning, mode, source)
-    backend = build_backend(args)
-    if offload_runtime_problems(args, backend):
-        raise UsageError(offload_runtime_problems(args, backend))
+    flags, problems = parse_trainer_flags(spec, scratch, trainer_flags, conditioning, mode, source)
+    row.update(describe(options, flags.buckets, flags.training, flags.optimizer, flags.lora, flags.validation,
+                        flags.memory, spec))
+    if problems:
+        raise UsageError(problems)
+    backend = build_backend(flags.training, flags.optimizer, flags.parallelism, flags.logging)
+    if offload_runtime_problems(flags.memory, backend):
+        raise UsageError(offload_runtime_problems(flags.memory, backend))
     device, weight_dtype = backend.device, backend.weight_dtype
-    set_seed(args.seed)
+    set_seed(flags.training.seed)
     row.update(
         device=device_name(device),
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__, accelerate=accelerate.__version__,
@@ -642,19 +652,22 @@ def build_like_trainer(options, trainer_flags, row, spec, scratch):
     )
     row["phase"] = "build"
     # --quantize_base nf4 quantises inside from_pretrained: only the trainer's loader can do that.
-    through_loader = options.through_trainer_loader or args.quantize_base == "nf4"
-    transformer = load_transformer_like_trainer(spec, args, mode.load_dtype(args, weight_dtype), device, scratch,
+    through_loader = options.through_trainer_loader or flags.memory.quantize_base == "nf4"
+    transformer = load_transformer_like_trainer(spec, Pretrained.of(flags.model, flags.memory, flags.training),
+                                                mode.load_dtype(flags.training, weight_dtype), device, scratch,
                                                 through_loader)
     encoders = {}
     if conditioning.needs_vae:
         encoders["vae"] = build_random(AutoencoderKLCogVideoX, spec.vae, weight_dtype, device).requires_grad_(False).eval()
-    context = build_context(args, spec.transformer, spec.vae, CogVideoXDPMScheduler(**spec.scheduler), device,
-                            weight_dtype, source, encoders)
+    context = build_context(flags.training, flags.optimizer, flags.lora, flags.memory, flags.parallelism,
+                            spec.transformer, spec.vae, CogVideoXDPMScheduler(**spec.scheduler), device, weight_dtype,
+                            source, encoders)
     trainer = build_trainer(transformer, context, conditioning, mode, backend, options.warmup_steps + options.steps)
-    bucket = (args.frame_buckets[0], args.height_buckets[0], args.width_buckets[0])
-    batch = source.example_batch(args.train_batch_size, bucket, spec.transformer, spec.vae,
+    buckets = flags.buckets
+    bucket = (buckets.frame_buckets[0], buckets.height_buckets[0], buckets.width_buckets[0])
+    batch = source.example_batch(flags.training.train_batch_size, bucket, spec.transformer, spec.vae,
                                  conditioning.image_to_video, fill=torch.randn)
-    return backend, trainer, batch
+    return backend, trainer, batch, flags
 
 
 def measure_training_steps(trainer, batch, options):
@@ -674,7 +687,7 @@ def measure_training_steps(trainer, batch, options):
         return measurement.result
 
     trainer.transformer.train()
-    group_size = trainer.context.args.gradient_accumulation_steps
+    group_size = trainer.context.training.gradient_accumulation_steps
     steps = []
     for step in range(options.warmup_steps + options.steps):
         started = clock.mark()
@@ -690,12 +703,13 @@ def measure_training_steps(trainer, batch, options):
     return steps, loss, saved
 
 
-def speed_figures(steps, transformer_config, args, latent, mode_name, device, peak_override):
-    """Median step time, the share spent outside the transformer's forward+backward, and MFU."""
+def speed_figures(steps, transformer_config, training, latent, mode_name, device, peak_override):
+    """Median step time, the share spent outside the transformer's forward+backward, and MFU (batch and accumulation
+    of the [training] section)."""
     step_seconds = statistics.median(s["step"] for s in steps)
     outside = statistics.median(1.0 - (s["forward"] + s["backward"]) / s["step"] for s in steps)
-    forward = transformer_forward_flops(transformer_config, args.train_batch_size, *latent)
-    flops = args.gradient_accumulation_steps * training_step_flops(forward, base_weights_train=mode_name == "sft")
+    forward = transformer_forward_flops(transformer_config, training.train_batch_size, *latent)
+    flops = training.gradient_accumulation_steps * training_step_flops(forward, base_weights_train=mode_name == "sft")
     peak = peak_override or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     return dict(
         s_per_step=step_seconds,

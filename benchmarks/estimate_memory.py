@@ -48,8 +48,11 @@ README_TABLE = [
 ]
 
 
-def trainer_args(spec, mode, flags):
+def trainer_flags(spec, mode, flags):
+    """The trainer's flag sections (sections.RunFlags) of this row: the benchmark's data and validation, then
+    `flags`."""
     from training.args import parse_args
+    from training.sections import run_flags
 
     frames, height, width = spec.train_video
     argv = ["--pretrained_model_name_or_path", spec.model_id, "--load_tensors", "--mixed_precision", "bf16",
@@ -58,7 +61,7 @@ def trainer_args(spec, mode, flags):
             "--frame_buckets", str(frames), "--enable_slicing", "--enable_tiling", *flags]
     if spec.conditioning == "image-to-video":
         argv += ["--validation_images", "first_frame.png"]
-    return parse_args(argv)
+    return run_flags(parse_args(argv))
 
 
 def estimate(model, mode, flags, scale="full", autocast="cuda"):
@@ -73,12 +76,13 @@ def estimate(model, mode, flags, scale="full", autocast="cuda"):
     from training.modes import MODES
 
     spec = model_spec(model, scale, flags)
-    args = trainer_args(spec, mode, flags)
+    sections = trainer_flags(spec, mode, flags)
     text_encoder = T5_XXL if scale == "full" else dict(T5_XXL, d_model=spec.transformer["text_embed_dim"], d_kv=8,
                                                         d_ff=64, num_heads=2, num_layers=1, vocab_size=1000)
-    return estimate_phases(args, spec.transformer, spec.vae, T5Config(**text_encoder), CONDITIONINGS[spec.conditioning](),
-                           MODES[mode](), torch.bfloat16, {tuple(spec.train_video): args.train_batch_size},
-                           autocast=autocast)
+    return estimate_phases(sections.data, sections.buckets, sections.training, sections.optimizer, sections.lora,
+                           sections.validation, sections.memory, sections.parallelism, spec.transformer, spec.vae,
+                           T5Config(**text_encoder), CONDITIONINGS[spec.conditioning](), MODES[mode](), torch.bfloat16,
+                           {tuple(spec.train_video): sections.training.train_batch_size}, autocast=autocast)
 
 
 def command(model, mode, flags):

@@ -280,6 +280,7 @@ def cmd_options(args):
     import training  # noqa: F401  (quiets optional-kernel import noise, as in a training run)
     from training.args import parse_args
     from training.optim import build_optimizer
+    from training.sections import run_flags
 
     cases = {
         "--use_8bit (bitsandbytes AdamW8bit)": ["--optimizer", "adamw", "--use_8bit"],
@@ -293,7 +294,9 @@ def cmd_options(args):
         flags = ["--pretrained_model_name_or_path", "unused", "--learning_rate", "1e-3", *flags]
         parameter = torch.nn.Parameter(torch.randn(64, 128))  # large enough for the low-bit optimizers' blocks
         try:
-            changed = _step_changes(build_optimizer(parse_args(flags), [parameter]), parameter)
+            sections = run_flags(parse_args(flags))
+            changed = _step_changes(build_optimizer(sections.optimizer, sections.memory, [parameter],
+                                                    sections.training.learning_rate), parameter)
             result = "ok" if changed else "FAILED: the weights did not change"
         except Exception as error:  # report every option, then fail
             changed, result = False, f"FAILED: {type(error).__name__}: {error}"

@@ -6,6 +6,11 @@
   it: stack/cat refuse tensors of two devices (fake tensors accept a CPU 0-dim tensor there). Autograd on fake CUDA
   tensors aborts the process on a CPU build, so the context runs without gradients: trained weights get synthetic
   gradients of their own dtype and device (`synthetic_gradients`) to drive optimizers and checkpoints.
+- `fake_cuda(loading=True)`: models are loaded and moved inside as on a GPU (the trainer's `from_pretrained` with
+  `device_map` on the GPU, bitsandbytes quantizing at its `.to("cuda")`, peft moving new adapters to the base layer's
+  device): safetensors files are read as real CPU tensors, `Tensor.to` moves them to fake CUDA, and a parameter class
+  over a fake tensor (`nn.Parameter`, bitsandbytes' `Params4bit`) is a fake tensor of that class, whose data `.to()`
+  and `Module.to` replace as they do a real parameter's (`fake_parameters`).
 - Attention kernels that exist only on CUDA (flash, flash 3, their hub versions) are replaced by fakes that enforce
   the real kernels' rules: q, k and v of one 16-bit dtype, on CUDA, head dims the kernel supports (`fake_flash`).
 - `cuda_streams_on_cpu(monkeypatch)`: real CPU tensors, with CUDA's streams, events and pinned memory stubbed, for
@@ -14,9 +19,10 @@
 """
 
 import contextlib
+import functools
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -134,20 +140,37 @@ class _Patches:
             setattr(obj, name, value)
 
 
+class _NoCudaHere(FakeTensorMode):
+    """FakeTensorMode as it is where CUDA cannot start: torch asks `torch.cuda.is_available()`, which fake_cuda says
+    yes to. So `torch.tensor(..., device="cuda")` is made on the CPU and moved, and a real CPU tensor moved to CUDA is
+    not copied for real to fold it as a constant (both fail on a CPU build)."""
+
+    avoid_device_init = True
+
+
 @contextlib.contextmanager
-def fake_cuda(autocast_dtype=torch.bfloat16, devices=1):
+def fake_cuda(autocast_dtype=torch.bfloat16, devices=1, loading=False):
     """Fake CUDA tensors under CUDA autocast in `autocast_dtype` (None: no autocast). Yields the FakeTensorMode;
     `torch.empty(..., device="cuda")` inside makes a fake CUDA tensor, and real CPU tensors passed in are
-    treated as constants."""
+    treated as constants. `loading`: models may be loaded and moved to the GPU inside (module docstring).
+
+    Autocast's cast cache is off: it keeps the cast of an fp32 weight that requires grad (a LoRA layer in an fp32
+    master dtype) with an autograd edge, whose CUDA metadata aborts the process on a CPU build. The cache only saves
+    casting such a weight again; the casts, their dtypes and devices are the same without it."""
     patches = _Patches()
     _cuda_stubs(patches, devices)
     patches(torch.Tensor, "pin_memory", lambda self, device=None: self)
     patches(torch.Tensor, "__getitem__", _getitem)
+    patches(torch.Tensor, "__setitem__", _setitem)
     patches(torch.Tensor, "contiguous", _contiguous)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    autocast_before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    mode = (_NoCudaHere if loading else FakeTensorMode)(allow_non_fake_inputs=True)
+    if loading:  # after FakeTensorMode is made: it imports torch._dynamo, which checks torch's own functions
+        fake_parameters(patches)
+    autocast_before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                       torch.is_autocast_cache_enabled())
     try:
         with torch.no_grad(), mode, DeviceRule():
+            torch.set_autocast_cache_enabled(False)
             if autocast_dtype is not None:
                 torch.set_autocast_enabled("cuda", True)
                 torch.set_autocast_dtype("cuda", autocast_dtype)
@@ -155,7 +178,103 @@ def fake_cuda(autocast_dtype=torch.bfloat16, devices=1):
     finally:
         torch.set_autocast_enabled("cuda", autocast_before[0])
         torch.set_autocast_dtype("cuda", autocast_before[1])
+        torch.set_autocast_cache_enabled(autocast_before[2])
         patches.restore()
+
+
+# ----------------------------------------------------------------------------------------------- loading models
+_fake_classes = {}
+
+
+@functools.cache
+def _fake_tensor_state():
+    """The attributes a FakeTensor keeps in its __dict__ (its device, mode, memos)."""
+    with unset_fake_temporarily():
+        meta = torch.empty(0, device="meta")
+    return frozenset(vars(FakeTensor.__new__(FakeTensor, FakeTensorMode(), meta, "cpu"))) | {"_debug_trace"}
+
+
+def fake_parameter_class(cls):
+    """A FakeTensor that is also a `cls` (nn.Parameter, bitsandbytes' Params4bit): `isinstance`, the class's name (some
+    libraries go by it) and its methods are `cls`'s, its tensor is fake. Made as `cls` makes it (its `__new__`, given
+    the attributes `cls` takes: a fake tensor's own are left out), and setting its `.data` moves it to the device of the
+    new data, as with a real parameter (torch keeps a fake tensor's device beside its meta tensor)."""
+    if cls not in _fake_classes:
+
+        def new(fake_cls, *args, **kwargs):
+            own = {k: v for k, v in kwargs.items() if k not in _fake_tensor_state()}
+            return cls.__new__(cls, *args, **own)
+
+        def set_data(self, new_data):
+            torch._C.TensorBase.data.__set__(self, new_data)
+            self.fake_device = new_data.device
+
+        _fake_classes[cls] = type(cls.__name__, (FakeTensor, cls), {
+            "__new__": new, "__qualname__": cls.__qualname__, "__module__": __name__,
+            "data": property(torch._C.TensorBase.data.__get__, set_data)})
+    return _fake_classes[cls]
+
+
+def fake_parameters(patch):
+    """What loading and moving models needs on fake CUDA tensors; `patch(obj, name, value)`.
+
+    - safetensors reads files as real CPU tensors (under fake mode it cannot make them at all);
+    - `Tensor.to(cuda)` of a CPU tensor goes through aten (its Python binding takes a CUDA device guard);
+    - `Tensor._make_subclass(cls, fake)` (how Params4bit, and nn.Parameter of a plain tensor, wrap data) and
+      `nn.Parameter(fake)` (a FakeTensor with a flag, whose type is FakeTensor: `type(param)(data)` fails, as accelerate
+      calls it) give a `fake_parameter_class(cls)`;
+    - `Module._apply` swaps a fake parameter for a new one of type Parameter (a Params4bit would lose its class and its
+      quant_state); for these it sets the data, as it does a real parameter's."""
+    import safetensors.torch
+
+    load_file = safetensors.torch.load_file
+    patch(safetensors.torch, "load_file", lambda *args, **kwargs: _real(load_file, *args, **kwargs))
+    to = torch.Tensor.to
+
+    def to_cuda_through_aten(self, *args, **kwargs):
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if device is None or device.type != "cuda" or self.device.type != "cpu":
+            return to(self, *args, **kwargs)
+        return torch.ops.aten._to_copy.default(self, dtype=dtype or self.dtype, device=device,
+                                               non_blocking=non_blocking,
+                                               memory_format=memory_format or torch.preserve_format)
+
+    patch(torch.Tensor, "to", to_cuda_through_aten)
+    make_subclass = torch.Tensor._make_subclass
+
+    def make_fake_subclass(cls, data, requires_grad=False, **kwargs):
+        if not isinstance(data, FakeTensor) or issubclass(cls, FakeTensor) or kwargs:
+            return make_subclass(cls, data, requires_grad, **kwargs)
+        with unset_fake_temporarily():
+            meta = torch.empty_strided(data.shape, data.stride(), dtype=data.dtype, device="meta")
+        self = FakeTensor.__new__(fake_parameter_class(cls), data.fake_mode, meta, data.fake_device,
+                                  requires_grad=requires_grad)
+        self.data = data  # its storage, as _make_subclass shares it
+        return self
+
+    patch(torch.Tensor, "_make_subclass", staticmethod(make_fake_subclass))
+    parameter = torch.nn.Parameter.__new__
+
+    def new_parameter(cls, data=None, requires_grad=True):
+        if isinstance(data, FakeTensor) and not issubclass(cls, FakeTensor):
+            return make_fake_subclass(cls, data, requires_grad)
+        return parameter(cls, data, requires_grad)
+
+    patch(torch.nn.Parameter, "__new__", new_parameter)
+    swap_tensors = torch.utils.swap_tensors
+
+    def swap_or_set_data(t1, t2):
+        if type(t1) in _fake_classes.values():
+            t1.data = t2
+        else:
+            swap_tensors(t1, t2)
+
+    patch(torch.utils, "swap_tensors", swap_or_set_data)
+
+
+def _real(function, *args, **kwargs):
+    with unset_fake_temporarily():
+        return function(*args, **kwargs)
 
 
 def synthetic_gradients(parameters):
@@ -267,6 +386,22 @@ def _getitem(self, index):
         else:
             raise NotImplementedError(f"fake CUDA indexing with {i!r}")
     return out
+
+
+_SETITEM = torch.Tensor.__setitem__
+
+
+def _setitem(self, index, value):
+    """Assignment to a slice of a CUDA tensor through aten (as `_getitem`): a copy into the view. Other tensors, and
+    indexing with tensors (no view), go the usual way."""
+    if self.device.type != "cuda" or any(isinstance(i, (torch.Tensor, list))
+                                         for i in (index if isinstance(index, tuple) else (index,))):
+        return _SETITEM(self, index, value)
+    view = _getitem(self, index)
+    if isinstance(value, torch.Tensor):
+        torch.ops.aten.copy_.default(view, value)
+    else:
+        torch.ops.aten.fill_.Scalar(view, value)
 
 
 def _contiguous(self, memory_format=torch.contiguous_format):

@@ -136,8 +136,7 @@ def test_pin_memory_reaches_the_training_loader_where_cuda_is(monkeypatch):
 
     def loader(pin, cuda):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        args = SimpleNamespace(seed=0, dataloader_num_workers=0, pin_memory=pin)
-        return build_dataloader(args, dataset, backend, {(9, 32, 32): 2})[0]
+        return build_dataloader(dataset, backend, {(9, 32, 32): 2}, seed=0, num_workers=0, pin_memory=pin)[0]
 
     assert loader(pin=True, cuda=True).pin_memory
     assert not loader(pin=False, cuda=True).pin_memory and not loader(pin=True, cuda=False).pin_memory

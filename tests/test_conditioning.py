@@ -46,7 +46,7 @@ def _context(vae, dropout, ofs_embed_dim=None):
         vae=vae,
         vae_scaling_factor=vae.config.scaling_factor,
         vae_invert_scale_latents=vae.config.invert_scale_latents,
-        args=SimpleNamespace(noised_image_dropout=dropout),
+        training=SimpleNamespace(noised_image_dropout=dropout),
         transformer_config={"ofs_embed_dim": ofs_embed_dim},
     )
 

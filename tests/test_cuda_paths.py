@@ -16,6 +16,7 @@ from cuda_semantics import (
     synthetic_gradients,
 )
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _tiny_transformer(variant, dtype=torch.bfloat16):
@@ -27,11 +28,12 @@ def _tiny_transformer(variant, dtype=torch.bfloat16):
     return transformer
 
 
-def _forward(transformer, frames=3, size=8, dtype=torch.float32):
+def _forward(transformer, frames=3, size=8, dtype=torch.float32, loaded_on_gpu=False):
     """One forward of the transformer on fake CUDA inputs of `dtype` (inside fake_cuda); its weights become fake
-    CUDA ones."""
+    CUDA ones (`loaded_on_gpu`: they are already, loaded inside fake_cuda)."""
     config = transformer.config
-    transformer.to_empty(device="cuda")
+    if not loaded_on_gpu:
+        transformer.to_empty(device="cuda")
     noisy = torch.empty(1, frames, config.in_channels, size, size, device="cuda", dtype=dtype)
     text = torch.empty(1, config.max_text_seq_length, config.text_embed_dim, device="cuda", dtype=dtype)
     rotary = None
@@ -105,8 +107,8 @@ def test_an_fp8_stored_base_computes_every_matmul_in_bf16_on_cuda(autocast):
     args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
                            master_weight_dtype="bf16")
     with _module_conversion_assigns():  # layerwise casting assigns cast copies (fake parameters cannot be swapped)
-        prepare_frozen_base(transformer, args, torch.bfloat16)
-        LoRA().prepare(transformer, args)
+        prepare_frozen_base(transformer, args.quantize_base, torch.bfloat16)
+        LoRA().prepare(transformer, args, args)  # the namespace holds the [training] and [lora] values it reads
         cast_frozen(transformer, torch.bfloat16)
         stored = {name: p.dtype for name, p in transformer.named_parameters()}
         assert stored["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
@@ -114,6 +116,86 @@ def test_an_fp8_stored_base_computes_every_matmul_in_bf16_on_cuda(autocast):
             out = _forward(transformer, dtype=torch.float32 if autocast else torch.bfloat16)
     assert out.dtype == torch.bfloat16 and matmuls.operands == {(torch.bfloat16,) * 3, (torch.bfloat16,) * 2}
     assert {name: p.dtype for name, p in transformer.named_parameters()} == stored
+
+
+class _Kernels(TorchDispatchMode):
+    """The calls of bitsandbytes' 4-bit kernels ((name, quant_type, shape of the weight, dtype of A, dtype of B)) and
+    the operand dtypes of the plain matmuls (mm, addmm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.four_bit, self.matmuls = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func.namespace == "bitsandbytes":
+            if name == "gemm_4bit":  # (A, B, shapeB, absmax, blocksize, quant_type, ...)
+                self.four_bit.append((name, args[5], tuple(args[2]), args[0].dtype, args[1].dtype))
+            else:
+                self.four_bit.append((name,))
+        elif name in ("mm", "addmm"):
+            self.matmuls.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_nf4_qlora_forward_runs_under_cuda_autocast(tiny_model_5b):
+    """--quantize_base nf4 (QLoRA) as the trainer does it, on fake CUDA tensors: load_transformer loads the base with
+    diffusers' BitsAndBytesConfig onto the GPU, where bitsandbytes quantizes every linear layer to NF4 (packed uint8
+    weights with their quant_state); LoRA.prepare puts peft's adapters on the 4-bit layers, in the fp32 master dtype,
+    on the GPU; cast_frozen leaves the packed weights alone; the model is moved to the device as build_trainer does.
+    A forward under CUDA bf16 autocast (with the diffusers attention the trainer uses without --attention_backend)
+    runs each 4-bit layer through bitsandbytes' 4-bit matmul in bf16, and the adapters' matmuls in bf16; only the
+    adapters train."""
+    from training.args import DEFAULT_LORA_TARGET_MODULES
+    from training.models import Pretrained, load_transformer, prepare_frozen_base
+    from training.modes import LoRA, cast_frozen
+    from training.optional_libraries import use_bitsandbytes
+
+    bnb = use_bitsandbytes()  # before the layer: its import picks its kernels by torch.cuda.is_available()
+    targets = DEFAULT_LORA_TARGET_MODULES.split(",")
+    with fake_cuda(torch.bfloat16, loading=True):
+        transformer = load_transformer(Pretrained(tiny_model_5b, quantize_base="nf4"), torch.bfloat16)
+        prepare_frozen_base(transformer, "nf4", torch.bfloat16)  # the trainer's order (nothing to do for nf4)
+        LoRA().prepare(transformer, SimpleNamespace(seed=0, master_weight_dtype="fp32"),
+                       SimpleNamespace(rank=4, lora_alpha=4, lora_target_modules=DEFAULT_LORA_TARGET_MODULES))
+        cast_frozen(transformer, torch.bfloat16)
+        transformer.to(torch.device("cuda", 0))
+        with _Kernels() as kernels:
+            out = _forward(transformer, dtype=torch.bfloat16, loaded_on_gpu=True)  # the trainer's bf16 inputs
+
+    four_bit = {name.removesuffix(".base_layer"): m for name, m in transformer.named_modules()  # peft's base_layer
+                if isinstance(m, bnb.nn.Linear4bit)}
+    plain = [name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+             and not isinstance(m, bnb.nn.Linear4bit) and ".lora_" not in name]
+    assert four_bit and not plain, f"linear layers left in 16 bits: {plain}"
+    for name, layer in four_bit.items():
+        weight, state = layer.weight, layer.weight.quant_state
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized, name
+        assert weight.dtype == torch.uint8 and weight.device.type == "cuda", name
+        assert weight.shape == ((layer.out_features * layer.in_features + 1) // 2, 1), name  # two weights a byte
+        assert state.quant_type == "nf4" and state.dtype == torch.bfloat16, name
+        assert tuple(state.shape) == (layer.out_features, layer.in_features), name
+        assert state.absmax.device.type == state.code.device.type == "cuda", name
+        assert layer.compute_dtype == torch.bfloat16, name
+    frozen = [p for p in transformer.parameters() if not p.requires_grad and p.dtype != torch.uint8]
+    assert frozen and all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for p in frozen)  # biases, norms
+
+    # Each 4-bit layer ran once, through the 4-bit kernel (never dequantized to a plain matmul), in bf16.
+    assert sorted(kernels.four_bit) == sorted(("gemm_4bit", "nf4", (m.out_features, m.in_features), torch.bfloat16,
+                                               torch.uint8) for m in four_bit.values())
+
+    adapted = {name for name, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {name for name in four_bit if any(name.endswith(f".{target}") for target in targets)}
+    assert kernels.matmuls == [(torch.bfloat16, torch.bfloat16)] * (2 * len(adapted))  # lora_A, lora_B: bf16
+
+    trained = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    assert set(trained) == {f"{name}.lora_{ab}.default.weight" for name in adapted for ab in "AB"}
+    assert [id(p) for p in LoRA().trainable_parameters(transformer)] == [id(p) for p in trained.values()]
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in trained.values())
+
+    config = transformer.config
+    assert out.device.type == "cuda" and out.shape == (1, 3, config.out_channels, 8, 8)
+    assert out.dtype == torch.float32  # proj_out (4-bit) returns its input's dtype: LayerNorm's fp32 under autocast
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -331,7 +413,7 @@ def test_image_to_video_training_copies_the_pinned_first_frame_without_blocking(
     vae = build_pipeline("5b-i2v").vae.to(torch.bfloat16)
     copies = _copies_from_pinned_memory(monkeypatch)
     context = SimpleNamespace(device=torch.device("cpu"), vae=vae, vae_scaling_factor=vae.config.scaling_factor,
-                              vae_invert_scale_latents=False, args=SimpleNamespace(noised_image_dropout=0.0))
+                              vae_invert_scale_latents=False, training=SimpleNamespace(noised_image_dropout=0.0))
     batch = {"image": torch.rand(1, 1, 3, 32, 32).pin_memory()}
     model_input = ImageToVideo().model_input(torch.zeros(1, 3, 4, 4, 4, dtype=torch.bfloat16), batch, context)
     assert model_input.shape == (1, 3, 8, 4, 4)

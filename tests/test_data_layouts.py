@@ -321,17 +321,20 @@ def test_max_memory_gb_is_a_limit_in_gib(monkeypatch):
     3 GiB per sample (the simulation faked), 40 allows the batch whose peak is exactly 40 GiB, over 40 GB (1e9)."""
     import training.batch_size as batch_size
     import training.memory_estimate as memory_estimate
+    from training.sections import MemoryFlags, TrainingFlags
 
     def peak(batch):
         return (10 + 3 * batch) * 2**30
 
     monkeypatch.setattr(batch_size, "component_configs", lambda args: (None, None))
     monkeypatch.setattr(memory_estimate, "estimate_training",
-                        lambda args, *rest: {"training_peak": peak(args.train_batch_size)})
+                        lambda data, training, *rest: {"training_peak": peak(training.train_batch_size)})
     args = Namespace(max_memory_gb=40, train_batch_size="auto")
     auto, fixed = (9, 48, 64), (1, 48, 64)
-    chosen, simulated = batch_size.choose_batch_sizes(args, {}, None, None, torch.float32, {auto: 64, fixed: 9},
-                                                      {auto: "auto", fixed: 4})
+    chosen, simulated = batch_size.choose_batch_sizes(
+        None, None, TrainingFlags(train_batch_size=args.train_batch_size), None, None, None,
+        MemoryFlags(max_memory_gb=args.max_memory_gb), None, {}, None, None, torch.float32, {auto: 64, fixed: 9},
+        {auto: "auto", fixed: 4})
     largest = max(batch for batch in range(1, 65) if peak(batch) <= 40 * 2**30)
     assert peak(largest) > 40e9  # the batch a limit in GB would refuse
     assert chosen == {auto: largest, fixed: 4}
@@ -430,6 +433,7 @@ def test_image_to_video_on_the_mixed_folder_with_batch_sizes_of_auto(tiny_models
     from training.conditioning import CONDITIONINGS
     from training.memory_estimate import estimate_training
     from training.modes import MODES
+    from training.sections import run_flags
 
     model = tiny_models("5b-i2v")
     (mixed_folder.parent / "bucket.yaml").write_text(BUCKET_YAML.replace("[1.0, 2], 5", "[1.0, auto], 5")
@@ -441,12 +445,14 @@ def test_image_to_video_on_the_mixed_folder_with_batch_sizes_of_auto(tiny_models
     sizes = {tuple(map(int, name.split("x"))): row["batch_size"] for name, row in summary["buckets"].items()}
     assert sizes[(9, 64, 96)] == 1 and sizes[(5, 32, 32)] == 2  # as the config gives them
     args = parse_args([str(a) for a in argv])
-    vae_config, text_encoder_config = component_configs(args)
+    vae_config, text_encoder_config = component_configs(run_flags(args).model)
     transformer_config = json.loads((tmp_path.parent / model / "transformer" / "config.json").read_text())
 
     def peak(bucket, batch):
         args.train_batch_size = batch
-        return estimate_training(args, transformer_config, vae_config, text_encoder_config,
+        f = run_flags(args)
+        return estimate_training(f.data, f.training, f.optimizer, f.lora, f.validation, f.memory, f.parallelism,
+                                 transformer_config, vae_config, text_encoder_config,
                                  CONDITIONINGS["image-to-video"](), MODES["lora"](), torch.float32,
                                  bucket)["training_peak"]
 
@@ -523,7 +529,7 @@ def test_fun_options_through_the_trainer(capsys, tiny_model_2b, mixed_folder, tm
     assert set(plan["buckets"]) <= {f"{f}x{h}x{w}" for f in (1, 5, 9) for h, w in shapes_with(48 * 48) + shapes_with(
         64 * 64)}
     assert not (tmp_path / "out" / "data_notes.jsonl").exists()  # centre crops: nothing stretched
-    samples = read_samples(layout_args(data_root=str(mixed_folder), video_repeat=2))
+    samples = read_samples(layout_args(data_root=str(mixed_folder)), video_repeat=2)
     assert sorted((s.video_path.suffix, s.repeats) for s in samples) == sorted(
         [(".mp4", 2)] * 6 + [(".png", 1), (".jpg", 1), (".webp", 1)])
     with pytest.raises(SystemExit) as exit_:

@@ -85,14 +85,14 @@ def deepspeed_job(monkeypatch):
         monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
         build = core.build_backend
 
-        def fresh_job(args):
+        def fresh_job(*sections):
             # Each run ends its process group (accelerator.end_training); DeepSpeed's cache of groups would
             # outlive it in this process (a real job runs once).
             from deepspeed.utils import groups
 
             if not torch.distributed.is_initialized():
                 groups._release_process_group_references()
-            return build(args)
+            return build(*sections)
 
         monkeypatch.setattr(core, "build_backend", fresh_job)
 

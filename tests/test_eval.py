@@ -63,7 +63,8 @@ def test_evaluation_runs_the_model_the_way_validation_does(monkeypatch):
     monkeypatch.setattr(training.validation, "compute_loss",
                         lambda model, *args, **kwargs: ran.append(model) or torch.tensor(1.0))
     args = SimpleNamespace(eval_timesteps=[100, 500], seed=0)
-    loss = training.validation.evaluate("prepared model", [{"batch": 0}], None, None, backend, args)
+    loss = training.validation.evaluate("prepared model", [{"batch": 0}], None, None, backend, args.eval_timesteps,
+                                        args.seed)
     assert loss == 1.0 and ran == [wrapper, wrapper]
     assert wrapper.training  # left as it was
 
@@ -75,12 +76,13 @@ def test_held_out_defaults_the_seeded_split_and_a_held_out_csv(tiny_model_2b, cl
     from training.conditioning import TextToVideo
     from training.dataset import split_for_eval
     from training.modes import LoRA
+    from training.sections import run_flags
     from training.settings import validate_training_args
 
     args = parse_args([str(a) for a in lora_argv(tiny_model_2b, clips, tmp_path / "x", "--eval_split", "0.05",
                                                  "--checkpointing_steps", "7")])
     assert args.eval_timesteps == [100, 300, 500, 700, 900]
-    assert validate_training_args(args, TextToVideo(), LoRA()).eval_every == 7
+    assert validate_training_args(run_flags(args), TextToVideo(), LoRA()).eval_every == 7
     items = list(range(40))
     assert split_for_eval(items, 0.05, seed=1) == split_for_eval(items, 0.05, seed=1)
     assert split_for_eval(items, 0.05, seed=1)[1] != split_for_eval(items, 0.05, seed=2)[1]

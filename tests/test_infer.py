@@ -111,7 +111,8 @@ def test_without_a_size_a_model_generates_at_the_size_it_was_trained_at(tiny_mod
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.configuration_utils import FrozenDict
 
-    from tools.infer import build_parser, generate
+    from tools.infer import InferFlags, build_parser, generate
+    from training.sections import section_of
 
     config = CogVideoXTransformer3DModel.load_config(tiny_models(variant), subfolder="transformer")
     calls = []
@@ -125,8 +126,8 @@ def test_without_a_size_a_model_generates_at_the_size_it_was_trained_at(tiny_mod
             return SimpleNamespace(frames=[None])
 
     args = build_parser().parse_args(["--model_name_or_path", tiny_models(variant), "--prompt", "a cat"])
-    generate(Pipeline(), args, "a cat", None, 0)
+    generate(Pipeline(), section_of(InferFlags, args), "a cat", None, 0)
     assert (calls[0]["height"], calls[0]["width"]) == expected
     args = build_parser().parse_args(["--model_name_or_path", "m", "--prompt", "a cat", "--height", "32", "--width", "48"])
-    generate(Pipeline(), args, "a cat", None, 0)
+    generate(Pipeline(), section_of(InferFlags, args), "a cat", None, 0)
     assert (calls[1]["height"], calls[1]["width"]) == (32, 48)

@@ -75,6 +75,7 @@ def estimate():
     from training.conditioning import TextToVideo
     from training.memory_estimate import estimate_phases, estimate_training
     from training.modes import MODES
+    from training.sections import run_flags
 
     vae_config = {"block_out_channels": [8, 8, 8, 8], "scaling_factor": 0.7, "temporal_compression_ratio": 4}
     base = parse_args(["--pretrained_model_name_or_path", "-", "--load_tensors", "--train_batch_size", "1",
@@ -90,12 +91,16 @@ def estimate():
             if phases:
                 args.validation_prompt = "a cat"
                 batch = args.train_batch_size
-                done[key] = estimate_phases(args, _validation_config(), PIPELINE_VAE, T5Config(**SMALL_T5), TextToVideo(),
-                                            MODES[mode](), torch.bfloat16, {bucket: batch},
+                f = run_flags(args)
+                done[key] = estimate_phases(f.data, f.buckets, f.training, f.optimizer, f.lora, f.validation, f.memory,
+                                            f.parallelism, _validation_config(), PIPELINE_VAE, T5Config(**SMALL_T5),
+                                            TextToVideo(), MODES[mode](), torch.bfloat16, {bucket: batch},
                                             known_peaks={(bucket, batch): 0})
             else:
-                done[key] = estimate_training(args, _mid_size_config(), vae_config, None, TextToVideo(), MODES[mode](),
-                                              torch.bfloat16, bucket, autocast)
+                f = run_flags(args)
+                done[key] = estimate_training(f.data, f.training, f.optimizer, f.lora, f.validation, f.memory,
+                                              f.parallelism, _mid_size_config(), vae_config, None, TextToVideo(),
+                                              MODES[mode](), torch.bfloat16, bucket, autocast)
         return done[key]
 
     return run
@@ -196,8 +201,6 @@ def test_validation_estimate_follows_slicing_tiling_and_model_cpu_offload(estima
     --enable_slicing a VAE call over several videos (validation decodes one per call); docs/memory.md: the estimate
     decodes with the VAE options as given, and with offload "only the working module counts". Validation at 9x192x576: the VAE decode is the peak of both phases, and tiling splits it in two
     tiles (the real VAE's 240x360-pixel tiles)."""
-    from argparse import Namespace
-
     from accelerate import init_empty_weights
     from diffusers import CogVideoXTransformer3DModel
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -207,6 +210,7 @@ def test_validation_estimate_follows_slicing_tiling_and_model_cpu_offload(estima
     from training.memory import AllocationTracker
     from training.memory_estimate import fake_vae
     from training.modes import MODES
+    from training.sections import run_flags
 
     size = {"phases": True, "height": 192, "width": 576, "validation_num_frames": 9}
     plain, tiled = estimate(**size), estimate(enable_tiling=True, **size)
@@ -216,7 +220,7 @@ def test_validation_estimate_follows_slicing_tiling_and_model_cpu_offload(estima
 
     # Slicing decodes a batch one video at a time: the VAE the estimate builds does so for a batch of two ...
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    vae = fake_vae(PIPELINE_VAE, torch.bfloat16, fake_mode, Namespace(enable_slicing=True))
+    vae = fake_vae(PIPELINE_VAE, torch.bfloat16, fake_mode, slicing=True)
 
     def decode_peak():
         tracker = AllocationTracker()
@@ -241,7 +245,8 @@ def test_validation_estimate_follows_slicing_tiling_and_model_cpu_offload(estima
         transformer = CogVideoXTransformer3DModel.from_config(_validation_config())
         t5 = T5EncoderModel(T5Config(**SMALL_T5))
     lora = MODES["lora"]()
-    lora.prepare(transformer, parse_args(["--pretrained_model_name_or_path", "-"]))  # default rank, targets, fp32
+    default = run_flags(parse_args(["--pretrained_model_name_or_path", "-"]))
+    lora.prepare(transformer, default.training, default.lora)  # default rank, targets, fp32
     base = [p for p in transformer.parameters() if not p.requires_grad]
     adapters = lora.trainable_parameters(transformer)
     idle_weights = _weight_bytes(t5.parameters(), 2) + _weight_bytes(base, 2)
@@ -285,16 +290,18 @@ def test_optimizer_state_bytes_match_what_the_optimizer_allocates(flags):
     from training.args import parse_args
     from training.memory_estimate import optimizer_state_bytes
     from training.optim import build_optimizer
+    from training.sections import run_flags
 
     args = parse_args(["--pretrained_model_name_or_path", "-"])
     vars(args).update(flags)
     parameters = [torch.nn.Parameter(torch.randn(512, 256)), torch.nn.Parameter(torch.randn(1024, 64)),
                   torch.nn.Parameter(torch.randn(100))]
-    optimizer = build_optimizer(args, parameters)
+    sections = run_flags(args)
+    optimizer = build_optimizer(sections.optimizer, sections.memory, parameters, sections.training.learning_rate)
     for parameter in parameters:
         parameter.grad = torch.randn_like(parameter)
     optimizer.step()
-    expected = optimizer_state_bytes(args, parameters)
+    expected = optimizer_state_bytes(sections.optimizer, sections.memory, parameters)
     assert abs(expected / _state_bytes(optimizer) - 1) < 0.05, (expected, _state_bytes(optimizer))
 
 
@@ -392,6 +399,7 @@ def test_selective_checkpointing_buys_speed_with_memory_and_keeps_the_math(estim
 
     from diffusers import CogVideoXTransformer3DModel
 
+    from training.sections import ParallelismFlags
     from training.step import prepare_transformer
 
     none, half, full = (estimate(**flags)["training_peak"] for flags in (
@@ -411,8 +419,8 @@ def test_selective_checkpointing_buys_speed_with_memory_and_keeps_the_math(estim
         args = Namespace(**{"gradient_checkpointing": bool(flags), "gradient_checkpointing_ratio": 1.0,
                             "quantize_base": "none", **flags})
         conditioning = Namespace(adapt_transformer=lambda transformer, args: None)
-        mode = Namespace(prepare=lambda transformer, args: transformer.requires_grad_(True))
-        prepare_transformer(model, args, conditioning, mode, torch.float32)
+        mode = Namespace(prepare=lambda transformer, training, lora: transformer.requires_grad_(True))
+        prepare_transformer(model, args, args, args, ParallelismFlags(), conditioning, mode, torch.float32)
         calls.clear()
         model(**inputs, return_dict=False)[0].square().mean().backward()
         return [p.grad for p in model.parameters()], len(calls)

@@ -44,8 +44,8 @@ def test_fp8_base_trains_resumes_validates_and_reproduces(tiny_model_2b, tmp_pat
 
     tested, generate_videos = [], training.validation.generate_videos
 
-    def keep_test_frames(pipe, cases, args, num_frames, device, output_dir, tag):
-        videos = generate_videos(pipe, cases, args, num_frames, device, output_dir, tag)
+    def keep_test_frames(pipe, cases, validation, seed, num_frames, device, output_dir, tag):
+        videos = generate_videos(pipe, cases, validation, seed, num_frames, device, output_dir, tag)
         if tag == "test":  # the trainer's final test: a fresh pipeline that loads the saved LoRA
             tested.extend(frames for _, frames in videos)
         return videos
@@ -88,8 +88,8 @@ def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
     args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
                            master_weight_dtype="fp32")
-    prepare_frozen_base(transformer, args, torch.float32)
-    LoRA().prepare(transformer, args)
+    prepare_frozen_base(transformer, args.quantize_base, torch.float32)
+    LoRA().prepare(transformer, args, args)  # the namespace holds the [training] and [lora] values it reads
     cast_frozen(transformer, torch.bfloat16)
     dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
     assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn

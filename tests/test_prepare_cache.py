@@ -198,16 +198,15 @@ def test_the_weights_digest_reads_64_slices_of_64_kib_per_file(monkeypatch, tmp_
     """docs/bad-inputs.md: the VAE and T5 weight files are read in 64 slices of 64 KiB for the digest (a few MiB even
     for T5-XXL); a change inside a slice, or in size, changes it; a byte between slices does not (not every byte)."""
     import builtins
-    from argparse import Namespace
 
     import training.precomputed as precomputed
+    from training.models import Pretrained
 
     weights = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
     weights.parent.mkdir(parents=True)
     data = bytearray(os.urandom(16 << 20))
     weights.write_bytes(data)
-    where = Namespace(pretrained_model_name_or_path=str(tmp_path / "model"), variant=None, revision=None,
-                      cache_dir=None)
+    where = Pretrained(str(tmp_path / "model"))
     reads = []
 
     class Counted:

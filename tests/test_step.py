@@ -34,17 +34,21 @@ def _trainer(model_path, backend, weights):
     from training.conditioning import TextToVideo
     from training.data_source import PreparedEntries
     from training.modes import LoRA
+    from training.sections import run_flags
     from training.step import Trainer, build_context, prepare_transformer
 
     args = parse_args(["--pretrained_model_name_or_path", model_path, "--rank", "4", "--max_grad_norm", "1e9"])
+    flags = run_flags(args)
     transformer = CogVideoXTransformer3DModel.from_pretrained(model_path, subfolder="transformer")
-    prepare_transformer(transformer, args, TextToVideo(), LoRA(), torch.float32)
+    prepare_transformer(transformer, flags.training, flags.lora, flags.memory, flags.parallelism, TextToVideo(),
+                        LoRA(), torch.float32)
     parameters = LoRA().trainable_parameters(transformer)
     with torch.no_grad():
         for parameter, value in zip(parameters, weights(parameters)):
             parameter.copy_(value)
     optimizer = RecordingSGD(parameters, lr=0.1)
-    context = build_context(args, transformer.config, AutoencoderKLCogVideoX.load_config(model_path, subfolder="vae"),
+    context = build_context(flags.training, flags.optimizer, flags.lora, flags.memory, flags.parallelism,
+                            transformer.config, AutoencoderKLCogVideoX.load_config(model_path, subfolder="vae"),
                             CogVideoXDPMScheduler.from_pretrained(model_path, subfolder="scheduler"), "cpu",
                             torch.float32, PreparedEntries())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -306,7 +306,7 @@ def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
     mode = LoRA()
-    mode.prepare(transformer, SimpleNamespace(seed=None, rank=2, lora_alpha=2, lora_target_modules="to_q,to_v", master_weight_dtype="fp32"))
+    mode.prepare(transformer, *[SimpleNamespace(seed=None, rank=2, lora_alpha=2, lora_target_modules="to_q,to_v", master_weight_dtype="fp32")] * 2)
     plain = Backend(Accelerator(cpu=True)).unwrap(torch.compile(transformer))  # compile is lazy: nothing is built here
     assert plain is transformer
     mode.save(plain, tmp_path, CogVideoXPipeline)

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.args import UsageError, exit_on_usage_error  # noqa: E402
+from training.sections import section_classes, section_of  # noqa: E402
 
 
 # The trainer's media (training/layouts.py; not imported here, as it imports torch and --help should be fast).
@@ -70,6 +71,10 @@ def build_parser():
     return parser
 
 
+# This tool's flags, one section (training/sections.py): what its functions are given once they are parsed.
+CaptionFlags = section_classes(build_parser(), "caption")["caption"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The plan: what to caption, checked before any model loads
 # ----------------------------------------------------------------------------------------------
@@ -93,35 +98,49 @@ def read_template(value):
     return value.strip()
 
 
-def check_args(args):
-    """UsageError for bad flags or an empty folder; fills args.input_dir, args.output_dir, args.prompt, args.media."""
-    problems = [f"--{flag} must be 1 or more" for flag in ("num_frames", "batch_size", "max_new_tokens")
-                if getattr(args, flag) < 1]
-    if args.max_clips is not None and args.max_clips < 0:
+@dataclass(frozen=True)
+class Plan:
+    """What `check_args` makes of the flags: the folders as paths, the caption file extension with its dot, the
+    instruction (--prompt_template, read), the clips and stills to caption, and whether vLLM generates."""
+
+    input_dir: Path
+    output_dir: Path  # lists: where prompts.txt and videos.txt go (--output_dir, else --input_dir)
+    caption_extension: str
+    prompt: str
+    media: list
+    use_vllm: bool
+
+
+def check_args(flags):
+    """The Plan of these flags (a CaptionFlags); UsageError for bad flags or an empty folder."""
+    problems = [f"--{flag} must be 1 or more" for flag, value in (("num_frames", flags.num_frames),
+                                                                  ("batch_size", flags.batch_size),
+                                                                  ("max_new_tokens", flags.max_new_tokens))
+                if value < 1]
+    if flags.max_clips is not None and flags.max_clips < 0:
         problems.append("--max_clips must be 0 or more")
-    if not args.caption_extension.startswith("."):
-        args.caption_extension = "." + args.caption_extension
-    if args.caption_extension.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
-        problems.append(f"--caption_extension {args.caption_extension} is a media extension: it would overwrite clips")
-    args.input_dir = Path(args.input_dir)
-    if not args.input_dir.is_dir():
-        problems.append(f"--input_dir {args.input_dir}: no such folder")
-    if args.output == "beside" and args.output_dir:
+    extension = flags.caption_extension if flags.caption_extension.startswith(".") else "." + flags.caption_extension
+    if extension.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        problems.append(f"--caption_extension {extension} is a media extension: it would overwrite clips")
+    input_dir = Path(flags.input_dir)
+    if not input_dir.is_dir():
+        problems.append(f"--input_dir {input_dir}: no such folder")
+    if flags.output == "beside" and flags.output_dir:
         problems.append("--output_dir is for --output lists (--output beside writes each caption next to its clip)")
     if problems:
         raise UsageError(problems)
-    args.prompt = read_template(args.prompt_template)
-    args.output_dir = Path(args.output_dir) if args.output_dir else args.input_dir
-    args.media = find_media(args.input_dir)
-    if not args.media:
-        raise UsageError(f"--input_dir {args.input_dir}: no videos ({' '.join(VIDEO_SUFFIXES)}) or images "
+    prompt = read_template(flags.prompt_template)
+    output_dir = Path(flags.output_dir) if flags.output_dir else input_dir
+    media = find_media(input_dir)
+    if not media:
+        raise UsageError(f"--input_dir {input_dir}: no videos ({' '.join(VIDEO_SUFFIXES)}) or images "
                          f"({' '.join(IMAGE_SUFFIXES)}) in this folder or its sub-folders")
-    if args.output == "lists" and not args.overwrite and not (args.output_dir / PROGRESS_FILE).is_file():
-        foreign = [name for name in LISTS if (args.output_dir / name).is_file()]
+    if flags.output == "lists" and not flags.overwrite and not (output_dir / PROGRESS_FILE).is_file():
+        foreign = [name for name in LISTS if (output_dir / name).is_file()]
         if foreign:
-            raise UsageError(f"{args.output_dir / foreign[0]} exists and this tool did not write it (no "
+            raise UsageError(f"{output_dir / foreign[0]} exists and this tool did not write it (no "
                              f"{PROGRESS_FILE} beside it): pass --overwrite to replace it, or another --output_dir")
-    args.use_vllm = resolve_vllm(args.use_vllm, args.device)
+    return Plan(input_dir, output_dir, extension, prompt, media, resolve_vllm(flags.use_vllm, flags.device))
 
 
 def resolve_vllm(choice, device):
@@ -154,15 +173,15 @@ class ListsStore:
     """captions.jsonl ({"video": path relative to --output_dir, "caption": ...} per clip), written as captions come;
     prompts.txt and videos.txt are rewritten from it at the end, in the folder's order."""
 
-    def __init__(self, args):
-        self.root, self.id_token = args.output_dir, args.id_token
+    def __init__(self, output_dir, id_token, overwrite):
+        self.root, self.id_token = output_dir, id_token
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / PROGRESS_FILE
         # --overwrite starts the file afresh, but only with the first new captions: a model that fails to load
         # loses nothing.
-        self.start_afresh = args.overwrite
-        self.captions = {} if args.overwrite else self._read()
-        if not args.overwrite:  # rewritten whole (a line cut by a kill goes), through a new file: a kill loses nothing
+        self.start_afresh = overwrite
+        self.captions = {} if overwrite else self._read()
+        if not overwrite:  # rewritten whole (a line cut by a kill goes), through a new file: a kill loses nothing
             fresh = self.path.with_name(PROGRESS_FILE + ".new")
             fresh.write_text("".join(json.dumps({"video": k, "caption": v}, ensure_ascii=False) + "\n"
                                      for k, v in self.captions.items()), encoding="utf-8")
@@ -205,8 +224,8 @@ class ListsStore:
 class BesideStore:
     """clip.txt (--caption_extension) next to clip.mp4; a non-empty one counts as a caption."""
 
-    def __init__(self, args):
-        self.extension, self.id_token, self.overwrite = args.caption_extension, args.id_token, args.overwrite
+    def __init__(self, caption_extension, id_token, overwrite):
+        self.extension, self.id_token, self.overwrite = caption_extension, id_token, overwrite
 
     def caption_file(self, clip):
         return clip.with_suffix(self.extension)
@@ -362,29 +381,30 @@ def load_processor(path):
 
 
 class TransformersCaptioner:
-    def __init__(self, args):
+    def __init__(self, flags, prompt):
+        """`flags`: the tool's (CaptionFlags); `prompt`: the instruction given with each clip."""
         import torch
         import transformers
         from transformers import AutoModelForImageTextToText
 
-        self.processor = load_processor(args.model_name_or_path)
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
+        self.processor = load_processor(flags.model_name_or_path)
+        self.device = flags.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = flags.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
-                args.model_name_or_path, device_map=self.device, **{dtype_key: self.dtype}).eval()
+                flags.model_name_or_path, device_map=self.device, **{dtype_key: self.dtype}).eval()
         except (OSError, ValueError) as error:
-            raise UsageError(f"--model_name_or_path {args.model_name_or_path}: cannot load the model "
+            raise UsageError(f"--model_name_or_path {flags.model_name_or_path}: cannot load the model "
                              f"({one_line(str(error))[:300]})") from error
         self.as_video = getattr(self.processor, "video_processor", None) is not None
-        self.prompt = args.prompt
-        if args.temperature > 0:
-            self.generate_kwargs = dict(do_sample=True, temperature=args.temperature)
+        self.prompt = prompt
+        if flags.temperature > 0:
+            self.generate_kwargs = dict(do_sample=True, temperature=flags.temperature)
         else:  # greedy; the model's own sampling settings (Qwen's generation_config has some) are switched off
             self.generate_kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        self.generate_kwargs["max_new_tokens"] = args.max_new_tokens
+        self.generate_kwargs["max_new_tokens"] = flags.max_new_tokens
 
     def inputs(self, clips):
         import numpy as np
@@ -415,20 +435,21 @@ class TransformersCaptioner:
 
 
 class VllmCaptioner:
-    def __init__(self, args):
+    def __init__(self, flags, prompt):
+        """`flags`: the tool's (CaptionFlags); `prompt`: the instruction given with each clip."""
         from transformers import AutoConfig
         from vllm import LLM
 
-        self.processor = load_processor(args.model_name_or_path)
+        self.processor = load_processor(flags.model_name_or_path)
         self.as_video = getattr(self.processor, "video_processor", None) is not None
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: "bfloat16"}[args.dtype]
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: "bfloat16"}[flags.dtype]
+        config = AutoConfig.from_pretrained(flags.model_name_or_path)
         longest = getattr(config.get_text_config(), "max_position_embeddings", None) or 32768
         # A clip's tokens are a few thousand: 32k leaves KV-cache room for batches on a 24 GB GPU (the model's own
         # 128k context would not fit beside a 7B model there, and vLLM refuses to start).
-        self.llm = LLM(model=args.model_name_or_path, dtype=dtype, seed=args.seed, max_model_len=min(longest, 32768),
-                       limit_mm_per_prompt={"image": args.num_frames, **({"video": 1} if self.as_video else {})})
-        self.prompt, self.args = args.prompt, args
+        self.llm = LLM(model=flags.model_name_or_path, dtype=dtype, seed=flags.seed, max_model_len=min(longest, 32768),
+                       limit_mm_per_prompt={"image": flags.num_frames, **({"video": 1} if self.as_video else {})})
+        self.prompt, self.flags = prompt, flags
 
     def __call__(self, clips, seed):
         import numpy as np
@@ -443,7 +464,7 @@ class VllmCaptioner:
             else:
                 data = {"video": np.stack([np.asarray(f) for f in clip.frames])}
             requests.append({"prompt": text, "multi_modal_data": data})
-        params = SamplingParams(temperature=self.args.temperature, max_tokens=self.args.max_new_tokens, seed=seed)
+        params = SamplingParams(temperature=self.flags.temperature, max_tokens=self.flags.max_new_tokens, seed=seed)
         return [result.outputs[0].text for result in self.llm.generate(requests, params, use_tqdm=False)]
 
 
@@ -452,19 +473,19 @@ class VllmCaptioner:
 # ----------------------------------------------------------------------------------------------
 
 
-def caption(args, store, todo, skipped):
+def caption(flags, plan, store, todo, skipped):
     """Caption `todo` batch by batch, saving after each; returns how many clips got a caption."""
     from tqdm import tqdm
 
-    captioner = (VllmCaptioner if args.use_vllm else TransformersCaptioner)(args)
-    order = {clip: position for position, clip in enumerate(args.media)}
+    captioner = (VllmCaptioner if plan.use_vllm else TransformersCaptioner)(flags, plan.prompt)
+    order = {clip: position for position, clip in enumerate(plan.media)}
     captioned = 0
     with tqdm(total=len(todo), unit="clip", desc="captioning", dynamic_ncols=True) as bar:
-        for batch in read_batches(todo, args.num_frames, args.batch_size):
+        for batch in read_batches(todo, flags.num_frames, flags.batch_size):
             clips = [item for _, item in batch if isinstance(item, Clip)]
             for path, problem in ((p, item) for p, item in batch if not isinstance(item, Clip)):
                 report(bar, skipped, path, problem)
-            texts = captioner(clips, args.seed + order[clips[0].path]) if clips else []
+            texts = captioner(clips, flags.seed + order[clips[0].path]) if clips else []
             done = []
             for clip, text in zip(clips, texts):
                 text = one_line(text)
@@ -489,24 +510,27 @@ def report(bar, skipped, path, problem):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    store = ListsStore(args) if args.output == "lists" else BesideStore(args)
+    flags = section_of(CaptionFlags, build_parser().parse_args(argv))
+    plan = check_args(flags)
+    if flags.output == "lists":
+        store = ListsStore(plan.output_dir, flags.id_token, flags.overwrite)
+    else:
+        store = BesideStore(plan.caption_extension, flags.id_token, flags.overwrite)
     skipped = []
-    if args.output == "beside":
-        for clip, problem in clashing_caption_files(args.media, store).items():
+    if flags.output == "beside":
+        for clip, problem in clashing_caption_files(plan.media, store).items():
             print(f"error: {clip}: skipped: {problem}", file=sys.stderr)
             skipped.append(clip)
-    todo = [clip for clip in args.media if clip not in skipped and not store.has(clip)]
-    already = len(args.media) - len(todo) - len(skipped)
-    if args.max_clips is not None:
-        todo = todo[:args.max_clips]
-    print(f"{count(len(args.media))} in {args.input_dir}: {already} already captioned, {len(todo)} to caption")
-    captioned = caption(args, store, todo, skipped) if todo else 0
-    written = store.finish(args.media)
+    todo = [clip for clip in plan.media if clip not in skipped and not store.has(clip)]
+    already = len(plan.media) - len(todo) - len(skipped)
+    if flags.max_clips is not None:
+        todo = todo[:flags.max_clips]
+    print(f"{count(len(plan.media))} in {plan.input_dir}: {already} already captioned, {len(todo)} to caption")
+    captioned = caption(flags, plan, store, todo, skipped) if todo else 0
+    written = store.finish(plan.media)
     print(f"captioned {captioned}, skipped {already} (already captioned); {written}")
     if skipped:
-        names = ", ".join(str(Path(os.path.relpath(p, args.input_dir)).as_posix()) for p in skipped)
+        names = ", ".join(str(Path(os.path.relpath(p, plan.input_dir)).as_posix()) for p in skipped)
         print(f"{count(len(skipped))} skipped: {names}", file=sys.stderr)
     return {"captioned": captioned, "already": already, "skipped": [str(p) for p in skipped]}
 

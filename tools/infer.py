@@ -21,11 +21,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.args import UsageError, exit_on_usage_error  # noqa: E402
+from training.args import FlagHelpFormatter, UsageError, exit_on_usage_error  # noqa: E402
+from training.sections import section_classes, section_of  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=FlagHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Hub id or local folder of a CogVideoX pipeline.")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--lora_path", help="A training run's folder (pytorch_lora_weights.safetensors) or the file.")
@@ -37,23 +38,29 @@ def build_parser():
                         help="Image-to-video: the first frame, one per prompt (or one for all).")
     parser.add_argument("--images_file", help="Image-to-video: a text file, one image path per line.")
     parser.add_argument("--height", type=int, default=None, help="Default: the model's own size.")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--num_frames", type=int, default=None)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=6.0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--fps", type=int, default=8)
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--enable_model_cpu_offload", action="store_true")
+    parser.add_argument("--width", type=int, default=None, help="Default: the model's own size.")
+    parser.add_argument("--num_frames", type=int, default=None, help="Default: the model's own length.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--guidance_scale", type=float, default=6.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--seed", type=int, default=42, help="Video i is made with seed + i.")
+    parser.add_argument("--fps", type=int, default=8, help="Frame rate of the written mp4 files.")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="Precision of the pipeline (bf16 for 5b and 1.5, fp16 for 2b).")
+    parser.add_argument("--enable_model_cpu_offload", action="store_true",
+                        help="Keep each model on the CPU until it runs (less GPU memory, slower).")
     parser.add_argument("--sequence_parallel_shards", type=int, default=1,
                         help="Processes per video: each video's tokens are split over this many processes (sequence "
                         "parallelism, for long or large videos); the groups share out the prompts. Must divide the "
                         "processes, the attention heads and the video's tokens.")
-    parser.add_argument("--output_dir", default="inference-output")
+    parser.add_argument("--output_dir", default="inference-output", help="Where the mp4 files are written.")
     from training.run_config import add_config_arguments
 
     add_config_arguments(parser)  # its settings: the [infer] section
     return parser
+
+
+# This tool's flags, all one section ([infer] in a --config file): what its functions below take, as `infer`.
+InferFlags = section_classes(build_parser(), "infer")["infer"]
 
 
 def read_lines(path, flag):
@@ -63,12 +70,12 @@ def read_lines(path, flag):
         raise UsageError(f"{flag} {path}: cannot read it ({error.strerror})") from error
 
 
-def jobs(args):
-    """[(index, prompt, image or None)], checked before any model loads."""
-    prompts = args.prompt + (read_lines(args.prompts_file, "--prompts_file") if args.prompts_file else [])
+def jobs(infer):
+    """[(index, prompt, image or None)] of the [infer] flags, checked before any model loads."""
+    prompts = [*infer.prompt, *(read_lines(infer.prompts_file, "--prompts_file") if infer.prompts_file else [])]
     if not prompts:
         raise UsageError("give --prompt (one or more) or --prompts_file")
-    images = args.image + (read_lines(args.images_file, "--images_file") if args.images_file else [])
+    images = [*infer.image, *(read_lines(infer.images_file, "--images_file") if infer.images_file else [])]
     problems = [f"image not found: {image}" for image in images if not Path(image).is_file()]
     if images and len(images) not in (1, len(prompts)):
         problems.append(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
@@ -83,9 +90,9 @@ def file_name(index, prompt):
     return f"{index:03d}_{slug}.mp4"
 
 
-def shard_problems(args, num_processes):
+def shard_problems(infer, num_processes):
     """--sequence_parallel_shards against the processes and the model's config (read, not its weights)."""
-    shards = args.sequence_parallel_shards
+    shards = infer.sequence_parallel_shards
     if shards == 1:
         return []
     if shards < 1 or num_processes % shards:
@@ -95,57 +102,58 @@ def shard_problems(args, num_processes):
     from training.attention import shard_problems as token_problems
     from training.models import vae_scale_factor_spatial
 
-    config = CogVideoXTransformer3DModel.load_config(args.model_name_or_path, subfolder="transformer")
-    scale = vae_scale_factor_spatial(AutoencoderKLCogVideoX.load_config(args.model_name_or_path, subfolder="vae"))
-    height, width = video_size(args, config, scale)
-    frames = args.num_frames or config["sample_frames"]
+    config = CogVideoXTransformer3DModel.load_config(infer.model_name_or_path, subfolder="transformer")
+    scale = vae_scale_factor_spatial(AutoencoderKLCogVideoX.load_config(infer.model_name_or_path, subfolder="vae"))
+    height, width = video_size(infer, config, scale)
+    frames = infer.num_frames or config["sample_frames"]
     return token_problems([(frames, height, width)], config, shards, what="video")
 
 
-def load_pipeline(args, image_to_video, device):
+def load_pipeline(infer, image_to_video, device):
     import torch
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from training.models import convolve_on_cpu_with_onednn
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[infer.dtype]
     pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
     extra = {}
-    if args.transformer_path:
-        extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(args.transformer_path, torch_dtype=dtype)
-    pipe = pipeline_class.from_pretrained(args.model_name_or_path, torch_dtype=dtype, **extra)
+    if infer.transformer_path:
+        extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(infer.transformer_path, torch_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(infer.model_name_or_path, torch_dtype=dtype, **extra)
     convolve_on_cpu_with_onednn(pipe.vae)  # decoding on a CPU: oneDNN for the small layers too (training/models.py)
-    if args.lora_path:
-        path = Path(args.lora_path)
+    if infer.lora_path:
+        path = Path(infer.lora_path)
         folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(str(folder), weight_name=name, adapter_name="lora")
-        pipe.set_adapters(["lora"], [args.lora_scale])
-    if args.enable_model_cpu_offload:
+        pipe.set_adapters(["lora"], [infer.lora_scale])
+    if infer.enable_model_cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe
 
 
-def video_size(args, transformer_config, spatial_scale):
-    """(height, width): as given, else the size the model was trained at (for CogVideoX 1.5 not the pipelines'
-    default, which would be 2400 x 2400)."""
+def video_size(infer, transformer_config, spatial_scale):
+    """(height, width): as given (--height/--width of `infer`), else the size the model was trained at (for
+    CogVideoX 1.5 not the pipelines' default, which would be 2400 x 2400)."""
     from training.models import default_video_size
 
     height, width = default_video_size(transformer_config, spatial_scale)
-    return args.height or height, args.width or width
+    return infer.height or height, infer.width or width
 
 
-def generate(pipe, args, prompt, image, index):
+def generate(pipe, infer, prompt, image, index):
+    """One video of `prompt` (first frame `image`), generated as the [infer] flags say, seeded by --seed + index."""
     import torch
     from diffusers.utils import load_image
 
-    height, width = video_size(args, pipe.transformer.config, pipe.vae_scale_factor_spatial)
-    sizes = dict(height=height, width=width, **({"num_frames": args.num_frames} if args.num_frames else {}))
+    height, width = video_size(infer, pipe.transformer.config, pipe.vae_scale_factor_spatial)
+    sizes = dict(height=height, width=width, **({"num_frames": infer.num_frames} if infer.num_frames else {}))
     extra = {"image": load_image(image)} if image else {}
-    return pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+    return pipe(prompt, num_inference_steps=infer.num_inference_steps, guidance_scale=infer.guidance_scale,
                 max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
-                generator=torch.Generator().manual_seed(args.seed + index), **sizes, **extra).frames[0]
+                generator=torch.Generator().manual_seed(infer.seed + index), **sizes, **extra).frames[0]
 
 
 @exit_on_usage_error
@@ -158,8 +166,8 @@ def main(argv=None):
 
     from training.run_config import parse_with_config
 
-    args = parse_with_config(build_parser(), argv, "infer")
-    work = jobs(args)
+    infer = section_of(InferFlags, parse_with_config(build_parser(), argv, "infer"))
+    work = jobs(infer)
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
@@ -167,27 +175,27 @@ def main(argv=None):
     if launched > 1 and state.num_processes == 1:  # torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
         raise UsageError(f"started as {launched} processes, but each runs alone (each would generate every video): "
                          "on a machine without GPUs set ACCELERATE_USE_CPU=true, or start with accelerate launch")
-    problems = shard_problems(args, state.num_processes)
+    problems = shard_problems(infer, state.num_processes)
     if problems:
         raise UsageError(problems)
-    output = Path(args.output_dir)
+    output = Path(infer.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args, image_to_video=work[0][2] is not None, device=state.device)
-    group, writes = state.process_index // args.sequence_parallel_shards, True
-    if args.sequence_parallel_shards > 1:  # every process of a group generates the group's videos together
+    pipe = load_pipeline(infer, image_to_video=work[0][2] is not None, device=state.device)
+    group, writes = state.process_index // infer.sequence_parallel_shards, True
+    if infer.sequence_parallel_shards > 1:  # every process of a group generates the group's videos together
         from training.attention import build_shard_groups, install
 
-        shards = build_shard_groups(args.sequence_parallel_shards)
+        shards = build_shard_groups(infer.sequence_parallel_shards)
         install(pipe.transformer, shards)
         writes = shards.rank == 0
-    groups = state.num_processes // args.sequence_parallel_shards
+    groups = state.num_processes // infer.sequence_parallel_shards
     mine = work[group::groups]
     for index, prompt, image in tqdm(mine, desc=f"videos (process {state.process_index})", disable=len(mine) < 2):
-        frames = generate(pipe, args, prompt, image, index)
+        frames = generate(pipe, infer, prompt, image, index)
         if writes:
-            export_to_video(list(frames), str(output / file_name(index, prompt)), fps=args.fps)
-    if args.sequence_parallel_shards > 1 and writes:
-        print(f"group {group}: {shards.sharded_calls} transformer calls sharded over {args.sequence_parallel_shards} "
+            export_to_video(list(frames), str(output / file_name(index, prompt)), fps=infer.fps)
+    if infer.sequence_parallel_shards > 1 and writes:
+        print(f"group {group}: {shards.sharded_calls} transformer calls sharded over {infer.sequence_parallel_shards} "
               "processes")
     state.wait_for_everyone()
     if state.is_main_process:

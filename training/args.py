@@ -8,6 +8,7 @@ model's configuration), raising `UsageError` with one line per problem.
 
 import argparse
 import os
+import typing
 from pathlib import Path
 
 from .errors import TrainingError, UsageError, exit_on_usage_error  # noqa: F401 - where the flags' users find them
@@ -19,7 +20,7 @@ DEFAULT_FRAME_BUCKETS = [49]
 DEFAULT_LORA_TARGET_MODULES = "to_k,to_q,to_v,to_out.0"
 
 
-def _batch_size(value):
+def _batch_size(value) -> typing.Union[int, str]:  # a number or "auto"
     if value == "auto":
         return value
     try:
@@ -28,15 +29,32 @@ def _batch_size(value):
         raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor auto") from None
 
 
-def _probability(value):
+def _lowercase(value) -> str:
+    return value.lower()
+
+
+def _probability(value) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} is not a probability between 0 and 1")
     return number
 
 
-def add_model_arguments(parser):
-    group = parser.add_argument_group("Model information")
+class FlagHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (but a switch's, which is off, and an unset value's); the description as
+    written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, [], argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".lstrip()
+
+
+def add_model_arguments(group):
+    """[model] The pipeline to fine-tune, and optionally a transformer of another size."""
     group.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
@@ -60,50 +78,64 @@ def add_model_arguments(parser):
     )
 
 
-def add_dataset_arguments(parser, caption_column_default="text"):
-    group = parser.add_argument_group("Dataset information")
-    group.add_argument(
+def add_dataset_arguments(parser, caption_column_default="text", groups=None):
+    """[data], [buckets] and --pin_memory ([memory]): shared with prepare_dataset.py, which passes its parser alone
+    (`groups`: the trainer's section groups)."""
+    if groups is None:
+        groups = {"data": parser.add_argument_group("Data"), "buckets": parser.add_argument_group("Buckets")}
+        groups["memory"] = groups["data"]
+    data, buckets = groups["data"], groups["buckets"]
+    data.add_argument(
         "--data_root",
         type=str,
         default=None,
         help="Folder of the data set. Video paths in the lists/CSV are relative to it.",
     )
-    group.add_argument(
+    data.add_argument(
         "--dataset_file",
         type=str,
         default=None,
         help="CSV file with a caption column and a video column (paths relative to --data_root, "
         "or to the CSV's own folder when --data_root is not given).",
     )
-    group.add_argument(
+    data.add_argument(
         "--video_column",
         type=str,
         default="video",
         help="CSV column of video paths, or the name of a file in --data_root with one video path per line.",
     )
-    group.add_argument(
+    data.add_argument(
         "--caption_column",
         type=str,
         default=caption_column_default,
         help="CSV column of captions, or the name of a file in --data_root with one caption per line.",
     )
-    group.add_argument("--id_token", type=str, default=None, help="Trigger word prepended to every caption.")
-    group.add_argument("--height_buckets", nargs="+", type=int, default=list(DEFAULT_HEIGHT_BUCKETS))
-    group.add_argument("--width_buckets", nargs="+", type=int, default=list(DEFAULT_WIDTH_BUCKETS))
-    group.add_argument(
-        "--frame_buckets",
-        nargs="+",
-        type=int,
-        default=list(DEFAULT_FRAME_BUCKETS),
-        help="Frame counts to train on. CogVideoX 1.0: 4k+1 (e.g. 49). CogVideoX 1.5: the latent frame count "
-        "(F-1)/4+1 must be a multiple of patch_size_t, i.e. 8k-3 (e.g. 53, 77, 85).",
+    data.add_argument("--id_token", type=str, default=None, help="Trigger word prepended to every caption.")
+    data.add_argument(
+        "--dataset_config", type=str, default=None,
+        help="TOML listing several data sources ([[datasets]] with folder, data_root, dataset_file or meta), each with "
+        "num_repeats and its own id_token, mixed in one run (see assets/dataset.md).",
     )
-    group.add_argument(
+    data.add_argument(
+        "--train_data_meta", type=str, default=None,
+        help="CogVideoX-Fun's metadata JSON: a list of {file_path, text, type: video|image}; paths relative to "
+        "--data_root, or to the JSON's folder.",
+    )
+    data.add_argument(
+        "--caption_extension", type=str, default=".txt",
+        help="In a folder of media without caption/video lists: each clip's caption is the file of the same name "
+        "with this extension beside it (clip.mp4 + clip.txt).",
+    )
+    data.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="Go on without unusable samples (unreadable, too short, empty caption), listing them in "
+        "skipped_samples.jsonl in the output folder. Without it such samples stop the run before any model loads.",
+    )
+    data.add_argument(
         "--random_flip", type=_probability, default=None, help="Probability of flipping a clip horizontally."
     )
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
-    group.add_argument("--pin_memory", action="store_true")
-    group.add_argument(
+    data.add_argument(
         "--video_reshape_mode",
         type=str,
         default=None,
@@ -111,89 +143,198 @@ def add_dataset_arguments(parser, caption_column_default="text"):
         help="How a clip is fitted to its resolution bucket: not given = stretch to the bucket; center/random "
         "= resize keeping aspect ratio, then crop (centre or random offset); none = same as random.",
     )
-    group.add_argument(
-        "--skip_bad_samples",
-        action="store_true",
-        help="Go on without unusable samples (unreadable, too short, empty caption), listing them in "
-        "skipped_samples.jsonl in the output folder. Without it such samples stop the run before any model loads.",
+    data.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
+    data.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0,
+        help="Processes loading and decoding samples beside training (0: in the training process).",
     )
-    group.add_argument(
+    groups["memory"].add_argument(
+        "--pin_memory", action="store_true",
+        help="Load batches into pinned CPU memory, so copies to the GPU do not block.",
+    )
+    add_bucket_arguments(buckets)
+
+
+def add_bucket_arguments(buckets):
+    """[buckets] The original's bucket flags, a bucket config (--bucket_config), or CogVideoX-Fun's sampling flags
+    (same names and meaning: training/buckets.py FunBuckets, assets/dataset.md)."""
+    buckets.add_argument(
+        "--height_buckets", nargs="+", type=int, default=list(DEFAULT_HEIGHT_BUCKETS),
+        help="Heights of the resolution buckets; each clip trains at the bucket nearest its own size.",
+    )
+    buckets.add_argument(
+        "--width_buckets", nargs="+", type=int, default=list(DEFAULT_WIDTH_BUCKETS),
+        help="Widths of the resolution buckets (every height x width pair is a bucket).",
+    )
+    buckets.add_argument(
+        "--frame_buckets",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_FRAME_BUCKETS),
+        help="Frame counts to train on. CogVideoX 1.0: 4k+1 (e.g. 49). CogVideoX 1.5: the latent frame count "
+        "(F-1)/4+1 must be a multiple of patch_size_t, i.e. 8k-3 (e.g. 53, 77, 85).",
+    )
+    buckets.add_argument("--max_num_frames", type=int, default=49, help="Most frames taken from one clip.")
+    buckets.add_argument(
         "--bucket_config", type=str, default=None,
         help="YAML bucket config (Open-Sora/Ascend-port format): resolutions (480p, 720p, ... or \"HxW\") -> frame "
         "counts -> [keep_prob, batch_size]; replaces --height_buckets/--width_buckets/--frame_buckets and gives each "
         "bucket its own batch size (see assets/dataset.md).",
     )
+    buckets.add_argument("--enable_bucket", action="store_true",
+                         help="Aspect-ratio buckets of the sample size's area instead of square centre crops.")
+    buckets.add_argument("--video_sample_size", type=int, default=None, help="Side of video samples (Fun: 512).")
+    buckets.add_argument("--image_sample_size", type=int, default=None, help="Side of image samples (Fun: 512).")
+    buckets.add_argument("--token_sample_size", type=int, default=None,
+                         help="Side whose square x --video_sample_n_frames is the token budget (Fun: 512).")
+    buckets.add_argument("--video_sample_n_frames", type=int, default=None, help="Frames per video sample (Fun: 17).")
+    buckets.add_argument("--video_sample_stride", type=int, default=None, help="Take every N-th frame (Fun: 4).")
+    buckets.add_argument("--random_hw_adapt", action="store_true", help="A sample side drawn per sample (see docs).")
+    buckets.add_argument("--training_with_video_token_length", action="store_true",
+                         help="Fewer frames for larger samples, to stay within the token budget.")
+    buckets.add_argument("--random_frame_crop", action="store_true", help="A frame count drawn per video sample.")
+    buckets.add_argument("--video_repeat", type=int, default=0, help="Videos appear this many times per epoch (0: once).")
+
+
+def add_training_arguments(group):
+    """[training] The run: output, precision, length, learning rate and its schedule."""
     group.add_argument(
-        "--dataset_config", type=str, default=None,
-        help="TOML listing several data sources ([[datasets]] with folder, data_root, dataset_file or meta), each with "
-        "num_repeats and its own id_token, mixed in one run (see assets/dataset.md).",
+        "--output_dir", type=str, default="cogvideox-sft",
+        help="Folder of the run: checkpoints, the LoRA or transformer/, config.toml, logs, validation videos.",
     )
     group.add_argument(
-        "--caption_extension", type=str, default=".txt",
-        help="In a folder of media without caption/video lists: each clip's caption is the file of the same name "
-        "with this extension beside it (clip.mp4 + clip.txt).",
+        "--seed", type=int, default=None,
+        help="Seed of everything random (data order, noise, LoRA initialisation); runs with one seed repeat "
+        "exactly.",
     )
     group.add_argument(
-        "--train_data_meta", type=str, default=None,
-        help="CogVideoX-Fun's metadata JSON: a list of {file_path, text, type: video|image}; paths relative to "
-        "--data_root, or to the JSON's folder.",
+        "--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Compute precision (default: the accelerate config's). bf16 suits CogVideoX-5b and 1.5, fp16 2b.",
     )
-    add_fun_sampling_arguments(parser)
-    group.add_argument("--max_num_frames", type=int, default=49, help="Most frames taken from one clip.")
-    group.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
-    group.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
-
-
-def add_fun_sampling_arguments(parser):
-    """CogVideoX-Fun's sampling flags, same names and meaning (training/buckets.py FunBuckets; assets/dataset.md)."""
-    group = parser.add_argument_group("CogVideoX-Fun sampling (any of these replaces the bucket flags)")
-    group.add_argument("--enable_bucket", action="store_true",
-                       help="Aspect-ratio buckets of the sample size's area instead of square centre crops.")
-    group.add_argument("--video_sample_size", type=int, default=None, help="Side of video samples (Fun: 512).")
-    group.add_argument("--image_sample_size", type=int, default=None, help="Side of image samples (Fun: 512).")
-    group.add_argument("--token_sample_size", type=int, default=None,
-                       help="Side whose square x --video_sample_n_frames is the token budget (Fun: 512).")
-    group.add_argument("--video_sample_n_frames", type=int, default=None, help="Frames per video sample (Fun: 17).")
-    group.add_argument("--video_sample_stride", type=int, default=None, help="Take every N-th frame (Fun: 4).")
-    group.add_argument("--random_hw_adapt", action="store_true", help="A sample side drawn per sample (see docs).")
-    group.add_argument("--training_with_video_token_length", action="store_true",
-                       help="Fewer frames for larger samples, to stay within the token budget.")
-    group.add_argument("--random_frame_crop", action="store_true", help="A frame count drawn per video sample.")
-    group.add_argument("--video_repeat", type=int, default=0, help="Videos appear this many times per epoch (0: once).")
-
-
-def build_parser(description="CogVideoX fine-tuning"):
-    """Every trainer flag, with the original cogvideox-factory's names and defaults."""
-    parser = argparse.ArgumentParser(description=description)
-    add_model_arguments(parser)
-    add_dataset_arguments(parser)
-    parser.add_argument(
-        "--load_tensors",
+    group.add_argument(
+        "--master_weight_dtype",
+        type=str,
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="Storage of the trained weights (compute follows --mixed_precision). fp32 keeps small updates; bf16 "
+        "(the original's full fine-tuning) halves their memory but rounds most fine-tuning updates away.",
+    )
+    group.add_argument(
+        "--save_dtype",
+        type=str,
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="Precision of the final LoRA file or transformer/ (default: the --mixed_precision dtype, as the original: "
+        "a bf16 run writes a bf16 LoRA, half the size of fp32). Checkpoints keep the trained weights' own precision.",
+    )
+    group.add_argument(
+        "--train_batch_size", type=_batch_size, default=4,
+        help="Samples per batch and process; auto (with --max_memory_gb) picks, per bucket, the largest batch the "
+        "memory estimate puts under that limit. With --bucket_config each bucket has its own.",
+    )
+    group.add_argument(
+        "--num_train_epochs", type=int, default=1,
+        help="Passes over the data (ignored when --max_train_steps is given).",
+    )
+    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    group.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1,
+        help="Micro-batches summed into one optimizer step.",
+    )
+    group.add_argument(
+        "--learning_rate", type=float, default=1e-4,
+        help="Peak learning rate (LoRA: 1e-4 to 1e-3; full fine-tuning: about 1e-5).",
+    )
+    group.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the lr by accumulation × batch size × processes."
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule after the warmup.",
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Steps of linear warmup from 0 to --learning_rate.")
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
+    group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
+    group.add_argument(
+        "--dry_run",
         action="store_true",
-        help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
-        "--output_dir); the VAE and text encoder are then not loaded for training.",
+        help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, static "
+        "memory) and exit without loading any weights.",
     )
-    add_validation_arguments(parser)
-    add_training_arguments(parser)
-    add_parallelism_arguments(parser)
-    add_optimizer_arguments(parser)
-    add_configuration_arguments(parser)
-    from .run_config import add_config_arguments
-
-    add_config_arguments(parser)
-    return parser
 
 
-def add_validation_arguments(parser):
-    group = parser.add_argument_group("Validation")
+def add_optimizer_arguments(group):
+    """[optimizer] The optimizer and its settings."""
+    group.add_argument(
+        "--optimizer", type=_lowercase, default="adam", choices=["adam", "adamw", "prodigy", "came"],
+        help="Optimizer (upper or lower case).",
+    )
+    group.add_argument(
+        "--use_8bit", action="store_true",
+        help="8-bit optimizer states (bitsandbytes; with --use_torchao: torchao's): about a quarter of the memory.",
+    )
+    group.add_argument("--use_4bit", action="store_true", help="With --use_torchao: 4-bit optimizer states.")
+    group.add_argument(
+        "--use_torchao", action="store_true",
+        help="Low-bit optimizer states from torchao instead of bitsandbytes.",
+    )
+    group.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay.")
+    group.add_argument("--beta2", type=float, default=0.95, help="Adam's second-moment decay.")
+    group.add_argument(
+        "--beta3", type=float, default=None,
+        help="Prodigy's and CAME's third coefficient (default: each optimizer's own).",
+    )
+    group.add_argument("--prodigy_decouple", action="store_true", help="Prodigy: decoupled weight decay (AdamW style).")
+    group.add_argument("--weight_decay", type=float, default=1e-04, help="Weight decay.")
+    group.add_argument("--epsilon", type=float, default=1e-8, help="Optimizer epsilon.")
+    group.add_argument(
+        "--max_grad_norm", type=float, default=1.0,
+        help="Gradients are clipped to this norm before each step.",
+    )
+    group.add_argument("--prodigy_use_bias_correction", action="store_true", help="Prodigy: Adam's bias correction.")
+    group.add_argument(
+        "--prodigy_safeguard_warmup", action="store_true",
+        help="Prodigy: keep the step size from growing during the warmup.",
+    )
+
+
+def add_lora_arguments(group):
+    """[lora] The LoRA adapter (LoRA trainers)."""
+    group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
+    group.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha/rank.")
+    group.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default=DEFAULT_LORA_TARGET_MODULES,
+        help="Comma-separated module names of the transformer that get LoRA layers.",
+    )
+
+
+def add_validation_arguments(group):
+    """[validation] Validation videos during and after training, and the held-out evaluation loss."""
     group.add_argument("--validation_prompt", type=str, default=None, help="Prompts joined by the separator.")
     group.add_argument("--validation_images", type=str, default=None, help="Image paths joined by the separator (I2V).")
-    group.add_argument("--validation_prompt_separator", type=str, default=":::")
-    group.add_argument("--num_validation_videos", type=int, default=1)
+    group.add_argument(
+        "--validation_prompt_separator", type=str, default=":::",
+        help="Separator between the prompts of --validation_prompt (and images of --validation_images).",
+    )
+    group.add_argument("--num_validation_videos", type=int, default=1, help="Videos generated per validation prompt.")
     group.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs.")
     group.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
-    group.add_argument("--guidance_scale", type=float, default=6.0)
-    group.add_argument("--use_dynamic_cfg", action="store_true")
+    group.add_argument(
+        "--guidance_scale", type=float, default=6.0,
+        help="Classifier-free guidance scale of validation videos.",
+    )
+    group.add_argument(
+        "--use_dynamic_cfg", action="store_true",
+        help="Validation with CogVideoX's dynamic guidance schedule.",
+    )
     group.add_argument("--enable_model_cpu_offload", action="store_true", help="CPU offload for validation pipelines.")
     group.add_argument("--num_inference_steps", type=int, default=50, help="Denoising steps of validation videos.")
     group.add_argument(
@@ -202,15 +343,11 @@ def add_validation_arguments(parser):
         default=None,
         help="Frames of validation videos (default: the largest frame bucket).",
     )
-
-    parser.add_argument(
-        "--dry_run",
-        action="store_true",
-        help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, static "
-        "memory) and exit without loading any weights.",
-    )
-
-    group = parser.add_argument_group("Held-out evaluation")
+    group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
+    group.add_argument("--width", type=int, default=720, help="Width of validation videos.")
+    group.add_argument("--fps", type=int, default=8, help="Frame rate of exported validation videos.")
+    group.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
+    group.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
     group.add_argument(
         "--eval_split",
         type=float,
@@ -240,65 +377,28 @@ def add_validation_arguments(parser):
     )
 
 
-def add_training_arguments(parser):
-    group = parser.add_argument_group("Training")
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
-    group.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha/rank.")
+def add_checkpointing_arguments(group):
+    """[checkpointing] Resumable checkpoints."""
     group.add_argument(
-        "--lora_target_modules",
-        type=str,
-        default=DEFAULT_LORA_TARGET_MODULES,
-        help="Comma-separated module names of the transformer that get LoRA layers.",
-    )
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    group.add_argument(
-        "--master_weight_dtype",
-        type=str,
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="Storage of the trained weights (compute follows --mixed_precision). fp32 keeps small updates; bf16 "
-        "(the original's full fine-tuning) halves their memory but rounds most fine-tuning updates away.",
+        "--checkpointing_steps", type=int, default=500,
+        help="Write a resumable checkpoint every N optimizer steps.",
     )
     group.add_argument(
-        "--save_dtype",
-        type=str,
-        default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="Precision of the final LoRA file or transformer/ (default: the --mixed_precision dtype, as the original: "
-        "a bf16 run writes a bf16 LoRA, half the size of fp32). Checkpoints keep the trained weights' own precision.",
+        "--checkpoints_total_limit", type=int, default=None,
+        help="Keep at most this many checkpoints, deleting the oldest (default: keep all).",
     )
-    group.add_argument(
-        "--quantize_base",
-        type=str,
-        default="none",
-        choices=["none", "fp8", "nf4"],
-        help="LoRA only: how the frozen base transformer is stored. fp8: FP8 (e4m3) weights, each layer cast to the "
-        "compute dtype while it runs (diffusers layerwise casting; about half the memory of bf16). nf4: 4-bit NF4 "
-        "(QLoRA, bitsandbytes; CUDA only; about a quarter). Load the base the same way at inference (see README).",
-    )
-    group.add_argument("--output_dir", type=str, default="cogvideox-sft")
-    group.add_argument("--height", type=int, default=480, help="Height of validation videos.")
-    group.add_argument("--width", type=int, default=720, help="Width of validation videos.")
-    group.add_argument("--fps", type=int, default=8, help="Frame rate of exported validation videos.")
-    group.add_argument(
-        "--train_batch_size", type=_batch_size, default=4,
-        help="Samples per batch and process; auto (with --max_memory_gb) picks, per bucket, the largest batch the "
-        "memory estimate puts under that limit. With --bucket_config each bucket has its own.",
-    )
-    group.add_argument(
-        "--max_memory_gb", type=float, default=None,
-        help="Accelerator memory (GiB) each process may use, for batch sizes of auto.",
-    )
-    group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    group.add_argument("--checkpointing_steps", type=int, default=500)
-    group.add_argument("--checkpoints_total_limit", type=int, default=None)
     group.add_argument(
         "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in --output_dir.'
     )
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--gradient_checkpointing", action="store_true")
+
+
+def add_memory_arguments(group):
+    """[memory] Levers that trade speed for accelerator memory."""
+    group.add_argument(
+        "--gradient_checkpointing", action="store_true",
+        help="Recompute each transformer block's activations in backward instead of keeping them: much less "
+        "memory, about a third more time per step.",
+    )
     group.add_argument(
         "--gradient_checkpointing_ratio", type=float, default=1.0,
         help="With --gradient_checkpointing: the share of transformer blocks checkpointed, evenly spread (1.0: all). "
@@ -311,40 +411,32 @@ def add_training_arguments(parser):
         "--gradient_checkpointing: each block's inputs, e.g. about 4.5 GB for CogVideoX-5b at 49x480x720). Costs "
         "one copy to the CPU and back per step.",
     )
-    group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument(
-        "--scale_lr", action="store_true", help="Multiply the lr by accumulation × batch size × processes."
-    )
-    group.add_argument(
-        "--lr_scheduler",
+        "--quantize_base",
         type=str,
-        default="constant",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
-    group.add_argument("--lr_warmup_steps", type=int, default=500)
-    group.add_argument("--lr_num_cycles", type=int, default=1)
-    group.add_argument("--lr_power", type=float, default=1.0)
-    group.add_argument("--enable_slicing", action="store_true", help="VAE slicing.")
-    group.add_argument("--enable_tiling", action="store_true", help="VAE tiling.")
-    group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
-    group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
-
-
-def add_parallelism_arguments(parser):
-    group = parser.add_argument_group("Sequence parallelism, kernels and compilation")
-    group.add_argument(
-        "--fp8_training", action="store_true",
-        help="Matmuls of the transformer blocks' linear layers in FP8 (torchao float8 training; weights keep their "
-        "dtype). GPUs with compute capability 8.9+ (Ada, Hopper).",
+        default="none",
+        choices=["none", "fp8", "nf4"],
+        help="LoRA only: how the frozen base transformer is stored. fp8: FP8 (e4m3) weights, each layer cast to the "
+        "compute dtype while it runs (diffusers layerwise casting; about half the memory of bf16). nf4: 4-bit NF4 "
+        "(QLoRA, bitsandbytes; CUDA only; about a quarter). Load the base the same way at inference (see README).",
     )
     group.add_argument(
-        "--regional_compile", action="store_true",
-        help="torch.compile each transformer block (compile time of one block, not of the model). An accelerate "
-        "config that compiles the whole model (dynamo_backend) is the other way; use one.",
+        "--max_memory_gb", type=float, default=None,
+        help="Accelerator memory (GiB) each process may use, for batch sizes of auto.",
     )
-    group.add_argument("--compile_mode", type=str, default=None,
-                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                       help="torch.compile mode for --regional_compile.")
+    group.add_argument(
+        "--use_cpu_offload_optimizer", action="store_true",
+        help="Keep optimizer states (and with --offload_gradients the gradients) in CPU memory and step there "
+        "(torchao CPUOffloadOptimizer; CUDA only).",
+    )
+    group.add_argument(
+        "--offload_gradients", action="store_true",
+        help="With --use_cpu_offload_optimizer: move gradients to the CPU as they are made.",
+    )
+
+
+def add_parallelism_arguments(group):
+    """[parallelism] Sequence parallelism, attention kernels, compilation, FP8 matmuls, processes."""
     group.add_argument(
         "--enable_sequence_parallelism", action="store_true",
         help="Split each sample's video tokens over --sequence_parallel_shards processes (Ulysses: attention "
@@ -362,39 +454,77 @@ def add_parallelism_arguments(parser):
         "_native_efficient, _native_cudnn, _native_math, flash (flash-attn 2), _flash_3 (flash-attn 3), flash_hub, "
         "_flash_3_hub. Default: diffusers' CogVideoX attention as shipped.",
     )
-
-
-def add_optimizer_arguments(parser):
-    group = parser.add_argument_group("Optimizer")
-    group.add_argument("--optimizer", type=lambda s: s.lower(), default="adam", choices=["adam", "adamw", "prodigy", "came"])
-    group.add_argument("--use_8bit", action="store_true")
-    group.add_argument("--use_4bit", action="store_true")
-    group.add_argument("--use_torchao", action="store_true")
-    group.add_argument("--beta1", type=float, default=0.9)
-    group.add_argument("--beta2", type=float, default=0.95)
-    group.add_argument("--beta3", type=float, default=None)
-    group.add_argument("--prodigy_decouple", action="store_true")
-    group.add_argument("--weight_decay", type=float, default=1e-04)
-    group.add_argument("--epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--prodigy_use_bias_correction", action="store_true")
-    group.add_argument("--prodigy_safeguard_warmup", action="store_true")
-    group.add_argument("--use_cpu_offload_optimizer", action="store_true")
-    group.add_argument("--offload_gradients", action="store_true")
-
-
-def add_configuration_arguments(parser):
-    group = parser.add_argument_group("Configuration")
-    group.add_argument("--tracker_name", type=str, default=None)
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_token", type=str, default=None)
-    group.add_argument("--hub_model_id", type=str, default=None)
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under --output_dir.")
-    group.add_argument("--allow_tf32", action="store_true")
-    group.add_argument("--nccl_timeout", type=int, default=600, help="Seconds before a collective times out.")
     group.add_argument(
-        "--report_to", type=str, default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"]
+        "--fp8_training", action="store_true",
+        help="Matmuls of the transformer blocks' linear layers in FP8 (torchao float8 training; weights keep their "
+        "dtype). GPUs with compute capability 8.9+ (Ada, Hopper).",
     )
+    group.add_argument(
+        "--regional_compile", action="store_true",
+        help="torch.compile each transformer block (compile time of one block, not of the model). An accelerate "
+        "config that compiles the whole model (dynamo_backend) is the other way; use one.",
+    )
+    group.add_argument("--compile_mode", type=str, default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile mode for --regional_compile.")
+    group.add_argument(
+        "--allow_tf32", action="store_true",
+        help="TF32 matmuls on Ampere and newer GPUs (faster fp32, slightly less precise).",
+    )
+    group.add_argument("--nccl_timeout", type=int, default=600, help="Seconds before a collective times out.")
+
+
+def add_logging_arguments(group):
+    """[logging] Trackers and the Hugging Face Hub."""
+    group.add_argument(
+        "--report_to", type=str, default=None, choices=["tensorboard", "wandb", "comet_ml", "all", "none"],
+        help="Where the losses go (default: none; tensorboard, wandb, comet_ml or all).",
+    )
+    group.add_argument(
+        "--tracker_name", type=str, default=None,
+        help="Run name in the trackers (default: cogvideox-lora or cogvideox-sft).",
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, under --output_dir.")
+    group.add_argument(
+        "--push_to_hub", action="store_true",
+        help="Upload the result (and its model card and config.toml) to the Hugging Face Hub at the end.",
+    )
+    group.add_argument(
+        "--hub_model_id", type=str, default=None,
+        help="Hub repository to push to (default: the --output_dir folder name).",
+    )
+    group.add_argument(
+        "--hub_token", type=str, default=None,
+        help="A Hub token; prefer `hf auth login`, which keeps it off the command line. Never written to any file.",
+    )
+
+
+def build_parser(description="CogVideoX fine-tuning"):
+    """Every trainer flag, with the original cogvideox-factory's names and defaults, in config.toml's sections (an
+    argument group per section: `--help` lists them so)."""
+    from .run_config import TRAINER_SECTIONS, add_config_arguments, section_group
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=FlagHelpFormatter,
+                                     usage="%(prog)s [--config run.toml] --pretrained_model_name_or_path PATH [flags]")
+    groups = {name: section_group(parser, name) for name in TRAINER_SECTIONS}
+    add_model_arguments(groups["model"])
+    add_dataset_arguments(parser, groups=groups)
+    groups["data"].add_argument(
+        "--load_tensors",
+        action="store_true",
+        help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
+        "--output_dir); the VAE and text encoder are then not loaded for training.",
+    )
+    add_training_arguments(groups["training"])
+    add_optimizer_arguments(groups["optimizer"])
+    add_lora_arguments(groups["lora"])
+    add_validation_arguments(groups["validation"])
+    add_checkpointing_arguments(groups["checkpointing"])
+    add_memory_arguments(groups["memory"])
+    add_parallelism_arguments(groups["parallelism"])
+    add_logging_arguments(groups["logging"])
+    add_config_arguments(parser)
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,17 +560,17 @@ def read_transformer_config(path):
             "_class_name": "CogVideoXTransformer3DModel"}
 
 
-def load_transformer_config(args):
+def load_transformer_config(pretrained):
     """The transformer's config.json (a small download at most), or --transformer_config; UsageError if it is not a
-    CogVideoX pipeline."""
+    CogVideoX pipeline. `pretrained`: a models.Pretrained."""
     from diffusers import CogVideoXTransformer3DModel
 
-    if getattr(args, "transformer_config", None):
-        return read_transformer_config(args.transformer_config)
-    path = args.pretrained_model_name_or_path
+    if pretrained.transformer_config:
+        return read_transformer_config(pretrained.transformer_config)
+    path = pretrained.path
     try:
         config = CogVideoXTransformer3DModel.load_config(
-            path, subfolder="transformer", revision=args.revision, cache_dir=args.cache_dir
+            path, subfolder="transformer", revision=pretrained.revision, cache_dir=pretrained.cache_dir
         )
     except Exception as error:
         raise UsageError(
@@ -501,25 +631,26 @@ def _missing_module(name):
     return bitsandbytes_missing() if name == NAME else importlib.util.find_spec(name) is None
 
 
-def optimizer_problems(args):
+def optimizer_problems(flags):
+    """The optimizer flags with each other, the memory levers and this machine (flags: sections.RunFlags)."""
     problems = []
-    if args.use_8bit and args.use_4bit:
+    if flags.optimizer.use_8bit and flags.optimizer.use_4bit:
         problems.append("--use_8bit and --use_4bit exclude each other")
-    if args.use_4bit and not args.use_torchao:
+    if flags.optimizer.use_4bit and not flags.optimizer.use_torchao:
         problems.append("--use_4bit needs --use_torchao (4-bit AdamW comes from torchao)")
-    if (args.use_8bit or args.use_4bit) and args.optimizer not in ("adam", "adamw"):
-        problems.append(f"--use_8bit/--use_4bit work with --optimizer adam or adamw, not {args.optimizer}")
+    if (flags.optimizer.use_8bit or flags.optimizer.use_4bit) and flags.optimizer.optimizer not in ("adam", "adamw"):
+        problems.append(f"--use_8bit/--use_4bit work with --optimizer adam or adamw, not {flags.optimizer.optimizer}")
     needed = {
-        "prodigy": ("prodigyopt", args.optimizer == "prodigy"),
-        "came": ("came_pytorch", args.optimizer == "came"),
-        "--use_8bit": ("bitsandbytes", args.use_8bit and not args.use_torchao),
-        "--use_torchao": ("torchao", args.use_torchao and (args.use_8bit or args.use_4bit)),
+        "prodigy": ("prodigyopt", flags.optimizer.optimizer == "prodigy"),
+        "came": ("came_pytorch", flags.optimizer.optimizer == "came"),
+        "--use_8bit": ("bitsandbytes", flags.optimizer.use_8bit and not flags.optimizer.use_torchao),
+        "--use_torchao": ("torchao", flags.optimizer.use_torchao and (flags.optimizer.use_8bit or flags.optimizer.use_4bit)),
     }
     for what, (module, wanted) in needed.items():
         if wanted and _missing_module(module):
             problems.append(f"{what} needs the {module} package: pip install {module.replace('_', '-')}")
-    problems.extend(_offload_problems(args))
-    if args.quantize_base == "nf4":
+    problems.extend(_offload_problems(flags))
+    if flags.memory.quantize_base == "nf4":
         if _missing_module("bitsandbytes"):
             problems.append("--quantize_base nf4 needs the bitsandbytes package: pip install bitsandbytes")
         if not _cuda_available():
@@ -533,22 +664,22 @@ def _cuda_available():
     return torch.cuda.is_available()
 
 
-def _offload_problems(args):
+def _offload_problems(flags):
     """torchao's CPUOffloadOptimizer: which flag combinations it can honour."""
-    if not args.use_cpu_offload_optimizer:
-        return ["--offload_gradients needs --use_cpu_offload_optimizer"] if args.offload_gradients else []
+    if not flags.memory.use_cpu_offload_optimizer:
+        return ["--offload_gradients needs --use_cpu_offload_optimizer"] if flags.memory.offload_gradients else []
     problems = []
     if _missing_module("torchao"):
         problems.append("--use_cpu_offload_optimizer needs the torchao package: pip install torchao")
     if not _cuda_available():
         problems.append("--use_cpu_offload_optimizer needs a CUDA GPU (without one the optimizer runs on the CPU anyway)")
-    if args.optimizer == "prodigy":
+    if flags.optimizer.optimizer == "prodigy":
         problems.append("--use_cpu_offload_optimizer runs one optimizer per tensor, which changes Prodigy's global step "
                         "size estimate; use adamw, adam or came")
-    if args.offload_gradients and args.gradient_accumulation_steps > 1:
+    if flags.memory.offload_gradients and flags.training.gradient_accumulation_steps > 1:
         problems.append("--offload_gradients frees each gradient once copied to the CPU, so micro-batches cannot add "
                         "up: use --gradient_accumulation_steps 1 (raise --train_batch_size) or drop --offload_gradients")
-    if args.mixed_precision == "fp16":
+    if flags.training.mixed_precision == "fp16":
         problems.append("--use_cpu_offload_optimizer with fp16: the loss scaler cannot unscale gradients already on the "
                         "CPU; use --mixed_precision bf16")
     return problems

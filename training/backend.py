@@ -1,7 +1,8 @@
 """Everything distributed, behind one object: the training loop asks the backend, it never asks which engine runs.
 
-`build_backend(args)` makes the accelerate `Accelerator` and wraps it in the class of the engine that owns the
-model and optimizer state (accelerate's `distributed_type`, from the accelerate config):
+`build_backend(training, optimizer, parallelism, logging)` (flag sections) makes the accelerate `Accelerator` and
+wraps it in the class of the engine that owns the model and optimizer state (accelerate's `distributed_type`, from
+the accelerate config):
 
 - `Backend`: one process or DDP. Every rank holds the whole model; accelerate's `save_state` writes the optimizer
   (`optimizer.bin`) and the mode writes its weights through a save hook.
@@ -36,41 +37,45 @@ CHECKPOINT_MARKERS = {"plain": "optimizer.bin", "deepspeed": "pytorch_model", "f
 ENGINE_DESCRIPTIONS = {"plain": "without DeepSpeed or FSDP", "deepspeed": "under DeepSpeed", "fsdp": "under FSDP"}
 
 
-def build_backend(args):
-    """The accelerator for these flags (and the accelerate config in the environment), as a backend."""
+def build_backend(training, optimizer, parallelism, logging):
+    """The accelerator for these flag sections (and the accelerate config in the environment), as a backend:
+    [training] (--output_dir, --mixed_precision; batch size and accumulation for DeepSpeed), [optimizer]
+    (--max_grad_norm for DeepSpeed), [parallelism] (--nccl_timeout, sequence parallelism, --allow_tf32), [logging]."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import DistributedType, ProjectConfiguration
 
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir))
-    report_to = None if args.report_to in (None, "none") else args.report_to
+    project = ProjectConfiguration(project_dir=training.output_dir,
+                                   logging_dir=str(Path(training.output_dir) / logging.logging_dir))
+    report_to = None if logging.report_to in (None, "none") else logging.report_to
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=training.mixed_precision,
         log_with=report_to,
         project_config=project,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout)),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=parallelism.nccl_timeout)),
         ],
     )
     engine = {DistributedType.DEEPSPEED: DeepSpeedBackend, DistributedType.FSDP: FSDPBackend}
     backend = engine.get(accelerator.distributed_type, Backend)(accelerator)
     if isinstance(backend, DeepSpeedBackend):
-        configure_deepspeed(accelerator, args)
+        configure_deepspeed(accelerator, training, optimizer)
     backend.waiting_room = WaitingRoom(accelerator.num_processes)
-    if args.enable_sequence_parallelism:
-        backend.sequence_shards = start_sequence_parallelism(args, accelerator.num_processes)
-    if args.allow_tf32 and torch.cuda.is_available():
+    if parallelism.enable_sequence_parallelism:
+        backend.sequence_shards = start_sequence_parallelism(parallelism, accelerator.num_processes, training.dry_run)
+    if parallelism.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return backend
 
 
-def start_sequence_parallelism(args, num_processes):
-    """This process's shard group (training/attention.py), after the one check that needs the number of processes."""
+def start_sequence_parallelism(parallelism, num_processes, dry_run=False):
+    """This process's shard group (training/attention.py), after the one check that needs the number of processes.
+    `dry_run`: --dry_run, whose estimate simulates the group in one process."""
     from .args import UsageError
     from .attention import build_shard_groups
 
-    shards = args.sequence_parallel_shards or num_processes
-    if args.dry_run and num_processes == 1:
+    shards = parallelism.sequence_parallel_shards or num_processes
+    if dry_run and num_processes == 1:
         return None  # the estimate simulates one process of a shard group (--sequence_parallel_shards)
     if num_processes < 2 or num_processes % shards or shards < 2:
         raise UsageError(f"--enable_sequence_parallelism with {shards} shard(s) over {num_processes} process(es): "
@@ -143,8 +148,8 @@ class Backend:
         """fp16's loss scaler, whose state a checkpoint keeps (None without one, or when the engine keeps it)."""
         return self.accelerator.scaler
 
-    def optimizer_problems(self, args):
-        """Optimizer flags this engine would not honour (one line each)."""
+    def optimizer_problems(self, optimizer):
+        """[optimizer] flags this engine would not honour (one line each)."""
         return []
 
     # ------------------------------------------------------------------ the step
@@ -237,7 +242,9 @@ class Backend:
 
     def load_engine_state(self, folder, model, optimizer, mode, pipeline_class):
         mode.load(self.unwrap(model), folder, pipeline_class)
-        optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.bin", map_location="cpu", weights_only=True))
+        saved = torch.load(Path(folder) / "optimizer.bin", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved)
+        keep_saved_state_dtypes(self.stepping_optimizer(optimizer), saved)
 
     def check_checkpoint_layout(self, folder):
         """A checkpoint written under another engine cannot be resumed here: say which, before loading anything."""
@@ -285,7 +292,7 @@ class Backend:
 # ----------------------------------------------------------------------------------------------
 
 
-def configure_deepspeed(accelerator, args):
+def configure_deepspeed(accelerator, training, optimizer):
     """DeepSpeed takes batch size, accumulation and clipping from its own config: fill them from the flags, which win
     over the accelerate config (where 1 or auto means "not set"; any other accumulation value that disagrees is an
     error rather than silently one or the other).
@@ -295,21 +302,21 @@ def configure_deepspeed(accelerator, args):
     from .args import UsageError
 
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if config.get("gradient_accumulation_steps") not in (None, "auto", 1, args.gradient_accumulation_steps):
+    if config.get("gradient_accumulation_steps") not in (None, "auto", 1, training.gradient_accumulation_steps):
         raise UsageError(
             f"the DeepSpeed config sets gradient_accumulation_steps to {config['gradient_accumulation_steps']} and "
-            f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: set it to auto (or 1) in the "
+            f"--gradient_accumulation_steps is {training.gradient_accumulation_steps}: set it to auto (or 1) in the "
             "config and use the flag"
         )
     # DeepSpeed wants one micro-batch size; it only reports throughput with it (batches come from our sampler, and
     # buckets may each have their own size).
-    micro_batch = args.train_batch_size if isinstance(args.train_batch_size, int) else 1
+    micro_batch = training.train_batch_size if isinstance(training.train_batch_size, int) else 1
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["gradient_clipping"] = args.max_grad_norm
-    config["train_batch_size"] = micro_batch * args.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_accumulation_steps"] = training.gradient_accumulation_steps
+    config["gradient_clipping"] = optimizer.max_grad_norm
+    config["train_batch_size"] = micro_batch * training.gradient_accumulation_steps * accelerator.num_processes
     # So accelerate's prepare() finds no mismatch to warn about; its backward() does not scale under DeepSpeed.
-    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    accelerator.gradient_accumulation_steps = training.gradient_accumulation_steps
     # accelerate registers the config with transformers, which then builds every transformers model it loads under
     # ZeRO-3's zero.Init, partitioned: the frozen T5 would be split across ranks and unusable. Only the transformer
     # handed to prepare() belongs to DeepSpeed (zero3_init_flag is therefore not supported).
@@ -348,7 +355,7 @@ class DeepSpeedBackend(EngineBackend):
     def grad_scaler(self):
         return None  # the engine keeps its own loss scaler, in its own checkpoint files
 
-    def optimizer_problems(self, args):
+    def optimizer_problems(self, optimizer):
         """With the optimizer offloaded (offload_optimizer_device cpu/nvme), accelerate swaps the trainer's optimizer
         for DeepSpeed's CPU Adam, keeping the param groups: right for Adam and AdamW, silently wrong for anything else
         (prodigy would run as Adam at lr 1; 8-bit states would be full precision)."""
@@ -356,8 +363,9 @@ class DeepSpeedBackend(EngineBackend):
         offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
         if offload in (None, "none") or not config.get("zero_force_ds_cpu_optimizer", True):
             return []
-        asked = args.optimizer + (" --use_8bit" if args.use_8bit else "") + (" --use_4bit" if args.use_4bit else "")
-        if args.optimizer in ("adam", "adamw") and not (args.use_8bit or args.use_4bit):
+        asked = (optimizer.optimizer + (" --use_8bit" if optimizer.use_8bit else "")
+                 + (" --use_4bit" if optimizer.use_4bit else ""))
+        if optimizer.optimizer in ("adam", "adamw") and not (optimizer.use_8bit or optimizer.use_4bit):
             return []
         return [f"--optimizer {asked} under DeepSpeed with the optimizer offloaded to {offload} would silently run as "
                 "DeepSpeed's CPU Adam: use --optimizer adamw (or adam) without --use_8bit/--use_4bit, or a DeepSpeed "
@@ -388,6 +396,24 @@ class DeepSpeedBackend(EngineBackend):
             )
         if path is None:
             raise FileNotFoundError(f"{Path(folder) / self.checkpoint_tag}: DeepSpeed found no checkpoint to load")
+
+
+def keep_saved_state_dtypes(optimizer, saved):
+    """torch's Optimizer.load_state_dict casts every floating-point state to its weight's dtype, but an optimizer may
+    keep fp32 states for bf16 weights (CAME does): a resume would go on in bf16, no longer exact. Put back the saved
+    tensor wherever its dtype was changed (on the device torch chose). Other formats (torchao's CPU-offload
+    optimizer: one inner optimizer per tensor) are left as their own load_state_dict made them."""
+    if not ("param_groups" in saved and "state" in saved and hasattr(optimizer, "state")):
+        return
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for saved_id, param in zip(saved_ids, params):
+        restored = optimizer.state.get(param, {})
+        for key, value in saved["state"].get(saved_id, {}).items():
+            now = restored.get(key)
+            if (type(value) is torch.Tensor and isinstance(now, torch.Tensor) and value.is_floating_point()
+                    and now.dtype != value.dtype):
+                restored[key] = value.to(device=now.device)
 
 
 def _deepspeed_safe_globals():

@@ -6,7 +6,7 @@ The peak grows linearly with the batch (activations and gradients of each sample
 so two simulations (batch 1 and 2) predict the answer and a third confirms it: about three per bucket.
 """
 
-import copy
+import dataclasses
 import logging
 import math
 
@@ -16,14 +16,14 @@ logger = logging.getLogger("cogvideox_factory")
 AUTO = "auto"
 
 
-def component_configs(args):
-    """(VAE config, T5 config) of the model: small files, no weights."""
+def component_configs(model):
+    """(VAE config, T5 config) of the [model] section's pipeline: small files, no weights."""
     from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoConfig
 
-    where = dict(revision=args.revision, cache_dir=args.cache_dir)
-    vae_config = AutoencoderKLCogVideoX.load_config(args.pretrained_model_name_or_path, subfolder="vae", **where)
-    text_encoder_config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
+    where = dict(revision=model.revision, cache_dir=model.cache_dir)
+    vae_config = AutoencoderKLCogVideoX.load_config(model.pretrained_model_name_or_path, subfolder="vae", **where)
+    text_encoder_config = AutoConfig.from_pretrained(model.pretrained_model_name_or_path, subfolder="text_encoder",
                                                      **where)
     return vae_config, text_encoder_config
 
@@ -58,35 +58,36 @@ def largest_batch_under(limit, peak_of, most):
     return low, peaks
 
 
-def choose_batch_sizes(args, transformer_config, conditioning, mode, weight_dtype, counts, sizes):
+def choose_batch_sizes(model, data, training, optimizer, lora, validation, memory, parallelism, transformer_config,
+                       conditioning, mode, weight_dtype, counts, sizes):
     """`sizes` ({bucket: batch size or "auto"}) with every "auto" replaced, and {(bucket, batch): peak bytes} of the
-    simulations made. `counts`: samples per bucket (a batch never needs to be larger). UsageError, naming the bucket,
-    when not even a batch of one fits."""
+    simulations made, under --max_memory_gb ([memory]); the flag sections are those the estimate simulates with.
+    `counts`: samples per bucket (a batch never needs to be larger). UsageError, naming the bucket, when not even a
+    batch of one fits."""
     from .args import UsageError
     from .memory_estimate import estimate_training
 
-    if args.max_memory_gb is None:
+    if memory.max_memory_gb is None:
         raise UsageError("a batch size of auto (--train_batch_size auto, or in --bucket_config) needs --max_memory_gb N: "
                          "the accelerator memory each process may use")
-    limit = args.max_memory_gb * 2**30
-    vae_config, text_encoder_config = component_configs(args)
+    limit = memory.max_memory_gb * 2**30
+    vae_config, text_encoder_config = component_configs(model)
     chosen, simulated, problems = dict(sizes), {}, []
     auto = sorted(bucket for bucket, size in sizes.items() if size == AUTO)
     logger.info("choosing the batch size of %d bucket(s) under %g GiB (about 3 memory simulations each)", len(auto),
-                args.max_memory_gb)
+                memory.max_memory_gb)
     for bucket in auto:
         def peak_of(batch, bucket=bucket):
-            bucket_args = copy.copy(args)
-            bucket_args.train_batch_size = batch
-            return estimate_training(bucket_args, transformer_config, vae_config, text_encoder_config, conditioning,
-                                     mode, weight_dtype, bucket)["training_peak"]
+            return estimate_training(data, dataclasses.replace(training, train_batch_size=batch), optimizer, lora,
+                                     validation, memory, parallelism, transformer_config, vae_config,
+                                     text_encoder_config, conditioning, mode, weight_dtype, bucket)["training_peak"]
 
         batch, peaks = largest_batch_under(limit, peak_of, counts[bucket])
         simulated.update({(bucket, b): peak for b, peak in peaks.items()})
         name = "x".join(map(str, bucket))
         if batch == 0:
             problems.append(f"bucket {name}: even a batch of 1 needs about {peaks[1] / 2**30:.3g} GiB, over "
-                            f"--max_memory_gb {args.max_memory_gb:g}; drop this bucket, or save memory "
+                            f"--max_memory_gb {memory.max_memory_gb:g}; drop this bucket, or save memory "
                             "(--gradient_checkpointing, --offload_activations, --quantize_base fp8; docs/memory.md)")
             continue
         chosen[bucket] = batch

@@ -1,6 +1,6 @@
 """Which bucket (frames, height, width) each sample trains in, and each bucket's batch size.
 
-Two plans, chosen once per run by `bucket_plan(args, transformer_config)`:
+Two plans, chosen once per run by `bucket_plan(buckets, transformer_config, batch_size, seed)`:
 
 - `GridBuckets`: the original's flags. Every --frame_buckets x --height_buckets x --width_buckets combination is a
   bucket; a clip takes the largest frame count it can fill and the nearest resolution; one batch size for all.
@@ -198,7 +198,7 @@ class FunBuckets:
     """
 
     def __init__(self, options, batch_size, stills, valid_frames, size_problem, seed):
-        self.options = options  # a Namespace with Fun's flags (defaults filled in)
+        self.options = options  # Fun's flags as attributes, defaults filled in (`fun_options`)
         self.default_batch_size = batch_size
         self.stills = stills
         self.valid_frames = valid_frames  # frame count -> bool, the model's frame rule
@@ -253,21 +253,22 @@ FUN_OPTIONS = {"enable_bucket": False, "video_sample_size": 512, "image_sample_s
                "training_with_video_token_length": False, "random_frame_crop": False}
 
 
-def fun_options(args):
-    """Fun's sampling flags with its defaults filled in, or None when none was given."""
-    given = {name: getattr(args, name, None) for name in FUN_OPTIONS}
+def fun_options(buckets):
+    """Fun's sampling flags (of `buckets`: the [buckets] section, or prepare's) as attributes, with its defaults
+    filled in; None when none was given."""
+    from types import SimpleNamespace
+
+    given = {name: getattr(buckets, name) for name in FUN_OPTIONS}
     if not any(value not in (None, False) for value in given.values()):
         return None
-    from argparse import Namespace
-
-    return Namespace(**{name: FUN_OPTIONS[name] if value is None else value for name, value in given.items()})
+    return SimpleNamespace(**{name: FUN_OPTIONS[name] if value is None else value for name, value in given.items()})
 
 
-def reshape_mode(args):
+def reshape_mode(video_reshape_mode, buckets):
     """How clips are fitted to their bucket: --video_reshape_mode, else centre crops under Fun's options (as Fun does),
-    else stretching (the original's default)."""
-    if args.video_reshape_mode is not None or fun_options(args) is None:
-        return args.video_reshape_mode
+    else stretching (the original's default). `buckets`: the [buckets] section, or prepare's."""
+    if video_reshape_mode is not None or fun_options(buckets) is None:
+        return video_reshape_mode
     return "center"
 
 
@@ -328,11 +329,12 @@ def config_problems(config, transformer_config, path):
     return problems
 
 
-def check_buckets(args, transformer_config, problems):
-    """The bucket flags (or the --bucket_config, or Fun's options) against the model's rules, one problem per line."""
-    options = fun_options(args)
+def check_buckets(buckets, transformer_config, problems, *, skip_frames_start, skip_frames_end):
+    """The bucket flags (`buckets`: the [buckets] section, or prepare's; or the --bucket_config, or Fun's options)
+    and --skip_frames_start/--skip_frames_end against the model's rules, one problem per line."""
+    options = fun_options(buckets)
     if options is not None:
-        if getattr(args, "bucket_config", None):
+        if buckets.bucket_config:
             problems.append("--bucket_config and CogVideoX-Fun's sampling options (--enable_bucket, --video_sample_size, "
                             "...) both choose the buckets: use one of them")
         for name in ("video_sample_size", "image_sample_size", "token_sample_size", "video_sample_n_frames",
@@ -340,58 +342,60 @@ def check_buckets(args, transformer_config, problems):
             if getattr(options, name) < 1:
                 problems.append(f"--{name} must be at least 1 (got {getattr(options, name)})")
         return
-    if getattr(args, "bucket_config", None):
+    if buckets.bucket_config:
         try:
-            problems.extend(config_problems(read_bucket_config(args.bucket_config), transformer_config,
-                                            args.bucket_config))
+            problems.extend(config_problems(read_bucket_config(buckets.bucket_config), transformer_config,
+                                            buckets.bucket_config))
         except UsageError as error:
             problems.extend(error.problems)
         return
     for name in ("height_buckets", "width_buckets"):
-        for value in getattr(args, name):
+        for value in getattr(buckets, name):
             if value <= 0 or value % 16 != 0:
                 problems.append(f"--{name} {value}: every value must be a positive multiple of 16")
-    for frames in args.frame_buckets:
+    for frames in buckets.frame_buckets:
         problem = frame_rule_problem(frames, transformer_config) if frames > 0 else f"{frames} is not a frame count"
         if problem:
             problems.append(f"--frame_buckets: {problem}")
-    if args.max_num_frames < min(args.frame_buckets):
+    if buckets.max_num_frames < min(buckets.frame_buckets):
         problems.append(
-            f"--max_num_frames {args.max_num_frames} is below the smallest --frame_buckets value "
-            f"{min(args.frame_buckets)}: no clip could be used"
+            f"--max_num_frames {buckets.max_num_frames} is below the smallest --frame_buckets value "
+            f"{min(buckets.frame_buckets)}: no clip could be used"
         )
-    if args.skip_frames_start < 0 or args.skip_frames_end < 0:
+    if skip_frames_start < 0 or skip_frames_end < 0:
         problems.append("--skip_frames_start/--skip_frames_end must be 0 or more")
 
 
-def validation_frames(args):
-    """Frames of validation videos (and the final test): --validation_num_frames, or the largest frame bucket (of
-    --bucket_config when given; still-image entries aside)."""
-    if args.validation_num_frames:
-        return args.validation_num_frames
-    if getattr(args, "bucket_config", None):
+def validation_frames(validation, buckets):
+    """Frames of validation videos (and the final test): --validation_num_frames ([validation]), or the largest frame
+    bucket ([buckets]: of --bucket_config when given; still-image entries aside)."""
+    if validation.validation_num_frames:
+        return validation.validation_num_frames
+    if buckets.bucket_config:
         try:
-            counts = [count for frames in read_bucket_config(args.bucket_config).values() for count in frames]
+            counts = [count for frames in read_bucket_config(buckets.bucket_config).values() for count in frames]
         except UsageError:
             counts = []  # check_buckets reports what is wrong with the file
         if any(count > 1 for count in counts):
             return max(counts)
-    return max(args.frame_buckets)
+    return max(buckets.frame_buckets)
 
 
-def bucket_plan(args, transformer_config, batch_size):
-    """The run's plan: ConfiguredBuckets with --bucket_config, else GridBuckets from the original's flags.
+def bucket_plan(buckets, transformer_config, batch_size, seed):
+    """The run's plan: FunBuckets under Fun's options, ConfiguredBuckets with --bucket_config, else GridBuckets from
+    the original's flags. `buckets`: the [buckets] section, or prepare's; `seed`: --seed (None: 0), for the random
+    draws of keep probabilities and Fun's options.
 
     Named resolutions keep only the shapes the model can take (CogVideoX 1.5's position grid bounds them)."""
     stills = still_frames(transformer_config)
-    path = getattr(args, "bucket_config", None)
-    options = fun_options(args)
+    path = buckets.bucket_config
+    options = fun_options(buckets)
     if options is not None:
         return FunBuckets(options, batch_size, stills,
                           lambda count: frame_rule_problem(count, transformer_config) is None,
-                          lambda h, w: size_limit_problem(h, w, transformer_config), args.seed or 0)
+                          lambda h, w: size_limit_problem(h, w, transformer_config), seed or 0)
     if not path:
-        return GridBuckets(args.frame_buckets, args.height_buckets, args.width_buckets, args.max_num_frames,
+        return GridBuckets(buckets.frame_buckets, buckets.height_buckets, buckets.width_buckets, buckets.max_num_frames,
                            batch_size, stills)
     config = read_bucket_config(path)
     problems = config_problems(config, transformer_config, path)
@@ -402,4 +406,4 @@ def bucket_plan(args, transformer_config, batch_size):
         shapes = [s for s in shapes_of(resolution) if size_limit_problem(*s, transformer_config) is None]
         if shapes:
             groups.append((resolution, shapes, frames))
-    return ConfiguredBuckets(groups, stills, args.seed or 0, source=f"--bucket_config {path}")
+    return ConfiguredBuckets(groups, stills, seed or 0, source=f"--bucket_config {path}")

@@ -89,15 +89,16 @@ def compile_blocks(transformer, mode=None):
     return transformer
 
 
-def compute_problems(args):
-    """--fp8_training and --regional_compile against the other flags and this machine, one line each."""
+def compute_problems(memory, parallelism):
+    """--fp8_training and --regional_compile ([parallelism]) against the other flags (--quantize_base, [memory]) and
+    this machine, one line each."""
     problems = []
-    if args.compile_mode is not None and not args.regional_compile:
+    if parallelism.compile_mode is not None and not parallelism.regional_compile:
         problems.append("--compile_mode goes with --regional_compile")
-    if not args.fp8_training:
+    if not parallelism.fp8_training:
         return problems
-    if args.quantize_base != "none":
-        problems.append(f"--fp8_training with --quantize_base {args.quantize_base}: the base weights would be "
+    if memory.quantize_base != "none":
+        problems.append(f"--fp8_training with --quantize_base {memory.quantize_base}: the base weights would be "
                         "stored quantized and computed in FP8 again; use one of them")
     try:
         import torchao.float8  # noqa: F401

@@ -22,8 +22,14 @@ def _split(text, separator):
     return [part.strip() for part in text.split(separator) if part.strip()]
 
 
-def _prompts(args):
-    return _split(args.validation_prompt, args.validation_prompt_separator) if args.validation_prompt else []
+def _prompts(validation):
+    return (_split(validation.validation_prompt, validation.validation_prompt_separator)
+            if validation.validation_prompt else [])
+
+
+def _images(validation):
+    return (_split(validation.validation_images, validation.validation_prompt_separator)
+            if validation.validation_images else [])
 
 
 class TextToVideo:
@@ -37,24 +43,25 @@ class TextToVideo:
 
         return CogVideoXPipeline
 
-    def check_args(self, args, transformer_config, data_source):
+    def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         """Problems (one line each) that make this conditioning unusable with these flags/model/data."""
         problems = []
         if transformer_config["in_channels"] != transformer_config["out_channels"]:
             problems.append(
-                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is an image-to-video model "
+                f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is an image-to-video model "
                 f"({transformer_config['in_channels']} input channels); use training/cogvideox_image_to_video_lora.py "
                 "or training/cogvideox_image_to_video_sft.py"
             )
-        for flag in ("validation_images", "ignore_learned_positional_embeddings"):
-            if getattr(args, flag):
+        for flag, value in (("validation_images", validation.validation_images),
+                            ("ignore_learned_positional_embeddings", training.ignore_learned_positional_embeddings)):
+            if value:
                 problems.append(f"--{flag} is only for the image-to-video trainers")
         return problems
 
-    def adapt_transformer(self, transformer, args):
+    def adapt_transformer(self, transformer, training):
         return transformer
 
-    def shape_problems(self, shapes, args, transformer_config):
+    def shape_problems(self, shapes, training, transformer_config):
         return []
 
     def model_input(self, noisy_latents, batch, context):
@@ -63,9 +70,9 @@ class TextToVideo:
     def transformer_kwargs(self, noisy_latents, context):
         return {}
 
-    def validation_cases(self, args):
+    def validation_cases(self, validation):
         """One dict of pipeline keyword arguments per validation prompt."""
-        return [{"prompt": prompt} for prompt in _prompts(args)]
+        return [{"prompt": prompt} for prompt in _prompts(validation)]
 
 
 class ImageToVideo(TextToVideo):
@@ -79,17 +86,17 @@ class ImageToVideo(TextToVideo):
 
         return CogVideoXImageToVideoPipeline
 
-    def check_args(self, args, transformer_config, data_source):
+    def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         problems = []
         if transformer_config["in_channels"] != 2 * transformer_config["out_channels"]:
             problems.append(
-                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a text-to-video model; "
+                f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is a text-to-video model; "
                 "use training/cogvideox_text_to_video_lora.py or training/cogvideox_text_to_video_sft.py"
             )
-        if not 0.0 <= args.noised_image_dropout <= 1.0:
-            problems.append(f"--noised_image_dropout must be between 0 and 1 (got {args.noised_image_dropout})")
-        prompts = _prompts(args)
-        images = _split(args.validation_images, args.validation_prompt_separator) if args.validation_images else []
+        if not 0.0 <= training.noised_image_dropout <= 1.0:
+            problems.append(f"--noised_image_dropout must be between 0 and 1 (got {training.noised_image_dropout})")
+        prompts = _prompts(validation)
+        images = _images(validation)
         if prompts and not images:
             problems.append("--validation_prompt needs --validation_images (one image per prompt, same separator)")
         elif len(prompts) != len(images):
@@ -97,25 +104,25 @@ class ImageToVideo(TextToVideo):
         for image in images:
             if "://" not in image and not Path(image).is_file():
                 problems.append(f"--validation_images: no such file {image}")
-        learned = _learned_shape(transformer_config, args)
+        learned = _learned_shape(transformer_config, training)
         if learned is not None:
             frames, height, width = learned
-            sizes = {(args.height, args.width)} | data_source.training_resolutions(args)
-            if sizes != {(height, width)} or (prompts and validation_frames(args) != frames):
+            sizes = {(validation.height, validation.width)} | data_source.training_resolutions(buckets)
+            if sizes != {(height, width)} or (prompts and validation_frames(validation, buckets) != frames):
                 problems.append(_learned_positions_problem(learned))
         return problems
 
-    def shape_problems(self, shapes, args, transformer_config):
+    def shape_problems(self, shapes, training, transformer_config):
         """Problems of the (frames, height, width) shapes the data trains at: CogVideoX-5b-I2V's learned positions
         exist for one shape only; at any other, diffusers silently swaps in a sin-cos table the model never saw."""
-        learned = _learned_shape(transformer_config, args)
+        learned = _learned_shape(transformer_config, training)
         if learned is None or set(shapes) <= {learned}:
             return []
         others = ", ".join("x".join(map(str, shape)) for shape in sorted(set(shapes) - {learned}))
         return [f"{_learned_positions_problem(learned)}; the data has buckets {others}"]
 
-    def adapt_transformer(self, transformer, args):
-        if args.ignore_learned_positional_embeddings:
+    def adapt_transformer(self, transformer, training):
+        if training.ignore_learned_positional_embeddings:
             drop_learned_positional_embeddings(transformer)
         return transformer
 
@@ -130,7 +137,8 @@ class ImageToVideo(TextToVideo):
             latents = image_condition_latents(
                 context.vae, images, noisy_latents.shape[1], context.vae_scaling_factor, context.vae_invert_scale_latents
             )
-        keep = (torch.rand(batch_size, device=latents.device) >= context.args.noised_image_dropout).to(latents.dtype)
+        dropout = context.training.noised_image_dropout
+        keep = (torch.rand(batch_size, device=latents.device) >= dropout).to(latents.dtype)
         latents = latents * keep.view(-1, 1, 1, 1, 1)  # dropout decided per sample, not once per batch
         return torch.cat([noisy_latents, latents.to(noisy_latents.dtype)], dim=2)
 
@@ -139,16 +147,18 @@ class ImageToVideo(TextToVideo):
             return {}
         return {"ofs": noisy_latents.new_full((1,), 2.0)}  # the value the 1.5 I2V pipeline uses
 
-    def validation_cases(self, args):
+    def validation_cases(self, validation):
         from diffusers.utils import load_image
 
-        images = _split(args.validation_images, args.validation_prompt_separator) if args.validation_images else []
-        return [{"prompt": prompt, "image": load_image(image)} for prompt, image in zip(_prompts(args), images)]
+        return [{"prompt": prompt, "image": load_image(image)}
+                for prompt, image in zip(_prompts(validation), _images(validation))]
 
 
-def _learned_shape(transformer_config, args):
-    """(frames, height, width) of the model's learned positional embeddings, or None (none, or ignored)."""
-    if not transformer_config.get("use_learned_positional_embeddings") or args.ignore_learned_positional_embeddings:
+def _learned_shape(transformer_config, training):
+    """(frames, height, width) of the model's learned positional embeddings, or None (none, or ignored: [training]'s
+    --ignore_learned_positional_embeddings)."""
+    if (not transformer_config.get("use_learned_positional_embeddings")
+            or training.ignore_learned_positional_embeddings):
         return None
     return (transformer_config["sample_frames"], transformer_config["sample_height"] * SPATIAL_SCALE,
             transformer_config["sample_width"] * SPATIAL_SCALE)

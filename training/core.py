@@ -33,11 +33,12 @@ from .batch_size import choose_batch_sizes
 from .conditioning import CONDITIONINGS
 from .data_source import build_training_data
 from .dry_run import dry_run_plan
-from .models import load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
+from .models import Pretrained, load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
 from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
 from .run_config import RUN_CONFIG, public_values, write_trainer_config
+from .sections import RunFlags, run_flags
 from .settings import validate_training_args
 from .startup import StartupClock
 from .step import build_context, build_trainer, train_step
@@ -57,10 +58,10 @@ class Schedule:
     epochs: int
 
     @classmethod
-    def of(cls, args, sampler):
+    def of(cls, training, sampler):
         batches = len(sampler)
-        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
-        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        steps_per_epoch = math.ceil(batches / training.gradient_accumulation_steps)
+        max_train_steps = training.max_train_steps or training.num_train_epochs * steps_per_epoch
         return cls(batches, steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch))
 
 
@@ -82,7 +83,7 @@ class TrainingState:
 class TrainingRun:
     """Everything one run holds, built in dependency order by `run`."""
 
-    args: object
+    flags: RunFlags  # the flags, section by section: each piece below is handed the sections it reads
     settings: object  # RunSettings
     conditioning: object
     mode: object
@@ -104,28 +105,32 @@ def run(argv, conditioning, mode):
     """Parse, validate, train, save, test. Returns a summary dict (also written as summary.json)."""
     startup = StartupClock()
     args = parse_args(argv)
-    settings = validate_training_args(args, conditioning, mode)  # 1. every check that needs no weights
-    backend = start_processes(args)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
-    data = build_training_data(args, settings.data_source, conditioning, settings.transformer_config, backend,
+    flags = run_flags(args)
+    settings = validate_training_args(flags, conditioning, mode)  # 1. every check that needs no weights
+    backend = start_processes(flags)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
+    data = build_training_data(flags.model, flags.data, flags.buckets, flags.training, flags.validation, flags.memory,
+                               flags.parallelism, settings.data_source, conditioning, settings.transformer_config, backend,
                                choose_sizes=lambda counts, sizes: choose_batch_sizes(
-                                   args, settings.transformer_config, conditioning, mode, backend.weight_dtype,
-                                   counts, sizes))
+                                   flags.model, flags.data, flags.training, flags.optimizer, flags.lora,
+                                   flags.validation, flags.memory, flags.parallelism, settings.transformer_config,
+                                   conditioning, mode, backend.weight_dtype, counts, sizes))
     startup.mark("flags, processes and data scan")
-    job = TrainingRun(args, settings, conditioning, mode, backend, data, Schedule.of(args, data.sampler),
+    job = TrainingRun(flags, settings, conditioning, mode, backend, data, Schedule.of(flags.training, data.sampler),
                       startup=startup)
-    if args.dry_run:  # 3. bad data has stopped the run above, before any model loads
+    if flags.training.dry_run:  # 3. bad data has stopped the run above, before any model loads
         plan = dry_run_plan(job)
         backend.end()
         return {"dry_run": plan}
     if backend.is_main_process:  # what this run is: --config <output_dir>/config.toml runs it again
-        write_trainer_config(args, build_parser(), Path(args.output_dir) / RUN_CONFIG)
-        if args.hub_token:
+        write_trainer_config(args, build_parser(), Path(flags.training.output_dir) / RUN_CONFIG)
+        if flags.logging.hub_token:
             logger.warning("--hub_token is kept out of every file and tracker of this run; `hf auth login` stores a "
                            "token once, for every tool, and keeps it off command lines")
     job.trainer = build_models_and_optimizer(job)  # 4.
     job.state, job.history = resume(job)  # 5.
     startup.mark("models, optimizer and resume")
-    job.validation = Validation(args, settings.validation_num_frames, conditioning, backend)
+    job.validation = Validation(flags.model, flags.training, flags.validation, flags.memory,
+                                settings.validation_num_frames, conditioning, backend)
     start_logging_run(job)
     tracker = memory.start_allocation_tracking(job.trainer.transformer, job.trainer.optimizer, job.trainer.context)
     train(job)  # 6.
@@ -153,28 +158,28 @@ def bucket_summary(job):
             for bucket, size in sorted(sampler.batch_sizes.items())}
 
 
-def start_processes(args):
+def start_processes(flags):
     from accelerate.utils import set_seed
 
-    backend = build_backend(args)
-    problems = offload_runtime_problems(args, backend) + backend.optimizer_problems(args)
+    backend = build_backend(flags.training, flags.optimizer, flags.parallelism, flags.logging)
+    problems = offload_runtime_problems(flags.memory, backend) + backend.optimizer_problems(flags.optimizer)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and backend.num_processes == 1:  # e.g. torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
         problems.append(f"started as {launched} processes (WORLD_SIZE={launched}), but each runs alone, so they would "
                         "all train the same samples and write the same files: on a machine without GPUs set "
                         "ACCELERATE_USE_CPU=true, or start with accelerate launch")
-    if args.regional_compile and backend.compiles_whole_model:
+    if flags.parallelism.regional_compile and backend.compiles_whole_model:
         problems.append("--regional_compile with an accelerate config that compiles the whole model (dynamo_backend, "
                         "e.g. compiled_1.yaml): use one of them (uncompiled_1.yaml with --regional_compile)")
     if problems:
         raise UsageError(problems)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if backend.is_main_process else logging.WARNING)
-    if args.seed is not None:
+    if flags.training.seed is not None:
         # Each data-parallel group its own noise (the processes of a shard group share theirs); rank 0 as alone.
-        set_seed(args.seed + backend.data_parallel_rank)
+        set_seed(flags.training.seed + backend.data_parallel_rank)
     if backend.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(flags.training.output_dir).mkdir(parents=True, exist_ok=True)
     return backend
 
 
@@ -183,34 +188,39 @@ def build_models_and_optimizer(job):
     Trainer: the mode's trainable part, the optimizer (at the --scale_lr learning rate) and the LR schedule."""
     from diffusers import AutoencoderKLCogVideoX
 
-    args, backend, source = job.args, job.backend, job.settings.data_source
+    flags, backend, source = job.flags, job.backend, job.settings.data_source
     weight_dtype, device = backend.weight_dtype, backend.device
-    transformer = load_transformer(args, job.mode.load_dtype(args, weight_dtype))
+    pipeline = Pretrained.of(flags.model)
+    transformer = load_transformer(Pretrained.of(flags.model, flags.memory, flags.training),
+                                   job.mode.load_dtype(flags.training, weight_dtype))
     vae_config = AutoencoderKLCogVideoX.load_config(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir
+        pipeline.path, subfolder="vae", revision=pipeline.revision, cache_dir=pipeline.cache_dir
     )
     encoders = {}
     if source.needs_text_encoder:
-        encoders["tokenizer"] = load_tokenizer(args)
-        encoders["text_encoder"] = load_text_encoder(args, weight_dtype).to(device).requires_grad_(False).eval()
+        encoders["tokenizer"] = load_tokenizer(pipeline)
+        encoders["text_encoder"] = load_text_encoder(pipeline, weight_dtype).to(device).requires_grad_(False).eval()
     if source.needs_vae or job.conditioning.needs_vae:
-        encoders["vae"] = load_vae(args, weight_dtype).to(device).requires_grad_(False).eval()
-    context = build_context(args, job.settings.transformer_config, vae_config, load_training_scheduler(args), device,
+        encoders["vae"] = load_vae(pipeline, weight_dtype, flags.validation.enable_slicing,
+                                   flags.validation.enable_tiling).to(device).requires_grad_(False).eval()
+    context = build_context(flags.training, flags.optimizer, flags.lora, flags.memory, flags.parallelism,
+                            job.settings.transformer_config, vae_config, load_training_scheduler(pipeline), device,
                             weight_dtype, source, encoders, sequence_shards=backend.sequence_shards)
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * job.data.mean_batch_size() * backend.data_parallel_size
+    training = flags.training
+    learning_rate = training.learning_rate
+    if training.scale_lr:
+        learning_rate *= training.gradient_accumulation_steps * job.data.mean_batch_size() * backend.data_parallel_size
     return build_trainer(transformer, context, job.conditioning, job.mode, backend, job.schedule.max_train_steps,
                          learning_rate)
 
 
 def resume(job):
     """(state, loss history) to start from: those of the checkpoint --resume_from_checkpoint names, or fresh ones."""
-    args, trainer = job.args, job.trainer
-    path = ckpt.resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    trainer, output_dir, wanted = job.trainer, job.flags.training.output_dir, job.flags.checkpointing.resume_from_checkpoint
+    path = ckpt.resolve_resume_path(output_dir, wanted)
     if path is None:
-        if args.resume_from_checkpoint:
-            logger.info("no checkpoint in %s: starting a new run", args.output_dir)
+        if wanted:
+            logger.info("no checkpoint in %s: starting a new run", output_dir)
         return TrainingState(), LossHistory()
     ckpt.load_checkpoint(job.backend, path, trainer.transformer, trainer.optimizer, trainer.lr_scheduler, job.mode,
                          job.conditioning.pipeline_class)
@@ -222,15 +232,15 @@ def resume(job):
 
 
 def start_logging_run(job):
-    args, backend, data = job.args, job.backend, job.data
-    backend.init_trackers(args.tracker_name or f"cogvideox-{job.mode.name}", _tracker_config(args))
+    flags, backend, data = job.flags, job.backend, job.data
+    backend.init_trackers(flags.logging.tracker_name or f"cogvideox-{job.mode.name}", _tracker_config(flags))
     logger.info(
         "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, batch %s x %d "
         "process(es)%s x %d accumulation", job.conditioning.name, job.mode.name, len(data.dataset),
         job.schedule.batches_per_epoch, job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
         data.describe_batch_size(), backend.num_processes,
         f" ({backend.data_parallel_size} data-parallel group(s) of {backend.sequence_shards.size} sharing each sample)"
-        if backend.sequence_shards else "", args.gradient_accumulation_steps,
+        if backend.sequence_shards else "", flags.training.gradient_accumulation_steps,
     )
     stepping = backend.stepping_optimizer(job.trainer.optimizer)
     logger.info("optimizer that steps: %s.%s", type(stepping).__module__, type(stepping).__name__)
@@ -266,7 +276,7 @@ def train(job):
 
 def train_epoch(job):
     """From the state's position in its epoch to the epoch's end (or the last step)."""
-    args, state, schedule, data = job.args, job.state, job.schedule, job.data
+    state, schedule, data = job.state, job.schedule, job.data
     job.trainer.transformer.train()
     data.sampler.set_epoch(state.epoch, start_batch=state.batches_in_epoch)
     if hasattr(data.dataset, "set_epoch"):
@@ -274,7 +284,8 @@ def train_epoch(job):
     batches = iter(data.loader)
     while state.batches_in_epoch < schedule.batches_per_epoch and state.global_step < schedule.max_train_steps:
         # A group of micro-batches per step; the epoch's last group may be shorter.
-        group_size = min(args.gradient_accumulation_steps, schedule.batches_per_epoch - state.batches_in_epoch)
+        group_size = min(job.flags.training.gradient_accumulation_steps,
+                         schedule.batches_per_epoch - state.batches_in_epoch)
         outcome = train_step(job.trainer, itertools.islice(batches, group_size), group_size)
         state.global_step += 1
         state.batches_in_epoch += group_size
@@ -283,7 +294,8 @@ def train_epoch(job):
 
 def after_step(job, loss, grad_norm):
     """Stop on a non-finite loss; log; evaluate, checkpoint (and plot the losses) and validate when due."""
-    args, state, trainer, backend = job.args, job.state, job.trainer, job.backend
+    state, trainer, backend = job.state, job.trainer, job.backend
+    output_dir, checkpointing = job.flags.training.output_dir, job.flags.checkpointing
     step = state.global_step
     ckpt.simulate_crash("step", step)
     line = job.startup.finish("first step")
@@ -305,23 +317,23 @@ def after_step(job, loss, grad_norm):
     # Held-out loss before the checkpoint, so the history a checkpoint keeps (the plot of a resumed run) has it.
     if data.eval_loader is not None and (step % job.settings.eval_every == 0 or step == job.schedule.max_train_steps):
         job.eval_losses[step] = evaluate(trainer.transformer, data.eval_loader, trainer.context, job.conditioning,
-                                         backend, args)
+                                         backend, job.flags.validation.eval_timesteps, job.flags.training.seed)
         job.history.held_out.append([step, job.eval_losses[step]])
         backend.log({"eval_loss": job.eval_losses[step]}, step=step)
         logger.info("step %d: eval_loss %.5f (%d held-out samples)", step, job.eval_losses[step], len(data.eval_dataset))
-    if step % args.checkpointing_steps == 0:
+    if step % checkpointing.checkpointing_steps == 0:
         if not backend.all_finite([*trainer.parameters, *optimizer_state_tensors(trainer.optimizer)]):
             raise diverged(job, f"weights or optimizer states became non-finite at step {step}", step)
         saved_state = {**state.for_checkpoint(job.schedule), "loss_history": job.history.to_json()}
         path = ckpt.save_checkpoint(
-            backend, args.output_dir, step, saved_state, trainer.lr_scheduler,
-            trainer.transformer, trainer.optimizer, total_limit=args.checkpoints_total_limit,
+            backend, output_dir, step, saved_state, trainer.lr_scheduler,
+            trainer.transformer, trainer.optimizer, total_limit=checkpointing.checkpoints_total_limit,
             save_model=lambda folder: backend.save_artifact(job.mode, trainer.transformer, folder,
                                                             job.conditioning.pipeline_class),
         )
         logger.info("saved checkpoint %s", path)
         if backend.is_main_process:
-            plot_losses(job.history, Path(args.output_dir) / LOSS_PLOT)
+            plot_losses(job.history, Path(output_dir) / LOSS_PLOT)
     if job.settings.validation_steps and step % job.settings.validation_steps == 0:
         job.validation.run(trainer.context, trainer.transformer, step)
 
@@ -329,7 +341,7 @@ def after_step(job, loss, grad_norm):
 def diverged(job, what, first_bad_checkpoint):
     """The error that stops a diverged run. Checkpoints from step `first_bad_checkpoint` on are set aside (renamed
     checkpoint-N-diverged, kept for a look), so that --resume_from_checkpoint latest takes the last good one."""
-    output_dir = job.args.output_dir
+    output_dir = job.flags.training.output_dir
     if job.backend.is_main_process:
         for set_aside in ckpt.set_aside_checkpoints(output_dir, first_bad_checkpoint):
             logger.warning("%s holds weights from the divergence: renamed %s", set_aside.name, set_aside)
@@ -358,12 +370,13 @@ def save_and_test(job, summary):
     """The artifact first (nothing lost if what follows runs out of memory), then a last validation with the
     in-memory model, then a final test that loads the artifact back from disk. The main process adds the test's
     figures to `summary` and writes it to summary.json."""
-    args, backend, mode, validation = job.args, job.backend, job.mode, job.validation
+    backend, mode, validation = job.backend, job.mode, job.validation
+    output_dir = Path(job.flags.training.output_dir)
     trainer, step = job.trainer, job.state.global_step
-    save_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_dtype)
-    backend.save_artifact(mode, trainer.transformer, args.output_dir, job.conditioning.pipeline_class,
+    save_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(job.flags.training.save_dtype)
+    backend.save_artifact(mode, trainer.transformer, output_dir, job.conditioning.pipeline_class,
                           dtype=save_dtype or backend.weight_dtype)
-    logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(args.output_dir)))
+    logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(output_dir)))
     final_validation = validation.has_cases and validation.validated_at != step
     if final_validation and backend.weights_sharded:
         # Sharded weights are only usable while the engine / FSDP is alive: validate before releasing anything.
@@ -382,16 +395,16 @@ def save_and_test(job, summary):
         summary["parity"] = validation.final_test(mode, backend.weight_dtype, step)
         summary["memory_after_testing"] = memory.memory_stats(backend.device)
         logger.info(memory.format_stats("after testing", summary["memory_after_testing"]))
-        plot_losses(job.history, Path(args.output_dir) / LOSS_PLOT)
+        plot_losses(job.history, output_dir / LOSS_PLOT)
         write_model_card(job)
-        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        if args.push_to_hub:
-            push_to_hub(args)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if job.flags.logging.push_to_hub:
+            push_to_hub(job.flags.logging, output_dir)
 
 
-def _tracker_config(args):
-    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-            for k, v in public_values(args).items()}
+def _tracker_config(flags):
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(list(v) if isinstance(v, tuple) else v))
+            for k, v in public_values(flags).items()}
 
 
 # What --push_to_hub uploads: the artifact (LoRA in both forms, or transformer/), the card, and what the card shows.
@@ -399,15 +412,15 @@ HUB_FILES = ["*.safetensors", "transformer/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "
              RUN_CONFIG]
 
 
-def push_to_hub(args):
+def push_to_hub(logging_flags, output_dir):
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = args.hub_model_id or Path(args.output_dir).name
-    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    repo_id = logging_flags.hub_model_id or Path(output_dir).name
+    repo_id = create_repo(repo_id, exist_ok=True, token=logging_flags.hub_token).repo_id
     upload_folder(
         repo_id=repo_id,
-        folder_path=args.output_dir,
-        token=args.hub_token,
+        folder_path=str(output_dir),
+        token=logging_flags.hub_token,
         allow_patterns=HUB_FILES,
         ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
         commit_message="CogVideoX fine-tune",

@@ -8,16 +8,17 @@
 
 Each knows which flags apply to it, which encoders it needs, how it builds its datasets, how a batch becomes
 latents and prompt embeddings (`encode`), and what a batch of it looks like (`example_batch`, for the memory
-estimate and the benchmark).
+estimate and the benchmark). Each method takes the flag sections it reads (training/sections.py).
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .args import UsageError, parse_args, size_limit_problem
+from .args import UsageError, size_limit_problem
 from .buckets import bucket_plan, check_buckets, reshape_mode
 from .dataset import (
     BucketBatchSampler,
@@ -32,7 +33,7 @@ from .dataset import (
     write_skip_report,
 )
 from .layouts import check_data_source, expand_repeats, read_samples
-from .models import encode_prompts, encode_video_distribution, latent_grid, vae_scale_factor_spatial
+from .models import Pretrained, encode_prompts, encode_video_distribution, latent_grid, vae_scale_factor_spatial
 
 
 logger = logging.getLogger("cogvideox_factory")
@@ -40,7 +41,7 @@ logger = logging.getLogger("cogvideox_factory")
 SKIP_REPORT = "skipped_samples.jsonl"
 NOTES_REPORT = "data_notes.jsonl"
 
-# Flags that shape raw clips; with prepared entries prepare_dataset.py has already applied them.
+# Flags that shape raw clips ([data] and [buckets]); with prepared entries prepare_dataset.py has already applied them.
 RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_frames_start", "skip_frames_end",
                   "video_reshape_mode", "random_flip", "dataset_file", "dataset_config", "train_data_meta",
                   "caption_extension", "enable_bucket", "video_sample_size", "image_sample_size", "token_sample_size",
@@ -48,8 +49,9 @@ RAW_DATA_FLAGS = ("height_buckets", "width_buckets", "max_num_frames", "skip_fra
                   "random_frame_crop", "video_repeat")
 
 
-def choose_data_source(args):
-    return PreparedEntries() if args.load_tensors else RawClips()
+def choose_data_source(data):
+    """PreparedEntries with --load_tensors ([data]), else RawClips."""
+    return PreparedEntries() if data.load_tensors else RawClips()
 
 
 class RawClips:
@@ -57,42 +59,44 @@ class RawClips:
     needs_text_encoder = True  # T5 embeds each batch's captions
     needs_vae = True  # the VAE encodes each batch's clips
 
-    def check_args(self, args, problems):
-        check_data_source(args, problems)
+    def check_args(self, data, problems):
+        check_data_source(data, problems)
 
-    def check_model_args(self, args, transformer_config, problems):
-        check_buckets(args, transformer_config, problems)
+    def check_model_args(self, data, buckets, transformer_config, problems):
+        check_buckets(buckets, transformer_config, problems, skip_frames_start=data.skip_frames_start,
+                      skip_frames_end=data.skip_frames_end)
 
-    def training_resolutions(self, args):
+    def training_resolutions(self, buckets):
         """(height, width) pairs a clip may be trained at."""
-        return {(h, w) for h in args.height_buckets for w in args.width_buckets}
+        return {(h, w) for h in buckets.height_buckets for w in buckets.width_buckets}
 
-    def samples(self, args, conditioning, transformer_config):
+    def samples(self, model, data, buckets, training, validation, conditioning, transformer_config):
         """(training items, items of a separate held-out list, unusable samples, notes). Reads headers only."""
-        self.plan = bucket_plan(args, transformer_config, args.train_batch_size)
-        items, skipped = self._bucketed(args, read_samples(args))
+        self.plan = bucket_plan(buckets, transformer_config, training.train_batch_size, training.seed)
+        items, skipped = self._bucketed(data, read_samples(data, buckets.video_repeat))
         if not items:
             reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
             raise UsageError(["no usable sample: every clip was skipped"] + reasons)
         listed = []
-        if args.eval_video_column or args.eval_dataset_file:
-            listed, eval_skipped = self._bucketed(args, load_samples(
-                args.data_root, args.eval_dataset_file, args.eval_caption_column or args.caption_column,
-                args.eval_video_column or args.video_column, args.id_token))
+        if validation.eval_video_column or validation.eval_dataset_file:
+            listed, eval_skipped = self._bucketed(data, load_samples(
+                data.data_root, validation.eval_dataset_file, validation.eval_caption_column or data.caption_column,
+                validation.eval_video_column or data.video_column, data.id_token))
             skipped = skipped + [replace(s, reason=f"held-out list: {s.reason}") for s in eval_skipped]
-        return items, listed, skipped, data_notes(items, reshape_mode(args))
+        return items, listed, skipped, data_notes(items, reshape_mode(data.video_reshape_mode, buckets))
 
-    def _bucketed(self, args, samples):
-        return assign_buckets(samples, self.plan, args.skip_frames_start, args.skip_frames_end)
+    def _bucketed(self, data, samples):
+        return assign_buckets(samples, self.plan, data.skip_frames_start, data.skip_frames_end)
 
-    def batch_sizes(self, args, buckets):
-        return {bucket: self.plan.batch_size(bucket) for bucket in buckets}
+    def batch_sizes(self, buckets, training, transformer_config, keys):
+        """{bucket: batch size} of the bucket `keys` (the plan `samples` made)."""
+        return {bucket: self.plan.batch_size(bucket) for bucket in keys}
 
-    def dataset(self, args, conditioning, items, repeat=False):
+    def dataset(self, data, buckets, training, conditioning, items, repeat=False):
         """The items' dataset; with `repeat`, each sample `repeats` times (--dataset_config num_repeats)."""
         items, keys = expand_repeats(items) if repeat else (items, None)
-        return VideoDataset(items, reshape_mode(args), args.random_flip, conditioning.image_to_video,
-                            seed=args.seed or 0, random_keys=keys)
+        return VideoDataset(items, reshape_mode(data.video_reshape_mode, buckets), data.random_flip,
+                            conditioning.image_to_video, seed=training.seed or 0, random_keys=keys)
 
     def encode(self, batch, context):
         """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
@@ -114,53 +118,54 @@ class PreparedEntries:
     needs_text_encoder = False
     needs_vae = False
 
-    def check_args(self, args, problems):
-        if args.data_root is None:
+    def check_args(self, data, problems):
+        if data.data_root is None:
             problems.append("--load_tensors needs --data_root: the --output_dir of training/prepare_dataset.py")
-        elif not (Path(args.data_root) / "manifest.json").is_file():
+        elif not (Path(data.data_root) / "manifest.json").is_file():
             problems.append(
-                f"--load_tensors: {args.data_root} has no manifest.json; run training/prepare_dataset.py "
-                f"--save_latents_and_embeddings --output_dir {args.data_root} first (see prepare_dataset.sh)"
+                f"--load_tensors: {data.data_root} has no manifest.json; run training/prepare_dataset.py "
+                f"--save_latents_and_embeddings --output_dir {data.data_root} first (see prepare_dataset.sh)"
             )
 
-    def check_model_args(self, args, transformer_config, problems):
+    def check_model_args(self, data, buckets, transformer_config, problems):
         pass  # each entry keeps the bucket prepare_dataset.py gave it; the manifest is checked in `samples`
 
-    def training_resolutions(self, args):
+    def training_resolutions(self, buckets):
         return set()
 
-    def samples(self, args, conditioning, transformer_config):
+    def samples(self, model, data, buckets, training, validation, conditioning, transformer_config):
         from .precomputed import load_manifest, manifest_problems
 
-        manifest = load_manifest(args.data_root)
-        _warn_ignored_flags(args, manifest)
-        problems = manifest_problems(manifest, transformer_config, conditioning, args)
+        manifest = load_manifest(data.data_root)
+        _warn_ignored_flags(data, buckets, manifest)
+        pretrained = Pretrained(model.pretrained_model_name_or_path, model.revision, model.variant, model.cache_dir)
+        problems = manifest_problems(manifest, transformer_config, conditioning, pretrained, data)
         if problems:
             raise UsageError(problems)
-        items = _select_entries(args, manifest["entries"])
-        listed = _select_entries(args, manifest["entries"], args.eval_video_column) if args.eval_video_column else []
+        items = _select_entries(data, manifest["entries"])
+        listed = (_select_entries(data, manifest["entries"], validation.eval_video_column)
+                  if validation.eval_video_column else [])
         self.stored_batch_sizes = manifest.get("batch_sizes", {})
         return items, listed, [], []
 
-    def batch_sizes(self, args, buckets):
-        """Each bucket's batch size: from --bucket_config when given, else the one prepare_dataset.py stored from
-        its --bucket_config, else --train_batch_size."""
-        if args.bucket_config:
-            from .args import load_transformer_config
-
-            plan = bucket_plan(args, load_transformer_config(args), args.train_batch_size)
-            missing = sorted(b for b in buckets if b not in plan.batch_sizes)
+    def batch_sizes(self, buckets, training, transformer_config, keys):
+        """Each bucket's batch size (of the bucket `keys`): from --bucket_config when given, else the one
+        prepare_dataset.py stored from its --bucket_config, else --train_batch_size."""
+        if buckets.bucket_config:
+            plan = bucket_plan(buckets, transformer_config, training.train_batch_size, training.seed)
+            missing = sorted(b for b in keys if b not in plan.batch_sizes)
             if missing:
-                raise UsageError([f"--bucket_config {args.bucket_config}: the prepared bucket {'x'.join(map(str, b))} "
-                                  "has no batch size there (add it, or prepare again with this config)" for b in missing])
-            return {bucket: plan.batch_size(bucket) for bucket in buckets}
+                raise UsageError([f"--bucket_config {buckets.bucket_config}: the prepared bucket "
+                                  f"{'x'.join(map(str, b))} has no batch size there (add it, or prepare again with this "
+                                  "config)" for b in missing])
+            return {bucket: plan.batch_size(bucket) for bucket in keys}
         stored = self.stored_batch_sizes
-        return {bucket: stored.get("x".join(map(str, bucket)), args.train_batch_size) for bucket in buckets}
+        return {bucket: stored.get("x".join(map(str, bucket)), training.train_batch_size) for bucket in keys}
 
-    def dataset(self, args, conditioning, entries, repeat=False):
+    def dataset(self, data, buckets, training, conditioning, entries, repeat=False):
         if repeat:  # each entry as many times as its source's num_repeats (stored by prepare_dataset.py)
             entries = [entry for entry in entries for _ in range(entry.get("repeats", 1))]
-        return PrecomputedDataset(args.data_root, entries)
+        return PrecomputedDataset(data.data_root, entries)
 
     def encode(self, batch, context):
         distribution = batch["video_latent_dist"].to(context.device, non_blocking=True)
@@ -184,22 +189,26 @@ class PreparedEntries:
         }
 
 
-def _warn_ignored_flags(args, manifest):
-    """Raw-clip flags given with --load_tensors that would have changed the data: prepare_dataset.py already applied
-    its own. Flags that agree with the prepared data (a sweep script passing the buckets it prepared with) are not
-    worth a warning."""
-    defaults = vars(parse_args(["--pretrained_model_name_or_path", "-"]))
-    buckets = [tuple(entry["bucket"]) for entry in manifest["entries"]]
+def _warn_ignored_flags(data, buckets, manifest):
+    """Raw-clip flags ([data], [buckets]) given with --load_tensors that would have changed the data: prepare_dataset.py
+    already applied its own. A flag is given when it differs from its section's default. Flags that agree with the
+    prepared data (a sweep script passing the buckets it prepared with) are not worth a warning."""
+    values, defaults = {}, {}
+    for section in (data, buckets):
+        for field in dataclasses.fields(section):
+            if field.name in RAW_DATA_FLAGS:
+                values[field.name], defaults[field.name] = getattr(section, field.name), field.default
+    prepared = [tuple(entry["bucket"]) for entry in manifest["entries"]]
     settings = manifest["settings"]
     agrees = {
-        "height_buckets": lambda value: all(h in value for _, h, _ in buckets),
-        "width_buckets": lambda value: all(w in value for _, _, w in buckets),
-        "max_num_frames": lambda value: all(f <= value for f, _, _ in buckets),
+        "height_buckets": lambda value: all(h in value for _, h, _ in prepared),
+        "width_buckets": lambda value: all(w in value for _, _, w in prepared),
+        "max_num_frames": lambda value: all(f <= value for f, _, _ in prepared),
         "video_reshape_mode": lambda value: value == settings.get("video_reshape_mode"),
         "random_flip": lambda value: value == settings.get("random_flip"),
     }
     changed = [f"--{name}" for name in RAW_DATA_FLAGS
-               if getattr(args, name) != defaults[name] and not agrees.get(name, lambda value: False)(getattr(args, name))]
+               if values[name] != defaults[name] and not agrees.get(name, lambda value: False)(values[name])]
     if changed:
         logger.warning(
             "%s ignored with --load_tensors: clips were sampled, resized and captioned by prepare_dataset.py "
@@ -207,9 +216,9 @@ def _warn_ignored_flags(args, manifest):
         )
 
 
-def _select_entries(args, entries, column=None):
+def _select_entries(data, entries, column=None):
     """With --video_column naming a list in the prepared folder, train on those entries, in that order."""
-    listing = Path(args.data_root) / (column or args.video_column)
+    listing = Path(data.data_root) / (column or data.video_column)
     if not listing.is_file():
         return entries
     by_stem = {Path(entry["file"]).stem: entry for entry in entries}
@@ -253,36 +262,41 @@ class TrainingData:
         return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} per bucket (mean {self.mean_batch_size():.2f})"
 
 
-def build_training_data(args, source, conditioning, transformer_config, backend, choose_sizes=None):
+def build_training_data(model, data, buckets, training, validation, memory, parallelism, source, conditioning,
+                        transformer_config, backend, choose_sizes=None):
     """Datasets and loaders, cheap (no model is loaded): bad samples stop the run here, before any weights load.
 
+    Reads the [model] (prepared entries' encoders), [data], [buckets], [training], [validation] (held-out lists,
+    --eval_split), [memory] (--pin_memory) and [parallelism] (sequence shards) sections.
     `choose_sizes(counts, sizes)` -> (sizes, simulated peaks) replaces batch sizes of "auto" (training/batch_size.py)."""
-    items, listed, skipped, notes = source.samples(args, conditioning, transformer_config)
-    problems = shape_problems(items + listed, args, conditioning, transformer_config)
-    problems += sequence_parallel_problems(items + listed, args, transformer_config, backend)
+    items, listed, skipped, notes = source.samples(model, data, buckets, training, validation, conditioning,
+                                                   transformer_config)
+    problems = shape_problems(items + listed, training, conditioning, transformer_config)
+    problems += sequence_parallel_problems(items + listed, parallelism, transformer_config, backend)
     if problems:
         raise UsageError(problems)
     if notes:
-        _write_and_warn(notes, Path(args.output_dir) / NOTES_REPORT, backend, "note(s) about the data")
-    train, held_out = split_for_eval(items, args.eval_split, args.seed or 0)
+        _write_and_warn(notes, Path(training.output_dir) / NOTES_REPORT, backend, "note(s) about the data")
+    train, held_out = split_for_eval(items, validation.eval_split, training.seed or 0)
     held_out = held_out or listed
-    if args.eval_split and not train:
-        raise UsageError(f"--eval_split {args.eval_split} leaves no sample to train on ({len(items)} usable)")
-    if not args.dry_run:  # a dry run lists them in its plan instead of stopping
-        report_skipped(skipped, args, backend)
-    dataset = source.dataset(args, conditioning, train, repeat=True)
+    if validation.eval_split and not train:
+        raise UsageError(f"--eval_split {validation.eval_split} leaves no sample to train on ({len(items)} usable)")
+    if not training.dry_run:  # a dry run lists them in its plan instead of stopping
+        report_skipped(skipped, training.output_dir, data.skip_bad_samples, backend)
+    dataset = source.dataset(data, buckets, training, conditioning, train, repeat=True)
     counts = bucket_counts(dataset.bucket_keys)
-    batch_sizes, simulated = source.batch_sizes(args, set(counts)), {}
+    batch_sizes, simulated = source.batch_sizes(buckets, training, transformer_config, set(counts)), {}
     if "auto" in batch_sizes.values():
         batch_sizes, simulated = choose_sizes(counts, batch_sizes)
-    loader, sampler = build_dataloader(args, dataset, backend, batch_sizes)
-    data = TrainingData(source, dataset, sampler, loader, skipped, simulated_peaks=simulated)
+    loading = dict(seed=training.seed, num_workers=data.dataloader_num_workers, pin_memory=memory.pin_memory)
+    loader, sampler = build_dataloader(dataset, backend, batch_sizes, **loading)
+    result = TrainingData(source, dataset, sampler, loader, skipped, simulated_peaks=simulated)
     if held_out:
-        data.eval_dataset = source.dataset(args, conditioning, held_out)
+        result.eval_dataset = source.dataset(data, buckets, training, conditioning, held_out)
         # Held-out batches take their bucket's training batch size (one per bucket when it has none).
-        sizes = {bucket: batch_sizes.get(bucket, 1) for bucket in bucket_counts(data.eval_dataset.bucket_keys)}
-        data.eval_loader = build_dataloader(args, data.eval_dataset, backend, sizes, shuffle=False)[0]
-    return data
+        sizes = {bucket: batch_sizes.get(bucket, 1) for bucket in bucket_counts(result.eval_dataset.bucket_keys)}
+        result.eval_loader = build_dataloader(result.eval_dataset, backend, sizes, **loading, shuffle=False)[0]
+    return result
 
 
 def bucket_counts(bucket_keys):
@@ -292,8 +306,9 @@ def bucket_counts(bucket_keys):
     return counts
 
 
-def shape_problems(items, args, conditioning, transformer_config):
-    """The model's limits on the shapes the data trains at (the buckets in use, raw or prepared), one line each."""
+def shape_problems(items, training, conditioning, transformer_config):
+    """The model's limits on the shapes the data trains at (the buckets in use, raw or prepared), one line each;
+    `training`: the [training] section (--ignore_learned_positional_embeddings, for the conditioning's rules)."""
     shapes = {}
     for item in items:
         bucket = tuple(item["bucket"]) if isinstance(item, dict) else item.bucket
@@ -304,30 +319,32 @@ def shape_problems(items, args, conditioning, transformer_config):
         if problem:
             problems.append(f"bucket {frames}x{height}x{width} ({count} clip(s)): {problem}; use smaller "
                             "--height_buckets/--width_buckets (prepared data: re-run prepare_dataset.py with them)")
-    return problems + conditioning.shape_problems(shapes, args, transformer_config)
+    return problems + conditioning.shape_problems(shapes, training, transformer_config)
 
 
-def sequence_parallel_problems(items, args, transformer_config, backend):
+def sequence_parallel_problems(items, parallelism, transformer_config, backend):
     """--enable_sequence_parallelism's rules (attention heads, every bucket's video tokens divisible by the shards),
     one line each, with the shard count the run has (a one-process --dry_run: --sequence_parallel_shards)."""
-    if not args.enable_sequence_parallelism:
+    if not parallelism.enable_sequence_parallelism:
         return []
     from .attention import shard_problems
 
-    shards = backend.sequence_shards.size if backend.sequence_shards else args.sequence_parallel_shards
+    shards = backend.sequence_shards.size if backend.sequence_shards else parallelism.sequence_parallel_shards
     if shards is None:
         return ["--dry_run on one process estimates one process of a shard group: give --sequence_parallel_shards"]
     buckets = {tuple(item["bucket"]) if isinstance(item, dict) else item.bucket for item in items}
     return shard_problems(buckets, transformer_config, shards)
 
 
-def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):
+def build_dataloader(dataset, backend, batch_sizes, seed, num_workers, pin_memory, shuffle=True):
+    """(loader, sampler) of `dataset`; `seed`: --seed (None: 0), `num_workers`: --dataloader_num_workers,
+    `pin_memory`: --pin_memory (where CUDA is)."""
     sampler = BucketBatchSampler(
         dataset.bucket_keys,
         batch_size=batch_sizes,
         shuffle=shuffle,
         drop_last=False,
-        seed=args.seed or 0,
+        seed=seed or 0,
         num_replicas=backend.data_parallel_size,
         rank=backend.data_parallel_rank,
     )
@@ -335,11 +352,11 @@ def build_dataloader(args, dataset, backend, batch_sizes, shuffle=True):
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        pin_memory=args.pin_memory and torch.cuda.is_available(),
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
         # Its own generator: making an iterator must not draw from the global RNG, or a resumed
         # run's noise would differ from an uninterrupted one.
-        generator=torch.Generator().manual_seed(args.seed or 0),
+        generator=torch.Generator().manual_seed(seed or 0),
     )
     return loader, sampler
 
@@ -352,12 +369,13 @@ def _write_and_warn(entries, path, backend, headline):
         logger.warning("  entry %d (%s): %s", entry.index + 1, entry.video_path, entry.reason)
 
 
-def report_skipped(skipped, args, backend):
-    """Unusable samples stop the run before any model loads, unless --skip_bad_samples; listed either way."""
+def report_skipped(skipped, output_dir, skip_bad_samples, backend):
+    """Unusable samples stop the run before any model loads, unless --skip_bad_samples; listed in --output_dir either
+    way."""
     if not skipped:
         return
-    path = Path(args.output_dir) / SKIP_REPORT
-    if not args.skip_bad_samples:
+    path = Path(output_dir) / SKIP_REPORT
+    if not skip_bad_samples:
         if backend.is_main_process:
             write_skip_report(skipped, path)
         raise bad_sample_error(skipped, path)

@@ -15,25 +15,26 @@ PLAN_FILE = "dry_run_plan.json"
 
 def dry_run_plan(job):
     """The plan of a `core.TrainingRun` that has its data but no models: samples, buckets, steps, parameters and
-    peak memory per phase."""
+    peak memory per phase (the flags: the run's sections, `job.flags`)."""
     from accelerate import init_empty_weights
     from diffusers import CogVideoXTransformer3DModel
 
     from .batch_size import component_configs
     from .memory_estimate import estimate_phases, machine_autocast
 
-    args, data, schedule, backend = job.args, job.data, job.schedule, job.backend
+    flags, data, schedule, backend = job.flags, job.data, job.schedule, job.backend
     transformer_config = job.settings.transformer_config
     with init_empty_weights():
         transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
-    job.mode.prepare(transformer, args)
+    job.mode.prepare(transformer, flags.training, flags.lora)
     buckets = {}
     for key in data.dataset.bucket_keys:
         buckets[key] = buckets.get(key, 0) + 1
-    vae_config, text_encoder_config = component_configs(args)
-    phases = estimate_phases(args, transformer_config, vae_config, text_encoder_config, job.conditioning, job.mode,
-                             backend.weight_dtype, buckets, data.batch_sizes, each_bucket=True,
-                             known_peaks=data.simulated_peaks)
+    vae_config, text_encoder_config = component_configs(flags.model)
+    phases = estimate_phases(flags.data, flags.buckets, flags.training, flags.optimizer, flags.lora, flags.validation,
+                             flags.memory, flags.parallelism, transformer_config, vae_config, text_encoder_config,
+                             job.conditioning, job.mode, backend.weight_dtype, buckets, data.batch_sizes,
+                             each_bucket=True, known_peaks=data.simulated_peaks)
     per_bucket = phases.pop("training_per_bucket")
     plan = {
         "samples_for_training": len(data.dataset),
@@ -52,7 +53,8 @@ def dry_run_plan(job):
         "processes": backend.num_processes,
         # With --enable_sequence_parallelism the training peak is one process of a shard group of this size.
         "sequence_parallel_shards": (backend.sequence_shards.size if backend.sequence_shards
-                                     else args.sequence_parallel_shards if args.enable_sequence_parallelism else None),
+                                     else flags.parallelism.sequence_parallel_shards
+                                     if flags.parallelism.enable_sequence_parallelism else None),
         "transformer_parameters": count_parameters(transformer.parameters()),
         "trainable_parameters": count_parameters(job.mode.trainable_parameters(transformer)),
         # Whose autocast rules the estimate followed: the GPU's (norms in fp32) where there is one, else the CPU's.
@@ -62,8 +64,8 @@ def dry_run_plan(job):
         "peak_memory_bytes": phases,
     }
     if backend.is_main_process:
-        print_plan(plan, args.skip_bad_samples)
-        path = Path(args.output_dir) / PLAN_FILE
+        print_plan(plan, flags.data.skip_bad_samples)
+        path = Path(flags.training.output_dir) / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan, indent=1), encoding="utf-8")
         print(f"  (the same, as JSON: {path})")

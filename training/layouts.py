@@ -26,55 +26,57 @@ DATASET_KEYS = {"folder", "data_root", "dataset_file", "meta", "caption_column",
                 "num_repeats", "id_token"}
 
 
-def read_samples(args):
-    """Every training sample the user gave, in order, with its repeats; UsageError for a layout that cannot be read."""
+def read_samples(data, video_repeat=0):
+    """Every training sample the user gave, in order, with its repeats; UsageError for a layout that cannot be read.
+
+    `data`: the [data] section, or prepare's section (which has its fields); `video_repeat`: --video_repeat."""
     from .dataset import load_samples
 
-    if getattr(args, "dataset_config", None):
-        samples = read_dataset_config(args.dataset_config, args.id_token)
-    elif getattr(args, "train_data_meta", None):
-        samples = read_meta(args.train_data_meta, args.data_root, args.id_token)
-    elif args.dataset_file is None and is_captioned_folder(args):
-        samples = read_folder(args.data_root, args.caption_extension, args.id_token)
+    if data.dataset_config:
+        samples = read_dataset_config(data.dataset_config, data.id_token)
+    elif data.train_data_meta:
+        samples = read_meta(data.train_data_meta, data.data_root, data.id_token)
+    elif data.dataset_file is None and is_captioned_folder(data):
+        samples = read_folder(data.data_root, data.caption_extension, data.id_token)
     else:
-        samples = load_samples(args.data_root, args.dataset_file, args.caption_column, args.video_column, args.id_token)
-    if getattr(args, "video_repeat", 0) > 0:  # CogVideoX-Fun's --video_repeat: videos N times, images once
-        samples = [s if s.video_path.suffix.lower() in IMAGE_SUFFIXES else replace(s, repeats=s.repeats * args.video_repeat)
+        samples = load_samples(data.data_root, data.dataset_file, data.caption_column, data.video_column, data.id_token)
+    if video_repeat > 0:  # CogVideoX-Fun's --video_repeat: videos N times, images once
+        samples = [s if s.video_path.suffix.lower() in IMAGE_SUFFIXES else replace(s, repeats=s.repeats * video_repeat)
                    for s in samples]
     return samples
 
 
-def check_data_source(args, problems, require_videos=True):
-    """Data files and columns exist. Per-sample problems are the dataset's business."""
-    for flag in ("dataset_config", "train_data_meta"):
-        value = getattr(args, flag, None)
+def check_data_source(data, problems, require_videos=True):
+    """Data files and columns exist (`data`: the [data] section, or prepare's). Per-sample problems are the
+    dataset's business."""
+    for flag, value in (("dataset_config", data.dataset_config), ("train_data_meta", data.train_data_meta)):
         if value is not None:
             if not Path(value).is_file():
                 problems.append(f"--{flag} {value}: no such file")
             return
-    if args.dataset_file is None:
-        if args.data_root is None:
+    if data.dataset_file is None:
+        if data.data_root is None:
             problems.append("give --data_root (with --caption_column/--video_column files) or --dataset_file (a CSV)")
             return
-        root = Path(args.data_root)
+        root = Path(data.data_root)
         if not root.is_dir():
             problems.append(f"--data_root {root}: no such folder")
             return
-        if is_captioned_folder(args) and media_files(root):
+        if is_captioned_folder(data) and media_files(root):
             return  # a folder of media with their captions beside them
-        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column)):
             if not (root / name).is_file():
                 hint = " (or put media files there with a caption .txt beside each)"
                 if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
                     hint = " (this folder has prompts.txt and videos.txt: pass --caption_column prompts.txt --video_column videos.txt)"
                 problems.append(f"{flag} {name}: no file {root / name} with one entry per line{hint}")
     else:
-        csv_path = Path(args.dataset_file)
+        csv_path = Path(data.dataset_file)
         if not csv_path.is_file():
             problems.append(f"--dataset_file {csv_path}: no such file")
             return
-        if args.data_root is not None and not Path(args.data_root).is_dir():
-            problems.append(f"--data_root {args.data_root}: no such folder")
+        if data.data_root is not None and not Path(data.data_root).is_dir():
+            problems.append(f"--data_root {data.data_root}: no such folder")
         import pandas as pd
 
         try:
@@ -82,16 +84,17 @@ def check_data_source(args, problems, require_videos=True):
         except Exception as error:
             problems.append(f"--dataset_file {csv_path}: not a readable CSV ({error})")
             return
-        for flag, name in (("--caption_column", args.caption_column), ("--video_column", args.video_column)):
+        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column)):
             if name not in columns:
                 problems.append(f"{flag} {name}: the CSV has no such column (columns: {', '.join(columns)})")
 
 
-def is_captioned_folder(args):
-    """--data_root without the caption/video lists: a folder of media with captions beside them."""
-    root = Path(args.data_root) if args.data_root else None
-    return (root is not None and root.is_dir() and not (root / args.caption_column).is_file()
-            and not (root / args.video_column).is_file())
+def is_captioned_folder(data):
+    """--data_root without the caption/video lists: a folder of media with captions beside them (`data`: the [data]
+    section, or prepare's)."""
+    root = Path(data.data_root) if data.data_root else None
+    return (root is not None and root.is_dir() and not (root / data.caption_column).is_file()
+            and not (root / data.video_column).is_file())
 
 
 def media_files(folder):

@@ -16,7 +16,7 @@ layouts instead. docs/memory.md states how close it comes to measurements.
 """
 
 import contextlib
-import copy
+import dataclasses
 from types import MethodType, SimpleNamespace
 
 import torch
@@ -64,14 +64,15 @@ def _cast(module, dtype):
     return module
 
 
-def fake_vae(vae_config, dtype, fake_mode, args=None):
+def fake_vae(vae_config, dtype, fake_mode, slicing=False, tiling=False):
+    """The VAE, fake; `slicing`/`tiling`: VAE slicing and tiling (--enable_slicing/--enable_tiling)."""
     from diffusers import AutoencoderKLCogVideoX
 
     vae = _on_meta(lambda: AutoencoderKLCogVideoX.from_config(vae_config))
     vae = _make_fake(_cast(vae, dtype), fake_mode).requires_grad_(False).eval()
-    if args is not None and (getattr(args, "enable_slicing", False) or getattr(args, "use_slicing", False)):
+    if slicing:
         vae.enable_slicing()
-    if args is not None and (getattr(args, "enable_tiling", False) or getattr(args, "use_tiling", False)):
+    if tiling:
         vae.enable_tiling()
     return vae
 
@@ -83,35 +84,39 @@ def fake_text_encoder(text_encoder_config, dtype, fake_mode):
     return _make_fake(_cast(encoder, dtype), fake_mode).requires_grad_(False).eval()
 
 
-def simulated_shards(args):
+def simulated_shards(parallelism):
     """With --enable_sequence_parallelism: one process of a shard group, its exchanges simulated (attention.py)."""
-    if not getattr(args, "enable_sequence_parallelism", False):
+    if not parallelism.enable_sequence_parallelism:
         return None
     import os
 
     from .attention import SimulatedShards
 
-    return SimulatedShards(args.sequence_parallel_shards or int(os.environ.get("WORLD_SIZE", "1")))
+    return SimulatedShards(parallelism.sequence_parallel_shards or int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode, shards=None):
-    """The transformer exactly as training prepares it (step.prepare_transformer), with fake weights."""
+def fake_training_transformer(transformer_config, training, lora, memory, parallelism, conditioning, mode,
+                              weight_dtype, fake_mode, shards=None):
+    """The transformer exactly as training prepares it (step.prepare_transformer, from the same sections), with fake
+    weights."""
     from diffusers import CogVideoXTransformer3DModel
 
     transformer = _on_meta(lambda: CogVideoXTransformer3DModel.from_config(transformer_config))
     _cast(transformer, weight_dtype)
     with _module_conversion_assigns():  # the hooks bind their methods when registered
-        prepare_transformer(transformer, args, conditioning, mode, weight_dtype, shards)
+        prepare_transformer(transformer, training, lora, memory, parallelism, conditioning, mode, weight_dtype, shards)
     return _make_fake(transformer, fake_mode)
 
 
-def fake_encoders(args, data_source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode):
-    """The encoders training loads for this data source and conditioning, fake; a stand-in tokenizer for T5."""
+def fake_encoders(validation, data_source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode):
+    """The encoders training loads for this data source and conditioning, fake (the VAE sliced and tiled as
+    [validation] says); a stand-in tokenizer for T5."""
     encoders = {}
     if data_source.needs_text_encoder:
         encoders.update(tokenizer=_token_ids, text_encoder=fake_text_encoder(text_encoder_config, weight_dtype, fake_mode))
     if data_source.needs_vae or conditioning.needs_vae:
-        encoders["vae"] = fake_vae(vae_config, weight_dtype, fake_mode, args)
+        encoders["vae"] = fake_vae(vae_config, weight_dtype, fake_mode, validation.enable_slicing,
+                                   validation.enable_tiling)
     return encoders
 
 
@@ -195,23 +200,24 @@ class SimulatedBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-def optimizer_state_bytes(args, parameters):
-    """Accelerator bytes of optimizer state for `parameters` under the chosen optimizer flags."""
+def optimizer_state_bytes(optimizer, memory, parameters):
+    """Accelerator bytes of optimizer state for `parameters` under the [optimizer] flags (and [memory]'s
+    --use_cpu_offload_optimizer)."""
     total = 0
     for parameter in parameters:
         count, size = parameter.numel(), parameter.element_size()
-        offloaded = args.use_cpu_offload_optimizer and count >= 4096  # torchao keeps small tensors on the GPU
+        offloaded = memory.use_cpu_offload_optimizer and count >= 4096  # torchao keeps small tensors on the GPU
         if offloaded:
             continue
         big = count >= 4096  # bitsandbytes and torchao quantize only tensors at least this large
-        if args.use_8bit and big:
-            block = 256 if args.use_torchao else 128  # torchao and bitsandbytes block sizes
+        if optimizer.use_8bit and big:
+            block = 256 if optimizer.use_torchao else 128  # torchao and bitsandbytes block sizes
             total += count * 2 * (1 + 4 / block)  # two uint8 moments, one fp32 scale per block
-        elif args.use_4bit and big:
+        elif optimizer.use_4bit and big:
             total += count * 2 * (0.5 + 4 / 128)  # two 4-bit moments, one fp32 scale per 128-block
-        elif args.optimizer == "prodigy":
+        elif optimizer.optimizer == "prodigy":
             total += count * size * 4  # exp_avg, exp_avg_sq, s, p0
-        elif args.optimizer == "came":
+        elif optimizer.optimizer == "came":
             rows = parameter.shape[0] if parameter.dim() >= 2 else count
             cols = count // rows if parameter.dim() >= 2 else 0
             total += count * size + 2 * (rows + cols) * 4  # exp_avg plus factored second moments and residuals
@@ -220,10 +226,10 @@ def optimizer_state_bytes(args, parameters):
     return int(total)
 
 
-def _simulated_optimizer(parameters, args):
+def _simulated_optimizer(parameters, learning_rate):
     # Plain AdamW (foreach off: one state pair per tensor, like the fused/8-bit kernels) stands in
     # for every optimizer; its state bytes are swapped for optimizer_state_bytes() afterwards.
-    return torch.optim.AdamW(parameters, lr=args.learning_rate, foreach=False)
+    return torch.optim.AdamW(parameters, lr=learning_rate, foreach=False)
 
 
 def _adamw_state_bytes(parameters):
@@ -286,34 +292,38 @@ def _training_scheduler():
     return CogVideoXDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def estimate_training(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
-                      bucket, autocast=None):
+def estimate_training(data, training, optimizer, lora, validation, memory, parallelism, transformer_config, vae_config,
+                      text_encoder_config, conditioning, mode, weight_dtype, bucket, autocast=None):
     """Bytes: {"static": weights + optimizer states, "training_peak": the high-water mark over two optimizer steps,
-    "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors."""
+    "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors, with these flag sections ([data]:
+    the data source; [validation]: VAE slicing and tiling)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    source = choose_data_source(args)
+    source = choose_data_source(data)
     backend = SimulatedBackend(weight_dtype, autocast)
-    shards = simulated_shards(args)
-    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode,
-                                            shards)
+    shards = simulated_shards(parallelism)
+    transformer = fake_training_transformer(transformer_config, training, lora, memory, parallelism, conditioning,
+                                            mode, weight_dtype, fake_mode, shards)
     parameters = mode.trainable_parameters(transformer)
-    encoders = fake_encoders(args, source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode)
-    context = build_context(args, transformer_config, vae_config, _training_scheduler(), backend.device, weight_dtype,
-                            source, encoders, save_on_cpu=_fake_save_on_cpu, sequence_shards=shards)
-    correction = optimizer_state_bytes(args, parameters) - _adamw_state_bytes(parameters) - _nf4_saving(args, transformer)
+    encoders = fake_encoders(validation, source, conditioning, vae_config, text_encoder_config, weight_dtype,
+                             fake_mode)
+    context = build_context(training, optimizer, lora, memory, parallelism, transformer_config, vae_config,
+                            _training_scheduler(), backend.device, weight_dtype, source, encoders,
+                            save_on_cpu=_fake_save_on_cpu, sequence_shards=shards)
+    correction = (optimizer_state_bytes(optimizer, memory, parameters) - _adamw_state_bytes(parameters)
+                  - _nf4_saving(memory.quantize_base, transformer))
     modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules])
     with fake_mode, tracker, _module_conversion_assigns(), backend.autocast_rules():
-        optimizer = _simulated_optimizer(parameters, args)
-        trainer = Trainer(backend.prepare(transformer), optimizer, build_lr_scheduler(args, optimizer, 2), parameters,
-                          context, conditioning, mode, backend)
-        group_size = min(args.gradient_accumulation_steps, 2)  # a third micro-batch holds no more than the second
+        simulated = _simulated_optimizer(parameters, training.learning_rate)
+        trainer = Trainer(backend.prepare(transformer), simulated, build_lr_scheduler(training, simulated, 2),
+                          parameters, context, conditioning, mode, backend)
+        group_size = min(training.gradient_accumulation_steps, 2)  # a third micro-batch holds no more than the second
         for _ in range(2):  # the second step has the optimizer states of the first
-            batch = source.example_batch(args.train_batch_size, bucket, transformer_config, vae_config,
+            batch = source.example_batch(training.train_batch_size, bucket, transformer_config, vae_config,
                                          conditioning.image_to_video)
             train_step(trainer, [batch] * group_size, group_size)
             del batch
@@ -324,9 +334,9 @@ def estimate_training(args, transformer_config, vae_config, text_encoder_config,
     }
 
 
-def _nf4_saving(args, transformer):
+def _nf4_saving(quantize_base, transformer):
     """The NF4 base is simulated in 16-bit (bitsandbytes kernels cannot run on fake tensors): bytes to take off."""
-    if args.quantize_base != "nf4":
+    if quantize_base != "nf4":
         return 0
     return nf4_bytes_saved(transformer)
 
@@ -336,16 +346,18 @@ def _module_bytes(module):
                for t in list(module.parameters()) + list(module.buffers()))
 
 
-def estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
-                       weight_dtype, fake_mode, tracker, offload):
-    """Peak bytes of generating one validation video: T5 on prompt and negative prompt, the
-    transformer at guidance batch 2, then the VAE decode (respecting --enable_slicing/--enable_tiling).
+def estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config, vae_config,
+                       conditioning, weight_dtype, fake_mode, tracker, offload):
+    """Peak bytes of generating one validation video as [validation] (and the frame buckets) size it: T5 on prompt and
+    negative prompt, the transformer at guidance batch 2, then the VAE decode (respecting
+    --enable_slicing/--enable_tiling).
 
     With `offload` (--enable_model_cpu_offload) only the module at work sits on the accelerator."""
-    latent_frames, latent_h, latent_w = latent_grid(validation_frames(args), args.height, args.width,
-                                                    transformer_config, vae_scale_factor_spatial(vae_config))
+    latent_frames, latent_h, latent_w = latent_grid(validation_frames(validation, buckets), validation.height,
+                                                    validation.width, transformer_config,
+                                                    vae_scale_factor_spatial(vae_config))
     channels = transformer_config["out_channels"]
-    guidance = 2 if args.guidance_scale > 1 else 1
+    guidance = 2 if validation.guidance_scale > 1 else 1
     peaks = []
     with fake_mode, tracker, torch.no_grad(), _module_conversion_assigns():
         ids = torch.zeros(guidance, transformer_config["max_text_seq_length"], dtype=torch.long)
@@ -354,7 +366,7 @@ def estimate_inference(args, transformer, vae, text_encoder, transformer_config,
         peaks.append((tracker.peak, text_encoder))
         latents = torch.zeros(guidance, latent_frames, channels, latent_h, latent_w, dtype=weight_dtype)
         if conditioning.image_to_video:
-            image = torch.zeros(1, 3, 1, args.height, args.width, dtype=weight_dtype)
+            image = torch.zeros(1, 3, 1, validation.height, validation.width, dtype=weight_dtype)
             tracker.reset_peak()
             encoded = vae.encode(image).latent_dist.mode().permute(0, 2, 1, 3, 4)
             condition = torch.cat([encoded, encoded.new_zeros(1, latent_frames - 1, channels, latent_h, latent_w)], 1)
@@ -380,10 +392,12 @@ def estimate_inference(args, transformer, vae, text_encoder, transformer_config,
     return max(peak - (everything - on_device[id(module)]) for peak, module in peaks)
 
 
-def estimate_phases(args, transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
-                    buckets, batch_sizes=None, each_bucket=False, known_peaks=None, autocast=None):
-    """Peak bytes per phase for the heaviest batch: {"training": ..., "validation": ..., "final_test": ...}.
-    `buckets`: {(frames, height, width): number of samples} (or a list, assuming full batches); `batch_sizes`:
+def estimate_phases(data, buckets, training, optimizer, lora, validation, memory, parallelism, transformer_config,
+                    vae_config, text_encoder_config, conditioning, mode, weight_dtype, bucket_counts, batch_sizes=None,
+                    each_bucket=False, known_peaks=None, autocast=None):
+    """Peak bytes per phase for the heaviest batch: {"training": ..., "validation": ..., "final_test": ...}, with
+    these flag sections (`buckets`: the [buckets] section, for the validation videos' frames).
+    `bucket_counts`: {(frames, height, width): number of samples} (or a list, assuming full batches); `batch_sizes`:
     {bucket: batch size} where buckets differ (else --train_batch_size). With `each_bucket`, also
     "training_per_bucket": {bucket: training peak of a full batch of it} (one simulation per bucket, unless
     `known_peaks` {(bucket, batch): bytes} has it already).
@@ -395,56 +409,59 @@ def estimate_phases(args, transformer_config, vae_config, text_encoder_config, c
 
     # The heaviest batch: a bucket's batches hold at most as many clips as the bucket has.
     def batch_size(bucket):
-        size = (batch_sizes or {}).get(bucket, args.train_batch_size)
-        return min(size, buckets[bucket]) if isinstance(buckets, dict) else size
+        size = (batch_sizes or {}).get(bucket, training.train_batch_size)
+        return min(size, bucket_counts[bucket]) if isinstance(bucket_counts, dict) else size
 
     def training_peak(bucket):
         if (bucket, batch_size(bucket)) in (known_peaks or {}):
             return known_peaks[bucket, batch_size(bucket)]
-        bucket_args = copy.copy(args)
-        bucket_args.train_batch_size = batch_size(bucket)
-        return estimate_training(bucket_args, transformer_config, vae_config, text_encoder_config, conditioning, mode,
-                                 weight_dtype, bucket, autocast)["training_peak"]
+        bucket_training = dataclasses.replace(training, train_batch_size=batch_size(bucket))
+        return estimate_training(data, bucket_training, optimizer, lora, validation, memory, parallelism,
+                                 transformer_config, vae_config, text_encoder_config, conditioning, mode, weight_dtype,
+                                 bucket, autocast)["training_peak"]
 
-    largest = max(buckets, key=lambda b: b[0] * b[1] * b[2] * batch_size(b))
+    largest = max(bucket_counts, key=lambda b: b[0] * b[1] * b[2] * batch_size(b))
     phases = {"bucket": "x".join(map(str, largest)), "batch_size": batch_size(largest)}
     if each_bucket:
-        per_bucket = {bucket: training_peak(bucket) for bucket in buckets}
+        per_bucket = {bucket: training_peak(bucket) for bucket in bucket_counts}
         phases["training"] = max(per_bucket.values())
         phases["training_per_bucket"] = {"x".join(map(str, b)): peak for b, peak in sorted(per_bucket.items())}
     else:
         phases["training"] = training_peak(largest)
-    if not args.validation_prompt:
+    if not validation.validation_prompt:
         return phases
 
-    offload = bool(args.enable_model_cpu_offload)
+    offload = bool(validation.enable_model_cpu_offload)
+    slicing, tiling = validation.enable_slicing, validation.enable_tiling
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     # Validation: the training transformer (in eval, its forward still wrapped for mixed precision) plus encoders
     # the training did not hold.
-    transformer = fake_training_transformer(transformer_config, args, conditioning, mode, weight_dtype, fake_mode)
+    transformer = fake_training_transformer(transformer_config, training, lora, memory, parallelism, conditioning,
+                                            mode, weight_dtype, fake_mode)
     backend = SimulatedBackend(weight_dtype, autocast)
     transformer = backend.prepare(transformer)
-    vae = fake_vae(vae_config, weight_dtype, fake_mode, args)
+    vae = fake_vae(vae_config, weight_dtype, fake_mode, slicing, tiling)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
-    optimizer_states = optimizer_state_bytes(args, mode.trainable_parameters(transformer))
+    optimizer_states = optimizer_state_bytes(optimizer, memory, mode.trainable_parameters(transformer))
     with backend.autocast_rules():
-        peak = estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config, conditioning,
-                                  weight_dtype, fake_mode, tracker, offload)
-    phases["validation"] = peak + optimizer_states - _nf4_saving(args, transformer)
+        peak = estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config, vae_config,
+                                  conditioning, weight_dtype, fake_mode, tracker, offload)
+    phases["validation"] = peak + optimizer_states - _nf4_saving(memory.quantize_base, transformer)
 
     # Final test: a fresh pipeline in the compute dtype with the artifact applied; nothing from training.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    test_args = copy.copy(args)
-    test_args.master_weight_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight_dtype, "fp32")
-    transformer = fake_training_transformer(transformer_config, test_args, conditioning, mode, weight_dtype, fake_mode)
+    test_training = dataclasses.replace(
+        training, master_weight_dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight_dtype, "fp32"))
+    transformer = fake_training_transformer(transformer_config, test_training, lora, memory, parallelism, conditioning,
+                                            mode, weight_dtype, fake_mode)
     transformer.requires_grad_(False)
-    vae = fake_vae(vae_config, weight_dtype, fake_mode, args)
+    vae = fake_vae(vae_config, weight_dtype, fake_mode, slicing, tiling)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
-    phases["final_test"] = estimate_inference(args, transformer, vae, text_encoder, transformer_config, vae_config,
-                                              conditioning, weight_dtype, fake_mode, tracker, offload) - _nf4_saving(
-                                                  args, transformer)
+    phases["final_test"] = estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config,
+                                              vae_config, conditioning, weight_dtype, fake_mode, tracker,
+                                              offload) - _nf4_saving(memory.quantize_base, transformer)
     return phases

@@ -4,40 +4,72 @@ Loaders are split by role (text encoder, VAE, transformer, scheduler) so each ph
 only what it needs: training from precomputed data never loads the VAE or T5.
 """
 
+import dataclasses
+from typing import Optional
+
 import torch
 
 
-def _pretrained_kwargs(args):
-    return dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Where the loaders below read a CogVideoX pipeline's components from, and how: plain values, since the trainer,
+    prepare_dataset.py and the tools name these flags differently (`--pretrained_model_name_or_path`, `--model_id`).
+
+    The fields after `cache_dir` concern the trainer's transformer only (`load_transformer`): --quantize_base, and
+    --transformer_config / --transformer_ckpt_path / --seed, which build a transformer instead of loading one."""
+
+    path: str  # hub id or local pipeline folder
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    cache_dir: Optional[str] = None
+    quantize_base: str = "none"  # "nf4": the transformer's linear weights load as 4-bit NF4 (QLoRA)
+    transformer_config: Optional[str] = None  # a config file: build a transformer of that size (build_transformer)
+    transformer_ckpt_path: Optional[str] = None  # weights loaded over the built transformer where they fit
+    seed: Optional[int] = None  # initialises a built transformer
+
+    @classmethod
+    def of(cls, model, memory=None, training=None):
+        """The trainer's: its [model] section; for its transformer also --quantize_base ([memory]) and --seed
+        ([training])."""
+        return cls(model.pretrained_model_name_or_path, model.revision, model.variant, model.cache_dir,
+                   quantize_base=memory.quantize_base if memory is not None else "none",
+                   transformer_config=model.transformer_config, transformer_ckpt_path=model.transformer_ckpt_path,
+                   seed=training.seed if training is not None else None)
 
 
-def load_tokenizer(args):
+def _pretrained_kwargs(pretrained):
+    return dict(revision=pretrained.revision, variant=pretrained.variant, cache_dir=pretrained.cache_dir)
+
+
+def load_tokenizer(pretrained):
     """T5Tokenizer, the class the CogVideoX pipelines declare (with transformers 4, AutoTokenizer gives the fast one,
     which a pipeline given it as a component refuses)."""
     from transformers import T5Tokenizer
 
     return T5Tokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+        pretrained.path, subfolder="tokenizer", revision=pretrained.revision, cache_dir=pretrained.cache_dir
     )
 
 
-def load_text_encoder(args, dtype):
+def load_text_encoder(pretrained, dtype):
     from transformers import T5EncoderModel
 
     return T5EncoderModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", torch_dtype=dtype, **_pretrained_kwargs(args)
+        pretrained.path, subfolder="text_encoder", torch_dtype=dtype, **_pretrained_kwargs(pretrained)
     )
 
 
-def load_vae(args, dtype):
+def load_vae(pretrained, dtype, slicing=False, tiling=False):
+    """The VAE in `dtype`; `slicing`/`tiling`: VAE slicing and tiling (the trainer's --enable_slicing/--enable_tiling,
+    prepare_dataset.py's --use_slicing/--use_tiling)."""
     from diffusers import AutoencoderKLCogVideoX
 
     vae = AutoencoderKLCogVideoX.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype, **_pretrained_kwargs(args)
+        pretrained.path, subfolder="vae", torch_dtype=dtype, **_pretrained_kwargs(pretrained)
     )
-    if getattr(args, "enable_slicing", False) or getattr(args, "use_slicing", False):
+    if slicing:
         vae.enable_slicing()
-    if getattr(args, "enable_tiling", False) or getattr(args, "use_tiling", False):
+    if tiling:
         vae.enable_tiling()
     return vae
 
@@ -76,17 +108,18 @@ def convolve_on_cpu_with_onednn(module):
     return module
 
 
-def load_transformer(args, dtype):
-    """The transformer in `dtype`; with --quantize_base nf4 its linear weights are loaded as 4-bit NF4 (QLoRA).
-    With --transformer_config, one of that size (`build_transformer`)."""
+def load_transformer(pretrained, dtype):
+    """The transformer of `pretrained` (a `Pretrained`) in `dtype`; with quantize_base nf4 its linear weights are
+    loaded as 4-bit NF4 (QLoRA). With a transformer_config, one of that size (`build_transformer`)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    if getattr(args, "transformer_config", None):
+    if pretrained.transformer_config:
         from .args import read_transformer_config
 
-        return build_transformer(args, read_transformer_config(args.transformer_config), dtype)
+        return build_transformer(read_transformer_config(pretrained.transformer_config), dtype, pretrained.seed,
+                                 pretrained.transformer_ckpt_path)
     kwargs = {}
-    if getattr(args, "quantize_base", "none") == "nf4":
+    if pretrained.quantize_base == "nf4":
         from diffusers import BitsAndBytesConfig
 
         from .optional_libraries import use_bitsandbytes
@@ -96,26 +129,27 @@ def load_transformer(args, dtype):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     return CogVideoXTransformer3DModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(args),
+        pretrained.path, subfolder="transformer", torch_dtype=dtype, **_pretrained_kwargs(pretrained),
         **kwargs,
     )
 
 
-def build_transformer(args, config, dtype):
-    """A transformer of `config`'s size, initialised from --seed (so every process builds the same one), with the
-    tensors of --transformer_ckpt_path that fit loaded over it. Logs what was initialised and what was not used."""
+def build_transformer(config, dtype, seed=None, ckpt_path=None):
+    """A transformer of `config`'s size, initialised from `seed` (--seed: every process builds the same one), with the
+    tensors of `ckpt_path` (--transformer_ckpt_path) that fit loaded over it. Logs what was initialised and what was
+    not used."""
     import logging
 
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed or 0)
+        torch.manual_seed(seed or 0)
         transformer = CogVideoXTransformer3DModel.from_config(config)
     transformer.to(dtype)
-    if not getattr(args, "transformer_ckpt_path", None):
+    if not ckpt_path:
         logging.getLogger("cogvideox_factory").info("built a transformer from --transformer_config (random weights)")
         return transformer
-    saved = read_transformer_weights(args.transformer_ckpt_path)
+    saved = read_transformer_weights(ckpt_path)
     own = transformer.state_dict()
     fitting = {name: tensor for name, tensor in saved.items() if name in own and own[name].shape == tensor.shape}
     transformer.load_state_dict(fitting, strict=False)
@@ -125,10 +159,10 @@ def build_transformer(args, config, dtype):
     log.info("--transformer_ckpt_path: %d of %d tensors loaded", len(fitting), len(own))
     if initialised:
         log.warning("%d tensor(s) initialised at random (not in %s, or of another shape): %s%s", len(initialised),
-                    args.transformer_ckpt_path, ", ".join(initialised[:8]), " ..." if len(initialised) > 8 else "")
+                    ckpt_path, ", ".join(initialised[:8]), " ..." if len(initialised) > 8 else "")
     if unused:
         log.warning("%d tensor(s) of %s not used (no such weight, or another shape): %s%s", len(unused),
-                    args.transformer_ckpt_path, ", ".join(unused[:8]), " ..." if len(unused) > 8 else "")
+                    ckpt_path, ", ".join(unused[:8]), " ..." if len(unused) > 8 else "")
     return transformer
 
 
@@ -147,11 +181,12 @@ def read_transformer_weights(path):
     return weights
 
 
-def prepare_frozen_base(transformer, args, compute_dtype):
-    """--quantize_base fp8: store the frozen base weights in FP8 and cast each layer to `compute_dtype` only while
-    it runs (diffusers layerwise casting). Norms, embeddings and LoRA layers keep their own precision, so this may
-    run before or after adapters are added (training adds them after; the final test loads them before)."""
-    if getattr(args, "quantize_base", "none") == "fp8":
+def prepare_frozen_base(transformer, quantize_base, compute_dtype):
+    """`quantize_base` (--quantize_base) fp8: store the frozen base weights in FP8 and cast each layer to
+    `compute_dtype` only while it runs (diffusers layerwise casting). Norms, embeddings and LoRA layers keep their own
+    precision, so this may run before or after adapters are added (training adds them after; the final test loads them
+    before)."""
+    if quantize_base == "fp8":
         from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
         transformer.enable_layerwise_casting(
@@ -181,11 +216,11 @@ def nf4_bytes_saved(transformer):
     return int(sum(w.numel() * (2 - 0.5 - 4 / 64) for w in linear))
 
 
-def load_training_scheduler(args):
+def load_training_scheduler(pretrained):
     from diffusers import CogVideoXDPMScheduler
 
     return CogVideoXDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+        pretrained.path, subfolder="scheduler", revision=pretrained.revision, cache_dir=pretrained.cache_dir
     )
 
 

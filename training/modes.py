@@ -36,8 +36,8 @@ TRANSFORMER_FOLDER = "transformer"
 MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _to_master_dtype(parameters, args):
-    dtype = MASTER_DTYPES[args.master_weight_dtype]
+def _to_master_dtype(parameters, master_weight_dtype):
+    dtype = MASTER_DTYPES[master_weight_dtype]
     for parameter in parameters:
         parameter.data = parameter.data.to(dtype)
 
@@ -74,39 +74,40 @@ def _drawn_from_seed(seed, device):
 class LoRA:
     name = "lora"
 
-    def check_args(self, args, transformer_config):
+    def check_args(self, model, lora, memory, transformer_config):
+        """Problems (one line each) of the [lora] flags, and of a --transformer_config ([model]) with a LoRA."""
         problems = []
-        if args.lora_alpha <= 0:
-            problems.append(f"--lora_alpha must be positive (got {args.lora_alpha})")
-        if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
+        if lora.lora_alpha <= 0:
+            problems.append(f"--lora_alpha must be positive (got {lora.lora_alpha})")
+        if not [m for m in lora.lora_target_modules.split(",") if m.strip()]:
             problems.append("--lora_target_modules is empty")
-        if getattr(args, "transformer_config", None):
+        if model.transformer_config:
             problems.append("--transformer_config is for full fine-tuning (the *_sft trainers): a LoRA needs the "
                             "pipeline's own trained transformer as its base")
         return problems
 
-    def load_dtype(self, args, compute_dtype):
+    def load_dtype(self, training, compute_dtype):
         """The dtype to load the transformer in: the frozen base computes in the mixed-precision dtype."""
         return compute_dtype
 
-    def prepare(self, transformer, args):
-        """Freeze the base model and add trainable adapters."""
+    def prepare(self, transformer, training, lora):
+        """Freeze the base model and add trainable adapters ([lora]; [training]: --seed, --master_weight_dtype)."""
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        target_modules = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+        target_modules = [m.strip() for m in lora.lora_target_modules.split(",") if m.strip()]
         # The adapter's random start (lora_A) comes from --seed alone, the same on every rank: a sharded model (FSDP,
         # ZeRO-3) keeps each rank's shard of that rank's own copy, and by now the ranks' random streams differ
         # (seeded per rank, each encodes its own share of raw videos). The training streams are left as they were.
-        with _drawn_from_seed(args.seed, next(transformer.parameters()).device):
-            transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+        with _drawn_from_seed(training.seed, next(transformer.parameters()).device):
+            transformer.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha, init_lora_weights=True,
                                                target_modules=target_modules))
         # Every adapted module must have a place in the ComfyUI file too: say so now, not after the GPU hours.
         adapted = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
         problems = comfyui_problems(adapted)
         if problems:
             raise UsageError(problems)
-        _to_master_dtype(self.trainable_parameters(transformer), args)
+        _to_master_dtype(self.trainable_parameters(transformer), training.master_weight_dtype)
 
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
@@ -187,19 +188,22 @@ class LoRA:
 class Full:
     name = "sft"
 
-    def check_args(self, args, transformer_config):
-        if getattr(args, "quantize_base", "none") != "none":
-            return [f"--quantize_base {args.quantize_base} is for LoRA: a full fine-tune trains the base weights themselves"]
+    def check_args(self, model, lora, memory, transformer_config):
+        """--quantize_base ([memory]) is for LoRA."""
+        if memory.quantize_base != "none":
+            return [f"--quantize_base {memory.quantize_base} is for LoRA: a full fine-tune trains the base weights "
+                    "themselves"]
         return []
 
-    def load_dtype(self, args, compute_dtype):
+    def load_dtype(self, training, compute_dtype):
         """Every weight trains: load straight into the master dtype, so an fp16 or fp32 checkpoint (CogVideoX-2b's
         is fp16) is not rounded to bf16 before training starts."""
-        return MASTER_DTYPES[args.master_weight_dtype]
+        return MASTER_DTYPES[training.master_weight_dtype]
 
-    def prepare(self, transformer, args):
+    def prepare(self, transformer, training, lora):
+        """Every weight trains, in --master_weight_dtype ([training]); `lora` is not read."""
         transformer.requires_grad_(True)
-        _to_master_dtype(transformer.parameters(), args)
+        _to_master_dtype(transformer.parameters(), training.master_weight_dtype)
 
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules from the flags.
+"""Optimizers and learning-rate schedules from the flags ([optimizer], [memory]'s offload flags, [training]'s
+schedule).
 
 `--use_cpu_offload_optimizer` wraps the chosen optimizer in torchao's CPUOffloadOptimizer: each
 large tensor's optimizer state and step live on the CPU, gradients are copied there during the
@@ -16,65 +17,67 @@ logger = logging.getLogger("cogvideox_factory")
 CAME_BETA3 = 0.9999  # CAME's third beta when --beta3 is not given
 
 
-def optimizer_class_and_kwargs(args, learning_rate=None):
-    """(optimizer class, keyword arguments besides the parameters) for the flags."""
-    lr = args.learning_rate if learning_rate is None else learning_rate
-    betas = (args.beta1, args.beta2)
-    common = dict(lr=lr, eps=args.epsilon, weight_decay=args.weight_decay)
-    if args.optimizer in ("adam", "adamw"):
-        decoupled = args.optimizer == "adamw"
-        if args.use_8bit and not args.use_torchao:
+def optimizer_class_and_kwargs(optimizer, learning_rate):
+    """(optimizer class, keyword arguments besides the parameters) for the [optimizer] flags, at `learning_rate`."""
+    lr = learning_rate
+    betas = (optimizer.beta1, optimizer.beta2)
+    common = dict(lr=lr, eps=optimizer.epsilon, weight_decay=optimizer.weight_decay)
+    if optimizer.optimizer in ("adam", "adamw"):
+        decoupled = optimizer.optimizer == "adamw"
+        if optimizer.use_8bit and not optimizer.use_torchao:
             from .optional_libraries import use_bitsandbytes
 
             bnb = use_bitsandbytes()
             cls = bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
-        elif args.use_torchao and (args.use_8bit or args.use_4bit):
+        elif optimizer.use_torchao and (optimizer.use_8bit or optimizer.use_4bit):
             import torchao.optim as ao
 
             if not decoupled:
                 logger.warning("torchao has only AdamW low-bit optimizers; using AdamW for --optimizer adam")
-            cls = ao.AdamW8bit if args.use_8bit else ao.AdamW4bit
+            cls = ao.AdamW8bit if optimizer.use_8bit else ao.AdamW4bit
         else:
             cls = torch.optim.AdamW if decoupled else torch.optim.Adam
         return cls, dict(betas=betas, **common)
-    if args.optimizer == "prodigy":
+    if optimizer.optimizer == "prodigy":
         import prodigyopt
 
         if lr <= 0.1:
             logger.warning("Prodigy usually wants --learning_rate around 1.0 (got %s)", lr)
         return prodigyopt.Prodigy, dict(
             betas=betas,
-            beta3=args.beta3,
-            decouple=args.prodigy_decouple,
-            use_bias_correction=args.prodigy_use_bias_correction,
-            safeguard_warmup=args.prodigy_safeguard_warmup,
+            beta3=optimizer.beta3,
+            decouple=optimizer.prodigy_decouple,
+            use_bias_correction=optimizer.prodigy_use_bias_correction,
+            safeguard_warmup=optimizer.prodigy_safeguard_warmup,
             **common,
         )
-    if args.optimizer == "came":
+    if optimizer.optimizer == "came":
         import came_pytorch
 
         # CAME's eps is a pair, it needs three betas (the original crashed without --beta3), and the lr must be
         # passed explicitly (its default is None).
-        beta3 = CAME_BETA3 if args.beta3 is None else args.beta3
+        beta3 = CAME_BETA3 if optimizer.beta3 is None else optimizer.beta3
         return came_pytorch.CAME, dict(
-            lr=lr, eps=(1e-30, 1e-16), betas=(args.beta1, args.beta2, beta3),
-            weight_decay=args.weight_decay,
+            lr=lr, eps=(1e-30, 1e-16), betas=(optimizer.beta1, optimizer.beta2, beta3),
+            weight_decay=optimizer.weight_decay,
         )
-    raise ValueError(f"unknown optimizer {args.optimizer}")
+    raise ValueError(f"unknown optimizer {optimizer.optimizer}")
 
 
-def build_optimizer(args, parameters, learning_rate=None):
-    """The optimizer for the flags; `learning_rate` (e.g. scaled by --scale_lr) replaces --learning_rate."""
-    cls, kwargs = optimizer_class_and_kwargs(args, learning_rate)
+def build_optimizer(optimizer, memory, parameters, learning_rate):
+    """The optimizer for the [optimizer] flags at `learning_rate` (--learning_rate, or scaled by --scale_lr), wrapped
+    for --use_cpu_offload_optimizer / --offload_gradients ([memory]) where asked."""
+    cls, kwargs = optimizer_class_and_kwargs(optimizer, learning_rate)
     groups = [{"params": list(parameters)}]
-    if args.use_cpu_offload_optimizer:
+    if memory.use_cpu_offload_optimizer:
         from torchao.optim import CPUOffloadOptimizer
 
-        optimizer = CPUOffloadOptimizer(groups, optimizer_class=cls, offload_gradients=args.offload_gradients, **kwargs)
+        offloaded = CPUOffloadOptimizer(groups, optimizer_class=cls, offload_gradients=memory.offload_gradients,
+                                        **kwargs)
         for needed in ("queue", "param_d2h_map", "d_param_groups"):  # what clip_gradients relies on
-            if not hasattr(optimizer, needed):
+            if not hasattr(offloaded, needed):
                 raise RuntimeError(f"this torchao's CPUOffloadOptimizer has no {needed}; install torchao 0.10 to 0.18")
-        return optimizer
+        return offloaded
     return cls(groups, **kwargs)
 
 
@@ -84,9 +87,10 @@ def offloaded_optimizer(optimizer):
     return inner if type(inner).__name__ == "CPUOffloadOptimizer" else None
 
 
-def offload_runtime_problems(args, backend):
-    """Checks that need the launched configuration (processes, DeepSpeed, precision)."""
-    if not args.use_cpu_offload_optimizer:
+def offload_runtime_problems(memory, backend):
+    """Checks of --use_cpu_offload_optimizer ([memory]) that need the launched configuration (processes, DeepSpeed,
+    precision)."""
+    if not memory.use_cpu_offload_optimizer:
         return []
     problems = []
     if backend.num_processes > 1 or backend.kind == "deepspeed":
@@ -126,15 +130,16 @@ def _clip_offloaded(optimizer, max_norm):
     return total
 
 
-def build_lr_scheduler(args, optimizer, max_train_steps):
+def build_lr_scheduler(training, optimizer, max_train_steps):
+    """The LR schedule of [training] (--lr_scheduler, --lr_warmup_steps, ...) for the torch `optimizer`."""
     from diffusers.optimization import get_scheduler
 
     # The schedule advances once per optimizer step, on every process alike.
     return get_scheduler(
-        args.lr_scheduler,
+        training.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
+        num_warmup_steps=training.lr_warmup_steps,
         num_training_steps=max_train_steps,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
+        num_cycles=training.lr_num_cycles,
+        power=training.lr_power,
     )

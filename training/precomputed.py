@@ -87,13 +87,14 @@ class ContentHashes:
         os.replace(temporary, self.path)
 
 
-def vae_fingerprint(args):
-    """The VAE's config, from `args.pretrained_model_name_or_path` or `args.model_id` (stored whole by
-    prepare_dataset.py; compared without the keys that do not change the latents it writes: `moment_config`)."""
+def vae_fingerprint(pretrained):
+    """The VAE's config, of the pipeline `pretrained` (a models.Pretrained: the trainer's --pretrained_model_name_or_path
+    or prepare_dataset.py's --model_id) names. Stored whole by prepare_dataset.py; compared without the keys that do
+    not change the latents it writes (`moment_config`)."""
     from diffusers import AutoencoderKLCogVideoX
 
-    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
-    config = AutoencoderKLCogVideoX.load_config(path, subfolder="vae", revision=args.revision, cache_dir=args.cache_dir)
+    config = AutoencoderKLCogVideoX.load_config(pretrained.path, subfolder="vae", revision=pretrained.revision,
+                                                cache_dir=pretrained.cache_dir)
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -106,12 +107,13 @@ def moment_config(vae_config):
     return {k: v for k, v in vae_config.items() if k not in NOT_IN_THE_MOMENTS}
 
 
-def text_encoder_fingerprint(args):
-    """The text encoder's architecture settings (not the weights: see `weights_digest`)."""
+def text_encoder_fingerprint(pretrained):
+    """The text encoder's architecture settings (not the weights: see `weights_digest`) of the pipeline `pretrained`
+    (a models.Pretrained) names."""
     from transformers import AutoConfig
 
-    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
-    config = AutoConfig.from_pretrained(path, subfolder="text_encoder", revision=args.revision, cache_dir=args.cache_dir)
+    config = AutoConfig.from_pretrained(pretrained.path, subfolder="text_encoder", revision=pretrained.revision,
+                                        cache_dir=pretrained.cache_dir)
     keys = ("model_type", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "vocab_size", "feed_forward_proj")
     return {k: getattr(config, k, None) for k in keys}
 
@@ -121,15 +123,16 @@ _WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:\
 DIGEST_SAMPLES, DIGEST_CHUNK = 64, 1 << 16
 
 
-def weights_digest(args, subfolder):
-    """A digest of a component's weight files (`vae`, `text_encoder`): their names, sizes and 64 slices of 64 KiB
-    spread over each, so a few MiB are read even for T5-XXL. Different weights differ everywhere, so this tells two
-    models' weights apart; it is not a cryptographic hash of every byte. None when the files are not on this
-    machine (a Hub model not yet downloaded): the check is then skipped."""
-    folder = _local_component(args, subfolder)
+def weights_digest(pretrained, subfolder):
+    """A digest of a component's weight files (`vae`, `text_encoder`; of `pretrained`, a models.Pretrained, and its
+    variant): their names, sizes and 64 slices of 64 KiB spread over each, so a few MiB are read even for T5-XXL.
+    Different weights differ everywhere, so this tells two models' weights apart; it is not a cryptographic hash of
+    every byte. None when the files are not on this machine (a Hub model not yet downloaded): the check is then
+    skipped."""
+    folder = _local_component(pretrained, subfolder)
     if folder is None:
         return None
-    variant = getattr(args, "variant", None)
+    variant = pretrained.variant
     files = sorted(p for p in folder.iterdir() if (m := _WEIGHT_FILE.match(p.name)) and m.group("variant") == variant)
     if not files:
         return None
@@ -144,22 +147,22 @@ def weights_digest(args, subfolder):
     return digest.hexdigest()
 
 
-def _local_component(args, subfolder):
-    path = getattr(args, "model_id", None) or args.pretrained_model_name_or_path
+def _local_component(pretrained, subfolder):
+    path = pretrained.path
     if Path(path).is_dir():
         return Path(path) / subfolder if (Path(path) / subfolder).is_dir() else None
     try:
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(path, revision=args.revision, cache_dir=args.cache_dir,
+        root = snapshot_download(path, revision=pretrained.revision, cache_dir=pretrained.cache_dir,
                                  allow_patterns=[f"{subfolder}/*"], local_files_only=True)
     except Exception:  # not in the cache (or not a Hub id): nothing to read
         return None
     return Path(root) / subfolder if (Path(root) / subfolder).is_dir() else None
 
 
-def component_digests(args):
-    return {"vae": weights_digest(args, "vae"), "text_encoder": weights_digest(args, "text_encoder")}
+def component_digests(pretrained):
+    return {"vae": weights_digest(pretrained, "vae"), "text_encoder": weights_digest(pretrained, "text_encoder")}
 
 
 def readable_entry(path):
@@ -185,32 +188,34 @@ def load_manifest(data_root):
     return manifest
 
 
-def _encoder_problems(manifest, args, where):
-    """The latents and embeddings must come from this model's VAE and T5: the same architecture (the VAE's scaling
-    factor aside: training applies its own) and, where both sides' files are on this machine, the same weights."""
+def _encoder_problems(manifest, pretrained, where):
+    """The latents and embeddings must come from the VAE and T5 of this model (`pretrained`, a models.Pretrained): the
+    same architecture (the VAE's scaling factor aside: training applies its own) and, where both sides' files are on
+    this machine, the same weights."""
     settings, model = manifest["settings"], manifest["model"]
-    made_with = f"re-run prepare_dataset.py with --model_id {args.pretrained_model_name_or_path}"
-    if args.variant:
-        made_with += f" --variant {args.variant}"
+    made_with = f"re-run prepare_dataset.py with --model_id {pretrained.path}"
+    if pretrained.variant:
+        made_with += f" --variant {pretrained.variant}"
     problems = []
-    if settings.get("vae_config") is not None and moment_config(settings["vae_config"]) != moment_config(vae_fingerprint(args)):
+    if settings.get("vae_config") is not None and moment_config(settings["vae_config"]) != moment_config(vae_fingerprint(pretrained)):
         problems.append(f"{where}: latents were made by the VAE of {model['path']}, which differs from this model's; {made_with}")
-    if settings.get("text_encoder_config") is not None and settings["text_encoder_config"] != text_encoder_fingerprint(args):
+    if settings.get("text_encoder_config") is not None and settings["text_encoder_config"] != text_encoder_fingerprint(pretrained):
         problems.append(f"{where}: prompts were embedded by the text encoder of {model['path']}, which differs; {made_with}")
     if problems:
         return problems
-    ours, theirs = component_digests(args), model.get("weights") or {}
+    ours, theirs = component_digests(pretrained), model.get("weights") or {}
     for component, what in (("vae", "latents were made by the VAE"), ("text_encoder", "prompts were embedded by the text encoder")):
         if ours[component] and theirs.get(component) and ours[component] != theirs[component]:
             problems.append(f"{where}: {what} of {model['path']}, whose weights differ from this model's; {made_with}")
     return problems
 
 
-def manifest_problems(manifest, transformer_config, conditioning, args):
-    """Why the prepared data cannot train this model with these flags (empty list: it can)."""
+def manifest_problems(manifest, transformer_config, conditioning, pretrained, data):
+    """Why the prepared data cannot train this model (`pretrained`, a models.Pretrained, for its encoders) with these
+    flags ([data]: --data_root, --id_token) (empty list: it can)."""
     problems = []
     settings, model = manifest["settings"], manifest["model"]
-    where = f"--load_tensors {args.data_root}"
+    where = f"--load_tensors {data.data_root}"
     if settings["max_sequence_length"] != transformer_config["max_text_seq_length"]:
         problems.append(
             f"{where}: prompts were embedded with --max_sequence_length {settings['max_sequence_length']} but the "
@@ -227,10 +232,10 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
             f"{where}: latents have {model['latent_channels']} channels, the model expects "
             f"{transformer_config['out_channels']}: they were made with another VAE ({model['path']})"
         )
-    problems.extend(_encoder_problems(manifest, args, where))
+    problems.extend(_encoder_problems(manifest, pretrained, where))
     if conditioning.image_to_video and not settings.get("image_latents"):
         problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
-    token = (args.id_token or "").strip()
+    token = (data.id_token or "").strip()
     if token and not all(e["caption"].startswith(token) for e in manifest["entries"]):
         problems.append(
             f"--id_token {token}: the prepared captions do not start with it (prompts are embedded by "
@@ -242,11 +247,11 @@ def manifest_problems(manifest, transformer_config, conditioning, args):
         problem = frame_rule_problem(frames, transformer_config)
         if problem:
             problems.append(f"{where}: prepared bucket {frames}x{height}x{width}: {problem}")
-    missing = [e["file"] for e in manifest["entries"] if not (Path(args.data_root) / e["file"]).is_file()]
+    missing = [e["file"] for e in manifest["entries"] if not (Path(data.data_root) / e["file"]).is_file()]
     if missing:
         problems.append(f"{where}: {len(missing)} prepared file(s) missing, e.g. {missing[0]}; re-run prepare_dataset.py")
     broken = [e["file"] for e in manifest["entries"]
-              if e["file"] not in missing and not readable_entry(Path(args.data_root) / e["file"])]
+              if e["file"] not in missing and not readable_entry(Path(data.data_root) / e["file"])]
     if broken:
         problems.append(
             f"{where}: {len(broken)} prepared file(s) truncated or corrupt, e.g. {broken[0]}; re-run "

@@ -30,12 +30,14 @@ from training.checkpoint import simulate_crash  # noqa: E402
 from training.buckets import check_buckets, reshape_mode  # noqa: E402
 from training.layouts import check_data_source  # noqa: E402
 from training.args import (  # noqa: E402
+    FlagHelpFormatter,
     UsageError,
     add_dataset_arguments,
     check_output_dir,
     exit_on_usage_error,
     load_transformer_config,
 )
+from training.sections import section_classes, section_of  # noqa: E402
 
 
 logger = logging.getLogger("cogvideox_factory")
@@ -44,20 +46,22 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=FlagHelpFormatter)
     parser.add_argument("--model_id", type=str, default="THUDM/CogVideoX-2b", help="Hub id or local pipeline folder.")
-    parser.add_argument("--revision", type=str, default=None)
-    parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the weight files, e.g. fp16.")
+    parser.add_argument("--cache_dir", type=str, default=None,
+                        help="Where downloaded models are stored (default: the HF cache).")
     add_dataset_arguments(parser, caption_column_default="caption")
     parser.add_argument("--save_image_latents", action="store_true", help="Also encode the first frame (I2V).")
-    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--output_dir", type=str, required=True,
+                        help="The prepared folder: the trainer's --data_root with --load_tensors.")
     parser.add_argument("--max_sequence_length", type=int, default=226, help="T5 tokens; the model's max_text_seq_length.")
     parser.add_argument("--target_fps", type=int, default=8, help="Frame rate of the exported preprocessed clips.")
     parser.add_argument("--save_latents_and_embeddings", action="store_true", help="Encode with the VAE and T5.")
     parser.add_argument("--use_slicing", action="store_true", help="VAE slicing.")
     parser.add_argument("--use_tiling", action="store_true", help="VAE tiling.")
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=1, help="Clips encoded together (one bucket per batch).")
     parser.add_argument("--num_decode_threads", type=int, default=0,
                         help="Threads scanning the videos (headers, stream check, --hash_videos) (0: 8).")
     parser.add_argument(
@@ -67,8 +71,10 @@ def build_parser():
         "or copied data folder reuses every entry. Hashes are remembered in video_hashes.json in --output_dir; a file "
         "is read again only when its path, size, mtime, ctime or inode changed.",
     )
-    parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dtype", type=str, choices=sorted(DTYPES), default="fp32",
+                        help="Precision of the VAE and T5 while encoding (and of the latents written).")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="Seed of random crops and flips (--video_reshape_mode random, --random_flip).")
     parser.add_argument("--num_artifact_workers", type=int, default=4,
                         help="Kept for compatibility: one background thread writes the entries, in order.")
     parser.add_argument(
@@ -84,27 +90,38 @@ def build_parser():
     return parser
 
 
-def validate(args):
+# This script's flags, all one section ([prepare] in a --config file). Its data and bucket flags have the names and
+# meaning of the trainer's [data] and [buckets] (add_dataset_arguments): the layout and bucket functions shared with
+# the trainer (training/layouts.py, buckets.py) take this section where the trainer gives its [data] or [buckets].
+PrepareFlags = section_classes(build_parser(), "prepare")["prepare"]
+
+
+def pretrained_of(flags):
+    """The pipeline --model_id names (--revision, --variant, --cache_dir), as the shared loaders take it
+    (training/models.py, training/precomputed.py)."""
+    from training.models import Pretrained
+
+    return Pretrained(flags.model_id, flags.revision, flags.variant, flags.cache_dir)
+
+
+def validate(flags):
     """Every usage problem at once (UsageError); returns the transformer's config."""
-    # The shared helpers (load_transformer_config in training/args.py, load_tokenizer/load_text_encoder/load_vae in
-    # training/models.py) read the model from `args.pretrained_model_name_or_path`, the trainers' flag; this script
-    # names it --model_id. So it is copied here, once, before anything reads it (and stays set for prepare's helpers).
-    args.pretrained_model_name_or_path = args.model_id
     problems = []
-    if args.batch_size < 1:
-        problems.append(f"--batch_size must be at least 1 (got {args.batch_size})")
-    check_data_source(args, problems)
-    check_output_dir(args.output_dir, problems)
+    if flags.batch_size < 1:
+        problems.append(f"--batch_size must be at least 1 (got {flags.batch_size})")
+    check_data_source(flags, problems)
+    check_output_dir(flags.output_dir, problems)
     try:
-        config = load_transformer_config(args)
+        config = load_transformer_config(pretrained_of(flags))
     except UsageError as error:
         problems.extend(error.problems)
         config = None
     if config is not None:
-        check_buckets(args, config, problems)
-        if args.max_sequence_length != config["max_text_seq_length"]:
+        check_buckets(flags, config, problems, skip_frames_start=flags.skip_frames_start,
+                      skip_frames_end=flags.skip_frames_end)
+        if flags.max_sequence_length != config["max_text_seq_length"]:
             problems.append(
-                f"--max_sequence_length {args.max_sequence_length}: {args.model_id} takes "
+                f"--max_sequence_length {flags.max_sequence_length}: {flags.model_id} takes "
                 f"{config['max_text_seq_length']} text tokens; pass --max_sequence_length {config['max_text_seq_length']}"
             )
     if problems:
@@ -132,16 +149,16 @@ def entry_key(item, settings):
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def estimate_bytes(buckets, vae_config, transformer_config, args):
+def estimate_bytes(buckets, vae_config, transformer_config, flags):
     """Disk size of the entries for these buckets (latent moments, prompt embeddings, first frames)."""
-    element = 2 if args.dtype in ("fp16", "bf16") else 4
+    element = 2 if flags.dtype in ("fp16", "bf16") else 4
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     channels = 2 * vae_config["latent_channels"]  # mean and log-variance
     total = 0
     for frames, height, width in buckets:
         latent = channels * ((frames - 1) // 4 + 1) * (height // spatial) * (width // spatial)
-        image = 3 * height * width if args.save_image_latents else 0  # the first frame's pixels
-        text = args.max_sequence_length * transformer_config["text_embed_dim"]
+        image = 3 * height * width if flags.save_image_latents else 0  # the first frame's pixels
+        text = flags.max_sequence_length * transformer_config["text_embed_dim"]
         total += (latent + image + text) * element
     return total
 
@@ -158,7 +175,7 @@ def check_free_space(output, needed):
         )
 
 
-def print_prepare_plan(usable, skipped, to_encode, needed, args):
+def print_prepare_plan(usable, skipped, to_encode, needed, flags):
     buckets = {}
     for item in usable:
         buckets[item.bucket] = buckets.get(item.bucket, 0) + 1
@@ -167,7 +184,7 @@ def print_prepare_plan(usable, skipped, to_encode, needed, args):
     print("  buckets: " + ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in sorted(buckets.items())))
     print(f"  disk needed for new entries: {needed / 2**30:.3f} GiB")
     print(f"  unusable samples: {len(skipped)}" + (" (the run would stop: fix them or pass --skip_bad_samples)"
-                                                  if skipped and not args.skip_bad_samples else ""))
+                                                  if skipped and not flags.skip_bad_samples else ""))
     for entry in skipped:
         print(f"    entry {entry.index + 1} ({entry.video_path}): {entry.reason}")
 
@@ -215,32 +232,33 @@ def _distributed():
     return rank, world_size, device, WaitingRoom(world_size)
 
 
-def prepare(args):
-    """Prepare every usable sample (this rank's share of them under torchrun); returns the output folder."""
+def prepare(flags):
+    """Prepare every usable sample (this rank's share of them under torchrun); returns the output folder. `flags`: this
+    script's section (PrepareFlags), as every function below takes it."""
     import torch
 
-    transformer_config = validate(args)
+    transformer_config = validate(flags)
     rank, world_size, device, waiting_room = _distributed()
-    torch.manual_seed(args.seed + rank)
-    output = Path(args.output_dir)
+    torch.manual_seed(flags.seed + rank)
+    output = Path(flags.output_dir)
     for sub in ("latents", "videos"):
         (output / sub).mkdir(parents=True, exist_ok=True)
 
     # With --hash_videos, rank 0 hashes the videos first while the other ranks wait at a barrier in scan_samples.
-    usable, skipped, buckets = scan_samples(args, output, rank, waiting_room, transformer_config)
-    plan = plan_encoding(args, output, usable, transformer_config, rank, world_size)
-    if args.dry_run:
+    usable, skipped, buckets = scan_samples(flags, output, rank, waiting_room, transformer_config)
+    plan = plan_encoding(flags, output, usable, transformer_config, rank, world_size)
+    if flags.dry_run:
         if rank == 0:
-            print_prepare_plan(usable, skipped, plan.to_encode, plan.needed_bytes, args)
+            print_prepare_plan(usable, skipped, plan.to_encode, plan.needed_bytes, flags)
         return output
     if rank == 0:
         check_free_space(output, plan.needed_bytes)
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(plan.mine), plan.already_prepared)
     if plan.mine:
-        encode_samples(args, output, usable, plan, rank, device)
+        encode_samples(flags, output, usable, plan, rank, device)
     waiting_room.wait()  # every rank's entries are written
     if rank == 0:
-        write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config, buckets)
+        write_lists_and_manifest(flags, output, usable, skipped, plan, transformer_config, buckets)
     waiting_room.wait()  # the lists and the manifest are written
     _end_distributed(world_size)
     return output
@@ -251,7 +269,7 @@ def prepare(args):
 # ----------------------------------------------------------------------------------------------
 
 
-def scan_samples(args, output, rank, waiting_room, transformer_config):
+def scan_samples(flags, output, rank, waiting_room, transformer_config):
     """(usable, skipped, plan): the samples with their bucket (and, with --hash_videos, their video's sha256), the
     samples that cannot be used, and the bucket plan (training/buckets.py) that chose the buckets. Rank 0 writes data_notes.jsonl. Unusable samples stop the run (bad_sample_error,
     after rank 0 wrote skipped_samples.jsonl) unless --skip_bad_samples or --dry_run.
@@ -263,32 +281,32 @@ def scan_samples(args, output, rank, waiting_room, transformer_config):
     from training.layouts import read_samples
     from training.precomputed import HASHES, ContentHashes
 
-    samples = read_samples(args)
-    plan = bucket_plan(args, transformer_config, batch_size=None)
+    samples = read_samples(flags, flags.video_repeat)
+    plan = bucket_plan(flags, transformer_config, batch_size=None, seed=flags.seed)
     hashes = None
-    if args.hash_videos:
+    if flags.hash_videos:
         if rank != 0:
             waiting_room.wait()  # until rank 0 has hashed every video and saved the hashes
         hashes = ContentHashes(output / HASHES)
-    usable, skipped = assign_buckets(samples, plan, args.skip_frames_start, args.skip_frames_end,
-                                     num_threads=args.num_decode_threads or 8, hashes=hashes)
+    usable, skipped = assign_buckets(samples, plan, flags.skip_frames_start, flags.skip_frames_end,
+                                     num_threads=flags.num_decode_threads or 8, hashes=hashes)
     if hashes is not None and rank == 0:
         hashes.save()
         logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
         waiting_room.wait()  # let the other ranks scan
-    _write_data_notes(usable, args, output, rank)
-    if skipped and not args.skip_bad_samples and not args.dry_run:
+    _write_data_notes(usable, flags, output, rank)
+    if skipped and not flags.skip_bad_samples and not flags.dry_run:
         if rank == 0:
             write_skip_report(skipped, output / "skipped_samples.jsonl")
         raise bad_sample_error(skipped, output / "skipped_samples.jsonl", what="encoding")
     return usable, skipped, plan
 
 
-def _write_data_notes(usable, args, output, rank):
+def _write_data_notes(usable, flags, output, rank):
     """Duplicates, upscaling and stretching among the usable samples, in data_notes.jsonl (rank 0)."""
     from training.dataset import data_notes, write_skip_report
 
-    notes = data_notes(usable, reshape_mode(args))
+    notes = data_notes(usable, reshape_mode(flags.video_reshape_mode, flags))
     if notes and rank == 0:
         write_skip_report(notes, output / "data_notes.jsonl")
         logger.warning("%d note(s) about the data (duplicates, upscaling, stretching), all in %s", len(notes),
@@ -311,52 +329,53 @@ class EncodingPlan:
     needed_bytes: int  # disk the latents and embeddings still to write need (0 without --save_latents_and_embeddings)
 
 
-def plan_encoding(args, output, usable, transformer_config, rank, world_size):
+def plan_encoding(flags, output, usable, transformer_config, rank, world_size):
     """Each usable sample's entry stem and which entries are still missing or incomplete."""
     from training.precomputed import vae_fingerprint
 
-    vae_config = vae_fingerprint(args)
-    settings = cache_settings(args, vae_config, transformer_config)
+    vae_config = vae_fingerprint(pretrained_of(flags))
+    settings = cache_settings(flags, vae_config, transformer_config)
     stems = [entry_key(item, settings) for item in usable]
-    prepared = [_is_prepared(output, stem, args) for stem in stems]
+    prepared = [_is_prepared(output, stem, flags) for stem in stems]
     share = [i for i in range(len(usable)) if i % world_size == rank]
     mine = [i for i in share if not prepared[i]]
     to_encode = [usable[i].bucket for i in range(len(usable)) if not prepared[i]]
-    needed = estimate_bytes(to_encode, vae_config, transformer_config, args) if args.save_latents_and_embeddings else 0
+    needed = estimate_bytes(to_encode, vae_config, transformer_config, flags) if flags.save_latents_and_embeddings else 0
     return EncodingPlan(
         settings=settings, vae_config=vae_config, stems=stems, mine=mine, already_prepared=len(share) - len(mine),
         to_encode=len(to_encode), needed_bytes=needed,
     )
 
 
-def cache_settings(args, vae_config, transformer_config):
+def cache_settings(flags, vae_config, transformer_config):
     """Everything besides the sample itself that decides an entry's content."""
     from training.precomputed import text_encoder_fingerprint
 
+    mode = reshape_mode(flags.video_reshape_mode, flags)
     return {
-        "model": args.model_id,
-        "revision": args.revision,
+        "model": flags.model_id,
+        "revision": flags.revision,
         "vae_config": vae_config,
         "text_embed_dim": transformer_config["text_embed_dim"],
-        "text_encoder_config": text_encoder_fingerprint(args),
-        "max_sequence_length": args.max_sequence_length,
-        "dtype": args.dtype,
-        "video_reshape_mode": reshape_mode(args),
-        "random_flip": args.random_flip,
-        "image_latents": bool(args.save_image_latents),
-        "latents": bool(args.save_latents_and_embeddings),
+        "text_encoder_config": text_encoder_fingerprint(pretrained_of(flags)),
+        "max_sequence_length": flags.max_sequence_length,
+        "dtype": flags.dtype,
+        "video_reshape_mode": mode,
+        "random_flip": flags.random_flip,
+        "image_latents": bool(flags.save_image_latents),
+        "latents": bool(flags.save_latents_and_embeddings),
         # Only where it decides something (random crops or flips), so other caches keep their keys.
-        **({"seed": args.seed} if args.random_flip or reshape_mode(args) in ("random", "none") else {}),
+        **({"seed": flags.seed} if flags.random_flip or mode in ("random", "none") else {}),
     }
 
 
-def _is_prepared(output, stem, args):
+def _is_prepared(output, stem, flags):
     """The entry's clip exists (where it is written) and (with --save_latents_and_embeddings) its safetensors file is
     complete."""
     from training.precomputed import readable_entry
 
-    latents_ready = not args.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
-    return latents_ready and (not _needs_clip(args) or (output / "videos" / f"{stem}.mp4").is_file())
+    latents_ready = not flags.save_latents_and_embeddings or readable_entry(output / "latents" / f"{stem}.safetensors")
+    return latents_ready and (not _needs_clip(flags) or (output / "videos" / f"{stem}.mp4").is_file())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +397,7 @@ PREFETCH_BATCHES = 2
 WRITE_QUEUE = 4
 
 
-def encode_samples(args, output, usable, plan, rank, device):
+def encode_samples(flags, output, usable, plan, rank, device):
     """Write the entries of the samples at `plan.mine`: each one's preprocessed clip and, with
     --save_latents_and_embeddings, its latent distributions and prompt embeddings.
 
@@ -388,36 +407,39 @@ def encode_samples(args, output, usable, plan, rank, device):
     import torch
     from tqdm.auto import tqdm
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    encoders = _load_encoders(args, dtype, device) if args.save_latents_and_embeddings else None
+    dtype = getattr(torch, DTYPES[flags.dtype])
+    encoders = _load_encoders(flags, dtype, device) if flags.save_latents_and_embeddings else None
     items, stems = [usable[i] for i in plan.mine], [plan.stems[i] for i in plan.mine]
-    loader = _encoding_loader(args, items, stems)
+    loader = _encoding_loader(flags, items, stems)
     entry_of = {item.sample.index: (stem, item) for item, stem in zip(items, stems)}
-    captions = CaptionEmbeddings(encoders, args, device, dtype, [item.sample.caption for item in items])
+    captions = CaptionEmbeddings(encoders, flags.max_sequence_length, device, dtype,
+                                 [item.sample.caption for item in items])
     # unit "clip": the bar shows clips/s (s/clip when slower) and the time left.
     progress = tqdm(total=len(items), desc=f"preparing (rank {rank})", unit="clip", disable=rank != 0)
-    batches = _prefetched(loader, args.dataloader_num_workers)
+    batches = _prefetched(loader, flags.dataloader_num_workers)
     with progress:  # closed (its line ended) before an error is printed
-        with torch.no_grad(), EntryWriter(output, args, progress) as writer, contextlib.closing(batches):
+        with torch.no_grad(), EntryWriter(output, flags, progress) as writer, contextlib.closing(batches):
             for chunk in _chunks(batches, CAPTION_CHUNK):
                 captions.encode([prompt for batch in chunk for prompt in batch["prompt"]])
                 for batch in chunk:
-                    tensors = _encode_batch(batch, encoders, captions, args, dtype)
+                    tensors = _encode_batch(batch, encoders, captions, flags, dtype)
                     for j, sample_index in enumerate(batch["index"]):
                         stem, item = entry_of[sample_index]
                         writer.put(stem, item, batch["video"][j], tensors[j])
 
 
-def _load_encoders(args, dtype, device):
+def _load_encoders(flags, dtype, device):
     from training.models import convolve_on_cpu_with_onednn, load_text_encoder, load_tokenizer, load_vae
 
-    tokenizer = load_tokenizer(args)
-    text_encoder = load_text_encoder(args, dtype).to(device).eval()
-    vae = convolve_on_cpu_with_onednn(load_vae(args, dtype)).to(device).eval()  # CPU prepare: twice as fast
+    pretrained = pretrained_of(flags)
+    tokenizer = load_tokenizer(pretrained)
+    text_encoder = load_text_encoder(pretrained, dtype).to(device).eval()
+    vae = load_vae(pretrained, dtype, flags.use_slicing, flags.use_tiling)
+    vae = convolve_on_cpu_with_onednn(vae).to(device).eval()  # CPU prepare: twice as fast
     return Encoders(tokenizer, text_encoder, vae)
 
 
-def _encoding_loader(args, items, stems):
+def _encoding_loader(flags, items, stems):
     """Batches of the preprocessed samples, one bucket per batch, in order."""
     import torch
 
@@ -425,12 +447,13 @@ def _encoding_loader(args, items, stems):
 
     # Random crops and flips drawn from (--seed, the entry's key): the same however many processes share the work,
     # whatever was prepared before, and whatever else is in the list.
-    dataset = VideoDataset(items, reshape_mode(args), args.random_flip, image_to_video=args.save_image_latents,
-                           seed=args.seed, random_keys=[int(stem, 16) for stem in stems])
-    sampler = BucketBatchSampler(dataset.bucket_keys, args.batch_size, shuffle=False)
+    dataset = VideoDataset(items, reshape_mode(flags.video_reshape_mode, flags), flags.random_flip,
+                           image_to_video=flags.save_image_latents, seed=flags.seed,
+                           random_keys=[int(stem, 16) for stem in stems])
+    sampler = BucketBatchSampler(dataset.bucket_keys, flags.batch_size, shuffle=False)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
-        pin_memory=args.pin_memory and torch.cuda.is_available(),
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=flags.dataloader_num_workers,
+        pin_memory=flags.pin_memory and torch.cuda.is_available(),
     )
 
 
@@ -498,10 +521,10 @@ class CaptionEmbeddings:
     """T5 embeddings of the captions, each distinct caption encoded once: `encode` embeds (in batches of T5_BATCH)
     those of a chunk not held yet; `take` hands one out and forgets it after its last use in this run."""
 
-    def __init__(self, encoders, args, device, dtype, captions):
+    def __init__(self, encoders, max_sequence_length, device, dtype, captions):
         from collections import Counter
 
-        self.encoders, self.args, self.device, self.dtype = encoders, args, device, dtype
+        self.encoders, self.max_sequence_length, self.device, self.dtype = encoders, max_sequence_length, device, dtype
         self.remaining = Counter(captions)
         self.held = {}
         self.encoded = 0  # distinct captions encoded (tests count them)
@@ -515,7 +538,7 @@ class CaptionEmbeddings:
         for start in range(0, len(missing), T5_BATCH):
             part = missing[start : start + T5_BATCH]
             embeds = encode_prompts(self.encoders.tokenizer, self.encoders.text_encoder, part,
-                                    self.args.max_sequence_length, self.device, self.dtype).cpu()
+                                    self.max_sequence_length, self.device, self.dtype).cpu()
             self.held.update(zip(part, embeds))
             self.encoded += len(part)
 
@@ -527,27 +550,27 @@ class CaptionEmbeddings:
         return embeds
 
 
-def _encode_batch(batch, encoders, captions, args, dtype):
+def _encode_batch(batch, encoders, captions, flags, dtype):
     """One dict of tensors to save per sample of the batch (empty without --save_latents_and_embeddings)."""
     from training.models import encode_video_distribution
 
     tensors = [{} for _ in batch["index"]]
-    if not args.save_latents_and_embeddings:
+    if not flags.save_latents_and_embeddings:
         return tensors
     video_dist = encode_video_distribution(encoders.vae, batch["video"]).cpu()  # in the VAE's dtype
     for j, entry in enumerate(tensors):
         entry["video_latent_dist"] = video_dist[j]
         entry["prompt_embeds"] = captions.take(batch["prompt"][j])
-        if args.save_image_latents:
+        if flags.save_image_latents:
             # The pixels, not a latent: training noise-augments the frame, then encodes it, at every step.
             entry["first_frame"] = batch["image"][j].to(dtype)
     return tensors
 
 
-def _needs_clip(args):
+def _needs_clip(flags):
     """videos/<stem>.mp4 is written without --save_latents_and_embeddings (the clips are then what training reads)
     and, with it, only with --save_videos (training with --load_tensors reads only latents/)."""
-    return not args.save_latents_and_embeddings or args.save_videos
+    return not flags.save_latents_and_embeddings or flags.save_videos
 
 
 class EntryWriter:
@@ -555,10 +578,10 @@ class EntryWriter:
     clip export. `put` blocks while WRITE_QUEUE entries wait; an error in the writer is raised by the next `put` or
     at the end. Leaving the block (also on an error) writes what was queued: finished entries are kept."""
 
-    def __init__(self, output, args, progress):
+    def __init__(self, output, flags, progress):
         import queue
 
-        self.output, self.args, self.progress = output, args, progress
+        self.output, self.flags, self.progress = output, flags, progress
         self.queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.error = None
         self.written = 0
@@ -580,7 +603,7 @@ class EntryWriter:
             if self.error is not None:
                 continue  # keep taking entries so that `put` never blocks; the error is raised there
             try:
-                _write_entry(self.output, *entry, self.args)
+                _write_entry(self.output, *entry, self.flags)
                 self.written += 1
                 simulate_crash("prepare", self.written)  # tests: killed here after `written` complete entries
                 self.progress.update(1)
@@ -595,11 +618,11 @@ class EntryWriter:
         return False
 
 
-def _write_entry(output, stem, item, video, tensors, args):
+def _write_entry(output, stem, item, video, tensors, flags):
     """videos/<stem>.mp4 (when needed: `_needs_clip`), then (if there are tensors) latents/<stem>.safetensors; each
     written atomically."""
-    if _needs_clip(args):
-        _export_clip(video, output / "videos" / f"{stem}.mp4", args.target_fps)
+    if _needs_clip(flags):
+        _export_clip(video, output / "videos" / f"{stem}.mp4", flags.target_fps)
     if tensors:
         metadata = {"caption": item.sample.caption, "bucket": json.dumps(list(item.bucket))}
         _atomic_save(tensors, output / "latents" / f"{stem}.safetensors", metadata)
@@ -610,14 +633,14 @@ def _write_entry(output, stem, item, video, tensors, args):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_lists_and_manifest(args, output, usable, skipped, plan, transformer_config, buckets):
+def write_lists_and_manifest(flags, output, usable, skipped, plan, transformer_config, buckets):
     """prompts.txt and videos.txt (and with --save_latents_and_embeddings the manifest) listing every usable sample's
     entry; skipped_samples.jsonl when samples were skipped."""
     entries = manifest_entries(usable, plan.stems)
     (output / "prompts.txt").write_text("".join(e["caption"].replace("\n", " ") + "\n" for e in entries), encoding="utf-8")
     (output / "videos.txt").write_text("".join(e["video"] + "\n" for e in entries), encoding="utf-8")
-    if args.save_latents_and_embeddings:
-        _write_manifest(output, entries, skipped, plan, transformer_config, args, buckets)
+    if flags.save_latents_and_embeddings:
+        _write_manifest(output, entries, skipped, plan, transformer_config, flags, buckets)
     _report_skipped_samples(output, skipped)
     logger.info("prepared %d sample(s) in %s", len(entries), output)
 
@@ -638,25 +661,25 @@ def manifest_entries(usable, stems):
     ]
 
 
-def _write_manifest(output, entries, skipped, plan, transformer_config, args, buckets):
+def _write_manifest(output, entries, skipped, plan, transformer_config, flags, buckets):
     """The manifest (atomically), which training with --load_tensors reads."""
     from training.precomputed import FORMAT, MANIFEST, component_digests
 
     manifest = {
         "format": FORMAT,
         "model": {
-            "path": args.model_id,
-            "revision": args.revision,
+            "path": flags.model_id,
+            "revision": flags.revision,
             "latent_channels": plan.vae_config["latent_channels"],
             "scaling_factor": plan.vae_config["scaling_factor"],
             "text_embed_dim": transformer_config["text_embed_dim"],
             # Which VAE and T5 weights made the entries (training with --load_tensors checks them).
-            "weights": component_digests(args),
+            "weights": component_digests(pretrained_of(flags)),
         },
         "settings": plan.settings,
         # With --bucket_config, each bucket's training batch size (training uses it unless given another config).
         "batch_sizes": {"x".join(map(str, e["bucket"])): buckets.batch_size(e["bucket"]) for e in entries}
-        if args.bucket_config else {},
+        if flags.bucket_config else {},
         "entries": entries,
         "skipped": [{"entry": s.index + 1, "video": s.video_path, "reason": s.reason} for s in skipped],
     }
@@ -690,7 +713,7 @@ def main(argv=None):
     from training.run_config import parse_with_config
 
     args = parse_with_config(build_parser(), argv, "prepare")
-    prepare(args)
+    prepare(section_of(PrepareFlags, args))
 
 
 if __name__ == "__main__":

@@ -250,23 +250,26 @@ def _diffusers_code(facts):
 
 
 def write_model_card(job):
-    """README.md in --output_dir: what the run is, its validation videos, settings and losses, how to load it."""
-    args, output_dir = job.args, Path(job.args.output_dir)
+    """README.md in --output_dir: what the run is, its validation videos, settings and losses, how to load it (from
+    the run's flag sections, `job.flags`)."""
+    flags = job.flags
+    model, hub, output_dir = flags.model, flags.logging, Path(flags.training.output_dir)
     prompts, videos, sheet, gifs = job.validation.pictures or ([], [], None, [])
     held_out = [loss for _, loss in job.history.held_out]
     facts = {
-        "title": args.hub_model_id.split("/")[-1] if args.hub_model_id else output_dir.name,
-        "base_model": args.pretrained_model_name_or_path,
-        "license": base_model_license(args.pretrained_model_name_or_path),
+        "title": hub.hub_model_id.split("/")[-1] if hub.hub_model_id else output_dir.name,
+        "base_model": model.pretrained_model_name_or_path,
+        "license": base_model_license(model.pretrained_model_name_or_path),
         "conditioning": job.conditioning.name,
         "mode": job.mode.name,
-        "id_token": args.id_token,
+        "id_token": flags.data.id_token,
         "prompts": prompts,
         "videos": [(Path(mp4).name, gif.name) for (mp4, _), gif in zip(videos, gifs)],
         "sheet": sheet.name if sheet else None,
         "plot": LOSS_PLOT if (output_dir / LOSS_PLOT).is_file() else None,
-        "settings": run_settings(args, job.conditioning, job.mode, job.backend.num_processes,
-                                 job.schedule.max_train_steps, job.data.describe_batch_size()),
+        "settings": run_settings(flags.buckets, flags.training, flags.optimizer, flags.lora, job.conditioning,
+                                 job.mode, job.backend.num_processes, job.schedule.max_train_steps,
+                                 job.data.describe_batch_size()),
         "samples": len(job.data.dataset),
         "final_loss": finite(job.last_loss),
         "held_out_loss": finite(held_out[-1]) if held_out else None,
@@ -276,23 +279,25 @@ def write_model_card(job):
     (output_dir / MODEL_CARD).write_text(model_card(facts))
 
 
-def run_settings(args, conditioning, mode, num_processes, steps, batch_size):
-    buckets = {"bucket config": Path(args.bucket_config).name} if args.bucket_config else {
-        "resolution buckets (H x W)": f"{_join(args.height_buckets)} x {_join(args.width_buckets)}",
-        "frame buckets": _join(args.frame_buckets)}
+def run_settings(buckets, training, optimizer, lora, conditioning, mode, num_processes, steps, batch_size):
+    """The model card's settings table, from the [buckets], [training], [optimizer] and [lora] sections."""
+    bucket_rows = {"bucket config": Path(buckets.bucket_config).name} if buckets.bucket_config else {
+        "resolution buckets (H x W)": f"{_join(buckets.height_buckets)} x {_join(buckets.width_buckets)}",
+        "frame buckets": _join(buckets.frame_buckets)}
     settings = {
         "trainer": f"{conditioning.name} {'LoRA' if mode.name == 'lora' else 'full fine-tune'}",
         "steps": steps,
-        "batch size": f"{batch_size} x {num_processes} process(es) x {args.gradient_accumulation_steps} accumulation",
-        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
-        "optimizer": args.optimizer,
-        "mixed precision": args.mixed_precision or "no",
-        **buckets,
-        "seed": args.seed,
+        "batch size": f"{batch_size} x {num_processes} process(es) x {training.gradient_accumulation_steps} "
+                      "accumulation",
+        "learning rate": f"{training.learning_rate:g} ({training.lr_scheduler})",
+        "optimizer": optimizer.optimizer,
+        "mixed precision": training.mixed_precision or "no",
+        **bucket_rows,
+        "seed": training.seed,
         "every setting": "config.toml (train the same run again with --config config.toml)",
     }
     if mode.name == "lora":
-        settings.update({"rank": args.rank, "alpha": args.lora_alpha, "target modules": args.lora_target_modules})
+        settings.update({"rank": lora.rank, "alpha": lora.lora_alpha, "target modules": lora.lora_target_modules})
     return {k: v for k, v in settings.items() if v is not None}
 
 

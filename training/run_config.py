@@ -31,32 +31,22 @@ RUN_CONFIG = "config.toml"  # in --output_dir
 SECRETS = {"hub_token"}
 NOT_RECORDED = {"config", "print_config", "dry_run", "resume_from_checkpoint", "help"}
 
-# The trainers' sections, in the order config.toml lists them: each flag's section is its argparse group's, but for
-# the flags named in REFINED.
-GROUP_SECTIONS = {
-    "Model information": "model",
-    "Dataset information": "data",
-    "CogVideoX-Fun sampling (any of these replaces the bucket flags)": "buckets",
-    "Validation": "validation",
-    "Held-out evaluation": "validation",
-    "Training": "training",
-    "Sequence parallelism, kernels and compilation": "parallelism",
-    "Optimizer": "optimizer",
-    "Configuration": "logging",
+# The trainers' sections, in the order config.toml (and --help) lists them: each is an argument group of the parser,
+# titled "[name] what it holds".
+SECTION_TITLES = {
+    "model": "the pipeline to fine-tune, and optionally a transformer of another size",
+    "data": "where the samples are and how they are read",
+    "buckets": "the sizes samples train at (the original's bucket flags, a bucket config, or CogVideoX-Fun's)",
+    "training": "the run: output, precision, length, learning rate and its schedule",
+    "optimizer": "the optimizer and its settings",
+    "lora": "the LoRA adapter (LoRA trainers)",
+    "validation": "validation videos during and after training, and the held-out evaluation loss",
+    "checkpointing": "resumable checkpoints",
+    "memory": "levers that trade speed for accelerator memory",
+    "parallelism": "sequence parallelism, attention kernels, compilation, FP8 matmuls, processes",
+    "logging": "trackers and the Hugging Face Hub",
 }
-REFINED = {
-    "buckets": ["height_buckets", "width_buckets", "frame_buckets", "bucket_config", "max_num_frames"],
-    "data": ["load_tensors"],
-    "lora": ["rank", "lora_alpha", "lora_target_modules"],
-    "validation": ["height", "width", "fps", "enable_slicing", "enable_tiling"],
-    "checkpointing": ["checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"],
-    "memory": ["gradient_checkpointing", "gradient_checkpointing_ratio", "offload_activations", "quantize_base",
-               "max_memory_gb", "pin_memory", "use_cpu_offload_optimizer", "offload_gradients"],
-    "parallelism": ["nccl_timeout", "allow_tf32"],
-    "training": ["dry_run"],
-}
-TRAINER_SECTIONS = ["model", "data", "buckets", "training", "optimizer", "lora", "validation", "checkpointing",
-                    "memory", "parallelism", "logging"]
+TRAINER_SECTIONS = list(SECTION_TITLES)
 TOOL_SECTIONS = ["prepare", "infer"]
 
 
@@ -69,16 +59,18 @@ def add_config_arguments(parser):
                        help="Print every resolved value as a config file and exit.")
 
 
+def section_group(parser, section):
+    """The argument group of a trainer's section: `--help` shows the flags as config.toml groups them."""
+    return parser.add_argument_group(f"[{section}] {SECTION_TITLES[section]}")
+
+
 def trainer_sections(parser):
-    """{dest: section} of a trainer's parser."""
-    refined = {dest: section for section, dests in REFINED.items() for dest in dests}
+    """{dest: section} of a trainer's parser (its section groups' flags)."""
     sections = {}
     for group in parser._action_groups:
-        for action in group._group_actions:
-            if action.dest in refined:
-                sections[action.dest] = refined[action.dest]
-            elif group.title in GROUP_SECTIONS:
-                sections[action.dest] = GROUP_SECTIONS[group.title]
+        name = (group.title or "").partition("]")[0].lstrip("[")
+        if (group.title or "").startswith("[") and name in SECTION_TITLES:
+            sections.update({action.dest: name for action in group._group_actions})
     return sections
 
 
@@ -177,7 +169,7 @@ def _load(path):
 
 
 def _my_sections(sections):
-    return [sections] if isinstance(sections, str) else [s for s in TRAINER_SECTIONS if s in set(sections.values())]
+    return [sections] if isinstance(sections, str) else TRAINER_SECTIONS
 
 
 def _section_of(dest, sections):
@@ -252,9 +244,13 @@ def write_trainer_config(args, parser, path):
     Path(path).write_text(config_toml(args, parser, trainer_sections(parser)), encoding="utf-8")
 
 
-def public_values(args):
-    """vars(args) without secrets: what trackers and reports may show."""
-    return {k: v for k, v in vars(args).items() if k not in SECRETS}
+def public_values(flags):
+    """{flag: value} of every section of `flags` (sections.RunFlags) without secrets: what trackers and reports may
+    show."""
+    import dataclasses
+
+    return {field.name: getattr(section, field.name) for section in vars(flags).values()
+            for field in dataclasses.fields(section) if field.name not in SECRETS}
 
 
 def _writable(value):

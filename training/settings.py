@@ -1,8 +1,8 @@
 """Every trainer flag checked once, before anything expensive, against the model's rules; and the values the run
 derives from the flags, kept apart from them (`RunSettings`): the parsed flags are never written to.
 
-`validate_training_args(args, conditioning, mode)` raises one `UsageError` listing every problem, one line each,
-or returns the `RunSettings`. `model_problems` is the part that needs only the transformer's config (the
+`validate_training_args(flags, conditioning, mode)` (flags: sections.RunFlags) raises one `UsageError` listing
+every problem, one line each, or returns the `RunSettings`. `model_problems` is the part that needs only the transformer's config (the
 benchmark, which has no data, uses it alone).
 """
 
@@ -20,6 +20,7 @@ from .args import (
 from .buckets import validation_frames
 from .compute import compute_problems
 from .data_source import choose_data_source
+from .models import Pretrained
 
 
 @dataclass(frozen=True)
@@ -32,162 +33,174 @@ class RunSettings:
     eval_every: int  # held-out evaluation every N steps
 
 
-def validate_training_args(args, conditioning, mode):
+def validate_training_args(flags, conditioning, mode):
     """All checks that need no model weights; one UsageError with every problem, or the run's settings."""
-    data_source = choose_data_source(args)
-    problems = _flag_problems(args)
-    data_source.check_args(args, problems)
+    data_source = choose_data_source(flags.data)
+    problems = _flag_problems(flags)
+    data_source.check_args(flags.data, problems)
     transformer_config = None
     try:
-        transformer_config = load_transformer_config(args)
+        transformer_config = load_transformer_config(Pretrained.of(flags.model))
     except UsageError as error:
         problems.extend(error.problems)
     if transformer_config is not None:
-        problems.extend(model_problems(args, transformer_config, conditioning, mode, data_source))
-        if args.transformer_config:
-            problems.extend(custom_transformer_problems(args, transformer_config, conditioning))
-    if args.transformer_ckpt_path and not args.transformer_config:
+        problems.extend(model_problems(flags, transformer_config, conditioning, mode, data_source))
+        if flags.model.transformer_config:
+            problems.extend(custom_transformer_problems(flags, transformer_config, conditioning))
+    if flags.model.transformer_ckpt_path and not flags.model.transformer_config:
         problems.append("--transformer_ckpt_path goes with --transformer_config (the pipeline's own transformer "
                         "loads from --pretrained_model_name_or_path)")
-    elif args.transformer_ckpt_path and not Path(args.transformer_ckpt_path).exists():
-        problems.append(f"--transformer_ckpt_path {args.transformer_ckpt_path}: no such file or folder")
+    elif flags.model.transformer_ckpt_path and not Path(flags.model.transformer_ckpt_path).exists():
+        problems.append(f"--transformer_ckpt_path {flags.model.transformer_ckpt_path}: no such file or folder")
     if problems:
         raise UsageError(problems)
-    validation_epochs = args.validation_epochs
-    if args.validation_prompt and args.validation_epochs is None and args.validation_steps is None:
+    validation_epochs = flags.validation.validation_epochs
+    if flags.validation.validation_prompt and flags.validation.validation_epochs is None and flags.validation.validation_steps is None:
         validation_epochs = 1  # the original crashed here; once per epoch is the sensible reading
     return RunSettings(
         transformer_config=transformer_config,
         data_source=data_source,
-        validation_num_frames=validation_frames(args),
-        validation_steps=args.validation_steps,
+        validation_num_frames=validation_frames(flags.validation, flags.buckets),
+        validation_steps=flags.validation.validation_steps,
         validation_epochs=validation_epochs,
-        eval_every=args.eval_steps or args.checkpointing_steps,
+        eval_every=flags.validation.eval_steps or flags.checkpointing.checkpointing_steps,
     )
 
 
-def custom_transformer_problems(args, transformer_config, conditioning):
+def custom_transformer_problems(flags, transformer_config, conditioning):
     """A --transformer_config must fit the pipeline's VAE and T5 (their configs are read, not their weights)."""
     from .batch_size import component_configs
 
     try:
-        vae_config, text_encoder_config = component_configs(args)
+        vae_config, text_encoder_config = component_configs(flags.model)
     except Exception as error:  # no such pipeline: load_transformer_config's check does not run for a custom config
-        return [f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no CogVideoX VAE/T5 config "
+        return [f"--pretrained_model_name_or_path {flags.model.pretrained_model_name_or_path}: no CogVideoX VAE/T5 config "
                 f"found there ({type(error).__name__}); the VAE, T5 and scheduler come from that pipeline"]
     latent = vae_config["latent_channels"]
     expected = {"text_embed_dim": text_encoder_config.d_model, "out_channels": latent,
                 "in_channels": 2 * latent if conditioning.image_to_video else latent}
-    return [f"--transformer_config {args.transformer_config}: {name} is {transformer_config.get(name)}, but the "
+    return [f"--transformer_config {flags.model.transformer_config}: {name} is {transformer_config.get(name)}, but the "
             f"pipeline's {'T5 gives' if name == 'text_embed_dim' else 'VAE and this trainer need'} {value}"
             for name, value in expected.items() if transformer_config.get(name) != value]
 
 
-def model_problems(args, transformer_config, conditioning, mode, data_source):
+def model_problems(flags, transformer_config, conditioning, mode, data_source):
     """Problems of these flags with this model: frame counts and sizes, validation size, conditioning and mode."""
     problems = []
-    data_source.check_model_args(args, transformer_config, problems)
-    if args.validation_num_frames is not None:
-        problem = frame_rule_problem(args.validation_num_frames, transformer_config)
+    data_source.check_model_args(flags.data, flags.buckets, transformer_config, problems)
+    if flags.validation.validation_num_frames is not None:
+        problem = frame_rule_problem(flags.validation.validation_num_frames, transformer_config)
         if problem:
             problems.append(f"--validation_num_frames: {problem}")
-    elif args.validation_prompt:
+    elif flags.validation.validation_prompt:
         # Not given: validation videos take the largest frame bucket, which must suit the model too (with
         # --load_tensors the buckets are not checked, and the default 49 does not suit CogVideoX 1.5).
-        problem = frame_rule_problem(validation_frames(args), transformer_config)
+        problem = frame_rule_problem(validation_frames(flags.validation, flags.buckets),
+                                     transformer_config)
         if problem:
             problems.append(f"validation videos default to the largest --frame_buckets value: {problem}; pass "
                             "--validation_num_frames")
-    if args.validation_prompt:
-        problem = size_limit_problem(args.height, args.width, transformer_config)
+    if flags.validation.validation_prompt:
+        problem = size_limit_problem(flags.validation.height, flags.validation.width, transformer_config)
         if problem:
-            problems.append(f"--height {args.height} --width {args.width} (validation videos): {problem}")
-    problems.extend(optimizer_problems(args))
-    problems.extend(conditioning.check_args(args, transformer_config, data_source))
-    problems.extend(mode.check_args(args, transformer_config))
+            problems.append(f"--height {flags.validation.height} --width {flags.validation.width} (validation videos): {problem}")
+    problems.extend(optimizer_problems(flags))
+    problems.extend(conditioning.check_args(flags.model, flags.buckets, flags.training,
+                                            flags.validation, transformer_config, data_source))
+    problems.extend(mode.check_args(flags.model, flags.lora, flags.memory,
+                                    transformer_config))
     return problems
 
 
-def _auto_batch_problems(args):
+def _auto_batch_problems(flags):
     """--max_memory_gb and batch sizes of auto come together."""
-    auto = args.train_batch_size == "auto"
-    if args.bucket_config and not auto:
+    auto = flags.training.train_batch_size == "auto"
+    if flags.buckets.bucket_config and not auto:
         from .buckets import read_bucket_config
 
         try:
-            auto = any(batch == "auto" for frames in read_bucket_config(args.bucket_config).values()
+            auto = any(batch == "auto" for frames in read_bucket_config(flags.buckets.bucket_config).values()
                        for _, batch in frames.values())
         except UsageError:
             return []  # check_buckets reports what is wrong with the file
-    if auto and args.max_memory_gb is None:
+    if auto and flags.memory.max_memory_gb is None:
         return ["a batch size of auto needs --max_memory_gb N: the accelerator memory (GiB) each process may use"]
-    if args.max_memory_gb is not None and not auto:
-        return [f"--max_memory_gb {args.max_memory_gb:g} is only used to choose batch sizes of auto: pass "
+    if flags.memory.max_memory_gb is not None and not auto:
+        return [f"--max_memory_gb {flags.memory.max_memory_gb:g} is only used to choose batch sizes of auto: pass "
                 "--train_batch_size auto (or auto in --bucket_config), or drop it"]
-    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
-        return [f"--max_memory_gb must be positive (got {args.max_memory_gb:g})"]
+    if flags.memory.max_memory_gb is not None and flags.memory.max_memory_gb <= 0:
+        return [f"--max_memory_gb must be positive (got {flags.memory.max_memory_gb:g})"]
     return []
 
 
-def _flag_problems(args):
+def _flag_problems(flags):
     """Checks of the flags on their own (counts, ranges, files, combinations)."""
     problems = []
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps", "rank",
-                 "num_validation_videos", "num_inference_steps"):
-        if getattr(args, name) != "auto" and getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("max_train_steps", "validation_epochs", "validation_steps", "checkpoints_total_limit", "eval_steps"):
-        value = getattr(args, name)
+    counts = {"train_batch_size": flags.training.train_batch_size,
+              "gradient_accumulation_steps": flags.training.gradient_accumulation_steps,
+              "num_train_epochs": flags.training.num_train_epochs,
+              "checkpointing_steps": flags.checkpointing.checkpointing_steps, "rank": flags.lora.rank,
+              "num_validation_videos": flags.validation.num_validation_videos,
+              "num_inference_steps": flags.validation.num_inference_steps}
+    for name, value in counts.items():
+        if value != "auto" and value < 1:
+            problems.append(f"--{name} must be at least 1 (got {value})")
+    optional_counts = {"max_train_steps": flags.training.max_train_steps,
+                       "validation_epochs": flags.validation.validation_epochs,
+                       "validation_steps": flags.validation.validation_steps,
+                       "checkpoints_total_limit": flags.checkpointing.checkpoints_total_limit,
+                       "eval_steps": flags.validation.eval_steps}
+    for name, value in optional_counts.items():
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1 when given (got {value})")
-    problems.extend(_eval_problems(args))
-    problems.extend(_auto_batch_problems(args))
-    if not 0 <= args.gradient_checkpointing_ratio <= 1:
-        problems.append(f"--gradient_checkpointing_ratio must be from 0 to 1 (got {args.gradient_checkpointing_ratio:g})")
-    elif args.gradient_checkpointing_ratio < 1 and not args.gradient_checkpointing:
+    problems.extend(_eval_problems(flags))
+    problems.extend(_auto_batch_problems(flags))
+    if not 0 <= flags.memory.gradient_checkpointing_ratio <= 1:
+        problems.append(f"--gradient_checkpointing_ratio must be from 0 to 1 (got {flags.memory.gradient_checkpointing_ratio:g})")
+    elif flags.memory.gradient_checkpointing_ratio < 1 and not flags.memory.gradient_checkpointing:
         problems.append("--gradient_checkpointing_ratio chooses which blocks --gradient_checkpointing checkpoints: "
                         "pass --gradient_checkpointing too")
-    problems.extend(_attention_problems(args))
-    problems.extend(compute_problems(args))
-    if args.learning_rate <= 0:
-        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
-    if args.dataloader_num_workers < 0:
+    problems.extend(_attention_problems(flags.parallelism))
+    problems.extend(compute_problems(flags.memory, flags.parallelism))
+    if flags.training.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive (got {flags.training.learning_rate})")
+    if flags.data.dataloader_num_workers < 0:
         problems.append("--dataloader_num_workers must be 0 or more")
-    for name in ("height", "width"):
-        if getattr(args, name) % 16:
-            problems.append(f"--{name} {getattr(args, name)}: validation size must be a multiple of 16")
-    if args.validation_prompt is not None and not args.validation_prompt.strip():
+    for name, value in (("height", flags.validation.height), ("width", flags.validation.width)):
+        if value % 16:
+            problems.append(f"--{name} {value}: validation size must be a multiple of 16")
+    if flags.validation.validation_prompt is not None and not flags.validation.validation_prompt.strip():
         problems.append("--validation_prompt is empty")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not Path(args.resume_from_checkpoint).is_dir() and not (
-            Path(args.output_dir) / args.resume_from_checkpoint
+    if flags.checkpointing.resume_from_checkpoint and flags.checkpointing.resume_from_checkpoint != "latest":
+        if not Path(flags.checkpointing.resume_from_checkpoint).is_dir() and not (
+            Path(flags.training.output_dir) / flags.checkpointing.resume_from_checkpoint
         ).is_dir():
             problems.append(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                f"--resume_from_checkpoint {flags.checkpointing.resume_from_checkpoint}: no such checkpoint folder "
                 f'(give a path, or "latest" to pick the newest in --output_dir)'
             )
-    if args.report_to in ("wandb", "comet_ml"):  # the trackers requirements.txt does not or may not install
+    if flags.logging.report_to in ("wandb", "comet_ml"):  # the trackers requirements.txt does not or may not install
         import importlib
 
         try:
-            importlib.import_module(args.report_to)
+            importlib.import_module(flags.logging.report_to)
         except ImportError:
-            problems.append(f"--report_to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})")
-    check_output_dir(args.output_dir, problems)
+            problems.append(f"--report_to {flags.logging.report_to}: {flags.logging.report_to} is not installed (pip install {flags.logging.report_to})")
+    check_output_dir(flags.training.output_dir, problems)
     return problems
 
 
-def _attention_problems(args):
+def _attention_problems(parallelism):
     """--attention_backend (a kernel with a backward pass, its package installed) and the sequence-parallel flags."""
     from .attention import TRAINING_BACKENDS
 
     problems = []
-    if args.sequence_parallel_shards is not None and not args.enable_sequence_parallelism:
+    if parallelism.sequence_parallel_shards is not None and not parallelism.enable_sequence_parallelism:
         problems.append("--sequence_parallel_shards needs --enable_sequence_parallelism")
-    elif args.sequence_parallel_shards is not None and args.sequence_parallel_shards < 2:
-        problems.append(f"--sequence_parallel_shards must be 2 or more (got {args.sequence_parallel_shards}); "
+    elif parallelism.sequence_parallel_shards is not None and parallelism.sequence_parallel_shards < 2:
+        problems.append(f"--sequence_parallel_shards must be 2 or more (got {parallelism.sequence_parallel_shards}); "
                         "without sequence parallelism drop --enable_sequence_parallelism")
-    backend = args.attention_backend
+    backend = parallelism.attention_backend
     if backend is None:
         return problems
     if backend not in TRAINING_BACKENDS:
@@ -202,22 +215,22 @@ def _attention_problems(args):
     return problems
 
 
-def _eval_problems(args):
+def _eval_problems(flags):
     problems = []
-    if not 0.0 <= args.eval_split < 1.0:
-        problems.append(f"--eval_split must be at least 0 and below 1 (got {args.eval_split})")
-    separate_eval = bool(args.eval_video_column or args.eval_dataset_file)
-    if separate_eval and args.eval_split:
+    if not 0.0 <= flags.validation.eval_split < 1.0:
+        problems.append(f"--eval_split must be at least 0 and below 1 (got {flags.validation.eval_split})")
+    separate_eval = bool(flags.validation.eval_video_column or flags.validation.eval_dataset_file)
+    if separate_eval and flags.validation.eval_split:
         problems.append("--eval_split and a separate held-out list (--eval_video_column/--eval_dataset_file) exclude each other")
-    if args.eval_dataset_file and not Path(args.eval_dataset_file).is_file():
-        problems.append(f"--eval_dataset_file {args.eval_dataset_file}: no such file")
-    if args.eval_video_column and not args.eval_dataset_file and args.data_root:
-        for flag, name in (("--eval_video_column", args.eval_video_column),
-                           ("--eval_caption_column", args.eval_caption_column if not args.load_tensors else None)):
+    if flags.validation.eval_dataset_file and not Path(flags.validation.eval_dataset_file).is_file():
+        problems.append(f"--eval_dataset_file {flags.validation.eval_dataset_file}: no such file")
+    if flags.validation.eval_video_column and not flags.validation.eval_dataset_file and flags.data.data_root:
+        for flag, name in (("--eval_video_column", flags.validation.eval_video_column),
+                           ("--eval_caption_column", flags.validation.eval_caption_column if not flags.data.load_tensors else None)):
             if name is None and flag == "--eval_caption_column":
                 problems.append("--eval_video_column needs --eval_caption_column (a captions file in --data_root)")
-            elif name is not None and not (Path(args.data_root) / name).is_file():
-                problems.append(f"{flag} {name}: no file {Path(args.data_root) / name}")
-    if any(not 0 <= t < 1000 for t in args.eval_timesteps):
+            elif name is not None and not (Path(flags.data.data_root) / name).is_file():
+                problems.append(f"{flag} {name}: no file {Path(flags.data.data_root) / name}")
+    if any(not 0 <= t < 1000 for t in flags.validation.eval_timesteps):
         problems.append("--eval_timesteps must lie in 0..999")
     return problems

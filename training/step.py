@@ -1,8 +1,8 @@
 """The training step: its only definition. The trainer's loop, the benchmark and the --dry_run memory estimate
 (which runs it on fake tensors) all call `train_step`, so a figure measured or predicted is the step that trains.
 
-- `Context`: run-wide values the loss needs besides the batch (scheduler, encoders, VAE scaling, dtypes), made by
-  `build_context` from the configs.
+- `Context`: run-wide values the loss needs besides the batch (scheduler, encoders, VAE scaling, dtypes) and the flag
+  sections the step reads, made by `build_context` from the sections and the configs.
 - `prepare_transformer`: the loaded transformer made trainable, in the order that matters (see there).
 - `build_trainer`: prepare, place, optimizer and LR schedule, handed to the backend: a `Trainer`.
 - `compute_loss`: one micro-batch's diffusion loss.
@@ -21,9 +21,15 @@ from .optim import build_lr_scheduler, build_optimizer
 
 @dataclass
 class Context:
-    """Run-wide values derived from the flags and the model's configs (not user flags)."""
+    """Run-wide values derived from the flags and the model's configs, and the flag sections the step reads: [training]
+    (--noised_image_dropout, the LR schedule, --seed), [optimizer], [lora], [memory] and [parallelism] (how
+    `build_trainer` prepares the transformer and builds the optimizer; --max_grad_norm)."""
 
-    args: object
+    training: object  # sections.TrainingFlags
+    optimizer: object  # sections.OptimizerFlags
+    lora: object  # sections.LoraFlags
+    memory: object  # sections.MemoryFlags
+    parallelism: object  # sections.ParallelismFlags
     device: torch.device
     weight_dtype: torch.dtype  # compute dtype: frozen weights, activations, prompt embeddings
     transformer_config: dict
@@ -41,13 +47,17 @@ class Context:
     sequence_shards: object = None
 
 
-def build_context(args, transformer_config, vae_config, scheduler, device, weight_dtype, data_source, encoders=None,
-                  save_on_cpu=None, sequence_shards=None):
-    """The Context. `encoders`: {"tokenizer", "text_encoder", "vae"} as loaded (or simulated); `save_on_cpu`: how
-    --offload_activations moves saved tensors (default torch's save_on_cpu, pinned on CUDA); `sequence_shards`: the
-    backend's shard group (or the memory estimate's simulated one)."""
+def build_context(training, optimizer, lora, memory, parallelism, transformer_config, vae_config, scheduler, device,
+                  weight_dtype, data_source, encoders=None, save_on_cpu=None, sequence_shards=None):
+    """The Context, holding the sections given. `encoders`: {"tokenizer", "text_encoder", "vae"} as loaded (or
+    simulated); `save_on_cpu`: how --offload_activations moves saved tensors (default torch's save_on_cpu, pinned on
+    CUDA); `sequence_shards`: the backend's shard group (or the memory estimate's simulated one)."""
     context = Context(
-        args=args,
+        training=training,
+        optimizer=optimizer,
+        lora=lora,
+        memory=memory,
+        parallelism=parallelism,
         device=torch.device(device),
         weight_dtype=weight_dtype,
         transformer_config=dict(transformer_config),
@@ -59,31 +69,32 @@ def build_context(args, transformer_config, vae_config, scheduler, device, weigh
         sequence_shards=sequence_shards,
         **(encoders or {}),
     )
-    if args.offload_activations:
+    if memory.offload_activations:
         pin = context.device.type == "cuda"
         context.saved_tensors = save_on_cpu or (lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
     return context
 
 
-def prepare_transformer(transformer, args, conditioning, mode, weight_dtype, sequence_shards=None):
+def prepare_transformer(transformer, training, lora, memory, parallelism, conditioning, mode, weight_dtype,
+                        sequence_shards=None):
     """The loaded transformer made ready to train, in place: adapted to the conditioning, our attention where
     --attention_backend or sequence parallelism asks for it, FP8 matmuls (--fp8_training), its frozen base stored as
     --quantize_base says (before LoRA layers exist: they keep their precision), the mode's trainable part added, the
     frozen part cast to the compute dtype, gradient checkpointing on."""
-    conditioning.adapt_transformer(transformer, args)
-    if sequence_shards is not None or getattr(args, "attention_backend", None):
+    conditioning.adapt_transformer(transformer, training)
+    if sequence_shards is not None or parallelism.attention_backend:
         from .attention import install
 
-        install(transformer, sequence_shards, getattr(args, "attention_backend", None))
-    if getattr(args, "fp8_training", False):
+        install(transformer, sequence_shards, parallelism.attention_backend)
+    if parallelism.fp8_training:
         from .compute import use_fp8_matmuls
 
         use_fp8_matmuls(transformer)  # before LoRA layers wrap the base layers
-    prepare_frozen_base(transformer, args, weight_dtype)
-    mode.prepare(transformer, args)
+    prepare_frozen_base(transformer, memory.quantize_base, weight_dtype)
+    mode.prepare(transformer, training, lora)
     cast_frozen(transformer, weight_dtype)
-    if args.gradient_checkpointing:
-        ratio = getattr(args, "gradient_checkpointing_ratio", 1.0)
+    if memory.gradient_checkpointing:
+        ratio = memory.gradient_checkpointing_ratio
         transformer.enable_gradient_checkpointing(
             None if ratio >= 1 else selective_checkpointing(transformer.transformer_blocks, ratio))
     return transformer
@@ -126,16 +137,19 @@ class Trainer:
 
 def build_trainer(transformer, context, conditioning, mode, backend, max_train_steps, learning_rate=None):
     """From a loaded transformer: prepare it, put it on the device, build the optimizer (at `learning_rate`, e.g.
-    scaled by --scale_lr; default --learning_rate) and the LR schedule, and hand them to the backend."""
-    args = context.args
-    prepare_transformer(transformer, args, conditioning, mode, context.weight_dtype, context.sequence_shards)
+    scaled by --scale_lr; default --learning_rate) and the LR schedule, and hand them to the backend. The flags are
+    the context's sections."""
+    prepare_transformer(transformer, context.training, context.lora, context.memory, context.parallelism, conditioning,
+                        mode, context.weight_dtype, context.sequence_shards)
     transformer.to(backend.device)
-    if getattr(args, "regional_compile", False):  # not in prepare_transformer: the memory estimate runs eagerly
+    if context.parallelism.regional_compile:  # not in prepare_transformer: the memory estimate runs eagerly
         from .compute import compile_blocks
 
-        compile_blocks(transformer, args.compile_mode)
-    optimizer = build_optimizer(args, mode.trainable_parameters(transformer), learning_rate)
-    lr_scheduler = build_lr_scheduler(args, optimizer, max_train_steps)
+        compile_blocks(transformer, context.parallelism.compile_mode)
+    learning_rate = context.training.learning_rate if learning_rate is None else learning_rate
+    optimizer = build_optimizer(context.optimizer, context.memory, mode.trainable_parameters(transformer),
+                                learning_rate)
+    lr_scheduler = build_lr_scheduler(context.training, optimizer, max_train_steps)
     transformer, optimizer = backend.prepare(transformer, optimizer)
     backend.register_mode(mode, conditioning.pipeline_class)
     return Trainer(transformer, optimizer, lr_scheduler, mode.trainable_parameters(transformer), context,
@@ -204,7 +218,7 @@ def train_step(trainer, micro_batches, group_size, loss_fn=compute_loss, after_b
         total += loss.detach()
     if taken != group_size:
         raise RuntimeError(f"an accumulation group of {group_size} micro-batches got {taken}")
-    grad_norm = backend.clip_gradients(trainer.optimizer, trainer.parameters, context.args.max_grad_norm)
+    grad_norm = backend.clip_gradients(trainer.optimizer, trainer.parameters, context.optimizer.max_grad_norm)
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ validation (the parity check).
 """
 
 import contextlib
-import copy
+import dataclasses
 import logging
 import re
 import tempfile
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import memory
-from .models import load_transformer, prepare_frozen_base
+from .models import Pretrained, load_transformer, prepare_frozen_base
 from .report import picture_files
 from .step import compute_loss
 
@@ -22,8 +22,9 @@ logger = logging.getLogger("cogvideox_factory")
 
 
 @torch.no_grad()
-def evaluate(transformer, loader, context, conditioning, backend, args):
-    """Mean loss over the held-out samples and --eval_timesteps, with noise fixed per (batch, timestep).
+def evaluate(transformer, loader, context, conditioning, backend, timesteps, seed):
+    """Mean loss over the held-out samples and `timesteps` (--eval_timesteps), with noise fixed per (batch, timestep)
+    by `seed` (--seed).
 
     Runs inside a forked RNG, so training's random stream (and exact resume) is untouched. The model runs as
     validation runs it (`backend.model_for_inference`: under FSDP1 the root wrapper, which gathers the weights)."""
@@ -34,9 +35,9 @@ def evaluate(transformer, loader, context, conditioning, backend, args):
     count = 0
     devices = [backend.device] if backend.device.type == "cuda" else []
     for batch_index, batch in enumerate(loader):
-        for timestep in args.eval_timesteps:
+        for timestep in timesteps:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed((args.seed or 0) * 1_000_003 + batch_index * 1009 + timestep)
+                torch.manual_seed((seed or 0) * 1_000_003 + batch_index * 1009 + timestep)
                 total += compute_loss(model, batch, context, conditioning, timestep=timestep).detach()
             count += 1
     model.train(was_training)
@@ -46,12 +47,16 @@ def evaluate(transformer, loader, context, conditioning, backend, args):
 class Validation:
     """Validation videos from the model in training, and the final test of the saved artifact.
 
-    `num_frames` comes from the run's settings (--validation_num_frames, or the largest frame bucket; checked
-    against the model's frame rule either way). `last_videos` keeps the last validation's frames for the parity
-    check; `validated_at` the step it ran at."""
+    It reads the [validation] flags, [model] (the pipeline), [training] (--output_dir, --seed,
+    --ignore_learned_positional_embeddings) and [memory] (--quantize_base). `num_frames` comes from the run's settings
+    (--validation_num_frames, or the largest frame bucket; checked against the model's frame rule either way).
+    `last_videos` keeps the last validation's frames for the parity check; `validated_at` the step it ran at."""
 
-    def __init__(self, args, num_frames, conditioning, backend):
-        self.args = args
+    def __init__(self, model, training, validation, memory, num_frames, conditioning, backend):
+        self.model = model
+        self.training = training
+        self.validation = validation
+        self.memory = memory
         self.num_frames = num_frames
         self.conditioning = conditioning
         self.backend = backend
@@ -61,7 +66,7 @@ class Validation:
 
     @property
     def has_cases(self):
-        return bool(self.conditioning.validation_cases(self.args))
+        return bool(self.conditioning.validation_cases(self.validation))
 
     def run(self, context, transformer, step, tag="validation"):
         """Validation videos from the in-training model. Every rank calls this, at the same point.
@@ -71,8 +76,8 @@ class Validation:
         validation longer than --nccl_timeout would abort. Sharded weights (ZeRO-3, FSDP): each forward gathers its
         layers from every rank, so every rank runs the same pipeline calls in step (same prompts, same seed); only
         the main process keeps the videos."""
-        args, backend = self.args, self.backend
-        cases = self.conditioning.validation_cases(args)
+        validation, backend = self.validation, self.backend
+        cases = self.conditioning.validation_cases(validation)
         self.validated_at = step
         if not cases:
             return
@@ -82,11 +87,10 @@ class Validation:
             return
         logger.info("running validation at step %d: %d prompt(s)", step, len(cases))
         logger.info(memory.format_stats("before validation", memory.memory_stats(backend.device)))
-        if sharded and args.enable_model_cpu_offload:
+        if sharded and validation.enable_model_cpu_offload:
             # Offload hooks would move a sharded transformer (and DeepSpeed's own parameter offload) around.
             logger.warning("--enable_model_cpu_offload is ignored for validation while the weights are sharded")
-            args = copy.copy(args)
-            args.enable_model_cpu_offload = False
+            validation = dataclasses.replace(validation, enable_model_cpu_offload=False)
         model = backend.model_for_inference(transformer)
         was_training = model.training
         model.eval()
@@ -95,13 +99,15 @@ class Validation:
             encoders.update(text_encoder=context.text_encoder, tokenizer=context.tokenizer)
         if context.vae is not None:
             encoders.update(vae=context.vae)
-        pipe = build_pipeline(args, self.conditioning, context.weight_dtype, transformer=model, **encoders)
+        pipe = build_pipeline(self.model, validation, self.conditioning, context.weight_dtype, transformer=model,
+                              **encoders)
         # Whole sequences: under DDP only the main process generates (no shard group to exchange with).
         shards_paused = context.sequence_shards.paused() if context.sequence_shards else contextlib.nullcontext()
         with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), shards_paused:
-            output_dir = args.output_dir if main else scratch  # the other ranks' copies are thrown away
-            videos = generate_videos(pipe, cases, args, self.num_frames, backend.device, output_dir, f"{tag}_step{step}")
-        if args.enable_model_cpu_offload:
+            output_dir = self.training.output_dir if main else scratch  # the other ranks' copies are thrown away
+            videos = generate_videos(pipe, cases, validation, self.training.seed, self.num_frames, backend.device,
+                                     output_dir, f"{tag}_step{step}")
+        if validation.enable_model_cpu_offload:
             # Offloading parked the modules shared with training on the CPU, behind hooks: bring them back.
             pipe.remove_all_hooks()
             for module in (model, context.vae, context.text_encoder):
@@ -122,20 +128,21 @@ class Validation:
 
         The videos must equal the last in-training validation (same prompts, same seed): a mismatch means the saved
         file does not reproduce what was trained, so we say so loudly. Returns the parity figures, or None."""
-        args, conditioning = self.args, self.conditioning
-        cases = conditioning.validation_cases(args)
+        training, conditioning = self.training, self.conditioning
+        cases = conditioning.validation_cases(self.validation)
         if not cases:
             return None
         # Nothing reused from training: the pipeline is built from files.
-        artifact = mode.inference_components(args.output_dir, weight_dtype)
-        if args.quantize_base == "nf4" and "transformer" not in artifact:
-            artifact["transformer"] = load_transformer(args, weight_dtype)  # quantized as in training
-        pipe = build_pipeline(args, conditioning, weight_dtype, **artifact)
-        conditioning.adapt_transformer(pipe.transformer, args)
-        mode.apply_to_pipeline(pipe, args.output_dir)
-        prepare_frozen_base(pipe.transformer, args, weight_dtype)  # FP8 storage as in training, if chosen
+        artifact = mode.inference_components(training.output_dir, weight_dtype)
+        if self.memory.quantize_base == "nf4" and "transformer" not in artifact:  # quantized as in training
+            artifact["transformer"] = load_transformer(Pretrained.of(self.model, self.memory, training), weight_dtype)
+        pipe = build_pipeline(self.model, self.validation, conditioning, weight_dtype, **artifact)
+        conditioning.adapt_transformer(pipe.transformer, training)
+        mode.apply_to_pipeline(pipe, training.output_dir)
+        prepare_frozen_base(pipe.transformer, self.memory.quantize_base, weight_dtype)  # FP8 storage as in training
         with torch.no_grad():
-            videos = generate_videos(pipe, cases, args, self.num_frames, self.backend.device, args.output_dir, "test")
+            videos = generate_videos(pipe, cases, self.validation, training.seed, self.num_frames, self.backend.device,
+                                     training.output_dir, "test")
         self._show(cases, videos, "test", "test", step)  # wandb drops entries logged at an earlier step
         del pipe
         memory.free_memory()
@@ -143,11 +150,11 @@ class Validation:
 
     def _show(self, cases, videos, name, tag, step):
         """Contact sheet and GIFs beside the mp4s, all of them to the trackers (main process)."""
-        args = self.args
-        prompts = [case["prompt"] for case in cases for _ in range(args.num_validation_videos)]
-        sheet, gifs = picture_files(videos, prompts, args.output_dir, name, args.fps)
+        validation = self.validation
+        prompts = [case["prompt"] for case in cases for _ in range(validation.num_validation_videos)]
+        sheet, gifs = picture_files(videos, prompts, self.training.output_dir, name, validation.fps)
         self.pictures = (prompts, videos, sheet, gifs)
-        log_videos(self.backend, videos, tag, step, args.fps, sheet=sheet, gifs=gifs)
+        log_videos(self.backend, videos, tag, step, validation.fps, sheet=sheet, gifs=gifs)
 
     def _parity(self, videos, mode):
         if not self.last_videos:
@@ -174,52 +181,54 @@ def _slug(text, length=25):
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text[:length]).strip("_") or "prompt"
 
 
-def generate_videos(pipe, cases, args, num_frames, device, output_dir, tag):
-    """Generate every validation case with one seeded generator; write mp4s; return (path, frames) pairs."""
+def generate_videos(pipe, cases, validation, seed, num_frames, device, output_dir, tag):
+    """Generate every validation case with one generator seeded by `seed` (--seed; 42 when None), as the [validation]
+    flags say; write mp4s; return (path, frames) pairs."""
     from diffusers.utils import export_to_video
 
-    if args.enable_model_cpu_offload and torch.device(device).type == "cuda":
+    if validation.enable_model_cpu_offload and torch.device(device).type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 42)
+    generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 42)
     results = []
     for case_index, case in enumerate(cases):
-        for video_index in range(args.num_validation_videos):
+        for video_index in range(validation.num_validation_videos):
             frames = pipe(
                 **case,
-                height=args.height,
-                width=args.width,
+                height=validation.height,
+                width=validation.width,
                 num_frames=num_frames,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                use_dynamic_cfg=args.use_dynamic_cfg,
+                num_inference_steps=validation.num_inference_steps,
+                guidance_scale=validation.guidance_scale,
+                use_dynamic_cfg=validation.use_dynamic_cfg,
                 max_sequence_length=pipe.transformer.config.max_text_seq_length,
                 generator=generator,
                 output_type="np",
             ).frames[0]
             path = Path(output_dir) / f"{tag}_video_{case_index}_{video_index}_{_slug(case['prompt'])}.mp4"
-            export_to_video(list(frames), str(path), fps=args.fps)
+            export_to_video(list(frames), str(path), fps=validation.fps)
             results.append((path, frames))
     return results
 
 
-def build_pipeline(args, conditioning, dtype, **components):
-    """The validation/test pipeline from the base model; `components` replace the ones on disk."""
+def build_pipeline(model, validation, conditioning, dtype, **components):
+    """The validation/test pipeline from the base model ([model]), VAE slicing/tiling as [validation] says;
+    `components` replace the ones on disk."""
     from diffusers import CogVideoXDPMScheduler
 
     pipe = conditioning.pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
+        model.pretrained_model_name_or_path,
+        revision=model.revision,
+        variant=model.variant,
+        cache_dir=model.cache_dir,
         torch_dtype=dtype,
         **components,
     )
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-    if args.enable_slicing:
+    if validation.enable_slicing:
         pipe.vae.enable_slicing()
-    if args.enable_tiling:
+    if validation.enable_tiling:
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe

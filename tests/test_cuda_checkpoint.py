@@ -37,44 +37,25 @@ RANK = 256  # lora_A of to_q is 256 x 16: 4096 values, which torchao's low-bit o
 SMALL_RANK = 4  # to_v's adapter stays below 4096 values: plain states beside the quantized ones
 
 
-_ADAM = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
+def _built_by_the_trainer(**optimizer_flags):
+    """What training/optim.py builds for these [optimizer] flags (made on the host, before CUDA is faked:
+    bitsandbytes loads its CUDA backend when torch says there is a GPU)."""
+    from training.optim import optimizer_class_and_kwargs
+    from training.sections import OptimizerFlags
+
+    cls, kwargs = optimizer_class_and_kwargs(OptimizerFlags(**optimizer_flags), 1e-3)
+    return lambda parameters: cls(parameters, **kwargs)
 
 
-def _torch_adam(name):
-    return lambda parameters: getattr(torch.optim, name)(parameters, **_ADAM)
-
-
-def _torchao(name):
-    import torchao.optim
-
-    cls = getattr(torchao.optim, name)
-    return lambda parameters: cls(parameters, **_ADAM)
-
-
-def _bitsandbytes(name):
-    from training.optional_libraries import use_bitsandbytes  # as training/optim.py (`import training` hides it)
-
-    cls = getattr(use_bitsandbytes().optim, name)
-    return lambda parameters: cls(parameters, **_ADAM)
-
-
-def _came():
-    import came_pytorch
-
-    return lambda parameters: came_pytorch.CAME(parameters, lr=1e-3, eps=(1e-30, 1e-16), betas=(0.9, 0.95, 0.9999),
-                                                weight_decay=1e-4)
-
-
-# What training/optim.py builds for each choice (imported on the host, before CUDA is faked: bitsandbytes loads
-# its CUDA backend when torch says there is a GPU), except Prodigy: its step reads a value computed on the GPU
-# (its step size estimate), which a fake tensor does not have.
+# Each optimizer the trainer offers but Prodigy, whose step reads a value computed on the GPU (its step size
+# estimate), which a fake tensor does not have (its checkpoints resume exactly on the CPU: test_training).
 OPTIMIZERS = {
-    "adam": lambda: _torch_adam("Adam"),  # --optimizer adam
-    "adamw": lambda: _torch_adam("AdamW"),  # --optimizer adamw
-    "torchao-8bit": lambda: _torchao("AdamW8bit"),  # --optimizer adam(w) --use_torchao --use_8bit
-    "torchao-4bit": lambda: _torchao("AdamW4bit"),  # --use_torchao --use_4bit
-    "bnb-8bit": lambda: _bitsandbytes("AdamW8bit"),  # --optimizer adamw --use_8bit (bitsandbytes)
-    "came": _came,  # --optimizer came
+    "adam": lambda: _built_by_the_trainer(optimizer="adam"),
+    "adamw": lambda: _built_by_the_trainer(optimizer="adamw"),
+    "torchao-8bit": lambda: _built_by_the_trainer(optimizer="adamw", use_torchao=True, use_8bit=True),
+    "torchao-4bit": lambda: _built_by_the_trainer(optimizer="adamw", use_torchao=True, use_4bit=True),
+    "bnb-8bit": lambda: _built_by_the_trainer(optimizer="adamw", use_8bit=True),  # bitsandbytes
+    "came": lambda: _built_by_the_trainer(optimizer="came"),
 }
 MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

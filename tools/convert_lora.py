@@ -76,8 +76,13 @@ def main(argv=None):
     if not Path(args.input).is_file():
         print(f"error: {args.input} is not a file", file=sys.stderr)
         return 2
+    from safetensors import SafetensorError
+
     try:
         convert(args.input, args.output, to=args.to, alpha=args.alpha, skip_unmapped=args.skip_unmapped)
+    except SafetensorError as error:
+        print(f"error: {args.input}: not a safetensors file ({error})", file=sys.stderr)
+        return 2
     except ValueError as error:  # UnmappedKeys, an unknown form
         hint = " (--skip_unmapped writes the rest)" if type(error).__name__ == "UnmappedKeys" else ""
         print(f"error: {args.input}: {error}{hint}", file=sys.stderr)

@@ -168,6 +168,10 @@ def main(argv=None):
 
     infer = section_of(InferFlags, parse_with_config(build_parser(), argv, "infer"))
     work = jobs(infer)
+    if infer.lora_path:  # one line for a missing file, a folder without the LoRA, a file that is not one
+        from tools.lora_math import read_lora
+
+        read_lora(infer.lora_path)
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it

@@ -278,3 +278,37 @@ def comfyui_problems(module_names):
             "ComfyUI's native CogVideoX network has no counterpart for, so the ComfyUI LoRA could not hold it; "
             "choose among the attention (to_q, to_k, to_v, to_out.0), feed-forward (ff.net.0.proj, ff.net.2), "
             "norm linears (norm1.linear, norm2.linear, norm_out.linear), embeddings and proj_out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole transformer in ComfyUI's native names (tools/merge_lora.py --comfyui)
+# ----------------------------------------------------------------------------------------------
+
+# Weights that take no LoRA and are named differently in ComfyUI's network (as scripts/check_comfyui_lora.py renames
+# them to build ComfyUI's own network by hand).
+OTHER_MODULES = (
+    ("transformer_blocks.{i}.norm1.norm", "blocks.{i}.norm1.norm"),
+    ("transformer_blocks.{i}.norm2.norm", "blocks.{i}.norm2.norm"),
+    ("transformer_blocks.{i}.attn1.norm_q", "blocks.{i}.norm_q"),
+    ("transformer_blocks.{i}.attn1.norm_k", "blocks.{i}.norm_k"),
+    ("norm_final", "norm_final"),
+    ("norm_out.norm", "norm_out.norm"),
+    ("patch_embed.pos_embedding", "patch_embed.pos_embedding"),
+)
+
+
+def native_transformer_state(state):
+    """A diffusers CogVideoX transformer's state dict with ComfyUI's native names (no prefix: ComfyUI's diffusion
+    model loader finds the prefix itself). A weight with no place there raises KeyError."""
+    rename_other = _renamer(0, 1, table=OTHER_MODULES)
+    native = {}
+    for key, tensor in state.items():
+        module, _, leaf = key.rpartition(".")
+        target = native_module(module) or rename_other(module)
+        if target is not None:
+            native[f"{target}.{leaf}"] = tensor.contiguous()
+        elif rename_other(key) is not None:  # a buffer: the key is the name
+            native[rename_other(key)] = tensor.contiguous()
+        else:
+            raise KeyError(f"{key}: no place in ComfyUI's CogVideoX network")
+    return native

@@ -1,0 +1,90 @@
+"""Merge LoRAs into a base transformer: each LoRA's update, times its weight, added to the weights it adapts.
+
+The result is a plain transformer (no peft at inference, one file for tools that take one checkpoint), saved as a
+diffusers `transformer/` folder in --output (load it with `tools/infer.py --transformer_path OUTPUT/transformer`)
+and, with --comfyui, as one ComfyUI-native file `OUTPUT/transformer_comfyui.safetensors` for Load Diffusion Model.
+Reads every LoRA form convert_lora.py reads; a weight follows the path after a colon (default 1.0).
+
+    python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora my-run --output merged
+    python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora style.safetensors:0.8 --lora subject.safetensors:1 \\
+        --output merged --comfyui
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from training.errors import exit_on_usage_error  # noqa: E402
+
+
+COMFYUI_MODEL_NAME = "transformer_comfyui.safetensors"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="The model the LoRAs were trained on (Hub id or folder).")
+    parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
+                        help="A LoRA file (or a run's folder) and its weight, e.g. style.safetensors:0.8; repeat "
+                        "for more. 1.0 is the strength it was trained at.")
+    parser.add_argument("--output", required=True, help="The folder to write transformer/ into.")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="The alpha for files that store none (the original's, finetrainers'); default scale 1.")
+    parser.add_argument("--comfyui", action="store_true",
+                        help=f"Also write {COMFYUI_MODEL_NAME}: the merged transformer with ComfyUI's native names.")
+    parser.add_argument("--save_dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="Precision of the saved transformer (default: the base's own).")
+    return parser
+
+
+def merge(transformer, loras):
+    """Add weight x update of each (adapters, weight) in `loras` to the transformer's weights, in float32."""
+    import torch
+    from tqdm.auto import tqdm
+
+    modules = dict(transformer.named_modules())
+    work = [(modules[name], adapter, weight) for adapters, weight in loras for name, adapter in adapters.items()]
+    with torch.no_grad():
+        for module, adapter, weight in tqdm(work, desc="merging", unit="module"):
+            delta = adapter.delta(strength=weight).reshape(module.weight.shape)
+            module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
+
+
+@exit_on_usage_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import training  # noqa: F401  (quiet library notices)
+    from tools.lora_math import DTYPES, TransformerWeights, check_fits, read_lora, weighted
+
+    weights = TransformerWeights(args.base)
+    loras = []
+    for spec in args.lora:
+        path, weight = weighted(spec)
+        adapters = read_lora(path, alpha=args.alpha)
+        check_fits(adapters, weights, path)
+        loras.append((adapters, weight))
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    dtype = DTYPES[args.save_dtype] if args.save_dtype else weights.dtype()
+    transformer = CogVideoXTransformer3DModel.from_pretrained(weights.folder, torch_dtype=dtype)
+    merge(transformer, loras)
+    output = Path(args.output)
+    transformer.save_pretrained(output / "transformer")
+    print(f"wrote {output / 'transformer'} ({len(args.lora)} LoRA(s) merged)")
+    if args.comfyui:
+        from safetensors.torch import save_file
+
+        from training.lora_formats import native_transformer_state
+
+        save_file(native_transformer_state(transformer.state_dict()), str(output / COMFYUI_MODEL_NAME))
+        print(f"wrote {output / COMFYUI_MODEL_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

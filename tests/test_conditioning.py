@@ -106,6 +106,7 @@ def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
     from tools.build_tiny_model import SCHEDULER_CONFIG
     from training.conditioning import TextToVideo
     from training.data_source import PreparedEntries
+    from training.sections import TrainingFlags
     from training.step import compute_loss
 
     scheduler = CogVideoXDPMScheduler(**SCHEDULER_CONFIG)
@@ -121,7 +122,7 @@ def test_loss_is_the_x0_weighted_form_of_v_prediction_mse():
     context = SimpleNamespace(
         device=torch.device("cpu"), data_source=PreparedEntries(), weight_dtype=torch.float32, scheduler=scheduler,
         vae_scaling_factor=0.7, transformer_config={"use_rotary_positional_embeddings": False},
-        saved_tensors=contextlib.nullcontext,
+        saved_tensors=contextlib.nullcontext, training=TrainingFlags(),  # the default recipe: uniform, cogvideox
     )
     batch = {"video_latent_dist": moments, "prompt_embeds": torch.zeros(2, 16, 32)}
     loss = compute_loss(transformer, batch, context, TextToVideo())

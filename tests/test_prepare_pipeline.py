@@ -71,6 +71,7 @@ def test_each_distinct_caption_is_embedded_once_in_batches(monkeypatch, capsys, 
     monkeypatch.setattr(training.models, "encode_prompts", counting)
     output = tmp_path / "prepared"
     run_prepare(prepare_argv(tiny_model_2b, clips, output))
+    assert calls.pop() == [""]  # then the empty prompt, alone, stored once for training's --caption_dropout_rate
     embedded = [prompt for call in calls for prompt in call]
     assert sorted(embedded) == sorted(set(embedded)) and len(embedded) == distinct == 3
     assert len(calls) == 1  # the six clips' captions in one batch

@@ -156,6 +156,27 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
     add_bucket_arguments(buckets)
 
 
+def add_caption_arguments(data):
+    """[data] How training varies each sample's caption (the trainer's alone: prepare_dataset.py embeds captions as
+    they are, and stores the empty prompt's embedding for --caption_dropout_rate)."""
+    data.add_argument(
+        "--caption_dropout_rate", type=float, default=0.0,
+        help="Probability that a sample trains with the empty prompt instead of its caption, drawn per sample and "
+        "epoch from --seed. Teaches the unconditional prediction that classifier-free guidance uses at inference "
+        "(CogVideoX was trained with 0.1). Works with --load_tensors (prepare_dataset.py stores the empty prompt's "
+        "embedding); image-to-video keeps the image.",
+    )
+    data.add_argument(
+        "--caption_shuffle", action="store_true",
+        help="Shuffle each caption's comma-separated tags, anew every epoch, after the first --keep_tokens (the "
+        "--id_token trigger word stays in front). Raw clips only: prepared data holds embedded captions.",
+    )
+    data.add_argument(
+        "--keep_tokens", type=int, default=0,
+        help="With --caption_shuffle: how many leading tags keep their place (not counting --id_token).",
+    )
+
+
 def add_bucket_arguments(buckets):
     """[buckets] The original's bucket flags, a bucket config (--bucket_config), or CogVideoX-Fun's sampling flags
     (same names and meaning: training/buckets.py FunBuckets, assets/dataset.md)."""
@@ -259,6 +280,29 @@ def add_training_arguments(group):
     group.add_argument("--lr_warmup_steps", type=int, default=500, help="Steps of linear warmup from 0 to --learning_rate.")
     group.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
     group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument(
+        "--timestep_sampling", type=str, default="uniform", choices=["uniform", "logit_normal", "mode", "stratified"],
+        help="How training timesteps are drawn: uniform (the original's), logit_normal or mode (SD3's densities, "
+        "weighted towards the middle of the schedule), stratified (one per stratum of the batch: a batch covers the "
+        "range evenly).",
+    )
+    group.add_argument("--logit_mean", type=float, default=None,
+                       help="logit_normal: mean of the normal whose sigmoid is the timestep fraction (default 0).")
+    group.add_argument("--logit_std", type=float, default=None,
+                       help="logit_normal: its standard deviation (default 1; larger spreads towards the ends).")
+    group.add_argument("--mode_scale", type=float, default=None,
+                       help="mode: SD3's scale (default 1.29; 0 is uniform, larger favours the middle).")
+    group.add_argument("--min_timestep", type=int, default=0,
+                       help="Lowest timestep trained (0 = least noise): with --max_timestep a range, e.g. 0 to 500 for "
+                       "detail, 500 to 1000 for motion and layout.")
+    group.add_argument("--max_timestep", type=int, default=None,
+                       help="Timesteps drawn lie below it (default: the schedule's 1000 steps).")
+    group.add_argument(
+        "--loss_weighting", type=str, default="cogvideox", choices=["cogvideox", "min_snr", "none"],
+        help="Per-sample loss weight: cogvideox (the original's 1/(1-alpha_bar), the plain v-prediction loss), "
+        "min_snr (Min-SNR-gamma: low-noise timesteps capped at --snr_gamma), none (the x0 error unweighted).",
+    )
+    group.add_argument("--snr_gamma", type=float, default=None, help="min_snr: the cap gamma (default 5).")
     group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
     group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
     group.add_argument(
@@ -515,6 +559,7 @@ def build_parser(description="CogVideoX fine-tuning"):
         help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
         "--output_dir); the VAE and text encoder are then not loaded for training.",
     )
+    add_caption_arguments(groups["data"])
     add_training_arguments(groups["training"])
     add_optimizer_arguments(groups["optimizer"])
     add_lora_arguments(groups["lora"])

@@ -36,12 +36,13 @@ from .dry_run import dry_run_plan
 from .models import Pretrained, load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
-from .report import LOSS_PLOT, MODEL_CARD, LossHistory, plot_losses, write_model_card
+from .report import LOSS_PLOT, MODEL_CARD, LossHistory, caption_record, plot_losses, write_model_card
 from .run_config import RUN_CONFIG, public_values, write_trainer_config
 from .sections import RunFlags, run_flags
 from .settings import validate_training_args
 from .startup import StartupClock
 from .step import build_context, build_trainer, train_step
+from .timesteps import recipe
 from .validation import Validation, evaluate
 
 
@@ -136,7 +137,8 @@ def run(argv, conditioning, mode):
     train(job)  # 6.
     summary = {"global_step": job.state.global_step, "final_loss": job.last_loss,
                "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job),
-               "startup_seconds": startup.phases}
+               "startup_seconds": startup.phases, "recipe": recipe(flags.training)}
+    summary["captions"] = caption_record(flags.data)  # --caption_dropout_rate, --caption_shuffle
     if tracker is not None:  # COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1
         tracker.__exit__(None, None, None)
         summary["tracked_training_peak_bytes"] = tracker.peak

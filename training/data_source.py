@@ -22,6 +22,7 @@ from .args import UsageError, size_limit_problem
 from .buckets import bucket_plan, check_buckets, reshape_mode
 from .dataset import (
     BucketBatchSampler,
+    CaptionDraws,
     PrecomputedDataset,
     VideoDataset,
     assign_buckets,
@@ -92,11 +93,13 @@ class RawClips:
         """{bucket: batch size} of the bucket `keys` (the plan `samples` made)."""
         return {bucket: self.plan.batch_size(bucket) for bucket in keys}
 
-    def dataset(self, data, buckets, training, conditioning, items, repeat=False):
-        """The items' dataset; with `repeat`, each sample `repeats` times (--dataset_config num_repeats)."""
-        items, keys = expand_repeats(items) if repeat else (items, None)
+    def dataset(self, data, buckets, training, conditioning, items, for_training=False):
+        """The items' dataset; the training set (`for_training`) has each sample `repeats` times (--dataset_config
+        num_repeats) and its captions dropped or shuffled (--caption_dropout_rate, --caption_shuffle)."""
+        items, keys = expand_repeats(items) if for_training else (items, None)
         return VideoDataset(items, reshape_mode(data.video_reshape_mode, buckets), data.random_flip,
-                            conditioning.image_to_video, seed=training.seed or 0, random_keys=keys)
+                            conditioning.image_to_video, seed=training.seed or 0, random_keys=keys,
+                            captions=CaptionDraws.of(data, training) if for_training else CaptionDraws())
 
     def encode(self, batch, context):
         """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
@@ -126,6 +129,10 @@ class PreparedEntries:
                 f"--load_tensors: {data.data_root} has no manifest.json; run training/prepare_dataset.py "
                 f"--save_latents_and_embeddings --output_dir {data.data_root} first (see prepare_dataset.sh)"
             )
+        if data.caption_shuffle:
+            problems.append("--caption_shuffle needs raw clips: prepared data holds captions already embedded by T5, "
+                            "whose tags can no longer be reordered; train without --load_tensors, or drop "
+                            "--caption_shuffle")
 
     def check_model_args(self, data, buckets, transformer_config, problems):
         pass  # each entry keeps the bucket prepare_dataset.py gave it; the manifest is checked in `samples`
@@ -146,6 +153,7 @@ class PreparedEntries:
         listed = (_select_entries(data, manifest["entries"], validation.eval_video_column)
                   if validation.eval_video_column else [])
         self.stored_batch_sizes = manifest.get("batch_sizes", {})
+        self.empty_prompt = manifest.get("empty_prompt")  # the empty prompt's embedding, for caption dropout
         return items, listed, [], []
 
     def batch_sizes(self, buckets, training, transformer_config, keys):
@@ -162,10 +170,18 @@ class PreparedEntries:
         stored = self.stored_batch_sizes
         return {bucket: stored.get("x".join(map(str, bucket)), training.train_batch_size) for bucket in keys}
 
-    def dataset(self, data, buckets, training, conditioning, entries, repeat=False):
-        if repeat:  # each entry as many times as its source's num_repeats (stored by prepare_dataset.py)
+    def dataset(self, data, buckets, training, conditioning, entries, for_training=False):
+        """The entries' dataset; the training set (`for_training`) has each entry as many times as its source's
+        num_repeats (stored by prepare_dataset.py), random keys as RawClips gives them, and --caption_dropout_rate's
+        draws."""
+        keys = None
+        if for_training:
+            keys = [entry["index"] if repeat == 0 else (entry["index"], repeat)
+                    for entry in entries for repeat in range(entry.get("repeats", 1))]
             entries = [entry for entry in entries for _ in range(entry.get("repeats", 1))]
-        return PrecomputedDataset(data.data_root, entries)
+        return PrecomputedDataset(data.data_root, entries, random_keys=keys,
+                                  captions=CaptionDraws.of(data, training) if for_training else CaptionDraws(),
+                                  empty_prompt=self.empty_prompt)
 
     def encode(self, batch, context):
         distribution = batch["video_latent_dist"].to(context.device, non_blocking=True)
@@ -283,7 +299,7 @@ def build_training_data(model, data, buckets, training, validation, memory, para
         raise UsageError(f"--eval_split {validation.eval_split} leaves no sample to train on ({len(items)} usable)")
     if not training.dry_run:  # a dry run lists them in its plan instead of stopping
         report_skipped(skipped, training.output_dir, data.skip_bad_samples, backend)
-    dataset = source.dataset(data, buckets, training, conditioning, train, repeat=True)
+    dataset = source.dataset(data, buckets, training, conditioning, train, for_training=True)
     counts = bucket_counts(dataset.bucket_keys)
     batch_sizes, simulated = source.batch_sizes(buckets, training, transformer_config, set(counts)), {}
     if "auto" in batch_sizes.values():

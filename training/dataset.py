@@ -9,6 +9,7 @@ has one shape. `PrecomputedDataset` reads what prepare_dataset.py wrote instead.
 
 import json
 import math
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class Sample:
     video_path: Path  # a video, or a still image (training/video_io.py IMAGE_SUFFIXES)
     repeats: int = 1  # times it trains per epoch (--dataset_config num_repeats)
     caption_file: Path = None  # where the caption was read, in a folder of media with captions beside them
+    id_token: str = None  # the trigger word prepended to `caption` (kept in front by --caption_shuffle)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
         )
     samples = [
         # An empty caption stays empty (not just the id token) so the scan reports it.
-        Sample(index=i, caption=with_id_token(caption, id_token) if caption else "", video_path=(root / video))
+        Sample(index=i, caption=with_id_token(caption, id_token) if caption else "", video_path=(root / video),
+               id_token=id_token)
         for i, (caption, video) in enumerate(zip(captions, videos))
     ]
     if not samples:
@@ -233,6 +236,65 @@ def write_skip_report(skipped, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Caption dropout and shuffle
+# ----------------------------------------------------------------------------------------------
+
+_CAPTION_STREAM = 0x43415054  # keeps caption draws apart from the flip and crop draws of the same sample
+
+
+@dataclass(frozen=True)
+class CaptionDraws:
+    """How a training sample's caption changes from epoch to epoch (nothing, by default).
+
+    --caption_dropout_rate P: with probability P the sample trains with the empty prompt (the caption "", trigger word
+    included), as classifier-free guidance's negative prompt is encoded. --caption_shuffle: the comma-separated tags
+    after the first --keep_tokens are shuffled; the trigger word (--id_token) stays in front and is not counted.
+    Every draw comes from (seed, epoch, the sample's random key), apart from the flip and crop draws: the same in
+    every worker and process, and again after a resume.
+    """
+
+    dropout_rate: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, data, training):
+        """From the [data] section's caption flags and --seed ([training])."""
+        return cls(data.caption_dropout_rate, data.caption_shuffle, data.keep_tokens, training.seed or 0)
+
+    def _random(self, epoch, key):
+        # hash() of a tuple of ints (a key may be a tuple of ints) is the same in every process.
+        return random.Random(hash((self.seed, epoch, key, _CAPTION_STREAM)))
+
+    def dropped(self, epoch, key):
+        """True when the sample with this random key trains with the empty prompt in this epoch."""
+        return self.dropout_rate > 0 and self._random(epoch, key).random() < self.dropout_rate
+
+    def caption(self, caption, epoch, key, id_token=None):
+        """The caption the sample trains with in this epoch ("" when dropped)."""
+        if not self.dropout_rate and not self.shuffle:
+            return caption
+        draws = self._random(epoch, key)
+        if self.dropout_rate > 0 and draws.random() < self.dropout_rate:  # the same first draw as `dropped`
+            return ""
+        return shuffle_tags(caption, self.keep_tokens, draws, id_token) if self.shuffle else caption
+
+
+def shuffle_tags(caption, keep_tokens, draws, id_token=None):
+    """The caption's comma-separated tags, the first `keep_tokens` in place and the rest in an order from `draws` (a
+    random.Random). A caption that starts with the trigger word `id_token` keeps it in front, outside the count."""
+    token = (id_token or "").strip()
+    head = ""
+    if token and caption.startswith(token + " "):
+        head, caption = token + " ", caption[len(token) + 1 :]
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    draws.shuffle(rest)
+    return head + ", ".join(kept + rest)
+
+
+# ----------------------------------------------------------------------------------------------
 # Frames -> tensors
 # ----------------------------------------------------------------------------------------------
 
@@ -278,19 +340,20 @@ class ClipDecodeError(TrainingError):
 class VideoDataset(Dataset):
     """Decodes one clip per item at its bucket's shape. Runs inside DataLoader workers.
 
-    Random choices (flip, crop offset) come from a generator seeded by (seed, epoch, the item's random key: its
-    sample's index in the list, or the `random_keys` given), so they do not depend on which worker or process loads
-    the item, and a resumed run repeats them.
+    Random choices (flip, crop offset, and the `captions` draws) come from generators seeded by (seed, epoch, the
+    item's random key: its sample's index in the list, or the `random_keys` given), so they do not depend on which
+    worker or process loads the item, and a resumed run repeats them.
     """
 
     def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False, seed=0,
-                 random_keys=None):
+                 random_keys=None, captions=CaptionDraws()):
         self.items = list(bucketed_samples)
         self.random_keys = list(random_keys) if random_keys is not None else [i.sample.index for i in self.items]
         self.video_reshape_mode = video_reshape_mode
         self.random_flip = random_flip
         self.image_to_video = image_to_video
         self.seed = seed
+        self.captions = captions
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -320,20 +383,35 @@ class VideoDataset(Dataset):
         video = fit_to_bucket(raw, height, width, self.video_reshape_mode, generator=generator)
         if self.random_flip and torch.rand((), generator=generator) < self.random_flip:
             video = video.flip(-1)  # one decision for the whole clip, not per frame
+        key = self.random_keys[position]
         return {
             "index": item.sample.index,
-            "prompt": item.sample.caption,
+            "prompt": self.captions.caption(item.sample.caption, self.epoch, key, item.sample.id_token),
             "video": video,
             "image": video[:1].clone() if self.image_to_video else None,
         }
 
 
 class PrecomputedDataset(Dataset):
-    """Items written by prepare_dataset.py: latent distributions and prompt embeddings."""
+    """Items written by prepare_dataset.py: latent distributions and prompt embeddings.
 
-    def __init__(self, data_root, entries):
+    With caption dropout (`captions`), a dropped item's prompt embeddings are the empty prompt's, `empty_prompt` (the
+    file prepare_dataset.py stored), drawn like VideoDataset's from (seed, epoch, the entry's random key)."""
+
+    def __init__(self, data_root, entries, random_keys=None, captions=CaptionDraws(), empty_prompt=None):
         self.data_root = Path(data_root)
         self.entries = list(entries)
+        self.random_keys = list(random_keys) if random_keys is not None else [entry["index"] for entry in self.entries]
+        self.captions = captions
+        self.empty_prompt = None
+        if captions.dropout_rate > 0:
+            from safetensors.torch import load_file
+
+            self.empty_prompt = load_file(self.data_root / empty_prompt)["prompt_embeds"]
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.entries)
@@ -347,10 +425,11 @@ class PrecomputedDataset(Dataset):
 
         entry = self.entries[position]
         tensors = load_file(self.data_root / entry["file"])
+        dropped = self.captions.dropped(self.epoch, self.random_keys[position])
         return {
             "index": entry["index"],
-            "prompt": entry["caption"],
-            "prompt_embeds": tensors["prompt_embeds"],
+            "prompt": "" if dropped else entry["caption"],
+            "prompt_embeds": self.empty_prompt if dropped else tensors["prompt_embeds"],
             "video_latent_dist": tensors["video_latent_dist"],
             "image": tensors.get("first_frame"),  # [1, C, H, W] in [-1, 1]: I2V noise-augments and encodes it
         }

@@ -123,7 +123,7 @@ def read_folder(folder, caption_extension=".txt", id_token=None, start=0, repeat
         except UnicodeDecodeError as error:
             raise UsageError(f"{caption_file}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
         samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
-                              video_path=path, repeats=repeats, caption_file=caption_file))
+                              video_path=path, repeats=repeats, caption_file=caption_file, id_token=id_token))
     return samples
 
 
@@ -150,7 +150,7 @@ def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
             raise UsageError(f'--train_data_meta {path}: entry {position + 1}: "type" is {kind!r}, not video or image')
         caption = str(entry["text"]).strip()
         samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
-                              video_path=root / entry["file_path"], repeats=repeats))
+                              video_path=root / entry["file_path"], repeats=repeats, id_token=id_token))
     check_files_exist(samples)
     return samples
 

@@ -5,6 +5,8 @@ Layout (see assets/dataset.md):
     prompts.txt, videos.txt  the original's lists: caption and `videos/<stem>.mp4` per line
     latents/<stem>.safetensors   video_latent_dist [2C, f, h, w], prompt_embeds [S, D]
                                  (+ first_frame [1, 3, H, W] in [-1, 1] with --save_image_latents)
+    empty_prompt-<key>.safetensors   prompt_embeds [S, D] of the empty prompt "" (caption dropout), named in the
+                                 manifest ("empty_prompt"); folders prepared before caption dropout have none
     videos/<stem>.mp4        the clip as it was encoded (resized, cropped, sampled)
     video_hashes.json        with --hash_videos: sha256 of each source video, with the file's stat when hashed
 """
@@ -212,7 +214,7 @@ def _encoder_problems(manifest, pretrained, where):
 
 def manifest_problems(manifest, transformer_config, conditioning, pretrained, data):
     """Why the prepared data cannot train this model (`pretrained`, a models.Pretrained, for its encoders) with these
-    flags ([data]: --data_root, --id_token) (empty list: it can)."""
+    flags ([data]: --data_root, --id_token, --caption_dropout_rate) (empty list: it can)."""
     problems = []
     settings, model = manifest["settings"], manifest["model"]
     where = f"--load_tensors {data.data_root}"
@@ -241,6 +243,8 @@ def manifest_problems(manifest, transformer_config, conditioning, pretrained, da
             f"--id_token {token}: the prepared captions do not start with it (prompts are embedded by "
             f"prepare_dataset.py); re-run it with --id_token {token}, or drop --id_token here"
         )
+    if data.caption_dropout_rate > 0:
+        problems.extend(_empty_prompt_problems(manifest, data, where))
     if not manifest["entries"]:
         problems.append(f"{where}: the manifest lists no prepared sample")
     for frames, height, width in sorted({tuple(e["bucket"]) for e in manifest["entries"]}):
@@ -258,3 +262,17 @@ def manifest_problems(manifest, transformer_config, conditioning, pretrained, da
             "prepare_dataset.py with the same flags (it recomputes exactly those)"
         )
     return problems
+
+
+def _empty_prompt_problems(manifest, data, where):
+    """--caption_dropout_rate with prepared data trains dropped samples on the empty prompt's embedding, which
+    prepare_dataset.py stores once; a folder prepared before caption dropout existed has none."""
+    rerun = ("re-run prepare_dataset.py with the same flags (it reuses every entry and embeds only the empty prompt), "
+             "or drop --caption_dropout_rate")
+    name, flag = manifest.get("empty_prompt"), f"--caption_dropout_rate {data.caption_dropout_rate:g}"
+    if not name:
+        return [f"{flag}: {where} holds no embedding of the empty prompt (prepared before caption dropout existed); "
+                f"{rerun}"]
+    if not readable_entry(Path(data.data_root) / name):
+        return [f"{flag}: {where}: {name} is missing or truncated; {rerun}"]
+    return []

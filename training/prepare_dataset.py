@@ -256,6 +256,8 @@ def prepare(flags):
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(plan.mine), plan.already_prepared)
     if plan.mine:
         encode_samples(flags, output, usable, plan, rank, device)
+    if rank == 0 and flags.save_latents_and_embeddings:
+        save_empty_prompt(flags, output, plan, device)  # (a no-op when encode_samples stored it)
     waiting_room.wait()  # every rank's entries are written
     if rank == 0:
         write_lists_and_manifest(flags, output, usable, skipped, plan, transformer_config, buckets)
@@ -327,6 +329,7 @@ class EncodingPlan:
     already_prepared: int  # of this rank's share
     to_encode: int  # samples not prepared yet, all ranks together
     needed_bytes: int  # disk the latents and embeddings still to write need (0 without --save_latents_and_embeddings)
+    empty_prompt: str  # file (in the output folder) of the empty prompt's embedding, keyed like the entries
 
 
 def plan_encoding(flags, output, usable, transformer_config, rank, world_size):
@@ -343,8 +346,18 @@ def plan_encoding(flags, output, usable, transformer_config, rank, world_size):
     needed = estimate_bytes(to_encode, vae_config, transformer_config, flags) if flags.save_latents_and_embeddings else 0
     return EncodingPlan(
         settings=settings, vae_config=vae_config, stems=stems, mine=mine, already_prepared=len(share) - len(mine),
-        to_encode=len(to_encode), needed_bytes=needed,
+        to_encode=len(to_encode), needed_bytes=needed, empty_prompt=empty_prompt_file(settings),
     )
+
+
+TEXT_SETTINGS = ("model", "revision", "text_encoder_config", "text_embed_dim", "max_sequence_length", "dtype")
+
+
+def empty_prompt_file(settings):
+    """The empty prompt's embedding file, named by what it depends on (the text encoder, the sequence length, the
+    precision), so a folder prepared again with another model gets its own."""
+    payload = {"caption": "", **{key: settings[key] for key in TEXT_SETTINGS}}
+    return f"empty_prompt-{hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]}.safetensors"
 
 
 def cache_settings(flags, vae_config, transformer_config):
@@ -426,6 +439,27 @@ def encode_samples(flags, output, usable, plan, rank, device):
                     for j, sample_index in enumerate(batch["index"]):
                         stem, item = entry_of[sample_index]
                         writer.put(stem, item, batch["video"][j], tensors[j])
+    if rank == 0 and encoders is not None:
+        save_empty_prompt(flags, output, plan, device, encoders)
+
+
+def save_empty_prompt(flags, output, plan, device, encoders=None):
+    """The T5 embedding of the empty prompt "" (as the pipelines encode a negative prompt), stored once for training's
+    --caption_dropout_rate, unless already there. Loads the tokenizer and T5 (not the VAE) when `encoders` is None."""
+    import torch
+
+    from training.models import encode_prompts, load_text_encoder, load_tokenizer
+    from training.precomputed import readable_entry
+
+    path = output / plan.empty_prompt
+    if readable_entry(path):
+        return
+    dtype = getattr(torch, DTYPES[flags.dtype])
+    if encoders is None:
+        pretrained = pretrained_of(flags)
+        encoders = Encoders(load_tokenizer(pretrained), load_text_encoder(pretrained, dtype).to(device).eval(), None)
+    embeds = encode_prompts(encoders.tokenizer, encoders.text_encoder, [""], flags.max_sequence_length, device, dtype)
+    _atomic_save({"prompt_embeds": embeds[0].cpu()}, path, {"caption": ""})
 
 
 def _load_encoders(flags, dtype, device):
@@ -677,6 +711,7 @@ def _write_manifest(output, entries, skipped, plan, transformer_config, flags, b
             "weights": component_digests(pretrained_of(flags)),
         },
         "settings": plan.settings,
+        "empty_prompt": plan.empty_prompt,  # for training's --caption_dropout_rate
         # With --bucket_config, each bucket's training batch size (training uses it unless given another config).
         "batch_sizes": {"x".join(map(str, e["bucket"])): buckets.batch_size(e["bucket"]) for e in entries}
         if flags.bucket_config else {},

@@ -276,11 +276,14 @@ def write_model_card(job):
         "lora_file": LORA_WEIGHT_NAME,
         "comfyui_file": COMFYUI_WEIGHT_NAME,
     }
+    facts["settings"].update(caption_record(flags.data))
     (output_dir / MODEL_CARD).write_text(model_card(facts))
 
 
 def run_settings(buckets, training, optimizer, lora, conditioning, mode, num_processes, steps, batch_size):
     """The model card's settings table, from the [buckets], [training], [optimizer] and [lora] sections."""
+    from .timesteps import recipe
+
     bucket_rows = {"bucket config": Path(buckets.bucket_config).name} if buckets.bucket_config else {
         "resolution buckets (H x W)": f"{_join(buckets.height_buckets)} x {_join(buckets.width_buckets)}",
         "frame buckets": _join(buckets.frame_buckets)}
@@ -294,11 +297,18 @@ def run_settings(buckets, training, optimizer, lora, conditioning, mode, num_pro
         "mixed precision": training.mixed_precision or "no",
         **bucket_rows,
         "seed": training.seed,
+        **recipe(training),  # timestep sampling, loss weighting
         "every setting": "config.toml (train the same run again with --config config.toml)",
     }
     if mode.name == "lora":
         settings.update({"rank": lora.rank, "alpha": lora.lora_alpha, "target modules": lora.lora_target_modules})
     return {k: v for k, v in settings.items() if v is not None}
+
+
+def caption_record(data):
+    """The model card's and summary.json's record of how training varied the captions ([data] section)."""
+    shuffle = f"tags after the first {data.keep_tokens}" if data.caption_shuffle else "off"
+    return {"caption dropout": data.caption_dropout_rate, "caption shuffle": shuffle}
 
 
 def _join(values):

@@ -164,8 +164,10 @@ def _flag_problems(flags):
     problems.extend(compute_problems(flags.memory, flags.parallelism))
     if flags.training.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {flags.training.learning_rate})")
+    problems.extend(_timestep_problems(flags.training))
     if flags.data.dataloader_num_workers < 0:
         problems.append("--dataloader_num_workers must be 0 or more")
+    problems.extend(_caption_problems(flags.data))
     for name, value in (("height", flags.validation.height), ("width", flags.validation.width)):
         if value % 16:
             problems.append(f"--{name} {value}: validation size must be a multiple of 16")
@@ -187,6 +189,20 @@ def _flag_problems(flags):
         except ImportError:
             problems.append(f"--report_to {flags.logging.report_to}: {flags.logging.report_to} is not installed (pip install {flags.logging.report_to})")
     check_output_dir(flags.training.output_dir, problems)
+    return problems
+
+
+def _caption_problems(data):
+    """--caption_dropout_rate, --caption_shuffle and --keep_tokens on their own (with --load_tensors: data_source)."""
+    problems = []
+    if not 0 <= data.caption_dropout_rate < 1:
+        problems.append(f"--caption_dropout_rate must be at least 0 and below 1 (got {data.caption_dropout_rate:g}); "
+                        "0.1 is the usual choice")
+    if data.keep_tokens < 0:
+        problems.append(f"--keep_tokens must be 0 or more (got {data.keep_tokens})")
+    elif data.keep_tokens and not data.caption_shuffle:
+        problems.append(f"--keep_tokens {data.keep_tokens} keeps tags in place for --caption_shuffle: pass "
+                        "--caption_shuffle too, or drop --keep_tokens")
     return problems
 
 
@@ -212,6 +228,28 @@ def _attention_problems(parallelism):
         _check_attention_backend_requirements(AttentionBackendName(backend))
     except (RuntimeError, ImportError) as error:
         problems.append(f"--attention_backend {backend}: {error}")
+    return problems
+
+
+def _timestep_problems(training):
+    """--timestep_sampling, --min_timestep/--max_timestep, --loss_weighting and their options (training/timesteps.py)."""
+    from .timesteps import MODE_SCALE_RANGE, NUM_TRAIN_TIMESTEPS, OPTION_OWNERS
+
+    problems = []
+    high = NUM_TRAIN_TIMESTEPS if training.max_timestep is None else training.max_timestep
+    if not 0 <= training.min_timestep < high <= NUM_TRAIN_TIMESTEPS:
+        problems.append(f"--min_timestep {training.min_timestep} --max_timestep {high}: need 0 <= min < max <= "
+                        f"{NUM_TRAIN_TIMESTEPS} (the schedule's steps; timesteps are drawn from min to max - 1)")
+    for name, (flag, value) in OPTION_OWNERS.items():
+        if getattr(training, name) is not None and getattr(training, flag) != value:
+            problems.append(f"--{name} is an option of --{flag} {value}: pass that too, or drop --{name}")
+    if training.logit_std is not None and training.logit_std <= 0:
+        problems.append(f"--logit_std must be positive (got {training.logit_std:g})")
+    if training.mode_scale is not None and not MODE_SCALE_RANGE[0] <= training.mode_scale <= MODE_SCALE_RANGE[1]:
+        problems.append(f"--mode_scale must lie from -1 to 1.75 (2/(pi-2)), where SD3's mode density is one "
+                        f"(got {training.mode_scale:g}); 1.29 is SD3's")
+    if training.snr_gamma is not None and training.snr_gamma <= 0:
+        problems.append(f"--snr_gamma must be positive (got {training.snr_gamma:g}); 5 is the Min-SNR paper's")
     return problems
 
 

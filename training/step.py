@@ -17,13 +17,15 @@ import torch
 from .models import prepare_frozen_base, rotary_embeddings, sample_latents, vae_scale_factor_spatial
 from .modes import cast_frozen
 from .optim import build_lr_scheduler, build_optimizer
+from .timesteps import draw_timesteps, loss_weights
 
 
 @dataclass
 class Context:
     """Run-wide values derived from the flags and the model's configs, and the flag sections the step reads: [training]
-    (--noised_image_dropout, the LR schedule, --seed), [optimizer], [lora], [memory] and [parallelism] (how
-    `build_trainer` prepares the transformer and builds the optimizer; --max_grad_norm)."""
+    (--noised_image_dropout, the LR schedule, --seed, the timestep and loss-weight recipe: timesteps.py), [optimizer],
+    [lora], [memory] and [parallelism] (how `build_trainer` prepares the transformer and builds the optimizer;
+    --max_grad_norm)."""
 
     training: object  # sections.TrainingFlags
     optimizer: object  # sections.OptimizerFlags
@@ -157,9 +159,11 @@ def build_trainer(transformer, context, conditioning, mode, backend, max_train_s
 
 
 def compute_loss(transformer, batch, context, conditioning, timestep=None):
-    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space with 1/(1 - alpha_bar) weights.
+    """Diffusion loss of one micro-batch: v-prediction, scored in x0 space.
 
-    Timesteps are drawn uniformly, or all equal to `timestep` (held-out evaluation)."""
+    Timesteps are drawn and weighted as the [training] recipe says (timesteps.py: --timestep_sampling,
+    --min_timestep/--max_timestep, --loss_weighting), or all equal to `timestep` and weighted 1/(1 - alpha_bar)
+    (held-out evaluation: the same figure whatever the recipe, so runs with different recipes compare)."""
     device, dtype = context.device, context.weight_dtype
     scheduler = context.scheduler
     distribution, prompt_embeds = context.data_source.encode(batch, context)
@@ -169,7 +173,7 @@ def compute_loss(transformer, batch, context, conditioning, timestep=None):
     # Noise is mixed in fp32: in bf16, alpha_bar near 1 rounds to exactly 1 (no noise at the smallest t).
     noise = torch.randn_like(latents)
     if timestep is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device).long()
+        timesteps = draw_timesteps(context.training, batch_size, scheduler.config.num_train_timesteps, device)
     else:
         timesteps = torch.full((batch_size,), timestep, device=device, dtype=torch.long)
     noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -186,8 +190,8 @@ def compute_loss(transformer, batch, context, conditioning, timestep=None):
             **conditioning.transformer_kwargs(noisy, context),
         )[0]
     predicted_x0 = scheduler.get_velocity(prediction.float(), noisy, timesteps)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[timesteps]
-    weights = (1.0 / (1.0 - alphas_cumprod)).view(-1, 1, 1, 1, 1)
+    weighting = context.training.loss_weighting if timestep is None else "cogvideox"
+    weights = loss_weights(weighting, context.training.snr_gamma, scheduler, timesteps, device).view(-1, 1, 1, 1, 1)
     per_sample = (weights * (predicted_x0 - latents) ** 2).reshape(batch_size, -1).mean(dim=1)
     return per_sample.mean()
 

@@ -2,6 +2,8 @@
 # LoRA fine-tuning of CogVideoX image-to-video (training/cogvideox_image_to_video_lora.py):
 # the first frame of each clip conditions the video. Swept like the text-to-video
 # script, over LEARNING_RATES x LR_SCHEDULES x OPTIMIZERS x MAX_TRAIN_STEPS.
+# Fits one 40 GB GPU with these defaults (the --dry_run estimate; tests/test_presets.py checks it):
+# from raw videos, T5 and the VAE share the GPU with training (presets/5b-i2v-lora-24gb.toml fits 24 GB).
 #
 # Validation needs one first-frame image per validation prompt. VALIDATION_IMAGES
 # is empty by default, and then the runs skip validation (the script says so);

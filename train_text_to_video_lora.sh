@@ -2,6 +2,7 @@
 # LoRA fine-tuning of CogVideoX text-to-video (training/cogvideox_text_to_video_lora.py),
 # swept over LEARNING_RATES x LR_SCHEDULES x OPTIMIZERS x MAX_TRAIN_STEPS. Every
 # run gets its own output directory whose name encodes its settings.
+# Fits one 24 GB GPU with these defaults (the --dry_run estimate; tests/test_presets.py checks it).
 #
 # Every setting can be overridden from the environment, for example:
 #   GPU_IDS=1 LEARNING_RATES="1e-4" OPTIMIZERS="adamw" ./train_text_to_video_lora.sh

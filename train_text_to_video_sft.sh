@@ -3,6 +3,7 @@
 # (training/cogvideox_text_to_video_sft.py): every transformer weight trains, and
 # each run writes transformer/ in its output directory. Swept like the LoRA
 # script, over LEARNING_RATES x LR_SCHEDULES x OPTIMIZERS x MAX_TRAIN_STEPS.
+# Fits one 80 GB GPU with these defaults (the --dry_run estimate; tests/test_presets.py checks it).
 #
 # The default data is the Tom and Jerry dataset, downloaded with
 #   hf download Wild-Heart/Tom-and-Jerry-VideoGeneration-Dataset --repo-type dataset \
@@ -12,7 +13,7 @@
 #   DATA_ROOT=/data/my-videos CAPTION_COLUMN=prompt.txt ./train_text_to_video_sft.sh
 #   DRY_RUN=1 ./train_text_to_video_sft.sh           # print the commands only
 #   MODEL_PATH=THUDM/CogVideoX-2b MAX_TRAIN_STEPS="5000 20000" ...
-#   GPU_IDS=0,1 ACCELERATE_CONFIG_FILE=accelerate_configs/uncompiled_2.yaml ...
+#   GPU_IDS=0,1 ACCELERATE_CONFIG_FILE=accelerate_configs/uncompiled_2.yaml MEMORY_ARGS= ...
 #   LOAD_TENSORS=1 ...     # train on prepare_dataset.sh output (DATA_ROOT=data/tom-and-jerry-prepared)
 # The settings shared by the train_*.sh scripts (their defaults, how lists,
 # EXTRA_ARGS and relative paths work) are listed in scripts/sweep_lib.sh.
@@ -37,4 +38,11 @@ sweep_data data/tom-and-jerry captions.txt
 : "${GRADIENT_ACCUMULATION_STEPS:=4}"
 : "${LR_WARMUP_STEPS:=800}"
 
-sweep_run training/cogvideox_text_to_video_sft.py cogvideox-sft
+# AdamW's states and its step live in CPU memory (torchao's CPUOffloadOptimizer; the master weights stay fp32):
+# with the states on the GPU (upstream) a 5b full fine-tune from raw videos needs more than an 80 GB GPU has.
+# It takes one process: with several GPUs set MEMORY_ARGS= (and a DeepSpeed config, or LOAD_TENSORS=1 with
+# MEMORY_ARGS=--use_8bit: 56 GiB, as presets/5b-sft-80gb.toml).
+: "${MEMORY_ARGS=--use_cpu_offload_optimizer}"
+split_words "$MEMORY_ARGS" && memory_args=(${words[@]+"${words[@]}"})
+
+sweep_run training/cogvideox_text_to_video_sft.py cogvideox-sft ${memory_args[@]+"${memory_args[@]}"}

@@ -79,10 +79,11 @@ def test_the_flag_reference_is_what_the_parsers_define():
 
 
 # Where the whole flag set may be seen: parsed (args, run_config, sections), checked (settings; args' checks) and
-# handed out (core, and dry_run/report, which describe the whole run; the benchmark builds a trainer's flags).
+# handed out (core, and dry_run/report, which describe the whole run; the benchmark and the preset estimate build a
+# trainer's flags and hand their sections on).
 PARSING = {"training/args.py", "training/run_config.py", "training/sections.py"}
 WHOLE_FLAGS = PARSING | {"training/settings.py", "training/core.py", "training/dry_run.py", "training/report.py",
-                         "benchmarks/benchmark_training.py"}
+                         "benchmarks/benchmark_training.py", "benchmarks/estimate_presets.py"}
 
 
 def _python_files():
@@ -119,5 +120,5 @@ def test_outside_parsing_and_checking_no_function_takes_the_flag_namespace_or_al
                 if arg.arg in ("args", "namespace") and reads & flag_names:
                     namespaces.append(f"{where}:{node.lineno} {node.name}({arg.arg}): {sorted(reads & flag_names)}")
     assert not getattrs, "getattr(args or a section, flag, default) outside the parsing modules: every field exists"
-    assert not whole, "the whole RunFlags read outside core/settings/dry_run/report/benchmark"
+    assert not whole, "the whole RunFlags read outside the modules that check it or hand it out"
     assert not namespaces, "a function takes the parsed flag namespace"

@@ -303,6 +303,7 @@ def add_training_arguments(group):
         "min_snr (Min-SNR-gamma: low-noise timesteps capped at --snr_gamma), none (the x0 error unweighted).",
     )
     group.add_argument("--snr_gamma", type=float, default=None, help="min_snr: the cap gamma (default 5).")
+    add_ema_arguments(group)
     group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
     group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
     group.add_argument(
@@ -311,6 +312,25 @@ def add_training_arguments(group):
         help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, static "
         "memory) and exit without loading any weights.",
     )
+
+
+def add_ema_arguments(group):
+    """[training] The moving average of the trained weights (training/ema.py)."""
+    group.add_argument(
+        "--ema_decay", type=float, default=None,
+        help="Keep an exponential moving average (EMA) of the trained weights, with this decay d (0 < d < 1; e.g. "
+        "0.999 for long runs, 0.99 for a few hundred steps): ema = d*ema + (1-d)*weights after every "
+        "--ema_update_every-th step, from the weights the run starts from. Saved beside the weights "
+        "(pytorch_lora_weights_ema.safetensors, transformer_ema/); the held-out loss is logged for both.",
+    )
+    group.add_argument("--ema_update_every", type=int, default=1,
+                       help="With --ema_decay: update the average every N optimizer steps (the same d each time).")
+    group.add_argument("--ema_on_cpu", action="store_true",
+                       help="With --ema_decay: keep the average (fp32, 4 bytes per trained weight) in CPU memory "
+                       "instead of the accelerator's.")
+    group.add_argument("--validate_ema", action="store_true",
+                       help="With --ema_decay: each validation also makes videos from the EMA weights "
+                       "(validation_ema_step<N>_*).")
 
 
 def add_optimizer_arguments(group):

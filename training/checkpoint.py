@@ -3,7 +3,8 @@ half-written one. The user's artifact (LoRA or transformer) is written separatel
 
 A checkpoint holds the engine's model and optimizer state (written and read by the backend: `backend.py` knows
 the layout of each engine), the LR schedule and grad scaler as JSON, every rank's RNG as safetensors/JSON, and
-`training_state.json` (step, epoch, position in the epoch), written last. Resuming reads only safetensors, JSON and
+`training_state.json` (step, epoch, position in the epoch), written last; with --ema_decay, the average of the
+weights (`ema.safetensors`, fp32). Resuming reads only safetensors, JSON and
 `torch.load(weights_only=True)` files: no pickle runs.
 """
 
@@ -135,14 +136,17 @@ def refresh_host_copies(optimizer):
                 host_copy.copy_(weight.detach())
 
 
-def load_checkpoint(backend, folder, transformer, optimizer, lr_scheduler, mode, pipeline_class):
-    """Restore what save_checkpoint wrote; the mode reads its own weights. Every rank calls this."""
+def load_checkpoint(backend, folder, transformer, optimizer, lr_scheduler, mode, pipeline_class, ema=None):
+    """Restore what save_checkpoint wrote; the mode reads its own weights, `ema` (ema.EMA, --ema_decay) its
+    average. Every rank calls this."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     backend.check_checkpoint_layout(folder)
     backend.load_engine_state(folder, transformer, optimizer, mode, pipeline_class)
     refresh_host_copies(optimizer)
+    if ema is not None:
+        ema.load(folder)
     scaler_file = folder / "grad_scaler.json"
     if backend.grad_scaler is not None and scaler_file.is_file():
         backend.grad_scaler.load_state_dict(json.loads(scaler_file.read_text()))
@@ -152,9 +156,11 @@ def load_checkpoint(backend, folder, transformer, optimizer, lr_scheduler, mode,
                    json.loads((folder / f"rng_state_{rank}.json").read_text()))
 
 
-def save_checkpoint(backend, output_dir, step, state, lr_scheduler, model, optimizer, save_model, total_limit=None):
+def save_checkpoint(backend, output_dir, step, state, lr_scheduler, model, optimizer, save_model, total_limit=None,
+                    ema=None):
     """Model, optimizer, RNG, schedule and loop `state`, atomically. Every rank calls this. `save_model(folder)`
-    writes the mode's artifact (gathering sharded weights) where the engine does not save the model itself."""
+    writes the mode's artifact (gathering sharded weights) where the engine does not save the model itself; `ema`
+    (ema.EMA, --ema_decay): its average too (every rank holds the same one; the main process writes it)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -163,6 +169,8 @@ def save_checkpoint(backend, output_dir, step, state, lr_scheduler, model, optim
     backend.wait_for_everyone()
     backend.save_engine_state(partial, model, optimizer, save_model)
     _write_resume_state(backend, partial, lr_scheduler)
+    if ema is not None and backend.is_main_process:
+        ema.save(partial)
     backend.wait_for_everyone()  # every rank's RNG file is in before the folder is renamed
     if backend.is_main_process:
         share_like_umask(partial)

@@ -12,6 +12,7 @@ conditioning, mode, data source or distributed engine it got:
     step.py         the training step (also run by the benchmark and the memory estimate)
     validation.py   held-out evaluation, validation videos, the final test and its parity check
     checkpoint.py   resume checkpoints
+    ema.py          the moving average of the trained weights (--ema_decay)
 """
 
 import itertools
@@ -33,6 +34,9 @@ from .batch_size import choose_batch_sizes
 from .conditioning import CONDITIONINGS
 from .data_source import build_training_data
 from .dry_run import dry_run_plan
+from .ema import EMA
+from .ema import engine_problems as ema_engine_problems
+from .ema import record as ema_record
 from .models import Pretrained, load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
 from .modes import MODES, count_parameters
 from .optim import offload_runtime_problems
@@ -92,10 +96,12 @@ class TrainingRun:
     data: object  # TrainingData
     schedule: Schedule
     trainer: object = None  # step.Trainer
+    ema: EMA = None  # --ema_decay: the average of the trained weights
     validation: Validation = None
     state: TrainingState = field(default_factory=TrainingState)
     last_loss: float = None
     eval_losses: dict = field(default_factory=dict)
+    eval_losses_ema: dict = field(default_factory=dict)  # the EMA weights' held-out loss
     history: LossHistory = field(default_factory=LossHistory)  # for the loss plot; kept in checkpoints
     progress: object = None
     step_started: float = 0.0
@@ -128,6 +134,7 @@ def run(argv, conditioning, mode):
             logger.warning("--hub_token is kept out of every file and tracker of this run; `hf auth login` stores a "
                            "token once, for every tool, and keeps it off command lines")
     job.trainer = build_models_and_optimizer(job)  # 4.
+    job.ema = EMA.build(flags.training, backend, job.trainer.transformer)  # from the weights training starts from
     job.state, job.history = resume(job)  # 5.
     startup.mark("models, optimizer and resume")
     job.validation = Validation(flags.model, flags.training, flags.validation, flags.memory,
@@ -139,6 +146,9 @@ def run(argv, conditioning, mode):
                "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job),
                "startup_seconds": startup.phases, "recipe": recipe(flags.training)}
     summary["captions"] = caption_record(flags.data)  # --caption_dropout_rate, --caption_shuffle
+    if job.ema is not None:
+        summary["ema"] = {**ema_record(flags.training), "decay": job.ema.decay, "update_every": job.ema.update_every,
+                          "eval_loss": job.eval_losses_ema}
     if tracker is not None:  # COGVIDEOX_FACTORY_TRACK_ALLOCATIONS=1
         tracker.__exit__(None, None, None)
         summary["tracked_training_peak_bytes"] = tracker.peak
@@ -164,7 +174,8 @@ def start_processes(flags):
     from accelerate.utils import set_seed
 
     backend = build_backend(flags.training, flags.optimizer, flags.parallelism, flags.logging)
-    problems = offload_runtime_problems(flags.memory, backend) + backend.optimizer_problems(flags.optimizer)
+    problems = (offload_runtime_problems(flags.memory, backend) + backend.optimizer_problems(flags.optimizer)
+                + ema_engine_problems(flags.training, backend))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and backend.num_processes == 1:  # e.g. torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
         problems.append(f"started as {launched} processes (WORLD_SIZE={launched}), but each runs alone, so they would "
@@ -225,7 +236,7 @@ def resume(job):
             logger.info("no checkpoint in %s: starting a new run", output_dir)
         return TrainingState(), LossHistory()
     ckpt.load_checkpoint(job.backend, path, trainer.transformer, trainer.optimizer, trainer.lr_scheduler, job.mode,
-                         job.conditioning.pipeline_class)
+                         job.conditioning.pipeline_class, ema=job.ema)
     saved = ckpt.read_state(path)
     history = LossHistory.from_json(saved.pop("loss_history", {}))  # checkpoints from before the plot have none
     state = TrainingState(**saved)
@@ -267,7 +278,7 @@ def train(job):
             train_epoch(job)
             every = job.settings.validation_epochs
             if every and (state.epoch + 1) % every == 0 and job.validation.validated_at != state.global_step:
-                job.validation.run(job.trainer.context, job.trainer.transformer, state.global_step)
+                validate(job, job.trainer.context, job.trainer.transformer, state.global_step)
             if state.global_step >= schedule.max_train_steps:
                 break
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
@@ -311,6 +322,8 @@ def after_step(job, loss, grad_norm):
     lr = float(trainer.lr_scheduler.get_last_lr()[0])  # a tensor under torchao optimizers
     job.last_loss = loss
     job.history.train.append([step, loss, lr])
+    if job.ema is not None:
+        job.ema.update(step)
     job.progress.update(1)
     job.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
     backend.log({"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -323,6 +336,13 @@ def after_step(job, loss, grad_norm):
         job.history.held_out.append([step, job.eval_losses[step]])
         backend.log({"eval_loss": job.eval_losses[step]}, step=step)
         logger.info("step %d: eval_loss %.5f (%d held-out samples)", step, job.eval_losses[step], len(data.eval_dataset))
+        if job.ema is not None:  # the same figure for the average, its weights swapped in and back
+            with job.ema.swapped_in():
+                job.eval_losses_ema[step] = evaluate(trainer.transformer, data.eval_loader, trainer.context,
+                                                     job.conditioning, backend, job.flags.validation.eval_timesteps,
+                                                     job.flags.training.seed)
+            backend.log({"eval_loss_ema": job.eval_losses_ema[step]}, step=step)
+            logger.info("step %d: eval_loss_ema %.5f", step, job.eval_losses_ema[step])
     if step % checkpointing.checkpointing_steps == 0:
         if not backend.all_finite([*trainer.parameters, *optimizer_state_tensors(trainer.optimizer)]):
             raise diverged(job, f"weights or optimizer states became non-finite at step {step}", step)
@@ -332,12 +352,20 @@ def after_step(job, loss, grad_norm):
             trainer.transformer, trainer.optimizer, total_limit=checkpointing.checkpoints_total_limit,
             save_model=lambda folder: backend.save_artifact(job.mode, trainer.transformer, folder,
                                                             job.conditioning.pipeline_class),
+            ema=job.ema,
         )
         logger.info("saved checkpoint %s", path)
         if backend.is_main_process:
             plot_losses(job.history, Path(output_dir) / LOSS_PLOT)
     if job.settings.validation_steps and step % job.settings.validation_steps == 0:
-        job.validation.run(trainer.context, trainer.transformer, step)
+        validate(job, trainer.context, trainer.transformer, step)
+
+
+def validate(job, context, transformer, step):
+    """Validation videos of the trained weights, then (--validate_ema) of their average."""
+    job.validation.run(context, transformer, step)
+    if job.ema is not None and job.flags.training.validate_ema:
+        job.validation.run_ema(context, transformer, step, job.ema)
 
 
 def diverged(job, what, first_bad_checkpoint):
@@ -379,19 +407,23 @@ def save_and_test(job, summary):
     backend.save_artifact(mode, trainer.transformer, output_dir, job.conditioning.pipeline_class,
                           dtype=save_dtype or backend.weight_dtype)
     logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(output_dir)))
+    if job.ema is not None:
+        paths = job.ema.save_artifact(backend, mode, trainer.transformer, output_dir, job.conditioning.pipeline_class,
+                                      dtype=save_dtype or backend.weight_dtype)
+        logger.info("saved the EMA: %s", ", ".join(str(p) for p in paths))
     final_validation = validation.has_cases and validation.validated_at != step
     if final_validation and backend.weights_sharded:
         # Sharded weights are only usable while the engine / FSDP is alive: validate before releasing anything.
-        validation.run(trainer.context, trainer.transformer, step)
+        validate(job, trainer.context, trainer.transformer, step)
         final_validation = False
     model, context = backend.unwrap(trainer.transformer), trainer.context
     job.trainer = trainer = None  # optimizer, schedule and the prepared model's references go
     backend.release()
     memory.free_memory()
     if final_validation:  # every rank: the others wait for the main process
-        validation.run(context, model, step)
-    # Free everything training held (encoders included) before the final test loads a fresh pipeline.
-    model = context = None
+        validate(job, context, model, step)
+    # Free everything training held (encoders and the EMA included) before the final test loads a fresh pipeline.
+    model = context = job.ema = None
     memory.free_memory()
     if backend.is_main_process:
         summary["parity"] = validation.final_test(mode, backend.weight_dtype, step)
@@ -409,8 +441,8 @@ def _tracker_config(flags):
             for k, v in public_values(flags).items()}
 
 
-# What --push_to_hub uploads: the artifact (LoRA in both forms, or transformer/), the card, and what the card shows.
-HUB_FILES = ["*.safetensors", "transformer/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "*.gif", "*_sheet.png", "summary.json",
+# What --push_to_hub uploads: the artifact (LoRA in both forms, or transformer/; and their EMA), the card, and what the card shows.
+HUB_FILES = ["*.safetensors", "transformer/*", "transformer_ema/*", MODEL_CARD, LOSS_PLOT, "*.mp4", "*.gif", "*_sheet.png", "summary.json",
              RUN_CONFIG]
 
 

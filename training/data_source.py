@@ -125,10 +125,12 @@ class PreparedEntries:
         if data.data_root is None:
             problems.append("--load_tensors needs --data_root: the --output_dir of training/prepare_dataset.py")
         elif not (Path(data.data_root) / "manifest.json").is_file():
-            problems.append(
+            from .precomputed import original_folder_hint
+
+            problems.append(original_folder_hint(data.data_root) or (
                 f"--load_tensors: {data.data_root} has no manifest.json; run training/prepare_dataset.py "
                 f"--save_latents_and_embeddings --output_dir {data.data_root} first (see prepare_dataset.sh)"
-            )
+            ))
         if data.caption_shuffle:
             problems.append("--caption_shuffle needs raw clips: prepared data holds captions already embedded by T5, "
                             "whose tags can no longer be reordered; train without --load_tensors, or drop "

@@ -12,7 +12,8 @@ optimizer states, activations, recomputation, temporaries), rounded up to 512 by
 caching allocator does. What it cannot see: allocator fragmentation and cache (reserved minus
 allocated), CUDA context and kernel workspaces (cuBLAS, flash attention), and memory inside
 bitsandbytes/torchao kernels -- optimizer states of those are counted from their documented
-layouts instead. docs/memory.md states how close it comes to measurements.
+layouts instead. docs/memory.md states how close it comes to measurements. The EMA's fp32 copy of
+the trained weights (--ema_decay, unless --ema_on_cpu) is added as a count too.
 """
 
 import contextlib
@@ -23,6 +24,7 @@ import torch
 
 from .buckets import validation_frames
 from .data_source import choose_data_source
+from .ema import ema_bytes
 from .memory import ALLOCATION_GRANULARITY, AllocationTracker
 from .models import latent_grid, nf4_bytes_saved, rotary_embeddings, vae_scale_factor_spatial
 from .optim import build_lr_scheduler
@@ -285,6 +287,12 @@ def _fake_save_on_cpu():
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
+def _import_before_counting():
+    """Import what the step imports lazily: a module's import-time tensors (diffusers' autoencoders package makes
+    some) are no run's memory, and counted only by the first estimate in a process they would make it differ."""
+    import diffusers.models.autoencoders  # noqa: F401
+
+
 def _training_scheduler():
     """The CogVideoX training noise schedule (its values do not change memory)."""
     from diffusers import CogVideoXDPMScheduler
@@ -294,11 +302,12 @@ def _training_scheduler():
 
 def estimate_training(data, training, optimizer, lora, validation, memory, parallelism, transformer_config, vae_config,
                       text_encoder_config, conditioning, mode, weight_dtype, bucket, autocast=None):
-    """Bytes: {"static": weights + optimizer states, "training_peak": the high-water mark over two optimizer steps,
-    "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors, with these flag sections ([data]:
-    the data source; [validation]: VAE slicing and tiling)."""
+    """Bytes: {"static": weights + optimizer states (+ the EMA copy), "training_peak": the high-water mark over two
+    optimizer steps, "encoders": the VAE's and T5's weights}. Runs step.train_step on fake tensors, with these flag
+    sections ([data]: the data source; [validation]: VAE slicing and tiling)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    _import_before_counting()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     source = choose_data_source(data)
     backend = SimulatedBackend(weight_dtype, autocast)
@@ -312,7 +321,7 @@ def estimate_training(data, training, optimizer, lora, validation, memory, paral
                             _training_scheduler(), backend.device, weight_dtype, source, encoders,
                             save_on_cpu=_fake_save_on_cpu, sequence_shards=shards)
     correction = (optimizer_state_bytes(optimizer, memory, parameters) - _adamw_state_bytes(parameters)
-                  - _nf4_saving(memory.quantize_base, transformer))
+                  - _nf4_saving(memory.quantize_base, transformer) + ema_bytes(training, parameters))
     modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 
     tracker = AllocationTracker()
@@ -433,6 +442,7 @@ def estimate_phases(data, buckets, training, optimizer, lora, validation, memory
 
     offload = bool(validation.enable_model_cpu_offload)
     slicing, tiling = validation.enable_slicing, validation.enable_tiling
+    _import_before_counting()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     # Validation: the training transformer (in eval, its forward still wrapped for mixed precision) plus encoders
     # the training did not hold.
@@ -444,7 +454,8 @@ def estimate_phases(data, buckets, training, optimizer, lora, validation, memory
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
     tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
-    optimizer_states = optimizer_state_bytes(optimizer, memory, mode.trainable_parameters(transformer))
+    optimizer_states = (optimizer_state_bytes(optimizer, memory, mode.trainable_parameters(transformer))
+                        + ema_bytes(training, mode.trainable_parameters(transformer)))  # the EMA stays too
     with backend.autocast_rules():
         peak = estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config, vae_config,
                                   conditioning, weight_dtype, fake_mode, tracker, offload)

@@ -114,12 +114,13 @@ class LoRA:
 
     saves_frozen_weights = False  # the artifact is the adapter only
 
-    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None):
+    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None, suffix=""):
         """Write the adapter in diffusers format (keys prefixed `transformer.`), with r, lora_alpha and the target
         modules in the file's metadata; in `dtype` if given (the final artifact), else in the trained weights' own
         dtype (checkpoints: exact resume).
 
-        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
+        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards, or
+        other weights of the same names (the EMA). `suffix` goes before `.safetensors` in both files' names."""
         from peft.utils import get_peft_model_state_dict
 
         layers = get_peft_model_state_dict(transformer, state_dict=state_dict)
@@ -133,12 +134,13 @@ class LoRA:
         if dtype is not None:
             layers = {k: v.detach().to("cpu", dtype) for k, v in layers.items()}
         metadata = adapter_metadata(transformer)
-        pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers,
+        diffusers_file, comfyui_file = self.artifact_paths(directory, suffix)
+        pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers, weight_name=diffusers_file.name,
                                          transformer_lora_adapter_metadata=metadata)
         # The same adapter for ComfyUI's native CogVideoX: other module names, alpha as a tensor.
-        save_comfyui(peft_adapters(layers, metadata), Path(directory) / COMFYUI_WEIGHT_NAME)
-        share_like_umask(Path(directory) / LORA_WEIGHT_NAME)
-        share_like_umask(Path(directory) / COMFYUI_WEIGHT_NAME)
+        save_comfyui(peft_adapters(layers, metadata), comfyui_file)
+        share_like_umask(diffusers_file)
+        share_like_umask(comfyui_file)
 
     def load(self, transformer, directory, pipeline_class):
         """Load adapter weights saved by `save` into a transformer prepared by `prepare` (resume)."""
@@ -181,8 +183,9 @@ class LoRA:
             raise RuntimeError(f"{directory}: only {len(loaded)} of {saved} saved LoRA tensors load into the pipeline")
         return pipe
 
-    def artifact_paths(self, output_dir):
-        return [Path(output_dir) / LORA_WEIGHT_NAME, Path(output_dir) / COMFYUI_WEIGHT_NAME]
+    def artifact_paths(self, output_dir, suffix=""):
+        return [Path(output_dir) / name.replace(".safetensors", f"{suffix}.safetensors")
+                for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME)]
 
 
 class Full:
@@ -210,10 +213,11 @@ class Full:
 
     saves_frozen_weights = True  # every weight (none is frozen)
 
-    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None):
+    def save(self, transformer, directory, pipeline_class, dtype=None, state_dict=None, suffix=""):
         """`transformer/` in diffusers format (sharded safetensors); `dtype` casts a copy of each tensor.
 
-        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards."""
+        `state_dict`: the weights gathered from a sharded model (ZeRO-3, FSDP), whose own tensors are only shards, or
+        other weights of the same names (the EMA). `suffix`: the folder is `transformer<suffix>/`."""
         state = state_dict
         if state_dict is not None:
 
@@ -224,7 +228,7 @@ class Full:
         if dtype is not None:
             source = transformer.state_dict() if state_dict is None else state_dict
             state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in source.items()}
-        folder = Path(directory) / TRANSFORMER_FOLDER
+        folder = Path(directory) / f"{TRANSFORMER_FOLDER}{suffix}"
         if state is None:
             transformer.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
         else:  # diffusers' save_pretrained takes no state_dict (it would silently save the model's own tensors)
@@ -267,8 +271,8 @@ class Full:
     def apply_to_pipeline(self, pipe, directory):
         return pipe
 
-    def artifact_paths(self, output_dir):
-        return [Path(output_dir) / TRANSFORMER_FOLDER]
+    def artifact_paths(self, output_dir, suffix=""):
+        return [Path(output_dir) / f"{TRANSFORMER_FOLDER}{suffix}"]
 
 
 MODES = {"lora": LoRA, "sft": Full}

@@ -179,6 +179,17 @@ def readable_entry(path):
         return False
 
 
+def original_folder_hint(data_root):
+    """The line for a folder without a manifest that the original cogvideox-factory's prepare_dataset.py wrote (its
+    lists and .pt tensors), else None."""
+    folder = Path(data_root)
+    if all((folder / name).exists() for name in ("prompts.txt", "videos.txt", "video_latents", "prompt_embeds")):
+        return (f"--load_tensors: {folder} was written by the original cogvideox-factory's prepare_dataset.py (.pt "
+                f"tensors, no manifest.json); convert it once, nothing is encoded again: python tools/import_prepared.py "
+                f"--prepared {folder} --model_id <the model it was encoded with>")
+    return None
+
+
 def load_manifest(data_root):
     path = Path(data_root) / MANIFEST
     try:
@@ -236,7 +247,10 @@ def manifest_problems(manifest, transformer_config, conditioning, pretrained, da
         )
     problems.extend(_encoder_problems(manifest, pretrained, where))
     if conditioning.image_to_video and not settings.get("image_latents"):
-        problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents")
+        problems.append(f"{where}: no image latents; re-run prepare_dataset.py with --save_image_latents" if
+                        "imported_from" not in settings else f"{where}: imported from a folder the original "
+                        "prepared without --save_image_latents (no images/, image_latents/): it trains text-to-video "
+                        "only; prepare the clips with training/prepare_dataset.py --save_image_latents")
     token = (data.id_token or "").strip()
     if token and not all(e["caption"].startswith(token) for e in manifest["entries"]):
         problems.append(
@@ -270,6 +284,10 @@ def _empty_prompt_problems(manifest, data, where):
     rerun = ("re-run prepare_dataset.py with the same flags (it reuses every entry and embeds only the empty prompt), "
              "or drop --caption_dropout_rate")
     name, flag = manifest.get("empty_prompt"), f"--caption_dropout_rate {data.caption_dropout_rate:g}"
+    if not name and "imported_from" in manifest["settings"]:
+        return [f"{flag}: {where} was imported from the original's prepare_dataset.py, which stored no embedding of the "
+                "empty prompt; run tools/import_prepared.py again with --embed_empty_prompt (its T5 embeds only that), "
+                "or drop --caption_dropout_rate"]
     if not name:
         return [f"{flag}: {where} holds no embedding of the empty prompt (prepared before caption dropout existed); "
                 f"{rerun}"]

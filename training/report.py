@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ema import record as ema_record
 from .lora_formats import COMFYUI_WEIGHT_NAME
 from .modes import LORA_WEIGHT_NAME
 
@@ -277,6 +278,7 @@ def write_model_card(job):
         "comfyui_file": COMFYUI_WEIGHT_NAME,
     }
     facts["settings"].update(caption_record(flags.data))
+    facts["settings"].update(ema_record(flags.training))  # --ema_decay
     (output_dir / MODEL_CARD).write_text(model_card(facts))
 
 

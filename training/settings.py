@@ -20,6 +20,7 @@ from .args import (
 from .buckets import validation_frames
 from .compute import compute_problems
 from .data_source import choose_data_source
+from .ema import flag_problems as ema_flag_problems
 from .models import Pretrained
 
 
@@ -165,6 +166,7 @@ def _flag_problems(flags):
     if flags.training.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {flags.training.learning_rate})")
     problems.extend(_timestep_problems(flags.training))
+    problems.extend(ema_flag_problems(flags.training, flags.validation))
     if flags.data.dataloader_num_workers < 0:
         problems.append("--dataloader_num_workers must be 0 or more")
     problems.extend(_caption_problems(flags.data))

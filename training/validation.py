@@ -123,6 +123,14 @@ class Validation:
         if not sharded:
             backend.wait_for_main()
 
+    def run_ema(self, context, transformer, step, ema):
+        """`run` with the EMA weights (ema.EMA, --validate_ema) swapped in and back: videos validation_ema_step<N>_*.
+        The parity check and the model card keep the trained weights' videos."""
+        kept = self.last_videos, self.pictures
+        with ema.swapped_in():
+            self.run(context, transformer, step, tag="validation_ema")
+        self.last_videos, self.pictures = kept
+
     def final_test(self, mode, weight_dtype, step):
         """Load the saved artifact into a fresh pipeline, as a user would, and generate (main process only).
 

@@ -302,3 +302,13 @@ def test_extract_refuses_a_fine_tune_of_another_model_and_missing_folders(tiny_m
     assert run(main, "--base", tiny_models("2b"), "--tuned", other, "--energy", 1.5, "--output", tmp_path / "x") == 2
     assert "--energy 1.5" in one_error_line(capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_infer_refuses_a_transformer_path_that_is_not_a_transformer_folder(tiny_model_2b, tmp_path, capsys):
+    """A missing or empty --transformer_path is one line before anything loads (not diffusers' Hub traceback)."""
+    from tools import infer
+
+    for path in (tmp_path / "missing", tmp_path):
+        argv = ("--model_name_or_path", tiny_model_2b, "--transformer_path", path, "--prompt", "a")
+        assert run(infer.main, *argv) == 2, path
+        assert f"--transformer_path {path}: no transformer folder there" in one_error_line(capsys)

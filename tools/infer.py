@@ -172,6 +172,9 @@ def main(argv=None):
         from tools.lora_math import read_lora
 
         read_lora(infer.lora_path)
+    if infer.transformer_path and not (Path(infer.transformer_path) / "config.json").is_file():
+        raise UsageError(f"--transformer_path {infer.transformer_path}: no transformer folder there (config.json and "
+                         "weights, as a full fine-tune writes <run>/transformer)")
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads it

@@ -22,36 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# diffusers weights that carry no LoRA and are named differently in ComfyUI's network
-NORMS = (
-    ("transformer_blocks.{i}.norm1.norm", "blocks.{i}.norm1.norm"),
-    ("transformer_blocks.{i}.norm2.norm", "blocks.{i}.norm2.norm"),
-    ("transformer_blocks.{i}.attn1.norm_q", "blocks.{i}.norm_q"),
-    ("transformer_blocks.{i}.attn1.norm_k", "blocks.{i}.norm_k"),
-    ("norm_final", "norm_final"),
-    ("norm_out.norm", "norm_out.norm"),
-    ("patch_embed.pos_embedding", "patch_embed.pos_embedding"),
-)
-
-
-def native_state_dict(state):
-    from training import lora_formats
-
-    rename_norm = lora_formats._renamer(0, 1, table=NORMS)
-    native = {}
-    for key, tensor in state.items():
-        module, _, leaf = key.rpartition(".")
-        target = lora_formats.native_module(module) or rename_norm(module)
-        if target is None:
-            target = rename_norm(key)  # a buffer: the key is the name
-            if target is None:
-                raise KeyError(f"{key}: no place in ComfyUI's CogVideoX network")
-            native[target] = tensor
-            continue
-        native[f"{target}.{leaf}"] = tensor
-    return native
-
-
 def comfyui_network(comfyui, config, image_to_video, state, pythonpath=()):
     sys.path[:0] = [str(comfyui), *pythonpath]
     sys.argv = [sys.argv[0], "--cpu"]
@@ -89,14 +59,14 @@ def main(argv=None):
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     import training  # noqa: F401
-    from training.lora_formats import COMFYUI_WEIGHT_NAME, native_module
+    from training.lora_formats import COMFYUI_WEIGHT_NAME, native_module, native_transformer_state
 
     torch.manual_seed(0)
     transformer_config = CogVideoXTransformer3DModel.load_config(args.model, subfolder="transformer")
     image_to_video = transformer_config["in_channels"] == 2 * transformer_config["out_channels"]
     pipe = (CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline).from_pretrained(args.model)
     base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    patcher = comfyui_network(args.comfyui, dict(pipe.transformer.config), image_to_video, native_state_dict(base),
+    patcher = comfyui_network(args.comfyui, dict(pipe.transformer.config), image_to_video, native_transformer_state(base),
                               args.pythonpath)
 
     import comfy.sd

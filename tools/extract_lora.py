@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.lora_math import add_rank_arguments, rank_problems  # noqa: E402
+from tools.lora_math import add_rank_arguments, parse_rank_flags  # noqa: E402
 from training.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
@@ -60,11 +60,7 @@ def extract(base, tuned, rank=None, energy=None, device="cpu"):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    problems = rank_problems(args.rank, args.energy)
-    if problems:
-        raise UsageError(problems)
-    import training  # noqa: F401  (quiet library notices)
+    args = parse_rank_flags(build_parser(), argv)
     from tools.lora_math import TransformerWeights, report, write_lora
 
     base, tuned = TransformerWeights(args.base), TransformerWeights(args.tuned)

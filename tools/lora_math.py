@@ -225,12 +225,19 @@ def add_rank_arguments(parser):
                         help="Precision of the written LoRA (bf16 halves the file; fp32 keeps the SVD exact).")
 
 
-def rank_problems(rank, energy):
-    if rank is not None and rank < 1:
-        return [f"--rank {rank}: give 1 or more"]
-    if energy is not None and not 0 < energy <= 1:
-        return [f"--energy {energy}: give a share in (0, 1], e.g. 0.9"]
-    return []
+def parse_rank_flags(parser, argv):
+    """The parsed flags of a tool with add_rank_arguments; a --rank or --energy out of range is one UsageError line,
+    before anything is read."""
+    from training.errors import UsageError
+
+    args = parser.parse_args(argv)
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank {args.rank}: give 1 or more")
+    if args.energy is not None and not 0 < args.energy <= 1:
+        raise UsageError(f"--energy {args.energy}: give a share in (0, 1], e.g. 0.9")
+    import training  # noqa: F401  (quiet library notices)
+
+    return args
 
 
 def lora_modules(keys):

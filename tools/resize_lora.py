@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.lora_math import add_rank_arguments, rank_problems  # noqa: E402
-from training.errors import UsageError, exit_on_usage_error  # noqa: E402
+from tools.lora_math import add_rank_arguments, parse_rank_flags  # noqa: E402
+from training.errors import exit_on_usage_error  # noqa: E402
 
 
 def build_parser():
@@ -47,11 +47,7 @@ def resize(adapters, rank=None, energy=None):
 
 @exit_on_usage_error
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    problems = rank_problems(args.rank, args.energy)
-    if problems:
-        raise UsageError(problems)
-    import training  # noqa: F401  (quiet library notices)
+    args = parse_rank_flags(build_parser(), argv)
     from tools.lora_math import read_lora, report, write_lora
 
     adapters, rows = resize(read_lora(args.lora, alpha=args.alpha), args.rank, args.energy)

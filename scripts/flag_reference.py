@@ -44,24 +44,31 @@ def _default(action):
     return str(default)
 
 
-def _row(action):
+def _row(action, owned):
+    from training.args import ONLY_FOR_WORDS
+
+    only = [ONLY_FOR_WORDS[key] for key, dests in owned.items() if action.dest in dests]
     text = " ".join((action.help or "").split()).replace("|", "\\|")
+    text = f"*Only {only[0]}.* {text}" if only else text
     return f"| `--{action.dest}` | {_type_name(action)} | `{_default(action)}` | {text} |"
 
 
-def _table(actions):
-    return ["| flag | value | default | what it does |", "|---|---|---|---|", *map(_row, actions)]
+def _table(actions, owned=None):
+    """`owned`: {trainer kind: its flags} (training.args.only_for), for the trainers' tables."""
+    return ["| flag | value | default | what it does |", "|---|---|---|---|",
+            *(_row(action, owned or {}) for action in actions)]
 
 
 def reference():
     from tools.infer import build_parser as infer_parser
-    from training.args import build_parser
+    from training.args import build_parser, only_for
     from training.prepare_dataset import build_parser as prepare_parser
     from training.run_config import SECTION_TITLES, trainer_sections
     from training.sections import STARTING_FLAGS
 
     lines = ["# Every flag", "",
-             "Generated from the parsers by `python scripts/flag_reference.py` (`--help` shows the same). Each "
+             "Generated from the parsers by `python scripts/flag_reference.py` (each trainer's `--help` shows its part: "
+             "a flag marked *Only ...* is hidden from the other trainers' `--help`, which ignore or refuse it). Each "
              "flag can also be set in a `--config` file, under its section's name without the dashes "
              "(README: one run, one config); flags on the command line override the file.", "",
              "## The trainers", "",
@@ -69,9 +76,10 @@ def reference():
              "reads a run's settings; `--print_config` prints every resolved value as such a file and exits.", ""]
     parser = build_parser()
     sections = trainer_sections(parser)
+    owned = only_for(sections)
     for name, title in SECTION_TITLES.items():
         actions = [a for a in parser._actions if sections.get(a.dest) == name]
-        lines += [f"### [{name}]", "", title[0].upper() + title[1:] + ".", "", *_table(actions), ""]
+        lines += [f"### [{name}]", "", title[0].upper() + title[1:] + ".", "", *_table(actions, owned), ""]
     for section, tool, build in (("prepare", "training/prepare_dataset.py (prepare_dataset.sh)", prepare_parser),
                                  ("infer", "tools/infer.py (run_infer_*.sh)", infer_parser)):
         actions = [a for a in build()._actions if a.option_strings and a.dest not in STARTING_FLAGS]

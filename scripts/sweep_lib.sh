@@ -86,7 +86,7 @@ split_separated() {
 #     it must divide the processes (GPU_IDS with a multi-GPU config);
 #   EXTRA_ARGS: split on whitespace (no quoting, no globbing) and appended to
 #     every command; a flag given there overrides the same flag set earlier.
-#   CONFIG: a run config file (--config, README "One run, one config"). The runs
+#   CONFIG: a run config file (--config, docs/training.md "One run, one config"). The runs
 #     then take every setting from it, except the settings above (and the
 #     script's own: RANK, LORA_ALPHA, NOISED_IMAGE_DROPOUT) that you set in the
 #     environment, which override it; the scripts' defaults do not apply. The

@@ -231,10 +231,10 @@ def fake_parameters(patch):
     patch(safetensors.torch, "load_file", lambda *args, **kwargs: _real(load_file, *args, **kwargs))
     to = torch.Tensor.to
 
-    def to_cuda_through_aten(self, *args, **kwargs):
+    def to_cuda_through_aten(self, *args, copy=False, **kwargs):
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if device is None or device.type != "cuda" or self.device.type != "cpu":
-            return to(self, *args, **kwargs)
+            return to(self, *args, copy=copy, **kwargs)  # (a move to CUDA below copies anyway)
         return torch.ops.aten._to_copy.default(self, dtype=dtype or self.dtype, device=device,
                                                non_blocking=non_blocking,
                                                memory_format=memory_format or torch.preserve_format)

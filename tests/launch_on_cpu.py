@@ -1,6 +1,6 @@
 """Run entry points under accelerate on CPU processes (gloo), for the tests only.
 
-    torchrun --nproc_per_node 2 tests/launch_on_cpu.py training/cogvideox_text_to_video_lora.py ARGS \
+    torchrun --nproc_per_node 2 tests/launch_on_cpu.py training/cogvideox_text_to_video_lora.py ARGS \\
         [--then training/ENTRY_POINT.py ARGS ...]
 
 - Each `--then` starts another run in the same processes (imports are paid once). `--env KEY=VALUE` before a run's

@@ -308,8 +308,8 @@ def test_a_run_leaves_the_parsed_flags_as_given(tiny_model_2b, tmp_path, monkeyp
 
     parsed = []
 
-    def keep(argv):
-        parsed.append(parse_args(argv))
+    def keep(argv, **trainer):
+        parsed.append(parse_args(argv, **trainer))
         return parsed[-1]
 
     monkeypatch.setattr(training.core, "parse_args", keep)

@@ -502,3 +502,181 @@ def test_a_clip_failing_in_a_loader_worker_stops_the_run_with_one_line_naming_it
     assert "--resume_from_checkpoint latest goes on from the last checkpoint" in message
     assert "prepare_dataset.py keeps what it finished" in message
     assert "Traceback" not in err and "DataLoader worker" not in err and "ClipDecodeError" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors that point the right way: a model not in the cache, lists not named, a blank caption line, third-party notes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_hub_id_missing_from_the_cache_offline_is_one_line_saying_so(tmp_path):
+    """Run as a user would (a process of its own: warnings print as they do there). Before: `no CogVideoX transformer
+    config found there (OSError)` behind huggingface_hub's local_dir_use_symlinks deprecation warning, which
+    accelerate then quoted as the failed launch's headline."""
+    import subprocess
+
+    from conftest import ROOT
+
+    empty = tmp_path / "hf-cache"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "cogvideox_text_to_video_lora.py"), "--pretrained_model_name_or_path",
+         "THUDM/CogVideoX-5b", "--cache_dir", str(empty), "--data_root", str(ASSETS), "--caption_column", "prompts.txt",
+         "--video_column", "videos.txt", "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: --pretrained_model_name_or_path THUDM/CogVideoX-5b: not in the Hugging Face cache ({empty}), and "
+        "HF_HUB_OFFLINE=1 forbids downloading it: download it once without HF_HUB_OFFLINE (hf download "
+        f"THUDM/CogVideoX-5b --cache-dir {empty}), or give the pipeline's local folder"]
+
+
+@pytest.mark.parametrize("cause, says", [
+    ("unreachable", "not in the Hugging Face cache ({cache}), and the Hub could not be reached (no network? a proxy?)"),
+    ("no such repo", "no such model (or revision) on the Hugging Face Hub: check the id"),
+    ("local typo", "no such folder (a local path; a Hub id looks like THUDM/CogVideoX-5b)"),
+])
+def test_a_model_that_cannot_be_found_says_why(monkeypatch, tmp_path, cause, says):
+    """diffusers reports each as `OSError: ... does not appear to have a file named config.json`, the cause chained
+    behind it (huggingface_hub 1.x, after its retries: LocalEntryNotFoundError without a network)."""
+    import socket
+
+    import httpx
+    import huggingface_hub.constants
+    from diffusers import CogVideoXTransformer3DModel
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from training.args import UsageError, load_transformer_config
+    from training.models import Pretrained
+
+    def load_config(path, **kwargs):
+        try:
+            if cause == "unreachable":
+                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we "
+                                              "cannot find the requested files in the local cache.")
+            url = f"https://huggingface.co/{path}/resolve/main/transformer/config.json"
+            raise RepositoryNotFoundError("404 Client Error. Repository Not Found for url",
+                                          response=httpx.Response(404, request=httpx.Request("HEAD", url)))
+        except Exception as error:
+            raise OSError(f"{path} does not appear to have a file named config.json.") from error
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "load_config", load_config)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [])  # the Hub's host resolves: the download is tried
+    model = "./models/CogVideoX-5b" if cause == "local typo" else "THUDM/CogVideoX-5b"
+    with pytest.raises(UsageError) as error:
+        load_transformer_config(Pretrained(path=model, cache_dir=str(tmp_path)))
+    (line,) = error.value.problems
+    assert line.startswith(f"--pretrained_model_name_or_path {model}: {says.format(cache=tmp_path)}"), line
+
+
+def test_without_a_network_a_model_missing_from_the_cache_is_said_at_once(monkeypatch, tmp_path):
+    """The Hub's host has no address: no download is tried (huggingface_hub would retry for about 25 s, then
+    report what this says); a model in the cache still loads from it."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants
+    from diffusers import CogVideoXTransformer3DModel
+
+    from training.args import UsageError, load_transformer_config
+    from training.models import Pretrained
+
+    def no_address(host, port):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    tried = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_address)
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "load_config", lambda *a, **k: tried.append(a) or {})
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(UsageError) as error:
+        load_transformer_config(Pretrained(path="THUDM/CogVideoX-5b", cache_dir=str(tmp_path)))
+    assert error.value.problems == [
+        f"--pretrained_model_name_or_path THUDM/CogVideoX-5b: not in the Hugging Face cache ({tmp_path}), and the Hub "
+        f"could not be reached (no network? a proxy?): download it once (hf download THUDM/CogVideoX-5b --cache-dir "
+        f"{tmp_path}), or give the pipeline's local folder"]
+    assert not tried
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(tmp_path / "config.json"))
+    assert load_transformer_config(Pretrained(path="THUDM/CogVideoX-5b", cache_dir=str(tmp_path))) == {}
+    assert len(tried) == 1  # cached: loaded as before
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the host need not resolve here
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    assert load_transformer_config(Pretrained(path="THUDM/CogVideoX-5b", cache_dir=str(tmp_path))) == {}
+
+
+def _folder_of_clips(root, **files):
+    (root / "videos").mkdir(parents=True)
+    for name in ("ball.mp4", "waves.mp4"):
+        (root / "videos" / name).write_bytes((ASSETS / "videos" / name).read_bytes())
+    for name, text in files.items():
+        (root / name.replace("_", ".")).write_text(text, encoding="utf-8")
+    return root
+
+
+def test_a_folder_with_caption_and_video_lists_but_no_columns_names_the_lists(capsys, tiny_model_2b, tmp_path):
+    """The Disney set's layout (prompt.txt, videos.txt, videos/) without --caption_column/--video_column: before, the
+    folder counted as captions beside clips and every clip was reported `empty caption (ball.txt beside it is missing
+    or empty)`."""
+    data = _folder_of_clips(tmp_path / "disney", prompt_txt="a ball\nwaves\n", videos_txt="videos/ball.mp4\nvideos/waves.mp4\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(["--pretrained_model_name_or_path", tiny_model_2b, "--data_root", data, *TINY_DATA_FLAGS,
+                     "--output_dir", tmp_path / "run", "--dry_run"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --data_root {data} has prompt.txt and videos.txt (lists, one entry per line), but --caption_column "
+        "text and --video_column video name no file there and no clip has a caption file beside it: pass "
+        "--caption_column prompt.txt --video_column videos.txt"]
+
+
+def test_a_folder_of_captioned_clips_with_a_stray_list_still_trains_as_such(tmp_path):
+    from training.layouts import check_data_source
+    from training.sections import DataFlags
+
+    data = _folder_of_clips(tmp_path / "clips", videos_txt="videos/ball.mp4\n")
+    (data / "videos" / "ball.txt").write_text("a ball", encoding="utf-8")
+    problems = []
+    check_data_source(DataFlags(data_root=str(data)), problems)
+    assert problems == []
+
+
+def test_a_blank_caption_line_in_a_list_is_named_by_its_line(tmp_path):
+    from training.args import UsageError
+    from training.dataset import load_samples
+
+    videos = "videos/ball.mp4\nvideos/waves.mp4\nvideos/ball.mp4\n"
+    data = _folder_of_clips(tmp_path / "blank", prompts_txt="a ball\n\nthe ball again\n", videos_txt=videos)
+    with pytest.raises(UsageError) as error:
+        load_samples(data, None, "prompts.txt", "videos.txt")
+    assert error.value.problems == [
+        "--caption_column prompts.txt: line 2 is blank, but line 2 of videos.txt is a video (videos/waves.mp4): write "
+        "its caption there, or remove the line from both lists"]
+    (data / "videos.txt").write_text("videos/ball.mp4\n\nvideos/ball.mp4\n", encoding="utf-8")  # blank in both: spacing
+    samples = load_samples(data, None, "prompts.txt", "videos.txt")
+    assert [(s.caption, s.video_path.name) for s in samples] == [("a ball", "ball.mp4"), ("the ball again", "ball.mp4")]
+    (data / "videos.txt").write_text("videos/ball.mp4\nvideos/waves.mp4\n\n\n", encoding="utf-8")  # spacing, one list
+    assert len(load_samples(data, None, "prompts.txt", "videos.txt")) == 2
+
+
+def test_a_library_warning_never_heads_a_failed_launch():
+    """scripts/launch_errors_only.py: a third-party Python warning printed before the trainer's error goes after it;
+    one printed in a run that goes on keeps its place."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("launch_errors_only", ROOT / "scripts" / "launch_errors_only.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    warning = (b"/venv/lib/python3.11/site-packages/huggingface_hub/utils/_validators.py:205: UserWarning: The "
+               b"`local_dir_use_symlinks` argument is deprecated\n  warnings.warn(\n")
+
+    def filtered(stream):
+        chunks, written = [stream], []
+        module.filter_stream(lambda: chunks.pop(0) if chunks else b"", written.append)
+        return b"".join(written).decode().splitlines()
+
+    failed = filtered(warning + b"error: --frame_buckets 48: no such bucket\nRuntimeError: /venv/...py:205: ...\n")
+    assert failed[0] == "error: --frame_buckets 48: no such bucket" and len(failed) == 3 and "UserWarning" in failed[1]
+    going_on = filtered(b"INFO loading\n" + warning + b"steps: 1/2\n")
+    assert going_on == ["INFO loading", *warning.decode().splitlines(), "steps: 1/2"]

@@ -104,11 +104,12 @@ def test_an_fp8_stored_base_computes_every_matmul_in_bf16_on_cuda(autocast):
             return func(*args, **(kwargs or {}))
 
     transformer = _tiny_transformer("5b")
-    args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
-                           master_weight_dtype="bf16")
+    from training.sections import LoraFlags, TrainingFlags
+
     with _module_conversion_assigns():  # layerwise casting assigns cast copies (fake parameters cannot be swapped)
-        prepare_frozen_base(transformer, args.quantize_base, torch.bfloat16)
-        LoRA().prepare(transformer, args, args)  # the namespace holds the [training] and [lora] values it reads
+        prepare_frozen_base(transformer, "fp8", torch.bfloat16)
+        LoRA().prepare(transformer, TrainingFlags(seed=None, master_weight_dtype="bf16"),
+                       LoraFlags(rank=4, lora_alpha=4, lora_target_modules="to_q,to_v"))
         cast_frozen(transformer, torch.bfloat16)
         stored = {name: p.dtype for name, p in transformer.named_parameters()}
         assert stored["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
@@ -150,14 +151,15 @@ def test_nf4_qlora_forward_runs_under_cuda_autocast(tiny_model_5b):
     from training.models import Pretrained, load_transformer, prepare_frozen_base
     from training.modes import LoRA, cast_frozen
     from training.optional_libraries import use_bitsandbytes
+    from training.sections import LoraFlags, TrainingFlags
 
     bnb = use_bitsandbytes()  # before the layer: its import picks its kernels by torch.cuda.is_available()
     targets = DEFAULT_LORA_TARGET_MODULES.split(",")
     with fake_cuda(torch.bfloat16, loading=True):
         transformer = load_transformer(Pretrained(tiny_model_5b, quantize_base="nf4"), torch.bfloat16)
         prepare_frozen_base(transformer, "nf4", torch.bfloat16)  # the trainer's order (nothing to do for nf4)
-        LoRA().prepare(transformer, SimpleNamespace(seed=0, master_weight_dtype="fp32"),
-                       SimpleNamespace(rank=4, lora_alpha=4, lora_target_modules=DEFAULT_LORA_TARGET_MODULES))
+        LoRA().prepare(transformer, TrainingFlags(seed=0, master_weight_dtype="fp32"),
+                       LoraFlags(rank=4, lora_alpha=4, lora_target_modules=DEFAULT_LORA_TARGET_MODULES))
         cast_frozen(transformer, torch.bfloat16)
         transformer.to(torch.device("cuda", 0))
         with _Kernels() as kernels:

@@ -20,7 +20,7 @@ from training.dataset import BucketBatchSampler, assign_buckets
 EXPECTED_BUCKETS = {
     "waves.mp4": (9, 64, 96), "wide.mp4": (9, 64, 96),  # fill 64x96 (area >= 80 % of it), 9+ frames
     "square.mp4": (9, 48, 64), "ball.mp4": (9, 48, 64), "sunset.mp4": (9, 48, 64),
-    "tall.mp4": (5, 32, 32),  # 32x64 is too small for 48x64; 32x32 passes every 9-frame clip on ([0.0, 0])
+    "tall.mp4": (5, 32, 32),  # 32x64 is too small for 48x64; 32x32 has 5 frames at most
     "still_a.png": (1, 48, 64), "still_b.jpg": (1, 48, 64), "still_c.webp": (1, 48, 64),  # no still entry at 64x96
 }
 BATCH_SIZES = {(9, 64, 96): 1, (9, 48, 64): 2, (5, 32, 32): 2, (1, 48, 64): 4}
@@ -102,18 +102,6 @@ def test_keep_probability_passes_samples_down_reproducibly():
     assert all(bucket in ((49, 720, 1280), (49, 448, 784)) for bucket in choices)
     assert choices == [configured(config).choose(100, 720, 1280, False, key=k) for k in range(400)]  # same draws
     assert choices != [configured(config, seed=1).choose(100, 720, 1280, False, key=k) for k in range(400)]
-
-
-def test_each_frame_count_of_a_resolution_draws_its_own_keep_probability():
-    """A sample passed on at 49 frames draws afresh at 17: with 720p {49: 0.5, 17: 0.5} half stay at 49, a quarter
-    at 17 and a quarter go down to 480p. (One draw reused for every frame count of a resolution would send none to
-    17: a sample that failed at 49 would fail at 17 too.)"""
-    config = {"720p": {49: (0.5, 1), 17: (0.5, 1)}, "480p": {49: (1.0, 2)}}
-    choices = [configured(config).choose(100, 720, 1280, False, key=k) for k in range(800)]
-    share = {bucket: choices.count(bucket) / len(choices) for bucket in set(choices)}
-    assert share.keys() == {(49, 720, 1280), (17, 720, 1280), (49, 448, 784)}
-    expected = {(49, 720, 1280): 0.5, (17, 720, 1280): 0.5 * 0.5, (49, 448, 784): 0.5 * 0.5}
-    assert all(abs(share[bucket] - expected[bucket]) < 0.06 for bucket in expected), share  # 4 standard deviations
 
 
 @pytest.mark.parametrize("text, message", [
@@ -472,50 +460,6 @@ def test_image_to_video_on_the_mixed_folder_with_batch_sizes_of_auto(tiny_models
 # ----------------------------------------------------------------------------------------------
 
 
-def fun_plan(stills=1, seed=0, **options):
-    from training.args import frame_rule_problem
-    from training.buckets import FUN_OPTIONS, FunBuckets
-
-    config = {"patch_size_t": None if stills == 1 else 2}
-    return FunBuckets(Namespace(**{**FUN_OPTIONS, **options}), 1, stills,
-                      lambda count: frame_rule_problem(count, config) is None, lambda h, w: None, seed)
-
-
-def test_fun_token_budget_gives_larger_samples_fewer_frames():
-    """Fun's README: with --token_sample_size 512 and 49 frames, 768x768 gets 21 frames and 1024x1024 gets 9."""
-    budget = dict(token_sample_size=512, video_sample_n_frames=49, video_sample_stride=1,
-                  training_with_video_token_length=True)
-    assert fun_plan(video_sample_size=512, **budget).choose(200, 720, 1280, False, key=0) == (49, 512, 512)
-    assert fun_plan(video_sample_size=768, **budget).choose(200, 720, 1280, False, key=0) == (21, 768, 768)
-    assert fun_plan(video_sample_size=1024, **budget).choose(200, 720, 1280, False, key=0) == (9, 1024, 1024)
-    # Without the budget every size gets --video_sample_n_frames; 1.5's rule (8k-3) takes 45 of 49.
-    assert fun_plan(video_sample_size=1024, video_sample_n_frames=49, video_sample_stride=1).choose(
-        200, 720, 1280, False, key=0) == (49, 1024, 1024)
-    assert fun_plan(stills=5, video_sample_n_frames=49, video_sample_stride=1).choose(
-        200, 720, 1280, False, key=0) == (45, 512, 512)
-
-
-def test_fun_stride_buckets_and_random_choices():
-    plan = fun_plan(video_sample_n_frames=17, video_sample_stride=4)
-    assert plan.choose(40, 720, 1280, False, key=0) == (9, 512, 512)  # 40 frames at stride 4: 10, so 9 (4k+1)
-    assert plan.frame_indices(40, 9, skip_start=2) == [2, 6, 10, 14, 18, 22, 26, 30, 34]
-    assert "too short" in fun_plan(video_sample_stride=8, stills=5).choose(20, 720, 1280, False, key=0)
-    # --enable_bucket: the shape of the sample size's area nearest the clip's aspect ratio; images at their own size.
-    bucketed = fun_plan(enable_bucket=True, image_sample_size=1024)
-    assert bucketed.choose(100, 720, 1280, False, key=0) == (17, 384, 688)
-    assert bucketed.choose(100, 1280, 720, False, key=0) == (17, 688, 384)
-    assert bucketed.choose(1, 1000, 1000, True, key=0) == (1, 1024, 1024)
-    # --random_frame_crop and --random_hw_adapt: drawn per sample, valid, reproducible.
-    crops = [fun_plan(random_frame_crop=True, video_sample_stride=1).choose(100, 720, 1280, False, key=k)[0]
-             for k in range(40)]
-    assert len(set(crops)) > 2 and all((c - 1) % 4 == 0 and c <= 17 for c in crops)
-    sides = {fun_plan(random_hw_adapt=True, video_sample_size=768).choose(100, 720, 1280, False, key=k)[1:]
-             for k in range(40)}
-    assert sides == {(s, s) for s in (512, 576, 640, 704, 768)}
-    assert crops == [fun_plan(random_frame_crop=True, video_sample_stride=1).choose(100, 720, 1280, False, key=k)[0]
-                     for k in range(40)]
-
-
 def test_fun_options_through_the_trainer(capsys, tiny_model_2b, mixed_folder, tmp_path):
     """Fun's flags on the command line: its buckets, centre crops (no stretching notes), --video_repeat for videos only;
     with --bucket_config as well, one error line."""
@@ -526,8 +470,7 @@ def test_fun_options_through_the_trainer(capsys, tiny_model_2b, mixed_folder, tm
                        "--video_sample_stride", "1", "--video_repeat", "2")
     plan = run_trainer([a for a in argv if a != "--bucket_config" and not str(a).endswith("bucket.yaml")])["dry_run"]
     assert plan["samples_for_training"] == 6 * 2 + 3
-    assert set(plan["buckets"]) <= {f"{f}x{h}x{w}" for f in (1, 5, 9) for h, w in shapes_with(48 * 48) + shapes_with(
-        64 * 64)}
+    assert set(plan["buckets"]) <= {f"{f}x{h}x{w}" for f in (1, 5, 9) for h, w in fun_shapes(48) + fun_shapes(64)}
     assert not (tmp_path / "out" / "data_notes.jsonl").exists()  # centre crops: nothing stretched
     samples = read_samples(layout_args(data_root=str(mixed_folder)), video_repeat=2)
     assert sorted((s.video_path.suffix, s.repeats) for s in samples) == sorted(
@@ -537,8 +480,8 @@ def test_fun_options_through_the_trainer(capsys, tiny_model_2b, mixed_folder, tm
     assert exit_.value.code == 2 and "--bucket_config and CogVideoX-Fun's sampling options" in capsys.readouterr().err
 
 
-def shapes_with(area):
-    from training.buckets import shapes_of_area
+def fun_shapes(side):
+    from training.buckets import ASPECT_RATIOS, fun_shape
 
-    return shapes_of_area(area)
+    return [fun_shape(ratio, side) for ratio in ASPECT_RATIOS]
 

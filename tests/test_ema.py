@@ -91,8 +91,8 @@ def test_the_average_follows_its_recurrence_over_the_trained_weights(monkeypatch
     # Not trivially the first or the last weights.
     name = next(n for n in expected if not torch.equal(weights[5][n], weights[0][n]))
     assert not torch.allclose(expected[name], weights[5][name]) and not torch.allclose(expected[name], weights[0][name])
-    recorded = {"EMA": "decay 0.6 every 2 step(s), fp32 on the accelerator (weights_ema: "
-                       "pytorch_lora_weights_ema.safetensors or transformer_ema/)"}
+    recorded = {"EMA": "decay 0.6 every 2 step(s), fp32 on the accelerator (saved beside the weights, _ema in their "
+                       "names)"}
     assert {k: summary["ema"][k] for k in recorded} == recorded
     card = (output / "README.md").read_text()
     assert all(f"| {key} | {value} |" in card for key, value in recorded.items()), card

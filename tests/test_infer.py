@@ -131,3 +131,21 @@ def test_without_a_size_a_model_generates_at_the_size_it_was_trained_at(tiny_mod
     args = build_parser().parse_args(["--model_name_or_path", "m", "--prompt", "a cat", "--height", "32", "--width", "48"])
     generate(Pipeline(), section_of(InferFlags, args), "a cat", None, 0)
     assert (calls[1]["height"], calls[1]["width"]) == (32, 48)
+
+
+def test_an_image_to_video_sheet_starts_each_row_with_its_image(tiny_models, first_frame_png, tmp_path, monkeypatch):
+    """sheet.png of an image-to-video run: each row's conditioning image first (training/report.py's layout is
+    tested in tests/test_report.py)."""
+    from PIL import Image
+
+    import training.report
+    from tools.infer import main
+
+    sheets, contact_sheet = [], training.report.contact_sheet
+    monkeypatch.setattr(training.report, "contact_sheet", lambda *args, **kwargs: sheets.append(kwargs) or
+                        contact_sheet(*args, **kwargs))
+    main([str(a) for a in ["--model_name_or_path", tiny_models("5b-i2v"), "--prompt", PROMPTS[0], "--image",
+                           first_frame_png, *TINY, "--height", "64", "--width", "64", "--output_dir", tmp_path]])
+    (images,) = [sheet["images"] for sheet in sheets]
+    assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(Image.open(first_frame_png)))
+    assert (tmp_path / "sheet.png").is_file()

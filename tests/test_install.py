@@ -99,7 +99,8 @@ def test_lora_metadata_has_what_the_diffusers_floor_reads(floors):
 
     from training.modes import adapter_metadata
 
-    config = SimpleNamespace(r=4, lora_alpha=8, target_modules={"to_q", "to_k"}, rank_pattern={}, alpha_pattern={})
+    config = SimpleNamespace(r=4, lora_alpha=8, target_modules={"to_q", "to_k"}, rank_pattern={}, alpha_pattern={},
+                             use_dora=False)
     metadata = adapter_metadata(SimpleNamespace(peft_config={"default": config}))
     json.dumps(metadata)  # diffusers stores it as JSON in the safetensors header
     assert metadata["r"] == 4 and metadata["lora_alpha"] == 8 and metadata["target_modules"] == ["to_k", "to_q"]
@@ -248,13 +249,14 @@ def test_bitsandbytes_is_imported_only_when_an_option_needs_it_and_never_asks_th
     assert not noise, "\n".join(noise)
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README_zh.md"])
-def test_readme_install_section_says_how_to_choose_torch_and_the_python_version(readme):
-    text = (ROOT / readme).read_text()
-    start = text.index("## Installation for real training" if readme == "README.md" else "## 用于真实训练的安装")
-    section = text[start:text.index("\n## ", start + 3)]
-    for needed in ("TORCH_INDEX_URL", "scripts/check_min_versions.sh", "Python 3.10", "requirements.txt"):
-        assert needed in section, f"{readme}: the install section does not mention {needed}"
+@pytest.mark.parametrize("page", ["docs/install.md", "docs/zh/install.md"])
+def test_the_install_page_says_how_to_choose_torch_and_the_python_version(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    start = text.index("## Installation for real training" if "zh" not in page else "## 用于真实训练的安装")
+    section = text[start:]
+    for needed in ("TORCH_INDEX_URL", "scripts/check_min_versions.sh", "Python 3.10", "requirements.txt",
+                   "torchvision"):
+        assert needed in section, f"{page}: the install section does not mention {needed}"
 
 
 def test_the_environment_is_the_lock():

@@ -1,6 +1,6 @@
 """Load a trained LoRA into a CogVideoX pipeline and write a video; also the pytest checks of it.
 
-    python tests/test_lora_inference.py --prompt "BW_STYLE a panda plays the guitar" \
+    python tests/test_lora_inference.py --prompt "BW_STYLE a panda plays the guitar" \\
         --model_path THUDM/CogVideoX-5b --lora_path outputs/my-lora --output_file out.mp4
 """
 

@@ -22,8 +22,10 @@ from training.memory import TRACK_ALLOCATIONS
         # CogVideoX 1.5 with an FP8-stored base.
         ("cogvideox_text_to_video_lora", "1.5", ["--quantize_base", "fp8", "--mixed_precision", "bf16",
                                                  "--frame_buckets", "5", "13", "--max_num_frames", "13"]),
+        # --blocks_to_swap: the swapped block's weights are host memory in both counts (training/block_swap.py).
+        ("cogvideox_text_to_video_lora", "2b", ["--blocks_to_swap", "1"]),
     ],
-    ids=["t2v-lora-raw", "i2v-sft-bf16", "1.5-lora-fp8"],
+    ids=["t2v-lora-raw", "i2v-sft-bf16", "1.5-lora-fp8", "t2v-lora-block-swap"],
 )
 def test_dry_run_estimate_matches_the_tracked_peak_of_a_real_run(tiny_models, tmp_path, monkeypatch, trainer, variant,
                                                                  flags):
@@ -417,7 +419,7 @@ def test_selective_checkpointing_buys_speed_with_memory_and_keeps_the_math(estim
         torch.manual_seed(0)
         model = CogVideoXTransformer3DModel.from_config(config).train()
         args = Namespace(**{"gradient_checkpointing": bool(flags), "gradient_checkpointing_ratio": 1.0,
-                            "quantize_base": "none", **flags})
+                            "quantize_base": "none", "blocks_to_swap": 0, **flags})
         conditioning = Namespace(adapt_transformer=lambda transformer, args: None)
         mode = Namespace(prepare=lambda transformer, training, lora: transformer.requires_grad_(True))
         prepare_transformer(model, args, args, args, ParallelismFlags(), conditioning, mode, torch.float32)

@@ -78,7 +78,6 @@ def test_fp8_base_trains_resumes_validates_and_reproduces(tiny_model_2b, tmp_pat
 
 
 def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
-    from types import SimpleNamespace
 
     from diffusers import CogVideoXTransformer3DModel
 
@@ -86,10 +85,11 @@ def test_fp8_base_stores_frozen_linear_weights_in_fp8(tiny_model_2b):
     from training.modes import LoRA, cast_frozen
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
-    args = SimpleNamespace(seed=None, quantize_base="fp8", rank=4, lora_alpha=4, lora_target_modules="to_q,to_v",
-                           master_weight_dtype="fp32")
-    prepare_frozen_base(transformer, args.quantize_base, torch.float32)
-    LoRA().prepare(transformer, args, args)  # the namespace holds the [training] and [lora] values it reads
+    from training.sections import LoraFlags, TrainingFlags
+
+    prepare_frozen_base(transformer, "fp8", torch.float32)
+    LoRA().prepare(transformer, TrainingFlags(seed=None, master_weight_dtype="fp32"),
+                   LoraFlags(rank=4, lora_alpha=4, lora_target_modules="to_q,to_v"))
     cast_frozen(transformer, torch.bfloat16)
     dtypes = {name: p.dtype for name, p in transformer.named_parameters()}
     assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn

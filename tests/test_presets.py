@@ -107,3 +107,12 @@ def test_a_sweep_scripts_defaults_fit_the_card_its_header_names(script, tmp_path
     over = {phase: round(phases[phase] / 2**30, 2) for phase in estimate_presets.PHASES
             if phase in phases and phases[phase] >= budget}
     assert not over, f"{script}: over the {budget / 2**30:.2f} GiB budget of a {card} GB card: {over}"
+    # docs/memory.md's table of the sweep defaults shows these estimates (tests/test_docs.py: the same in both
+    # languages and in the READMEs); "-" for a phase the run skips.
+    (row,) = re.findall(rf"^\| `{re.escape(script)}` \|[^|]*\| ([\d.-]+) \| ([\d.-]+) \| ([\d.-]+) \| {card} GB \|",
+                        (ROOT / "docs" / "memory.md").read_text(encoding="utf-8"), re.M)
+    for cell, phase in zip(row, estimate_presets.PHASES):
+        shown = None if cell == "-" else float(cell)
+        estimated = phases[phase] / 2**30 if phase in phases else None
+        assert (shown is None) == (estimated is None) and (shown is None or abs(shown - estimated) < 0.06), \
+            f"docs/memory.md: {script} {phase} shows {cell}, the estimate is {estimated}"

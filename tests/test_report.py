@@ -183,3 +183,90 @@ def test_a_full_fine_tune_card_loads_the_transformer_and_has_no_comfyui_section(
     assert 'CogVideoXTransformer3DModel.from_pretrained("path/to/this/folder", subfolder="transformer"' in card
     assert 'image=load_image("first_frame.png")' in card and "ComfyUI" not in card
     assert "](https://huggingface.co/THUDM/CogVideoX-5b-I2V)" in card
+
+
+# ----------------------------------------------------------------------------------------------
+# The contact sheet's picture: frames filling it at any video size, prompts clear of them, an I2V image first
+# ----------------------------------------------------------------------------------------------
+
+LONG_PROMPT = ("BW_STYLE A black and white cartoon goat stands among floating musical notes, then a grinning mouse "
+               "leans in and tugs at its beard, and the two of them dance around the gramophone until the record ends.")
+
+
+def _videos(frames, height, width, count=2, seed=0):
+    """Videos of mid-grey noise: no pixel of a frame is near white, the sheet's background."""
+    import numpy as np
+
+    return [np.random.default_rng(seed + i).uniform(0.1, 0.8, (frames, height, width, 3)) for i in range(count)]
+
+
+def _drawn(figure):
+    """(tiles, prompts, labels) of a drawn sheet figure: their extents in pixels, and the RGB pixels, top row first."""
+    import numpy as np
+
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    tiles = [(axis.get_gid(), axis.get_window_extent()) for axis in figure.axes]
+    prompts = [text.get_window_extent(renderer) for text in figure.texts if text.get_gid() == "prompt"]
+    labels = [text.get_window_extent(renderer) for axis in figure.axes for text in axis.texts]
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3] / 255.0
+    return tiles, prompts, labels, pixels
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (120, 180), (180, 120), (32, 128), (72, 128)])  # 480x720's and
+# 768x1360's shapes, portrait, square, a strip
+def test_a_contact_sheet_is_filled_with_frames_and_its_prompts_stand_clear(height, width, tmp_path):
+    """Before: 2.2-inch cells whatever the video's shape (a 32x128 video drew its frames as strips in mostly white
+    cells), and each prompt drawn at 1.2 axes heights above its row, over the `frame N` titles of the row."""
+    import numpy as np
+    from PIL import Image
+
+    from training.report import contact_sheet, sheet_figure
+
+    videos, prompts = _videos(9, height, width), [LONG_PROMPT, "a cat"]
+    figure = sheet_figure(videos, prompts)
+    tiles, prompt_boxes, labels, pixels = _drawn(figure)
+    sheet = figure.bbox
+    assert [gid for gid, _ in tiles] == ["frame"] * 8 and len(prompt_boxes) == 2
+    for _, box in tiles:  # each tile the video's shape, inside the sheet
+        assert box.width / box.height == pytest.approx(width / height, rel=0.02) and sheet.contains(box.x0, box.y0)
+    covered = sum(box.width * box.height for _, box in tiles) / (sheet.width * sheet.height)
+    assert covered > 0.65, covered  # the sheet this replaced: 0.10 (32x128) to 0.40 (32x32)
+    for prompt in prompt_boxes:
+        assert sheet.x0 <= prompt.x0 and prompt.x1 <= sheet.x1 and sheet.y0 <= prompt.y0 and prompt.y1 <= sheet.y1
+        assert not any(prompt.overlaps(box) for _, box in tiles) and not any(prompt.overlaps(box) for box in labels)
+    # Each prompt heads its own row: below the row above, above its own tiles.
+    rows = sorted({round(box.y1) for _, box in tiles}, reverse=True)
+    assert [p.y0 >= row for p, row in zip(prompt_boxes, rows)] == [True, True]
+    assert prompt_boxes[1].y1 < min(box.y0 for _, box in tiles if round(box.y1) == rows[0])
+    # The picture itself: frame pixels (never white) cover the same share of the written PNG.
+    path = contact_sheet(videos, prompts, tmp_path / "sheet.png")
+    with Image.open(path) as written:
+        png = np.asarray(written.convert("RGB")) / 255.0
+    assert png.shape == pixels.shape
+    assert (png.min(axis=-1) < 0.9).mean() > 0.65
+
+
+def test_an_image_to_video_sheet_shows_its_conditioning_image_first():
+    import numpy as np
+    from PIL import Image
+
+    from training.report import sheet_figure
+
+    height, width = 60, 90
+    ys, xs = np.mgrid[0:height * 2, 0:width * 2]  # the image at twice the video's size: shown resized to it
+    image = Image.fromarray(np.stack([xs * 255 // (width * 2), ys * 255 // (height * 2), 255 - xs * 255 // (width * 2)],
+                                     axis=-1).astype("uint8"))
+    videos = _videos(9, height, width)
+    tiles, _, _, pixels = _drawn(sheet_figure(videos, ["a cat", "a dog"], images=[image, image]))
+    assert [gid for gid, _ in tiles] == ["image", "frame", "frame", "frame", "frame"] * 2
+    for row in (0, 5):
+        first = tiles[row][1]
+        assert first.x0 == min(box.x0 for _, box in tiles[row:row + 5])
+        top = pixels.shape[0] - round(first.y1)  # pixels count rows from the top
+        crop = pixels[top:top + round(first.height), round(first.x0):round(first.x0) + round(first.width)]
+        shown = np.asarray(Image.fromarray((crop * 255).round().astype("uint8")).resize((width, height))) / 255.0
+        expected = np.asarray(image.resize((width, height), Image.BICUBIC)) / 255.0
+        upper = slice(0, height * 2 // 3)  # the label sits in the lower left corner
+        assert np.abs(shown[upper] - expected[upper]).mean() < 0.03
+        assert np.abs(shown[upper] - videos[row // 5][0][upper]).mean() > 0.1  # not the first frame

@@ -296,17 +296,17 @@ def test_wandb_offline_tracker_gets_loss_and_videos(tiny_model_2b, tmp_path, mon
 
 def test_compiled_model_saves_plain_keys(tiny_model_2b, tmp_path):
     """accelerate keeps the torch.compile wrapper by default; its `_orig_mod.` prefix must not reach the LoRA file."""
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from training.backend import Backend
     from training.modes import LoRA
+    from training.sections import LoraFlags, TrainingFlags
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(tiny_model_2b, subfolder="transformer")
     mode = LoRA()
-    mode.prepare(transformer, *[SimpleNamespace(seed=None, rank=2, lora_alpha=2, lora_target_modules="to_q,to_v", master_weight_dtype="fp32")] * 2)
+    mode.prepare(transformer, TrainingFlags(seed=None, master_weight_dtype="fp32"),
+                 LoraFlags(rank=2, lora_alpha=2, lora_target_modules="to_q,to_v"))
     plain = Backend(Accelerator(cpu=True)).unwrap(torch.compile(transformer))  # compile is lazy: nothing is built here
     assert plain is transformer
     mode.save(plain, tmp_path, CogVideoXPipeline)

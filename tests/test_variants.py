@@ -95,8 +95,16 @@ def test_sft_resume_gives_the_same_weights(tiny_model_2b, tmp_path):
     assert any(not torch.equal(a[k], halfway[k]) for k in a)  # steps 3-4 did train
 
 
-def test_image_to_video_lora_multiresolution(tiny_models, first_frame_png, tmp_path):
+def test_image_to_video_lora_multiresolution(tiny_models, first_frame_png, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import training.validation
+
     model, output = tiny_models("5b-i2v"), tmp_path / "i2v-lora"
+    sheets, picture_files = [], training.validation.picture_files
+    monkeypatch.setattr(training.validation, "picture_files", lambda *args, **kwargs: sheets.append(args) or
+                        picture_files(*args, **kwargs))
     summary = run_trainer(
         lora_argv(model, ASSETS, output, "--max_train_steps", "3", "--ignore_learned_positional_embeddings",
                   "--noised_image_dropout", "0.2", "--validation_prompt", "a cat walks on the grass",
@@ -105,6 +113,10 @@ def test_image_to_video_lora_multiresolution(tiny_models, first_frame_png, tmp_p
     )
     assert summary["parity"]["exact"]
     assert list(output.glob("validation_step3_video_0_0_*.mp4"))
+    # Each contact sheet is handed the conditioning image, which it shows first (tests/test_report.py)
+    assert [name for _, _, _, name, *_ in sheets] == ["validation_step3", "test"]
+    for *_, images in sheets:
+        assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(Image.open(first_frame_png)))
     _assert_lora_changes_output(model, output, image=first_frame_png, drop_positions=True)
 
 

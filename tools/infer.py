@@ -29,7 +29,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=FlagHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Hub id or local folder of a CogVideoX pipeline.")
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--lora_path", help="A training run's folder (pytorch_lora_weights.safetensors) or the file.")
+    weights.add_argument("--lora_path", help="A training run's folder (pytorch_lora_weights.safetensors, or adapter/ "
+                         "of a LoHa or LoKr run) or the file.")
     weights.add_argument("--transformer_path", help="A full fine-tune's transformer folder (<run>/transformer).")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="1.0: the strength it was trained at.")
     parser.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for more).")
@@ -109,6 +110,16 @@ def shard_problems(infer, num_processes):
     return token_problems([(frames, height, width)], config, shards, what="video")
 
 
+def peft_folder_of(path):
+    """The peft adapter folder of a LoHa or LoKr run (`path` itself or its adapter/), or None."""
+    from training.modes import PEFT_FOLDER
+
+    for folder in (Path(path), Path(path) / PEFT_FOLDER):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
 def load_pipeline(infer, image_to_video, device):
     import torch
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -122,7 +133,14 @@ def load_pipeline(infer, image_to_video, device):
         extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(infer.transformer_path, torch_dtype=dtype)
     pipe = pipeline_class.from_pretrained(infer.model_name_or_path, torch_dtype=dtype, **extra)
     convolve_on_cpu_with_onednn(pipe.vae)  # decoding on a CPU: oneDNN for the small layers too (training/models.py)
-    if infer.lora_path:
+    if infer.lora_path and peft_folder_of(infer.lora_path):  # a LoHa or LoKr run: diffusers does not load those
+        from training.modes import load_peft_folder
+
+        load_peft_folder(pipe.transformer, peft_folder_of(infer.lora_path), "lora")
+        for module in pipe.transformer.modules():
+            if "lora" in getattr(module, "scaling", {}):
+                module.set_scale("lora", infer.lora_scale)  # peft's LoHa/LoKr: scale x alpha / rank
+    elif infer.lora_path:
         path = Path(infer.lora_path)
         folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(str(folder), weight_name=name, adapter_name="lora")
@@ -151,7 +169,8 @@ def generate(pipe, infer, prompt, image, index):
     height, width = video_size(infer, pipe.transformer.config, pipe.vae_scale_factor_spatial)
     sizes = dict(height=height, width=width, **({"num_frames": infer.num_frames} if infer.num_frames else {}))
     extra = {"image": load_image(image)} if image else {}
-    return pipe(prompt, num_inference_steps=infer.num_inference_steps, guidance_scale=infer.guidance_scale,
+    # prompt by name: CogVideoXImageToVideoPipeline takes the image first
+    return pipe(prompt=prompt, num_inference_steps=infer.num_inference_steps, guidance_scale=infer.guidance_scale,
                 max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
                 generator=torch.Generator().manual_seed(infer.seed + index), **sizes, **extra).frames[0]
 
@@ -168,10 +187,10 @@ def main(argv=None):
 
     infer = section_of(InferFlags, parse_with_config(build_parser(), argv, "infer"))
     work = jobs(infer)
-    if infer.lora_path:  # one line for a missing file, a folder without the LoRA, a file that is not one
+    if infer.lora_path and not peft_folder_of(infer.lora_path):
         from tools.lora_math import read_lora
 
-        read_lora(infer.lora_path)
+        read_lora(infer.lora_path)  # one line for a missing file, a folder without the LoRA, a file that is not one
     if infer.transformer_path and not (Path(infer.transformer_path) / "config.json").is_file():
         raise UsageError(f"--transformer_path {infer.transformer_path}: no transformer folder there (config.json and "
                          "weights, as a full fine-tune writes <run>/transformer)")
@@ -207,12 +226,13 @@ def main(argv=None):
     state.wait_for_everyone()
     if state.is_main_process:
         import numpy as np
-        from diffusers.utils import load_video
+        from diffusers.utils import load_image, load_video
 
         from training.report import contact_sheet
 
         videos = [np.asarray(load_video(str(output / file_name(i, p)))) / 255.0 for i, p, _ in work]
-        contact_sheet(videos, [p for _, p, _ in work], output / "sheet.png")
+        images = [load_image(image) for _, _, image in work if image]  # image-to-video: each row's image first
+        contact_sheet(videos, [p for _, p, _ in work], output / "sheet.png", images=images or None)
         print(f"{len(work)} video(s) and sheet.png in {output}")
 
 

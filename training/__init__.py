@@ -11,6 +11,9 @@ hide_bitsandbytes()  # before anything imports diffusers: see optional_libraries
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; the old name keeps older diffusers working.
 warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+# diffusers still passes huggingface_hub's retired local_dir_use_symlinks on every Hub download: a deprecation note
+# that, printed first, became the headline of a failed launch (accelerate quotes the first line of stderr).
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*deprecated", category=UserWarning)
 
 
 # Optional kernels that cannot load on this machine are announced at import (torchao's CUDA libraries, a

@@ -29,6 +29,10 @@ def _batch_size(value) -> typing.Union[int, str]:  # a number or "auto"
         raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor auto") from None
 
 
+def _count_or_auto(value) -> typing.Union[int, str]:  # a number or "auto"
+    return _batch_size(value)
+
+
 def _lowercase(value) -> str:
     return value.lower()
 
@@ -141,7 +145,8 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
         default=None,
         choices=["center", "random", "none"],
         help="How a clip is fitted to its resolution bucket: not given = stretch to the bucket; center/random "
-        "= resize keeping aspect ratio, then crop (centre or random offset); none = same as random.",
+        "= resize keeping aspect ratio, then crop (centre or random offset); none: the original's name for random, kept "
+        "for its scripts.",
     )
     data.add_argument("--skip_frames_start", type=int, default=0, help="Frames dropped from the start of each clip.")
     data.add_argument("--skip_frames_end", type=int, default=0, help="Frames dropped from the end of each clip.")
@@ -211,10 +216,14 @@ def add_bucket_arguments(buckets):
                          help="Side whose square x --video_sample_n_frames is the token budget (Fun: 512).")
     buckets.add_argument("--video_sample_n_frames", type=int, default=None, help="Frames per video sample (Fun: 17).")
     buckets.add_argument("--video_sample_stride", type=int, default=None, help="Take every N-th frame (Fun: 4).")
-    buckets.add_argument("--random_hw_adapt", action="store_true", help="A sample side drawn per sample (see docs).")
+    buckets.add_argument("--random_hw_adapt", action="store_true",
+                         help="A side drawn per batch: the full size with probability 0.75, else a smaller one "
+                         "(assets/dataset.md).")
     buckets.add_argument("--training_with_video_token_length", action="store_true",
-                         help="Fewer frames for larger samples, to stay within the token budget.")
-    buckets.add_argument("--random_frame_crop", action="store_true", help="A frame count drawn per video sample.")
+                         help="With --random_hw_adapt: a video batch's side drawn from --video_sample_size to "
+                         "--image_sample_size (steps of 128), with the frames of the token budget there.")
+    buckets.add_argument("--random_frame_crop", action="store_true",
+                         help="A batch keeps its frame count with probability 0.9, else takes a shorter 4k+1.")
     buckets.add_argument("--video_repeat", type=int, default=0, help="Videos appear this many times per epoch (0: once).")
 
 
@@ -222,7 +231,8 @@ def add_training_arguments(group):
     """[training] The run: output, precision, length, learning rate and its schedule."""
     group.add_argument(
         "--output_dir", type=str, default="cogvideox-sft",
-        help="Folder of the run: checkpoints, the LoRA or transformer/, config.toml, logs, validation videos.",
+        help="Folder of the run: checkpoints, the LoRA or transformer/, config.toml, logs, validation videos "
+        "(cogvideox-lora for the LoRA trainers, cogvideox-sft for the full fine-tuning ones).",
     )
     group.add_argument(
         "--seed", type=int, default=None,
@@ -304,14 +314,12 @@ def add_training_arguments(group):
     )
     group.add_argument("--snr_gamma", type=float, default=None, help="min_snr: the cap gamma (default 5).")
     add_ema_arguments(group)
-    group.add_argument("--noised_image_dropout", type=float, default=0.05, help="I2V: drop the image condition.")
-    group.add_argument("--ignore_learned_positional_embeddings", action="store_true", help="I2V multi-resolution.")
-    group.add_argument(
-        "--dry_run",
-        action="store_true",
-        help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, static "
-        "memory) and exit without loading any weights.",
-    )
+    group.add_argument("--noised_image_dropout", type=float, default=0.05,
+                       help="Probability that a sample trains without its image condition (first-frame latents "
+                       "zeroed), drawn per sample.")
+    group.add_argument("--ignore_learned_positional_embeddings", action="store_true",
+                       help="Train at shapes other than the model's learned one (CogVideoX-5b-I2V: 49x480x720) by "
+                       "dropping its learned positional embeddings; inference needs the same change.")
 
 
 def add_ema_arguments(group):
@@ -377,6 +385,33 @@ def add_lora_arguments(group):
         type=str,
         default=DEFAULT_LORA_TARGET_MODULES,
         help="Comma-separated module names of the transformer that get LoRA layers.",
+    )
+    group.add_argument(
+        "--lora_type", choices=("lora", "dora", "loha", "lokr"), default="lora",
+        help="The adapter: lora; dora (LoRA with a learned magnitude per output, DoRA); loha (Hadamard product of "
+             "two low-rank pairs); lokr (Kronecker product, see --lokr_factor). lora and dora are saved in the "
+             "diffusers form, loha and lokr as a peft adapter folder (adapter/); every type also as a ComfyUI file.",
+    )
+    group.add_argument(
+        "--conv_rank", type=int, default=None,
+        help="Rank of the adapter on convolution layers among --lora_target_modules (CogVideoX 1.0's "
+             "patch_embed.proj; 1.5 has none), as LyCORIS' conv_dim; default: --rank.",
+    )
+    group.add_argument(
+        "--lokr_factor", type=int, default=-1,
+        help="--lora_type lokr: the size of the Kronecker product's first factor (peft's decompose_factor; -1: as "
+             "square as the layer allows).",
+    )
+    group.add_argument(
+        "--init_lora", type=str, default=None,
+        help="Start from this LoRA file instead of a fresh adapter (diffusers/peft form, ComfyUI form, "
+             "CogVideoX-Fun's or the original's file): its rank, alpha and adapted modules replace --rank, "
+             "--lora_alpha and --lora_target_modules; a resumed checkpoint still takes precedence.",
+    )
+    group.add_argument(
+        "--loraplus_lr_ratio", type=float, default=None,
+        help="LoRA+: train each B (up) matrix at this many times the learning rate (the LoRA+ paper suggests 16; "
+             "default: the same rate for A and B).",
     )
 
 
@@ -486,7 +521,14 @@ def add_memory_arguments(group):
     )
     group.add_argument(
         "--max_memory_gb", type=float, default=None,
-        help="Accelerator memory (GiB) each process may use, for batch sizes of auto.",
+        help="Accelerator memory (GiB) each process may use, for batch sizes of auto and --blocks_to_swap auto.",
+    )
+    group.add_argument(
+        "--blocks_to_swap", type=_count_or_auto, default=0,
+        help="LoRA only: keep the frozen weights of N transformer blocks (evenly spread) in pinned CPU memory and copy "
+        "each to the GPU just before it runs (on a side stream, overlapping compute), forward and backward: saves "
+        "about N blocks' weights, costs their copies each step (--dry_run shows both). auto (with --max_memory_gb): "
+        "the smallest N whose estimated training and validation peaks fit.",
     )
     group.add_argument(
         "--use_cpu_offload_optimizer", action="store_true",
@@ -563,22 +605,109 @@ def add_logging_arguments(group):
     )
 
 
-def build_parser(description="CogVideoX fine-tuning"):
-    """Every trainer flag, with the original cogvideox-factory's names and defaults, in config.toml's sections (an
-    argument group per section: `--help` lists them so)."""
-    from .run_config import TRAINER_SECTIONS, add_config_arguments, section_group
+# Flags only some trainers have (for "lora": these and every flag of the [lora] section, `only_for`): the others
+# hide them from --help, and refuse them (REFUSED_ELSEWHERE) or name them as ignored (`ignored_flags`) when given a
+# value other than the default; every trainer's sections still hold them (training/sections.py), at their defaults.
+ONLY_FOR = {
+    "lora": ("quantize_base", "blocks_to_swap"),
+    "sft": ("transformer_config", "transformer_ckpt_path"),
+    "image-to-video": ("validation_images", "noised_image_dropout", "ignore_learned_positional_embeddings"),
+}
+ONLY_FOR_WORDS = {"lora": "the LoRA trainers", "sft": "the full fine-tuning trainers",
+                  "image-to-video": "the image-to-video trainers"}
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=FlagHelpFormatter,
-                                     usage="%(prog)s [--config run.toml] --pretrained_model_name_or_path PATH [flags]")
+TRAINER_DESCRIPTION = """\
+{task} {what} of CogVideoX: writes {writes}.
+
+The defaults below are the original cogvideox-factory's (batch 4, fp32, no gradient checkpointing: far past 80 GB
+for CogVideoX-5b). Start from the sweep {sweep} (DRY_RUN=1 prints its command), and check a run
+with --dry_run first:
+
+    accelerate launch --config_file accelerate_configs/uncompiled_1.yaml training/{script}.py \\
+        --pretrained_model_name_or_path {model} --data_root data \\
+        --caption_column prompts.txt --video_column videos.txt --dry_run ...
+"""
+
+
+def only_for(sections):
+    """{"lora" | "sft" | "image-to-video": the flags only those trainers have}: ONLY_FOR, and for "lora" every flag
+    of the [lora] section. `sections`: {dest: section} of a trainer's parser (run_config.trainer_sections)."""
+    lora = {dest for dest, section in sections.items() if section == "lora"}
+    return {key: set(dests) | (lora if key == "lora" else set()) for key, dests in ONLY_FOR.items()}
+
+
+def hidden_flags(sections, conditioning=None, mode=None):
+    """The flags the trainer of `conditioning` ("text-to-video", "image-to-video") and `mode` ("lora", "sft") does
+    not have (none when either is not given: every flag, as docs/flags.md lists them)."""
+    if conditioning is None or mode is None:
+        return set()
+    others = [{"lora": "sft", "sft": "lora"}.get(mode), *(["image-to-video"] if conditioning == "text-to-video" else [])]
+    owned = only_for(sections)
+    return {dest for key in others if key for dest in owned[key]}
+
+
+# Of those, the flags the checks refuse on the other trainers (conditioning.py, modes.py, settings.py, block_swap.py);
+# the rest would be ignored there, and ignored_flags says so.
+REFUSED_ELSEWHERE = {"validation_images", "ignore_learned_positional_embeddings", "transformer_config",
+                     "transformer_ckpt_path", "quantize_base", "blocks_to_swap"}
+
+
+def ignored_flags(args, conditioning, mode):
+    """One note line naming the flags of other trainers that `args` sets (on the command line or in a --config
+    file's section this trainer does not have, e.g. [lora] for a full fine-tune), which this trainer ignores; []
+    when none."""
+    from .run_config import trainer_sections
+
+    parser = build_parser()
+    defaults, sections = {a.dest: a.default for a in parser._actions}, trainer_sections(parser)
+    ignored = sorted(dest for dest in hidden_flags(sections, conditioning, mode) - REFUSED_ELSEWHERE
+                     if getattr(args, dest) != defaults[dest])
+    if not ignored:
+        return []
+    owners = sorted({ONLY_FOR_WORDS[key] for key, dests in only_for(sections).items() if set(ignored) & dests})
+    return [f"note: this {conditioning} {mode} trainer ignores "
+            f"{', '.join(f'--{dest} (--config: [{sections[dest]}] {dest})' for dest in ignored)}: "
+            f"{'it is' if len(ignored) == 1 else 'they are'} for {' and '.join(owners)}"]
+
+
+def trainer_description(conditioning, mode):
+    """--help's description of one trainer: what it trains and writes, and where to start."""
+    script = f"cogvideox_{conditioning.replace('-', '_')}_{mode}"
+    i2v = conditioning == "image-to-video"
+    return TRAINER_DESCRIPTION.format(
+        task=conditioning.capitalize(), what="LoRA fine-tuning" if mode == "lora" else "full fine-tuning",
+        writes="a LoRA to --output_dir (pytorch_lora_weights.safetensors for diffusers, and a ComfyUI file)"
+        if mode == "lora" else "the whole transformer to --output_dir/transformer/",
+        sweep=f"train_{conditioning.replace('-', '_')}_{mode}.sh", script=script,
+        model="THUDM/CogVideoX-5b-I2V" if i2v else "THUDM/CogVideoX-5b")
+
+
+def build_parser(description=None, conditioning=None, mode=None):
+    """Every trainer flag, with the original cogvideox-factory's names and defaults, in config.toml's sections (an
+    argument group per section: `--help` lists them so); --dry_run and --load_tensors up front. With `conditioning`
+    and `mode`: that trainer's parser, its description, and --help without the flags it does not have."""
+    from .run_config import TRAINER_SECTIONS, add_config_arguments, section_group, trainer_sections
+
+    if description is None:
+        description = trainer_description(conditioning, mode) if conditioning and mode else "CogVideoX fine-tuning"
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=FlagHelpFormatter, add_help=False,
+        usage="%(prog)s [--dry_run] [--load_tensors] [--config run.toml] --pretrained_model_name_or_path PATH [flags]")
+    start = parser.add_argument_group("Start here")
+    start.add_argument("-h", "--help", action="help", help="Show this help and exit.")
+    start.add_argument(
+        "--dry_run", action="store_true",
+        help="Check everything, print the plan (samples per bucket, unusable samples, steps, parameters, estimated "
+        "memory peaks) and exit without loading any weights ([training] in a --config file).",
+    )
+    start.add_argument(
+        "--load_tensors", action="store_true",
+        help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
+        "--output_dir); the VAE and text encoder are then not loaded for training ([data] in a --config file).",
+    )
     groups = {name: section_group(parser, name) for name in TRAINER_SECTIONS}
     add_model_arguments(groups["model"])
     add_dataset_arguments(parser, groups=groups)
-    groups["data"].add_argument(
-        "--load_tensors",
-        action="store_true",
-        help="Train from latents and embeddings written by training/prepare_dataset.py (--data_root is its "
-        "--output_dir); the VAE and text encoder are then not loaded for training.",
-    )
     add_caption_arguments(groups["data"])
     add_training_arguments(groups["training"])
     add_optimizer_arguments(groups["optimizer"])
@@ -589,6 +718,12 @@ def build_parser(description="CogVideoX fine-tuning"):
     add_parallelism_arguments(groups["parallelism"])
     add_logging_arguments(groups["logging"])
     add_config_arguments(parser)
+    hidden = hidden_flags(trainer_sections(parser), conditioning, mode)
+    for action in parser._actions:
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS  # still parsed: settings name the trainers that have it
+    if mode == "lora":
+        parser.set_defaults(output_dir="cogvideox-lora")  # the original's cogvideox-sft, for a LoRA too
     return parser
 
 
@@ -633,21 +768,100 @@ def load_transformer_config(pretrained):
     if pretrained.transformer_config:
         return read_transformer_config(pretrained.transformer_config)
     path = pretrained.path
+    unreachable = _hub_unreachable(pretrained)
+    if unreachable:  # not half a minute of huggingface_hub's retries before saying so
+        raise UsageError(f"--pretrained_model_name_or_path {path}: {unreachable}")
     try:
         config = CogVideoXTransformer3DModel.load_config(
             path, subfolder="transformer", revision=pretrained.revision, cache_dir=pretrained.cache_dir
         )
     except Exception as error:
-        raise UsageError(
-            f"--pretrained_model_name_or_path {path}: no CogVideoX transformer config found there "
-            f"({type(error).__name__}). Give a diffusers CogVideoX pipeline folder or Hub id, e.g. THUDM/CogVideoX-5b."
-        ) from error
+        raise UsageError(f"--pretrained_model_name_or_path {path}: {_model_not_found(path, error, pretrained.cache_dir)}"
+                         ) from error
     if config.get("_class_name") not in (None, "CogVideoXTransformer3DModel"):
         raise UsageError(
             f"--pretrained_model_name_or_path {path}: its transformer is a {config.get('_class_name')}, "
             "not a CogVideoXTransformer3DModel."
         )
     return config
+
+
+def _hub_unreachable(pretrained):
+    """The sentence `_model_not_found` would end with after huggingface_hub's retries (about 25 s), when the model is a
+    Hub id missing from the cache and the Hub's host has no address (no network); else None. Not asked behind a
+    proxy (HTTPS_PROXY and the like), where the host may have no address here and still be reached."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    path = str(pretrained.path)
+    if constants.HF_HUB_OFFLINE or Path(path).expanduser().exists() or any(
+            os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                              "all_proxy")):
+        return None
+    try:
+        cached = try_to_load_from_cache(path, "transformer/config.json", cache_dir=pretrained.cache_dir,
+                                        revision=pretrained.revision)
+    except HFValidationError:
+        return None  # not a Hub id: load_config says why
+    if isinstance(cached, str):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return _model_not_found(path, LocalEntryNotFoundError(f"{host}: no address"), pretrained.cache_dir)
+    return None
+
+
+def _model_not_found(path, error, cache_dir):
+    """Why no transformer config came from `path`, in one sentence with what to do: no such folder, not a pipeline,
+    not in the Hugging Face cache while offline (HF_HUB_OFFLINE=1) or with the Hub out of reach, or no such model on
+    the Hub. diffusers reports all of them as an OSError; the cause is in the chain of exceptions."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    local = Path(path).expanduser()
+    try:
+        validate_repo_id(str(path))
+        hub_id = not local.exists()
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        if not local.exists():
+            return "no such folder (a local path; a Hub id looks like THUDM/CogVideoX-5b)"
+        return (f"no CogVideoX transformer config found there ({type(error).__name__}): give a diffusers CogVideoX "
+                "pipeline folder (model_index.json, transformer/, vae/, ...) or a Hub id, e.g. THUDM/CogVideoX-5b")
+    cache = cache_dir or constants.HF_HUB_CACHE
+    where = f" --cache-dir {cache_dir}" if cache_dir else ", with the same HF_HOME"
+    download = f"download it once (hf download {path}{where}), or give the pipeline's local folder"
+    if any(isinstance(c, GatedRepoError) for c in causes):
+        return "a gated model on the Hub: accept its terms on huggingface.co and log in (hf auth login)"
+    if any(isinstance(c, (RepositoryNotFoundError, RevisionNotFoundError)) for c in causes):
+        return "no such model (or revision) on the Hugging Face Hub: check the id (e.g. THUDM/CogVideoX-5b); a " \
+               "private one needs hf auth login"
+    if any(isinstance(c, LocalEntryNotFoundError) for c in causes):
+        if constants.HF_HUB_OFFLINE:
+            return (f"not in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE=1 forbids downloading it: "
+                    f"{download.replace('once (', 'once without HF_HUB_OFFLINE (')}")
+        return (f"not in the Hugging Face cache ({cache}), and the Hub could not be reached (no network? a proxy?): "
+                f"{download}")
+    return (f"no CogVideoX transformer config found on the Hub ({type(error).__name__}): give a diffusers CogVideoX "
+            "pipeline's Hub id, e.g. THUDM/CogVideoX-5b, or its local folder")
 
 
 def frame_rule_problem(num_frames, transformer_config, temporal_compression=4):
@@ -750,10 +964,10 @@ def _offload_problems(flags):
     return problems
 
 
-def parse_args(argv=None, description="CogVideoX fine-tuning"):
+def parse_args(argv=None, description=None, conditioning=None, mode=None):
     """Parse only, with --config's values under the command line's (validation needs to know the trainer variant:
-    see settings.validate_training_args)."""
+    see settings.validate_training_args). `conditioning` and `mode` name the trainer (its --help)."""
     from .run_config import parse_with_config, trainer_sections
 
-    parser = build_parser(description)
+    parser = build_parser(description, conditioning, mode)
     return parse_with_config(parser, argv, trainer_sections(parser))

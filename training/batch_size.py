@@ -1,6 +1,8 @@
 """`--train_batch_size auto --max_memory_gb N`: for every bucket, the largest batch whose training peak, as the
 --dry_run estimate simulates it (the real training step on fake tensors, training/memory_estimate.py), stays under
 N GiB per process. In a bucket config, `auto` may stand in the batch-size column for some buckets only.
+`--blocks_to_swap auto --max_memory_gb N`: the smallest number of swapped blocks (training/block_swap.py) whose
+estimated peaks, every phase, stay under N GiB.
 
 The peak grows linearly with the batch (activations and gradients of each sample; weights and optimizer states stay),
 so two simulations (batch 1 and 2) predict the answer and a third confirms it: about three per bucket.
@@ -96,3 +98,58 @@ def choose_batch_sizes(model, data, training, optimizer, lora, validation, memor
     if problems:
         raise UsageError(problems)
     return chosen, simulated
+
+
+def smallest_count_under(limit, peak_of, most, saved_per_block):
+    """(count, {count: peak}) for the smallest count in 0..most with peak_of(count) <= limit, or (None, peaks) when
+    even `most` does not fit. The peak falls by about `saved_per_block` per count: that guess is simulated first, then
+    one count at a time until one fits and the one below it does not (so count - 1 is simulated too, unless 0 fits)."""
+    peaks = {0: peak_of(0)}
+    if peaks[0] <= limit:
+        return 0, peaks
+    count = min(most, max(1, math.ceil((peaks[0] - limit) / max(saved_per_block, 1))))
+    while True:
+        if count not in peaks:
+            peaks[count] = peak_of(count)
+        if peaks[count] <= limit:
+            if peaks.get(count - 1, 0) > limit:
+                return count, peaks
+            count -= 1
+        elif count >= most:
+            return None, peaks
+        elif peaks.get(count + 1, limit + 1) <= limit:
+            return count + 1, peaks
+        else:
+            count += 1
+
+
+def choose_blocks_to_swap(model, data, buckets, training, optimizer, lora, validation, memory, parallelism,
+                          transformer_config, conditioning, mode, weight_dtype, bucket_counts, batch_sizes):
+    """`--blocks_to_swap auto`: (the smallest count whose estimated peak, the largest of training, validation and
+    final test, fits --max_memory_gb ([memory]), {count: simulated peak bytes}). UsageError when not even every block
+    swapped fits. `bucket_counts`, `batch_sizes`: as memory_estimate.estimate_phases takes them."""
+    from .args import UsageError
+    from .block_swap import frozen_block_bytes
+    from .memory_estimate import estimate_phases
+
+    limit = memory.max_memory_gb * 2**30
+    vae_config, text_encoder_config = component_configs(model)
+    blocks = transformer_config["num_layers"]
+
+    def peak_of(count):
+        phases = estimate_phases(data, buckets, training, optimizer, lora, validation,
+                                 dataclasses.replace(memory, blocks_to_swap=count), parallelism, transformer_config,
+                                 vae_config, text_encoder_config, conditioning, mode, weight_dtype, bucket_counts,
+                                 batch_sizes)
+        return max(v for k, v in phases.items() if k in ("training", "validation", "final_test"))
+
+    logger.info("choosing --blocks_to_swap under %g GiB (a few memory simulations)", memory.max_memory_gb)
+    saved = frozen_block_bytes(transformer_config, mode, training, lora, memory, weight_dtype)
+    count, peaks = smallest_count_under(limit, peak_of, blocks, saved)
+    if count is None:
+        raise UsageError(f"--blocks_to_swap auto: even all {blocks} blocks swapped need about "
+                         f"{peaks[blocks] / 2**30:.3g} GiB, over --max_memory_gb {memory.max_memory_gb:g}; save "
+                         "memory elsewhere too (--gradient_checkpointing, smaller buckets; docs/memory.md)")
+    logger.info("  --blocks_to_swap %d of %d (estimated peak %.3g GiB%s)", count, blocks, peaks[count] / 2**30,
+                f"; {count - 1} would need {peaks[count - 1] / 2**30:.3g} GiB" if count else "")
+    return count, peaks

@@ -15,6 +15,7 @@ conditioning, mode, data source or distributed engine it got:
     ema.py          the moving average of the trained weights (--ema_decay)
 """
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -28,9 +29,10 @@ import torch
 
 from . import checkpoint as ckpt
 from . import memory
-from .args import TrainingError, UsageError, build_parser, exit_on_usage_error, parse_args
+from .args import TrainingError, UsageError, build_parser, exit_on_usage_error, ignored_flags, parse_args
 from .backend import build_backend
-from .batch_size import choose_batch_sizes
+from .batch_size import choose_batch_sizes, choose_blocks_to_swap
+from .block_swap import runtime_problems as swap_runtime_problems
 from .conditioning import CONDITIONINGS
 from .data_source import build_training_data
 from .dry_run import dry_run_plan
@@ -38,9 +40,18 @@ from .ema import EMA
 from .ema import engine_problems as ema_engine_problems
 from .ema import record as ema_record
 from .models import Pretrained, load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
-from .modes import MODES, count_parameters
+from .modes import MODES, adapter_engine_problems, count_parameters
 from .optim import offload_runtime_problems
-from .report import LOSS_PLOT, MODEL_CARD, LossHistory, caption_record, plot_losses, write_model_card
+from .report import (
+    LOSS_PLOT,
+    MODEL_CARD,
+    LossHistory,
+    adapter_record,
+    caption_record,
+    plot_losses,
+    sat_out_record,
+    write_model_card,
+)
 from .run_config import RUN_CONFIG, public_values, write_trainer_config
 from .sections import RunFlags, run_flags
 from .settings import validate_training_args
@@ -55,19 +66,26 @@ logger = logging.getLogger("cogvideox_factory")
 
 @dataclass(frozen=True)
 class Schedule:
-    """How long the run is. One step is one optimizer step (after gradient accumulation)."""
+    """How long the run is. One step is one optimizer step (after gradient accumulation). Epochs differ in length
+    where the buckets are drawn again every epoch (a bucket config's keep_prob: some samples sit an epoch out)."""
 
-    batches_per_epoch: int  # this process's micro-batches in a whole epoch
-    steps_per_epoch: int
+    epoch_batches: tuple  # this process's micro-batches in each whole epoch of the run
     max_train_steps: int
-    epochs: int
 
     @classmethod
     def of(cls, training, sampler):
-        batches = len(sampler)
-        steps_per_epoch = math.ceil(batches / training.gradient_accumulation_steps)
-        max_train_steps = training.max_train_steps or training.num_train_epochs * steps_per_epoch
-        return cls(batches, steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch))
+        accumulation, batches, steps = training.gradient_accumulation_steps, [], 0
+        while steps < training.max_train_steps if training.max_train_steps else len(batches) < training.num_train_epochs:
+            batches.append(sampler.batches_in(len(batches)))
+            steps += math.ceil(batches[-1] / accumulation)
+        return cls(tuple(batches), training.max_train_steps or steps)
+
+    @property
+    def epochs(self):
+        return len(self.epoch_batches)
+
+    def batches_per_epoch(self, epoch):
+        return self.epoch_batches[epoch]
 
 
 @dataclass
@@ -79,7 +97,7 @@ class TrainingState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already trained
 
     def for_checkpoint(self, schedule):
-        if self.batches_in_epoch == schedule.batches_per_epoch:  # epoch finished: resume at the next one
+        if self.batches_in_epoch == schedule.batches_per_epoch(self.epoch):  # epoch finished: resume at the next one
             return {"global_step": self.global_step, "epoch": self.epoch + 1, "batches_in_epoch": 0}
         return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
@@ -106,30 +124,37 @@ class TrainingRun:
     progress: object = None
     step_started: float = 0.0
     startup: StartupClock = field(default_factory=StartupClock)
+    swap_peaks: dict = None  # --blocks_to_swap auto: {count: estimated peak bytes} of the counts simulated
 
 
 def run(argv, conditioning, mode):
     """Parse, validate, train, save, test. Returns a summary dict (also written as summary.json)."""
     startup = StartupClock()
-    args = parse_args(argv)
+    args = parse_args(argv, conditioning=conditioning.name, mode=mode.name)  # the trainer's own flags and --help
     flags = run_flags(args)
     settings = validate_training_args(flags, conditioning, mode)  # 1. every check that needs no weights
     backend = start_processes(flags)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
+    if backend.is_main_process:  # another trainer's flags (e.g. a config's [lora] in a full fine-tune): said, unused
+        for note in ignored_flags(args, conditioning.name, mode.name):
+            logger.warning(note)
     data = build_training_data(flags.model, flags.data, flags.buckets, flags.training, flags.validation, flags.memory,
                                flags.parallelism, settings.data_source, conditioning, settings.transformer_config, backend,
                                choose_sizes=lambda counts, sizes: choose_batch_sizes(
                                    flags.model, flags.data, flags.training, flags.optimizer, flags.lora,
                                    flags.validation, flags.memory, flags.parallelism, settings.transformer_config,
                                    conditioning, mode, backend.weight_dtype, counts, sizes))
+    swap_peaks = None
+    if flags.memory.blocks_to_swap == "auto":  # the smallest count the estimate fits under --max_memory_gb
+        flags, swap_peaks = with_blocks_to_swap(flags, settings, conditioning, mode, backend, data)
     startup.mark("flags, processes and data scan")
     job = TrainingRun(flags, settings, conditioning, mode, backend, data, Schedule.of(flags.training, data.sampler),
-                      startup=startup)
+                      startup=startup, swap_peaks=swap_peaks)
     if flags.training.dry_run:  # 3. bad data has stopped the run above, before any model loads
         plan = dry_run_plan(job)
         backend.end()
         return {"dry_run": plan}
     if backend.is_main_process:  # what this run is: --config <output_dir>/config.toml runs it again
-        write_trainer_config(args, build_parser(), Path(flags.training.output_dir) / RUN_CONFIG)
+        write_trainer_config(args, build_parser(conditioning=conditioning.name, mode=mode.name), Path(flags.training.output_dir) / RUN_CONFIG)
         if flags.logging.hub_token:
             logger.warning("--hub_token is kept out of every file and tracker of this run; `hf auth login` stores a "
                            "token once, for every tool, and keeps it off command lines")
@@ -144,8 +169,11 @@ def run(argv, conditioning, mode):
     train(job)  # 6.
     summary = {"global_step": job.state.global_step, "final_loss": job.last_loss,
                "skipped_samples": len(data.skipped), "eval_loss": job.eval_losses, "buckets": bucket_summary(job),
+               **sat_out_record(data, job.state.epoch),
                "startup_seconds": startup.phases, "recipe": recipe(flags.training)}
     summary["captions"] = caption_record(flags.data)  # --caption_dropout_rate, --caption_shuffle
+    if job.mode.name == "lora":
+        summary["adapter"] = adapter_record(flags.lora)  # rank, alpha, --init_lora, --loraplus_lr_ratio
     if job.ema is not None:
         summary["ema"] = {**ema_record(flags.training), "decay": job.ema.decay, "update_every": job.ema.update_every,
                           "eval_loss": job.eval_losses_ema}
@@ -157,13 +185,23 @@ def run(argv, conditioning, mode):
     return summary
 
 
+def with_blocks_to_swap(flags, settings, conditioning, mode, backend, data):
+    """(`flags` with --blocks_to_swap auto replaced by the count chosen, {count: simulated peak bytes}); see
+    batch_size.choose_blocks_to_swap."""
+    count, peaks = choose_blocks_to_swap(flags.model, flags.data, flags.buckets, flags.training, flags.optimizer,
+                                     flags.lora, flags.validation, flags.memory, flags.parallelism,
+                                     settings.transformer_config, conditioning, mode, backend.weight_dtype,
+                                     data.dataset.landing_counts(), data.batch_sizes)  # as the --dry_run estimates
+    return dataclasses.replace(flags, memory=dataclasses.replace(flags.memory, blocks_to_swap=count)), peaks
+
+
 def bucket_summary(job):
     """{"FxHxW": {"samples_trained": n, "batch_size": b}}: what each bucket trained over the whole run (all
     processes, resumed steps included; a process's padding batches count, as they train)."""
     sampler, state = job.data.sampler, job.state
     counts = {}
     for epoch in range(state.epoch + 1):
-        batches = state.batches_in_epoch if epoch == state.epoch else job.schedule.batches_per_epoch
+        batches = state.batches_in_epoch if epoch == state.epoch else job.schedule.batches_per_epoch(epoch)
         for bucket, n in sampler.samples_trained(epoch, batches).items():
             counts[bucket] = counts.get(bucket, 0) + n
     return {"x".join(map(str, bucket)): {"samples_trained": counts.get(bucket, 0), "batch_size": size}
@@ -175,7 +213,8 @@ def start_processes(flags):
 
     backend = build_backend(flags.training, flags.optimizer, flags.parallelism, flags.logging)
     problems = (offload_runtime_problems(flags.memory, backend) + backend.optimizer_problems(flags.optimizer)
-                + ema_engine_problems(flags.training, backend))
+                + ema_engine_problems(flags.training, backend)
+                + adapter_engine_problems(flags.lora, backend) + swap_runtime_problems(flags.memory, backend))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and backend.num_processes == 1:  # e.g. torchrun on a machine without GPUs, no ACCELERATE_USE_CPU
         problems.append(f"started as {launched} processes (WORLD_SIZE={launched}), but each runs alone, so they would "
@@ -250,7 +289,7 @@ def start_logging_run(job):
     logger.info(
         "training %s %s: %d samples, %d batches per epoch, %d steps, %d trainable parameters, batch %s x %d "
         "process(es)%s x %d accumulation", job.conditioning.name, job.mode.name, len(data.dataset),
-        job.schedule.batches_per_epoch, job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
+        job.schedule.batches_per_epoch(0), job.schedule.max_train_steps, count_parameters(job.trainer.parameters),
         data.describe_batch_size(), backend.num_processes,
         f" ({backend.data_parallel_size} data-parallel group(s) of {backend.sequence_shards.size} sharing each sample)"
         if backend.sequence_shards else "", flags.training.gradient_accumulation_steps,
@@ -295,10 +334,10 @@ def train_epoch(job):
     if hasattr(data.dataset, "set_epoch"):
         data.dataset.set_epoch(state.epoch)
     batches = iter(data.loader)
-    while state.batches_in_epoch < schedule.batches_per_epoch and state.global_step < schedule.max_train_steps:
+    epoch_batches = schedule.batches_per_epoch(state.epoch)
+    while state.batches_in_epoch < epoch_batches and state.global_step < schedule.max_train_steps:
         # A group of micro-batches per step; the epoch's last group may be shorter.
-        group_size = min(job.flags.training.gradient_accumulation_steps,
-                         schedule.batches_per_epoch - state.batches_in_epoch)
+        group_size = min(job.flags.training.gradient_accumulation_steps, epoch_batches - state.batches_in_epoch)
         outcome = train_step(job.trainer, itertools.islice(batches, group_size), group_size)
         state.global_step += 1
         state.batches_in_epoch += group_size

@@ -97,9 +97,12 @@ class RawClips:
         """The items' dataset; the training set (`for_training`) has each sample `repeats` times (--dataset_config
         num_repeats) and its captions dropped or shuffled (--caption_dropout_rate, --caption_shuffle)."""
         items, keys = expand_repeats(items) if for_training else (items, None)
+        # The training set's buckets are drawn again every epoch (a bucket config's keep_prob); held-out items keep
+        # the first draw that keeps them.
         return VideoDataset(items, reshape_mode(data.video_reshape_mode, buckets), data.random_flip,
                             conditioning.image_to_video, seed=training.seed or 0, random_keys=keys,
-                            captions=CaptionDraws.of(data, training) if for_training else CaptionDraws())
+                            captions=CaptionDraws.of(data, training) if for_training else CaptionDraws(),
+                            plan=self.plan if for_training else None)
 
     def encode(self, batch, context):
         """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
@@ -271,8 +274,9 @@ class TrainingData:
         return self.sampler.batch_sizes
 
     def mean_batch_size(self):
-        """The batch a training sample is part of, on average (the one batch size when every bucket has it)."""
-        keys = self.sampler.bucket_keys
+        """The batch a training sample is part of, on average (the one batch size when every bucket has it; with
+        buckets drawn every epoch, those of the first epoch)."""
+        keys = [key for key in self.sampler.keys_at(0) if key is not None]
         return sum(self.sampler.batch_sizes[key] for key in keys) / len(keys) if keys else 0
 
     def describe_batch_size(self):
@@ -302,7 +306,7 @@ def build_training_data(model, data, buckets, training, validation, memory, para
     if not training.dry_run:  # a dry run lists them in its plan instead of stopping
         report_skipped(skipped, training.output_dir, data.skip_bad_samples, backend)
     dataset = source.dataset(data, buckets, training, conditioning, train, for_training=True)
-    counts = bucket_counts(dataset.bucket_keys)
+    counts = dataset.landing_counts()  # every bucket a sample can train in (drawn again every epoch)
     batch_sizes, simulated = source.batch_sizes(buckets, training, transformer_config, set(counts)), {}
     if "auto" in batch_sizes.values():
         batch_sizes, simulated = choose_sizes(counts, batch_sizes)
@@ -329,8 +333,8 @@ def shape_problems(items, training, conditioning, transformer_config):
     `training`: the [training] section (--ignore_learned_positional_embeddings, for the conditioning's rules)."""
     shapes = {}
     for item in items:
-        bucket = tuple(item["bucket"]) if isinstance(item, dict) else item.bucket
-        shapes[bucket] = shapes.get(bucket, 0) + 1
+        for bucket in [tuple(item["bucket"])] if isinstance(item, dict) else item.buckets:
+            shapes[bucket] = shapes.get(bucket, 0) + 1
     problems = []
     for (frames, height, width), count in sorted(shapes.items()):
         problem = size_limit_problem(height, width, transformer_config)
@@ -350,21 +354,26 @@ def sequence_parallel_problems(items, parallelism, transformer_config, backend):
     shards = backend.sequence_shards.size if backend.sequence_shards else parallelism.sequence_parallel_shards
     if shards is None:
         return ["--dry_run on one process estimates one process of a shard group: give --sequence_parallel_shards"]
-    buckets = {tuple(item["bucket"]) if isinstance(item, dict) else item.bucket for item in items}
+    buckets = {bucket for item in items for bucket in ([tuple(item["bucket"])] if isinstance(item, dict)
+                                                       else item.buckets)}
     return shard_problems(buckets, transformer_config, shards)
 
 
 def build_dataloader(dataset, backend, batch_sizes, seed, num_workers, pin_memory, shuffle=True):
     """(loader, sampler) of `dataset`; `seed`: --seed (None: 0), `num_workers`: --dataloader_num_workers,
     `pin_memory`: --pin_memory (where CUDA is)."""
+    fun = getattr(dataset, "fun", None)  # Fun's options: batches that draw their size (dataset.FunBatches)
+    if fun is not None:
+        fun.batch_size = min(batch_sizes.values())  # one for all buckets (Fun's); the smallest where auto chose
     sampler = BucketBatchSampler(
-        dataset.bucket_keys,
+        dataset.bucket_keys_at if getattr(dataset, "redraws", False) or fun is not None else dataset.bucket_keys,
         batch_size=batch_sizes,
         shuffle=shuffle,
         drop_last=False,
         seed=seed or 0,
         num_replicas=backend.data_parallel_size,
         rank=backend.data_parallel_rank,
+        batches_at=fun.batches if fun is not None else None,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

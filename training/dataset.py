@@ -4,7 +4,8 @@ Flow: `load_samples` reads the lists (txt files or a CSV) -> `assign_buckets` pr
 video's header (no decoding, in parallel) and picks its frame and resolution bucket, or
 reports why the clip cannot be used -> `VideoDataset` decodes and resizes one clip per
 `__getitem__` (in DataLoader workers) -> `BucketBatchSampler` groups indices so every batch
-has one shape. `PrecomputedDataset` reads what prepare_dataset.py wrote instead.
+has one shape (under CogVideoX-Fun's options `FunBatches` makes the batches and draws each one's size).
+`PrecomputedDataset` reads what prepare_dataset.py wrote instead.
 """
 
 import json
@@ -45,12 +46,39 @@ class SkippedSample:
     reason: str
 
 
-def _read_lines(path, flag):
+def _paired_lines(caption_list, video_list):
+    """(captions, videos) of the two lists, line n of one with line n of the other. Lines blank in both are spacing
+    (dropped); a line blank in one list only is an error naming it (the lists are of one length, or of one length
+    without their blank lines: blank lines as spacing in one list are kept working). Blank lines at the end do not
+    count."""
+    raw = [_raw_lines(caption_list, "--caption_column"), _raw_lines(video_list, "--video_column")]
+    if len(raw[0]) == len(raw[1]):
+        problems = []
+        for number, (caption, video) in enumerate(zip(*raw), 1):
+            if not caption and video:
+                problems.append(f"--caption_column {caption_list.name}: line {number} is blank, but line {number} of "
+                                f"{video_list.name} is a video ({video}): write its caption there, or remove the line "
+                                "from both lists")
+            elif caption and not video:
+                problems.append(f"--video_column {video_list.name}: line {number} is blank, but line {number} of "
+                                f"{caption_list.name} is a caption: give its video there, or remove the line from both "
+                                "lists")
+        if problems:
+            raise UsageError(problems[:10] + ([f"... and {len(problems) - 10} more blank lines"]
+                                              if len(problems) > 10 else []))
+    return [line for line in raw[0] if line], [line for line in raw[1] if line]
+
+
+def _raw_lines(path, flag):
+    """The stripped lines of a list, blank ones kept but those at the end."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UsageError(f"{flag} {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def with_id_token(caption, id_token):
@@ -61,8 +89,7 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
     """Captions and video paths from txt lists in data_root, or from a CSV. Raises UsageError."""
     if dataset_file is None:
         root = Path(data_root)
-        captions = _read_lines(root / caption_column, "--caption_column")
-        videos = _read_lines(root / video_column, "--video_column")
+        captions, videos = _paired_lines(root / caption_column, root / video_column)
     else:
         import pandas as pd
 
@@ -106,10 +133,31 @@ def check_files_exist(samples):
 @dataclass(frozen=True)
 class BucketedSample:
     sample: Sample
-    bucket: tuple  # (frames, height, width)
+    bucket: tuple  # (frames, height, width); with `landings`, the bucket of the first epoch whose draw keeps it
     frame_indices: tuple
     source_size: tuple = (0, 0)  # (height, width) of the file
     content_hash: str = None  # sha256 of the video file, when the scan was asked to hash
+    # With a bucket config whose draws can differ (keep_prob below 1), the bucket is drawn again every epoch:
+    # `landings` ((bucket, frame indices), ...) holds every bucket the draws can give, `route` what the plan draws on
+    # (ConfiguredBuckets.draw). Empty: the sample always trains in `bucket`.
+    landings: tuple = ()
+    route: tuple = ()
+    # Under CogVideoX-Fun's sampling options, what its per-batch draws look at (buckets.FunClip): the training set's
+    # batches draw their size, and each clip its frame window, every epoch. None: `bucket` and `frame_indices` hold.
+    fun: object = None
+
+    @property
+    def buckets(self):
+        """Every bucket the sample can train in."""
+        return [bucket for bucket, _ in self.landings] or (list(self.fun.buckets) if self.fun else [self.bucket])
+
+
+def first_landing(plan, route, key):
+    """The bucket of the first epoch (0, 1, ...) whose draw keeps a sample of this route (some draw can)."""
+    epoch = 0
+    while (bucket := plan.draw(route, key, epoch)) is None:
+        epoch += 1
+    return bucket
 
 
 def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_threads=8, check_streams=True,
@@ -124,15 +172,31 @@ def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_th
     """
 
     def choose(info, sample):
-        """(frame indices, bucket), or (None, why not)."""
+        """(frame indices, bucket, landings, route), or (None, why not, (), ()). Frame indices: the bucket's, or
+        with landings (a bucket drawn again every epoch) those of the landing that reads furthest into the clip."""
         image = is_image(sample.video_path)
         available = 1 if image else info.num_frames - skip_frames_start - skip_frames_end
+
+        def indices(bucket):
+            return tuple([0] * bucket[0] if image else plan.frame_indices(info.num_frames, bucket[0],
+                                                                           skip_frames_start, skip_frames_end))
+
+        if getattr(plan, "per_batch", False):  # Fun's options: sizes drawn per batch, frame windows per epoch
+            clip = plan.clip(available, info.height, info.width, image, skip_frames_start)
+            if isinstance(clip, str):
+                return None, clip, (), ()
+            bucket = plan.draw([clip], 0, (sample.index,))  # alone in a batch of epoch 0 (held out, prepared)
+            return tuple([0] * bucket[0] if image else plan.window(clip, bucket[0], 0, sample.index)), bucket, (), clip
+        route = plan.route(available, info.height, info.width, image) if getattr(plan, "redraws", False) else ()
+        shares = plan.landings(route) if route else {}
+        if len(shares) > 1 or shares and sum(shares.values()) < 1 - 1e-9:  # the draws can differ between epochs
+            landings = tuple((bucket, indices(bucket)) for bucket in shares)
+            bucket = first_landing(plan, route, sample.index)
+            return max((i for _, i in landings), key=lambda i: i[-1]), bucket, landings, route
         bucket = plan.choose(available, info.height, info.width, image, sample.index)
-        if isinstance(bucket, str):
-            return None, bucket
-        indices = [0] * bucket[0] if image else plan.frame_indices(info.num_frames, bucket[0], skip_frames_start,
-                                                                    skip_frames_end)
-        return indices, bucket
+        if not isinstance(bucket, tuple):  # why not; None: passed on by the one draw there is
+            return None, bucket or f"passed on by every keep_prob draw of {plan.source}", (), ()
+        return indices(bucket), bucket, (), ()
 
     def scan(sample):
         path = sample.video_path
@@ -144,19 +208,23 @@ def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_th
             if hashes is not None:  # first: reading the whole file also warms the cache for the probe
                 digest = hashes.digest(path)
             # The stream is checked up to the last frame the clip gives (none if it fits no bucket).
-            info = probe_video(path, (lambda info: (choose(info, sample)[0] or [None])[-1]) if check_streams else None)
+            info = probe_video(path, (lambda info: last_frame(*choose(info, sample))) if check_streams else None)
         except VideoReadError as error:
             return SkippedSample(sample.index, str(path), str(error))
         except OSError as error:
             return SkippedSample(sample.index, str(path), f"cannot read the file ({error})")
-        indices, bucket = choose(info, sample)
+        indices, bucket, landings, route = choose(info, sample)
         if indices is None:
             available = info.num_frames - skip_frames_start - skip_frames_end
             what = f"still image {info.height}x{info.width}" if is_image(path) else (
                 f"{available} usable frames (of {info.num_frames}, after skipping {skip_frames_start}+"
                 f"{skip_frames_end}) at {info.height}x{info.width}")
             return SkippedSample(sample.index, str(path), f"{what}: {bucket}")
-        return BucketedSample(sample, bucket, tuple(indices), (info.height, info.width), digest)
+        if landings:
+            indices = dict(landings)[bucket]
+        if getattr(plan, "per_batch", False):
+            return BucketedSample(sample, bucket, tuple(indices), (info.height, info.width), digest, fun=route)
+        return BucketedSample(sample, bucket, tuple(indices), (info.height, info.width), digest, landings, route)
 
     from tqdm.auto import tqdm
 
@@ -173,6 +241,16 @@ def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_th
     usable = [r for r in results if isinstance(r, BucketedSample)]
     skipped = [r for r in results if isinstance(r, SkippedSample)]
     return usable, skipped
+
+
+def last_frame(indices, bucket, landings, route):
+    """The last frame a clip can give (of `assign_buckets`' choice): its indices', or under Fun's options the end of
+    its usable frames (the window moves every epoch); None when it fits no bucket."""
+    if indices is None:
+        return None
+    if getattr(route, "usable", None) is not None and not route.image:
+        return route.first + route.usable - 1
+    return indices[-1]
 
 
 def data_notes(usable, video_reshape_mode=None):
@@ -342,11 +420,13 @@ class VideoDataset(Dataset):
 
     Random choices (flip, crop offset, and the `captions` draws) come from generators seeded by (seed, epoch, the
     item's random key: its sample's index in the list, or the `random_keys` given), so they do not depend on which
-    worker or process loads the item, and a resumed run repeats them.
+    worker or process loads the item, and a resumed run repeats them. With `plan` (a bucket config whose keep_prob
+    draws can differ: the training set), so does each item's bucket: drawn again every epoch from (the plan's seed,
+    epoch, random key); an item every draw passes on sits out that epoch (its bucket key is None).
     """
 
     def __init__(self, bucketed_samples, video_reshape_mode=None, random_flip=None, image_to_video=False, seed=0,
-                 random_keys=None, captions=CaptionDraws()):
+                 random_keys=None, captions=CaptionDraws(), plan=None):
         self.items = list(bucketed_samples)
         self.random_keys = list(random_keys) if random_keys is not None else [i.sample.index for i in self.items]
         self.video_reshape_mode = video_reshape_mode
@@ -354,7 +434,12 @@ class VideoDataset(Dataset):
         self.image_to_video = image_to_video
         self.seed = seed
         self.captions = captions
+        self.plan = plan if any(item.landings for item in self.items) else None
+        # Fun's options (training set): sizes drawn per batch (`FunBatches`, its batch size set by the loader).
+        self.fun = (FunBatches(plan, [item.fun for item in self.items], seed)
+                    if getattr(plan, "per_batch", False) and all(item.fun for item in self.items) else None)
         self.epoch = 0
+        self._drawn = None  # (epoch, its bucket keys)
 
     def set_epoch(self, epoch):
         self.epoch = epoch  # workers are not persistent: each epoch's workers get a fresh copy
@@ -363,16 +448,51 @@ class VideoDataset(Dataset):
         return len(self.items)
 
     @property
+    def redraws(self):
+        """True when the items' buckets are drawn again every epoch."""
+        return self.plan is not None
+
+    def bucket_keys_at(self, epoch):
+        """Each item's bucket in `epoch` (None: it sits out that epoch)."""
+        if self.fun is not None:
+            return self.fun.keys(epoch)
+        if self.plan is None:
+            return [item.bucket for item in self.items]
+        if self._drawn is None or self._drawn[0] != epoch:
+            self._drawn = (epoch, [self.plan.draw(item.route, key, epoch) if item.landings else item.bucket
+                                   for item, key in zip(self.items, self.random_keys)])
+        return self._drawn[1]
+
+    @property
     def bucket_keys(self):
-        return [item.bucket for item in self.items]
+        """Each item's bucket in the current epoch (None: it sits out)."""
+        return self.bucket_keys_at(self.epoch)
+
+    def landing_counts(self):
+        """{bucket: items that can train in it} over every epoch (the most a batch of it can hold)."""
+        if self.fun is not None:
+            return self.fun.landing_counts()
+        counts = {}
+        for item in self.items:
+            for bucket in (item.buckets if self.plan is not None else [item.bucket]):
+                counts[bucket] = counts.get(bucket, 0) + 1
+        return counts
 
     def __getitem__(self, position):
         item = self.items[position]
         # hash() of a tuple of ints is the same in every process (only str hashing is salted).
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.random_keys[position])) % (2**63))
-        frames, height, width = item.bucket
+        bucket, indices = item.bucket, item.frame_indices
+        if self.plan is not None and item.landings:
+            bucket = self.bucket_keys_at(self.epoch)[position]
+            indices = dict(item.landings)[bucket]
+        if self.fun is not None:  # the batch's size, the clip's frame window of this epoch
+            bucket = self.fun.keys(self.epoch)[position]
+            indices = ([0] * bucket[0] if item.fun.image
+                       else self.fun.plan.window(item.fun, bucket[0], self.epoch, self.random_keys[position]))
+        frames, height, width = bucket
         try:
-            raw = read_frames(item.sample.video_path, item.frame_indices)
+            raw = read_frames(item.sample.video_path, indices)
         except VideoReadError as error:
             raise ClipDecodeError(
                 f"entry {item.sample.index + 1}: {error}. The scan found its header and stream intact, but it does "
@@ -420,6 +540,13 @@ class PrecomputedDataset(Dataset):
     def bucket_keys(self):
         return [tuple(entry["bucket"]) for entry in self.entries]
 
+    def landing_counts(self):
+        """{bucket: entries}: each prepared entry keeps the one bucket prepare_dataset.py drew for it."""
+        counts = {}
+        for key in self.bucket_keys:
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def __getitem__(self, position):
         from safetensors.torch import load_file
 
@@ -456,13 +583,21 @@ class BucketBatchSampler(Sampler):
     {bucket: size}; a bucket's leftover partial batch is kept unless drop_last), and the batches
     are shuffled. With several processes, each takes every num_replicas-th batch; the list is
     first padded with repeats of whole batches so all ranks run the same number of steps.
-    `start_batch` skips batches already trained (resume).
+    `start_batch` skips batches already trained (resume). `bucket_keys`: each position's bucket, or a function of the
+    epoch giving them (buckets drawn again every epoch: `VideoDataset.bucket_keys_at`), where None leaves the
+    position out of that epoch (it sits out); `batch_size` then names every bucket a position can land in.
     """
 
-    def __init__(self, bucket_keys, batch_size, shuffle=True, drop_last=False, seed=0, num_replicas=1, rank=0):
-        self.bucket_keys = [tuple(key) for key in bucket_keys]
+    def __init__(self, bucket_keys, batch_size, shuffle=True, drop_last=False, seed=0, num_replicas=1, rank=0,
+                 batches_at=None):
+        self.batches_at = batches_at  # epoch -> the epoch's batches, where they are made elsewhere (FunBatches)
+        if callable(bucket_keys):
+            self.keys_at = bucket_keys
+        else:
+            fixed = [tuple(key) for key in bucket_keys]
+            self.keys_at = lambda epoch: fixed
         self.batch_sizes = (dict(batch_size) if isinstance(batch_size, dict)
-                            else dict.fromkeys(set(self.bucket_keys), batch_size))
+                            else dict.fromkeys({key for key in self.keys_at(0) if key is not None}, batch_size))
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
@@ -475,11 +610,20 @@ class BucketBatchSampler(Sampler):
         self.epoch = epoch
         self.start_batch = start_batch
 
+    @property
+    def bucket_keys(self):
+        """Each position's bucket in the current epoch (None: it sits out)."""
+        return self.keys_at(self.epoch)
+
     def _all_batches(self, epoch=None):
+        epoch = self.epoch if epoch is None else epoch
+        if self.batches_at is not None:
+            return self._padded(list(self.batches_at(epoch)))
         buckets = {}
-        for position, key in enumerate(self.bucket_keys):
-            buckets.setdefault(key, []).append(position)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch))
+        for position, key in enumerate(self.keys_at(epoch)):
+            if key is not None:
+                buckets.setdefault(tuple(key), []).append(position)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         batches = []
         for key in sorted(buckets):
             positions, size = buckets[key], self.batch_sizes[key]
@@ -491,6 +635,9 @@ class BucketBatchSampler(Sampler):
                     batches.append(batch)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        return self._padded(batches)
+
+    def _padded(self, batches):
         if self.num_replicas > 1 and batches:
             padding = (-len(batches)) % self.num_replicas  # may exceed len(batches): cycle through them
             batches = batches + [batches[i % len(batches)] for i in range(padding)]
@@ -501,18 +648,82 @@ class BucketBatchSampler(Sampler):
         yield from batches[self.start_batch :]
 
     def __len__(self):
-        """Batches this rank yields in a full epoch."""
+        """Batches this rank yields in the whole current epoch."""
+        return self.batches_in(self.epoch)
+
+    def batches_in(self, epoch):
+        """Batches this rank yields in the whole of `epoch`."""
+        if self.batches_at is not None:
+            return math.ceil(len(self.batches_at(epoch)) / self.num_replicas)
         counts = {}
-        for key in self.bucket_keys:
-            counts[key] = counts.get(key, 0) + 1
+        for key in self.keys_at(epoch):
+            if key is not None:
+                counts[tuple(key)] = counts.get(tuple(key), 0) + 1
         rounding = math.floor if self.drop_last else math.ceil
         total = sum(rounding(n / self.batch_sizes[key]) for key, n in counts.items())
         return math.ceil(total / self.num_replicas) if total else 0
 
+    def sitting_out(self, epoch):
+        """Positions that sit out `epoch` (every bucket draw passed them on)."""
+        return sum(key is None for key in self.keys_at(epoch))
+
     def samples_trained(self, epoch, batches_per_rank):
         """{bucket: samples} in the first `batches_per_rank` batches of every rank in `epoch` (padding included)."""
-        counts = {}
+        counts, keys = {}, self.keys_at(epoch)
         for batch in self._all_batches(epoch)[: batches_per_rank * self.num_replicas]:
-            key = self.bucket_keys[batch[0]]
+            key = tuple(keys[batch[0]])
             counts[key] = counts.get(key, 0) + len(batch)
+        return counts
+
+
+class FunBatches:
+    """CogVideoX-Fun's batches (`buckets.FunBuckets`): every epoch the clips are shuffled within their group (still
+    images or videos, and with --enable_bucket the aspect ratio), cut into batches of `batch_size` and the batches
+    shuffled, from (seed, epoch); then each batch draws its size from (seed, epoch, its number in the epoch). Every
+    process makes the same batches and draws, and a resumed run makes them again."""
+
+    def __init__(self, plan, clips, seed, batch_size=1):
+        self.plan = plan
+        self.clips = list(clips)
+        self.seed = seed
+        self.batch_size = batch_size
+        self._made = None  # (epoch, batch size, batches, keys)
+
+    def _make(self, epoch):
+        if self._made is None or self._made[:2] != (epoch, self.batch_size):
+            groups = {}
+            for position, clip in enumerate(self.clips):
+                groups.setdefault((clip.image, clip.group), []).append(position)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for group in sorted(groups):
+                positions = [groups[group][i] for i in torch.randperm(len(groups[group]), generator=generator)]
+                batches += [positions[start : start + self.batch_size]
+                            for start in range(0, len(positions), self.batch_size)]
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+            keys = [None] * len(self.clips)
+            for number, batch in enumerate(batches):
+                bucket = self.plan.draw([self.clips[p] for p in batch], epoch, number)
+                for position in batch:
+                    keys[position] = bucket
+            self._made = (epoch, self.batch_size, batches, keys)
+        return self._made
+
+    def batches(self, epoch):
+        """The epoch's batches (lists of positions), all processes'."""
+        return self._make(epoch)[2]
+
+    def keys(self, epoch):
+        """Each position's bucket in `epoch`: its batch's."""
+        return self._make(epoch)[3]
+
+    def landing_counts(self):
+        """{bucket: clips that can train in it}: what a batch can give each clip with the clips of its group."""
+        loaded = {}
+        for clip in self.clips:
+            loaded.setdefault((clip.image, clip.group), set()).add(clip.loaded)
+        counts = {}
+        for clip in self.clips:
+            for bucket in self.plan.landings(clip, loaded[clip.image, clip.group]):
+                counts[bucket] = counts.get(bucket, 0) + 1
         return counts

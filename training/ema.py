@@ -73,7 +73,7 @@ def record(training):
         return {"EMA": "off"}
     where = "CPU" if training.ema_on_cpu else "accelerator"
     return {"EMA": f"decay {training.ema_decay:g} every {training.ema_update_every} step(s), fp32 on the {where} "
-                   f"(weights{SUFFIX}: pytorch_lora_weights{SUFFIX}.safetensors or transformer{SUFFIX}/)"}
+                   f"(saved beside the weights, {SUFFIX} in their names)"}
 
 
 class EMA:

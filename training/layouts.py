@@ -63,6 +63,11 @@ def check_data_source(data, problems, require_videos=True):
             problems.append(f"--data_root {root}: no such folder")
             return
         if is_captioned_folder(data) and media_files(root):
+            lists = unused_lists(root, data.caption_extension)
+            if lists:  # e.g. prompts.txt + videos.txt, and no --caption_column/--video_column naming them
+                problems.append(f"--data_root {root} has {' and '.join(lists)} (lists, one entry per line), but "
+                                f"--caption_column {data.caption_column} and --video_column {data.video_column} name "
+                                f"no file there and no clip has a caption file beside it: pass {_list_flags(lists)}")
             return  # a folder of media with their captions beside them
         for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column)):
             if not (root / name).is_file():
@@ -95,6 +100,29 @@ def is_captioned_folder(data):
     root = Path(data.data_root) if data.data_root else None
     return (root is not None and root.is_dir() and not (root / data.caption_column).is_file()
             and not (root / data.video_column).is_file())
+
+
+# Names the original's and the common data sets' lists go by (Disney: prompt.txt, videos.txt).
+CAPTION_LISTS = ("prompts.txt", "prompt.txt", "captions.txt", "caption.txt", "texts.txt", "text.txt")
+VIDEO_LISTS = ("videos.txt", "video.txt")
+
+
+def unused_lists(root, caption_extension=".txt"):
+    """The caption/video list files in `root` ([] when a clip there has its caption beside it: a folder of media with
+    captions, whatever else lies in it)."""
+    media = media_files(root)
+    if any(path.with_suffix(caption_extension).is_file() for path in media):
+        return []
+    stems = {path.with_suffix("") for path in media}
+    return [name for name in CAPTION_LISTS + VIDEO_LISTS
+            if (root / name).is_file() and (root / name).with_suffix("") not in stems]
+
+
+def _list_flags(lists):
+    captions = [name for name in lists if name in CAPTION_LISTS]
+    videos = [name for name in lists if name in VIDEO_LISTS]
+    return " ".join(([f"--caption_column {captions[0]}"] if captions else []) +
+                    ([f"--video_column {videos[0]}"] if videos else []))
 
 
 def media_files(folder):

@@ -228,9 +228,72 @@ def comfyui_state_dict(adapters):
 
 
 def save_comfyui(adapters, path, metadata=None):
+    save_comfyui_state(comfyui_state_dict(adapters), path, metadata)
+
+
+# Every peft tensor of a DoRA, LoHa or LoKr adapter, by its leaf name (get_peft_model_state_dict's key ends so).
+PEFT_LEAVES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "hada_w1_a", "hada_w1_b", "hada_w2_a",
+               "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _split_leaf(key):
+    for leaf in PEFT_LEAVES:
+        if key.endswith("." + leaf):
+            return key[: -len(leaf) - 1], leaf
+    raise UnmappedKeys([key])
+
+
+def comfyui_adapter_state(layers, scales, base_weights=None):
+    """ComfyUI's native tensors (comfy/weight_adapter: lora.py, loha.py, lokr.py) for a peft DoRA, LoHa or LoKr
+    adapter: `layers` as get_peft_model_state_dict gives them, `scales` {module: peft's scaling}, `base_weights`
+    {module: the frozen weight} for DoRA. Each module's file entry makes ComfyUI add what peft adds at strength 1.0.
+
+    LoHa: the hada_ tensors as peft holds them, alpha = scale x rank (ComfyUI scales by alpha / rank).
+    LoKr: the scale folded into lokr_w1 (w1_a @ w1_b multiplied out), no alpha: ComfyUI then scales by 1.
+    DoRA: lora_down/lora_up/alpha and dora_scale of shape (out, 1) (a 1-D one broadcasts wrongly in ComfyUI for
+    non-square weights). peft rescales each output row of W + dW to its magnitude m: m / |W + dW| x (W + dW);
+    ComfyUI's output-axis DoRA divides by the base row's norm |W| instead, so the file stores m x |W| / |W + dW|."""
+    modules = {}
+    for key, tensor in layers.items():
+        module, leaf = _split_leaf(key)
+        modules.setdefault(module, {})[leaf] = tensor
+    state = {}
+    for module, parts in modules.items():
+        native = native_module(module)
+        if native is None:
+            raise UnmappedKeys([module])
+        prefix, scale = COMFYUI_PREFIX + native, float(scales[module])
+        if "hada_w1_a" in parts:
+            state.update({f"{prefix}.{leaf}": parts[leaf].contiguous() for leaf in parts})
+            state[f"{prefix}.alpha"] = torch.tensor(scale * parts["hada_w1_b"].shape[0])
+        elif "lokr_w1" in parts or "lokr_w1_a" in parts:
+            w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
+            state[f"{prefix}.lokr_w1"] = (w1.float() * scale).to(parts.get("lokr_w2", parts.get("lokr_w2_a")).dtype)
+            state.update({f"{prefix}.{leaf}": parts[leaf].contiguous() for leaf in parts if leaf.startswith("lokr_w2")
+                          or leaf == "lokr_t2"})
+        else:
+            down, up = parts["lora_A.weight"], parts["lora_B.weight"]
+            state[f"{prefix}.lora_down.weight"] = down.contiguous()
+            state[f"{prefix}.lora_up.weight"] = up.contiguous()
+            state[f"{prefix}.alpha"] = torch.tensor(scale * down.shape[0])
+            if "lora_magnitude_vector" in parts:
+                state[f"{prefix}.dora_scale"] = _comfyui_dora_scale(parts["lora_magnitude_vector"],
+                                                                    base_weights[module], down, up, scale)
+    return state
+
+
+def _comfyui_dora_scale(magnitude, base, down, up, scale):
+    """ComfyUI's dora_scale (out, 1) for peft's magnitude m: m x |W| / |W + scale x up @ down| per output row."""
+    weight = base.detach().float().cpu().flatten(1)
+    adapted = weight + scale * (up.float().cpu().flatten(1) @ down.float().cpu().flatten(1))
+    ratio = weight.norm(dim=1) / adapted.norm(dim=1)
+    return (magnitude.float().cpu() * ratio).reshape(-1, 1).to(magnitude.dtype).contiguous()
+
+
+def save_comfyui_state(state, path, metadata=None):
     from safetensors.torch import save_file
 
-    save_file(comfyui_state_dict(adapters), str(path), metadata={"format": "pt", **(metadata or {})})
+    save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
 def peft_adapters(layers, metadata):

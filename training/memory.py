@@ -100,6 +100,8 @@ def start_allocation_tracking(transformer, optimizer, context):
         return None
     tracker = AllocationTracker()
     modules = [m for m in (transformer, context.vae, context.text_encoder) if m is not None]
-    tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules], optimizer.state_dict()["state"])
+    from .block_swap import device_tensors
+
+    tracker.track([device_tensors(m) for m in modules], optimizer.state_dict()["state"])
     tracker.__enter__()
     return tracker

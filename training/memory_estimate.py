@@ -22,6 +22,7 @@ from types import MethodType, SimpleNamespace
 
 import torch
 
+from . import block_swap
 from .buckets import validation_frames
 from .data_source import choose_data_source
 from .ema import ema_bytes
@@ -107,7 +108,16 @@ def fake_training_transformer(transformer_config, training, lora, memory, parall
     _cast(transformer, weight_dtype)
     with _module_conversion_assigns():  # the hooks bind their methods when registered
         prepare_transformer(transformer, training, lora, memory, parallelism, conditioning, mode, weight_dtype, shards)
-    return _make_fake(transformer, fake_mode)
+    for module in transformer.modules():
+        # peft's LoHa/LoKr layers draw torch.rand(1) in every training forward (module dropout), a branch on a value
+        # fake tensors do not have; in eval mode they compute the same (module dropout is 0 here).
+        if type(module).__module__.startswith(("peft.tuners.loha", "peft.tuners.lokr")):
+            module.eval()
+    transformer = _make_fake(transformer, fake_mode)
+    swap = block_swap.of(transformer)
+    if swap is not None:  # --blocks_to_swap: the fake weights are the host copies now
+        swap.take_homes()
+    return transformer
 
 
 def fake_encoders(validation, data_source, conditioning, vae_config, text_encoder_config, weight_dtype, fake_mode):
@@ -325,7 +335,7 @@ def estimate_training(data, training, optimizer, lora, validation, memory, paral
     modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 
     tracker = AllocationTracker()
-    tracker.track([list(m.parameters()) + list(m.buffers()) for m in modules])
+    tracker.track([block_swap.device_tensors(m) for m in modules])  # swapped blocks' weights: host memory
     with fake_mode, tracker, _module_conversion_assigns(), backend.autocast_rules():
         simulated = _simulated_optimizer(parameters, training.learning_rate)
         trainer = Trainer(backend.prepare(transformer), simulated, build_lr_scheduler(training, simulated, 2),
@@ -351,8 +361,9 @@ def _nf4_saving(quantize_base, transformer):
 
 
 def _module_bytes(module):
+    """Accelerator bytes of the module's weights (--blocks_to_swap: the swapped ones on the host are not)."""
     return sum(-(-t.untyped_storage().nbytes() // ALLOCATION_GRANULARITY) * ALLOCATION_GRANULARITY
-               for t in list(module.parameters()) + list(module.buffers()))
+               for t in block_swap.device_tensors(module))
 
 
 def estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config, vae_config,
@@ -453,7 +464,7 @@ def estimate_phases(data, buckets, training, optimizer, lora, validation, memory
     vae = fake_vae(vae_config, weight_dtype, fake_mode, slicing, tiling)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
-    tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
+    tracker.track([block_swap.device_tensors(m) for m in (transformer, vae, text_encoder)])
     optimizer_states = (optimizer_state_bytes(optimizer, memory, mode.trainable_parameters(transformer))
                         + ema_bytes(training, mode.trainable_parameters(transformer)))  # the EMA stays too
     with backend.autocast_rules():
@@ -471,7 +482,7 @@ def estimate_phases(data, buckets, training, optimizer, lora, validation, memory
     vae = fake_vae(vae_config, weight_dtype, fake_mode, slicing, tiling)
     text_encoder = fake_text_encoder(text_encoder_config, weight_dtype, fake_mode)
     tracker = AllocationTracker()
-    tracker.track([list(m.parameters()) + list(m.buffers()) for m in (transformer, vae, text_encoder)])
+    tracker.track([block_swap.device_tensors(m) for m in (transformer, vae, text_encoder)])
     phases["final_test"] = estimate_inference(buckets, validation, transformer, vae, text_encoder, transformer_config,
                                               vae_config, conditioning, weight_dtype, fake_mode, tracker,
                                               offload) - _nf4_saving(memory.quantize_base, transformer)

@@ -20,7 +20,14 @@ import torch
 
 from .args import UsageError
 from .files import share_like_umask
-from .lora_formats import COMFYUI_WEIGHT_NAME, comfyui_problems, peft_adapters, save_comfyui
+from .lora_formats import (
+    COMFYUI_WEIGHT_NAME,
+    comfyui_adapter_state,
+    comfyui_problems,
+    peft_adapters,
+    save_comfyui,
+    save_comfyui_state,
+)
 
 
 def plain_name(name):
@@ -31,6 +38,8 @@ def plain_name(name):
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_FOLDER = "adapter"  # loha, lokr: peft's adapter_config.json + adapter_model.safetensors (diffusers loads neither)
+PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the weights, so PeftModel.from_pretrained reads it
 ADAPTER_NAME = "cogvideox-lora"
 TRANSFORMER_FOLDER = "transformer"
 MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,6 +63,8 @@ def adapter_metadata(transformer):
     metadata = {key: getattr(config, key) for key in ADAPTER_METADATA_KEYS}
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft
     metadata["rank_pattern"], metadata["alpha_pattern"] = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if config.use_dora:  # only then: a plain LoRA's metadata stays readable by a peft without DoRA
+        metadata["use_dora"] = True
     return metadata
 
 
@@ -72,7 +83,10 @@ def _drawn_from_seed(seed, device):
 
 
 class LoRA:
+    """A peft adapter of --lora_type (lora, dora, loha, lokr) on the frozen transformer."""
+
     name = "lora"
+    adapter_type = "lora"  # --lora_type, set by prepare: which files save writes
 
     def check_args(self, model, lora, memory, transformer_config):
         """Problems (one line each) of the [lora] flags, and of a --transformer_config ([model]) with a LoRA."""
@@ -84,6 +98,28 @@ class LoRA:
         if model.transformer_config:
             problems.append("--transformer_config is for full fine-tuning (the *_sft trainers): a LoRA needs the "
                             "pipeline's own trained transformer as its base")
+        if lora.loraplus_lr_ratio is not None and lora.loraplus_lr_ratio <= 0:
+            problems.append(f"--loraplus_lr_ratio must be positive (got {lora.loraplus_lr_ratio}); 16 is the LoRA+ "
+                            "paper's suggestion")
+        if lora.lora_type in ("loha", "lokr") and lora.loraplus_lr_ratio is not None:
+            problems.append(f"--loraplus_lr_ratio is for --lora_type lora or dora (it speeds up LoRA's B matrix); "
+                            f"{lora.lora_type} has no such matrix")
+        if lora.conv_rank is not None and (lora.conv_rank < 1 or lora.init_lora):
+            problems.append(f"--conv_rank {lora.conv_rank}: a positive rank, and not with --init_lora (the file's "
+                            "ranks are used)")
+        if lora.lokr_factor != -1 and (lora.lora_type != "lokr" or lora.lokr_factor < 1):
+            problems.append(f"--lokr_factor {lora.lokr_factor}: a positive factor, with --lora_type lokr only")
+        if lora.lora_type == "dora" and memory.quantize_base != "none":
+            problems.append(f"--lora_type dora with --quantize_base {memory.quantize_base} is not supported: DoRA's "
+                            "ComfyUI file needs the base weights unquantized; use --lora_type lora, or no "
+                            "--quantize_base")
+        if lora.init_lora and lora.lora_type != "lora":
+            problems.append(f"--init_lora starts a plain LoRA; it cannot start --lora_type {lora.lora_type}")
+        elif lora.init_lora:
+            try:
+                read_init_lora(lora.init_lora)
+            except UsageError as error:
+                problems.append(str(error))
         return problems
 
     def load_dtype(self, training, compute_dtype):
@@ -92,22 +128,41 @@ class LoRA:
 
     def prepare(self, transformer, training, lora):
         """Freeze the base model and add trainable adapters ([lora]; [training]: --seed, --master_weight_dtype)."""
-        from peft import LoraConfig
-
+        self.adapter_type = lora.lora_type
         transformer.requires_grad_(False)
-        target_modules = [m.strip() for m in lora.lora_target_modules.split(",") if m.strip()]
+        if lora.init_lora:
+            initial, shape = read_init_lora(lora.init_lora)
+            _check_init_lora_fits(transformer, lora.init_lora, initial)
+        else:
+            target_modules = [m.strip() for m in lora.lora_target_modules.split(",") if m.strip()]
+            shape = dict(r=lora.rank, lora_alpha=lora.lora_alpha, target_modules=target_modules,
+                         rank_pattern=_conv_ranks(transformer, target_modules, lora.conv_rank))
         # The adapter's random start (lora_A) comes from --seed alone, the same on every rank: a sharded model (FSDP,
         # ZeRO-3) keeps each rank's shard of that rank's own copy, and by now the ranks' random streams differ
         # (seeded per rank, each encodes its own share of raw videos). The training streams are left as they were.
         with _drawn_from_seed(training.seed, next(transformer.parameters()).device):
-            transformer.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha, init_lora_weights=True,
-                                               target_modules=target_modules))
+            transformer.add_adapter(peft_config(lora.lora_type, shape, lora.lokr_factor))
         # Every adapted module must have a place in the ComfyUI file too: say so now, not after the GPU hours.
-        adapted = [name for name, module in transformer.named_modules() if hasattr(module, "lora_A")]
-        problems = comfyui_problems(adapted)
+        problems = comfyui_problems(list(_adapted_modules(transformer)))
         if problems:
             raise UsageError(problems)
         _to_master_dtype(self.trainable_parameters(transformer), training.master_weight_dtype)
+        if lora.init_lora and not next(transformer.parameters()).is_meta:  # the memory estimate's has no values
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(transformer, initial, adapter_name="default")
+
+    def parameter_groups(self, transformer, lora, learning_rate):
+        """The optimizer's parameter groups: one at `learning_rate`, or with --loraplus_lr_ratio R ([lora]) the B
+        (up) matrices in a second group at R x `learning_rate` (LoRA+: B starts at zero and learns too slowly at A's
+        rate)."""
+        if lora.loraplus_lr_ratio is None:
+            return [{"params": self.trainable_parameters(transformer)}]
+        trained = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+        up = [p for name, p in trained if ".lora_B." in plain_name(name)]
+        down = [p for name, p in trained if ".lora_B." not in plain_name(name)]
+        return [{"params": down, "lr": learning_rate},
+                {"params": up, "lr": learning_rate * lora.loraplus_lr_ratio}]
 
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
@@ -133,20 +188,30 @@ class LoRA:
                                    f"{len(empty)} empty)")
         if dtype is not None:
             layers = {k: v.detach().to("cpu", dtype) for k, v in layers.items()}
-        metadata = adapter_metadata(transformer)
-        diffusers_file, comfyui_file = self.artifact_paths(directory, suffix)
-        pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers, weight_name=diffusers_file.name,
-                                         transformer_lora_adapter_metadata=metadata)
+        weights_file, comfyui_file = self.artifact_paths(directory, suffix)
+        if self.adapter_type in ("lora", "dora"):
+            metadata = adapter_metadata(transformer)
+            pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers, weight_name=weights_file.name,
+                                             transformer_lora_adapter_metadata=metadata)
+        else:
+            _save_peft_folder(transformer.peft_config["default"], layers, weights_file)
         # The same adapter for ComfyUI's native CogVideoX: other module names, alpha as a tensor.
-        save_comfyui(peft_adapters(layers, metadata), comfyui_file)
-        share_like_umask(diffusers_file)
+        if self.adapter_type == "lora":
+            save_comfyui(peft_adapters(layers, metadata), comfyui_file)
+        else:
+            adapted = _adapted_modules(transformer)
+            scales = {name: module.scaling["default"] for name, module in adapted.items()}
+            bases = ({name: module.get_base_layer().weight for name, module in adapted.items()}
+                     if self.adapter_type == "dora" else None)
+            save_comfyui_state(comfyui_adapter_state(layers, scales, bases), comfyui_file)
+        share_like_umask(weights_file)
         share_like_umask(comfyui_file)
 
     def load(self, transformer, directory, pipeline_class):
         """Load adapter weights saved by `save` into a transformer prepared by `prepare` (resume)."""
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(transformer, _saved_adapter(directory, pipeline_class), adapter_name="default")
+        result = set_peft_model_state_dict(transformer, self._saved(directory, pipeline_class), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (unexpected keys {unexpected[:3]})")
@@ -158,13 +223,19 @@ class LoRA:
         names = {}
         for name, _ in transformer.named_parameters():
             name = plain_name(name)
-            if "lora_" in name:
-                names[name.replace(".default", "")] = name
-        state = _saved_adapter(directory, pipeline_class)
+            if ".default" in name:  # peft's adapter name: an adapter weight
+                names[name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = name
+        state = self._saved(directory, pipeline_class)
         if set(state) != set(names):
             unknown = sorted(set(state) ^ set(names))
             raise RuntimeError(f"{directory}: LoRA weights do not match the model (e.g. {unknown[:3]})")
         return {names[k]: v for k, v in state.items()}
+
+    def _saved(self, directory, pipeline_class):
+        """The adapter `save` wrote to `directory`, keyed as peft names it."""
+        if self.adapter_type in ("lora", "dora"):
+            return _saved_adapter(directory, pipeline_class)
+        return read_peft_folder(self.artifact_paths(directory)[0])[1]
 
     def inference_components(self, directory, dtype):
         return {}  # the base pipeline, then apply_to_pipeline loads the adapter
@@ -173,6 +244,9 @@ class LoRA:
         """Load the saved artifact into a fresh inference pipeline, as a user would."""
         from safetensors import safe_open
 
+        if self.adapter_type in ("loha", "lokr"):
+            load_peft_folder(pipe.transformer, self.artifact_paths(directory)[0], ADAPTER_NAME)
+            return pipe
         pipe.load_lora_weights(directory, weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
         pipe.set_adapters([ADAPTER_NAME], [1.0])
         # diffusers only warns about keys it cannot place: check every saved tensor arrived.
@@ -184,8 +258,11 @@ class LoRA:
         return pipe
 
     def artifact_paths(self, output_dir, suffix=""):
-        return [Path(output_dir) / name.replace(".safetensors", f"{suffix}.safetensors")
-                for name in (LORA_WEIGHT_NAME, COMFYUI_WEIGHT_NAME)]
+        """[the diffusers file (lora, dora) or the peft adapter folder (loha, lokr), the ComfyUI file]."""
+        comfyui = Path(output_dir) / COMFYUI_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors")
+        if self.adapter_type in ("loha", "lokr"):
+            return [Path(output_dir) / f"{PEFT_FOLDER}{suffix}", comfyui]
+        return [Path(output_dir) / LORA_WEIGHT_NAME.replace(".safetensors", f"{suffix}.safetensors"), comfyui]
 
 
 class Full:
@@ -210,6 +287,10 @@ class Full:
 
     def trainable_parameters(self, transformer):
         return [p for p in transformer.parameters() if p.requires_grad]
+
+    def parameter_groups(self, transformer, lora, learning_rate):
+        """One group: every weight at `learning_rate` (`lora` is not read)."""
+        return [{"params": self.trainable_parameters(transformer)}]
 
     saves_frozen_weights = True  # every weight (none is frozen)
 
@@ -276,6 +357,114 @@ class Full:
 
 
 MODES = {"lora": LoRA, "sft": Full}
+
+
+def adapter_engine_problems(lora, backend):
+    """DoRA's ComfyUI file needs the whole base weights at saving, which no rank holds under FSDP or ZeRO-3."""
+    if lora.lora_type == "dora" and backend.weights_sharded:
+        return ["--lora_type dora under sharded weights (FSDP, DeepSpeed ZeRO-3) is not supported: saving its ComfyUI "
+                "file needs the whole base weights; use DDP or DeepSpeed ZeRO-1/2, or --lora_type lora"]
+    return []
+
+
+def peft_config(lora_type, shape, lokr_factor=-1):
+    """peft's config of a --lora_type adapter of `shape` (r, lora_alpha, target_modules[, rank/alpha patterns])."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if lora_type in ("lora", "dora"):
+        return LoraConfig(init_lora_weights=True, use_dora=lora_type == "dora", **shape)
+    common = dict(r=shape["r"], alpha=shape["lora_alpha"], target_modules=shape["target_modules"], init_weights=True,
+                  rank_pattern=shape.get("rank_pattern", {}))
+    if lora_type == "loha":
+        return LoHaConfig(**common)
+    return LoKrConfig(decompose_factor=lokr_factor, **common)
+
+
+def _conv_ranks(transformer, target_modules, conv_rank):
+    """peft's rank_pattern giving --conv_rank to the targeted convolutions ({} without it). Full names, so that peft's
+    rule for patterns (the name ends with the key) picks exactly those modules."""
+    if conv_rank is None:
+        return {}
+    return {name: conv_rank for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Conv2d) and any(name == t or name.endswith("." + t) for t in target_modules)}
+
+
+def _adapted_modules(transformer):
+    """{module name: peft layer} of every module carrying the adapter."""
+    return {plain_name(name): module for name, module in transformer.named_modules()
+            if "default" in getattr(module, "scaling", {})}
+
+
+def _save_peft_folder(config, layers, folder):
+    """A peft adapter folder (what PeftModel.save_pretrained writes): adapter_config.json, adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file({PEFT_PREFIX + k: v.contiguous() for k, v in layers.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def read_peft_folder(folder):
+    """(peft config, weights keyed as get_peft_model_state_dict names them) of a folder `_save_peft_folder` wrote."""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(folder))
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+
+
+def load_peft_folder(transformer, folder, adapter_name):
+    """Add the adapter of a peft folder to `transformer` under `adapter_name`; every saved tensor must land."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    config, state = read_peft_folder(folder)
+    inject_adapter_in_model(config, transformer, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{folder}: adapter weights do not match the model (e.g. {result.unexpected_keys[:3]})")
+    return transformer
+
+
+def read_init_lora(path):
+    """(peft state dict, LoraConfig keyword arguments) of --init_lora's file, in any form lora_formats reads; its
+    rank, alpha and modules as a consumer would load them (a file without alpha: scale 1). One UsageError line when
+    the file is missing, unreadable or holds tensors no CogVideoX module takes."""
+    from .lora_formats import diffusers_layers, read_lora_file
+
+    if not Path(path).is_file():
+        raise UsageError(f"--init_lora {path}: no such file (give a .safetensors LoRA file)")
+    try:
+        adapters, unmapped, _ = read_lora_file(path)
+    except Exception as error:  # safetensors' and our own reasons: one line either way
+        raise UsageError(f"--init_lora {path}: not a LoRA file this toolkit reads ({error})") from None
+    if any("lora_magnitude_vector" in key or "dora_scale" in key for key in unmapped):
+        raise UsageError(f"--init_lora {path}: a DoRA; --init_lora starts from a plain LoRA")
+    if unmapped or not adapters:
+        raise UsageError(f"--init_lora {path}: {len(unmapped)} tensor(s) fit no CogVideoX transformer module "
+                         f"(e.g. {(unmapped or ['none at all'])[0]}): not a CogVideoX LoRA")
+    layers, metadata = diffusers_layers(adapters)
+    shape = {key: metadata[key] for key in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}
+    return layers, shape
+
+
+def _check_init_lora_fits(transformer, path, layers):
+    """One UsageError line if a module of --init_lora's LoRA is missing from `transformer` or has another size."""
+    for key, tensor in layers.items():
+        module_name, _, leaf = key.removesuffix(".weight").rpartition(".")
+        try:
+            weight = transformer.get_submodule(module_name).weight
+        except AttributeError:
+            raise UsageError(f"--init_lora {path}: this model has no {module_name} (a LoRA for a deeper or another "
+                             "CogVideoX model?)") from None
+        # lora_A: rank x in (x kernel); lora_B: out x rank (x 1 x 1): the sides the base weight must share.
+        fits = (tensor.shape[1:] == weight.shape[1:] if leaf == "lora_A"
+                else tensor.shape[0] == weight.shape[0])
+        if not fits:
+            raise UsageError(f"--init_lora {path}: {key} has shape {tuple(tensor.shape)}, which does not fit this "
+                             f"model's {module_name} ({tuple(weight.shape)}): the LoRA was trained for another model")
 
 
 def _saved_adapter(directory, pipeline_class):

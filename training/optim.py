@@ -66,9 +66,11 @@ def optimizer_class_and_kwargs(optimizer, learning_rate):
 
 def build_optimizer(optimizer, memory, parameters, learning_rate):
     """The optimizer for the [optimizer] flags at `learning_rate` (--learning_rate, or scaled by --scale_lr), wrapped
-    for --use_cpu_offload_optimizer / --offload_gradients ([memory]) where asked."""
+    for --use_cpu_offload_optimizer / --offload_gradients ([memory]) where asked. `parameters`: the parameters, or
+    parameter groups (dicts; a group's own "lr" overrides `learning_rate`, as LoRA+ asks)."""
     cls, kwargs = optimizer_class_and_kwargs(optimizer, learning_rate)
-    groups = [{"params": list(parameters)}]
+    parameters = list(parameters)
+    groups = parameters if parameters and isinstance(parameters[0], dict) else [{"params": parameters}]
     if memory.use_cpu_offload_optimizer:
         from torchao.optim import CPUOffloadOptimizer
 

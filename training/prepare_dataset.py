@@ -1,7 +1,7 @@
 """Precompute VAE latent distributions and T5 prompt embeddings for training with --load_tensors.
 
-    python training/prepare_dataset.py --model_id THUDM/CogVideoX-5b --data_root data \
-        --caption_column prompts.txt --video_column videos.txt --output_dir data-prepared \
+    python training/prepare_dataset.py --model_id THUDM/CogVideoX-5b --data_root data \\
+        --caption_column prompts.txt --video_column videos.txt --output_dir data-prepared \\
         --height_buckets 480 --width_buckets 720 --frame_buckets 49 --save_latents_and_embeddings
     torchrun --nproc_per_node 8 training/prepare_dataset.py ...      # same, split over 8 processes
 
@@ -297,6 +297,12 @@ def scan_samples(flags, output, rank, waiting_room, transformer_config):
         logger.info("hashed %d video file(s); %d unchanged since they were last hashed", hashes.hashed, hashes.reused)
         waiting_room.wait()  # let the other ranks scan
     _write_data_notes(usable, flags, output, rank)
+    drawn = sum(bool(item.landings) for item in usable)
+    if drawn and rank == 0:
+        logger.warning("%d of %d clips can land in more than one bucket of --bucket_config (keep_prob below 1): "
+                       "each is prepared once, in the bucket of the first epoch whose draw keeps it, and trains there "
+                       "every epoch with --load_tensors (training on the clips draws again every epoch)",
+                       drawn, len(usable))
     if skipped and not flags.skip_bad_samples and not flags.dry_run:
         if rank == 0:
             write_skip_report(skipped, output / "skipped_samples.jsonl")

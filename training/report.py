@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .ema import record as ema_record
 from .lora_formats import COMFYUI_WEIGHT_NAME
-from .modes import LORA_WEIGHT_NAME
+from .modes import LORA_WEIGHT_NAME, PEFT_FOLDER, read_init_lora
 
 
 logger = logging.getLogger("cogvideox_factory")
@@ -87,27 +87,73 @@ def plot_losses(history, path):
     return Path(path)
 
 
-def contact_sheet(videos, prompts, path, frames_per_video=4):
-    """One row per video (a few evenly spaced frames), its prompt above the row."""
+# A contact sheet's layout, in inches: tiles of this area (their shape the video's), the gap between them, and the
+# prompt's strip above each row (a line of it per this many characters, at most two lines).
+TILE_AREA, GAP, PROMPT_LINE, CHARACTERS_PER_INCH = 2.4 * 1.6, 0.06, 0.2, 11
+
+
+def sheet_figure(videos, prompts, images=None, frames_per_video=4):
+    """The matplotlib figure of a contact sheet: one row per video, its prompt in a strip of its own above the row,
+    then the conditioning image (image-to-video: `images`, one per video) and evenly spaced frames, each tile the
+    video's shape and the tiles filling the sheet. Tiles carry gid "image" or "frame", prompts gid "prompt"."""
+    import textwrap
+
     import numpy as np
 
     plt = _pyplot()
-    columns = frames_per_video
-    height = 2.4 * len(videos) + 0.3
-    figure, axes = plt.subplots(len(videos), columns, figsize=(2.2 * columns, height),
-                                squeeze=False, dpi=100)
-    for row, (frames, prompt) in enumerate(zip(videos, prompts)):
-        frames = np.asarray(frames)
-        picks = np.linspace(0, len(frames) - 1, num=min(columns, len(frames))).round().astype(int)
-        for column, axis in enumerate(axes[row]):
-            axis.axis("off")
-            if column < len(picks):
-                axis.imshow(frames[picks[column]].clip(0, 1))
-                axis.set_title(f"frame {picks[column]}", fontsize="x-small")
-        axes[row][0].text(0, 1.2, prompt if len(prompt) <= 90 else prompt[:87] + "...", fontsize="small",
-                          fontweight="bold", transform=axes[row][0].transAxes, ha="left", va="bottom")
-    figure.tight_layout(h_pad=2.5, rect=(0, 0, 1, 1 - 0.3 / height))  # room for the first prompt
-    figure.savefig(path)
+    videos = [np.asarray(frames) for frames in videos]
+    height, width = videos[0].shape[1:3]
+    tile_width = (TILE_AREA * width / height) ** 0.5
+    tile_height = tile_width * height / width
+    columns = frames_per_video + (1 if images else 0)
+    figure_width = columns * tile_width + (columns + 1) * GAP
+    wrap = max(int((figure_width - 2 * GAP) * CHARACTERS_PER_INCH), 20)
+    texts = [textwrap.wrap(prompt, wrap, max_lines=2, placeholder=" ...") or [""] for prompt in prompts]
+    rows = [(len(lines) * PROMPT_LINE + GAP, tile_height + GAP) for lines in texts]
+    figure_height = sum(strip + tiles for strip, tiles in rows) + GAP
+    dpi = min(200, max(100, width / tile_width))  # a tile about as many pixels wide as a frame
+    figure = plt.figure(figsize=(figure_width, figure_height), dpi=dpi)
+    top = figure_height - GAP
+    for row, (frames, lines, (strip, tiles)) in enumerate(zip(videos, texts, rows)):
+        figure.text(GAP / figure_width, (top - strip / 2) / figure_height, "\n".join(lines), fontsize=9,
+                    fontweight="bold", ha="left", va="center", linespacing=1.1, gid="prompt")
+        top -= strip + tile_height
+        picks = np.linspace(0, len(frames) - 1, num=min(frames_per_video, len(frames))).round().astype(int)
+        shown = [("image", "image", np.asarray(images[row]))] if images else []
+        shown += [("frame", f"frame {index}", frames[index]) for index in picks]
+        for column, (kind, label, picture) in enumerate(shown):
+            left = GAP + column * (tile_width + GAP)
+            axis = figure.add_axes((left / figure_width, top / figure_height, tile_width / figure_width,
+                                    tile_height / figure_height), gid=kind)
+            axis.imshow(_fitted(picture, height, width), aspect="auto", interpolation="antialiased")
+            axis.set_axis_off()
+            axis.text(0.02, 0.03, label, transform=axis.transAxes, fontsize=6, color="white", ha="left", va="bottom",
+                      bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5, "linewidth": 0})
+        top -= GAP
+    return figure
+
+
+def _fitted(picture, height, width):
+    """A frame, or a conditioning image (PIL, or an array in [0, 1] or 0-255), as a height x width RGB array in
+    [0, 1]: the image as the pipeline takes it, resized to the video's size."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(picture)
+    if array.dtype == np.uint8 or array.max() > 1.0:
+        array = array / 255.0
+    array = array[..., :3].clip(0, 1)
+    if array.shape[:2] != (height, width):
+        image = Image.fromarray((array * 255).round().astype("uint8")).resize((width, height), Image.BICUBIC)
+        array = np.asarray(image) / 255.0
+    return array
+
+
+def contact_sheet(videos, prompts, path, frames_per_video=4, images=None):
+    """The validation videos on one PNG (`sheet_figure`); image-to-video: `images` first in each row."""
+    plt = _pyplot()
+    figure = sheet_figure(videos, prompts, images, frames_per_video)
+    figure.savefig(path, dpi=figure.dpi)
     plt.close(figure)
     return Path(path)
 
@@ -122,9 +168,11 @@ def animated_preview(frames, path, fps):
     return Path(path)
 
 
-def picture_files(videos, prompts, output_dir, tag, fps):
-    """The contact sheet of a validation and a GIF beside each mp4. Returns (sheet path, [gif paths])."""
-    sheet = contact_sheet([frames for _, frames in videos], prompts, Path(output_dir) / f"{tag}_sheet.png")
+def picture_files(videos, prompts, output_dir, tag, fps, images=None):
+    """The contact sheet of a validation (image-to-video: with each video's conditioning image, `images`) and a GIF
+    beside each mp4. Returns (sheet path, [gif paths])."""
+    sheet = contact_sheet([frames for _, frames in videos], prompts, Path(output_dir) / f"{tag}_sheet.png",
+                          images=images)
     gifs = [animated_preview(frames, Path(path).with_suffix(".gif"), fps) for path, frames in videos]
     return sheet, gifs
 
@@ -214,9 +262,15 @@ def model_card(facts):
                   "CogVideoX checkpoint (**Load Diffusion Model**), then add a **LoraLoaderModelOnly** node (or "
                   "**Load LoRA**) between the model and the sampler, pick the file, and leave **strength_model at "
                   "1.0**: that is the trained "
-                  f"strength, the same as weight 1.0 in diffusers. (`{facts['lora_file']}` is the diffusers form; "
-                  "ComfyUI's native loader does not read it.)", ""]
+                  f"strength, the same as weight 1.0 in diffusers. (`{_other_form(facts)}` is the "
+                  f"{'peft' if facts.get('adapter_type') in ('loha', 'lokr') else 'diffusers'} form; ComfyUI's native "
+                  "loader does not read it.)", ""]
     return "\n".join(lines)
+
+
+def _other_form(facts):
+    """The run's non-ComfyUI artifact: the diffusers file, or a LoHa/LoKr run's peft folder."""
+    return f"{PEFT_FOLDER}/" if facts.get("adapter_type") in ("loha", "lokr") else facts["lora_file"]
 
 
 def _alt(text):
@@ -231,7 +285,12 @@ def _diffusers_code(facts):
     pipeline = "CogVideoXImageToVideoPipeline" if facts["conditioning"] == "image-to-video" else "CogVideoXPipeline"
     prompt = facts["prompts"][0] if facts["prompts"] else f"{facts.get('id_token') or ''} a cat walks on the grass".strip()
     code = ["import torch", f"from diffusers import {pipeline}", "from diffusers.utils import export_to_video", ""]
-    if facts["mode"] == "lora":
+    if facts["mode"] == "lora" and facts.get("adapter_type") in ("loha", "lokr"):  # a peft folder: not diffusers'
+        code.insert(2, "from training.modes import load_peft_folder  # CogVideoX Factory; or peft's "
+                       "inject_adapter_in_model")
+        code += [f"pipe = {pipeline}.from_pretrained({json.dumps(facts['base_model'])}, torch_dtype=torch.bfloat16).to(\"cuda\")",
+                 f"load_peft_folder(pipe.transformer, \"path/to/this/folder/{PEFT_FOLDER}\", \"lora\")"]
+    elif facts["mode"] == "lora":
         code += [f"pipe = {pipeline}.from_pretrained({json.dumps(facts['base_model'])}, torch_dtype=torch.bfloat16).to(\"cuda\")",
                  f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name={json.dumps(facts['lora_file'])}, "
                  "adapter_name=\"lora\")",
@@ -276,6 +335,7 @@ def write_model_card(job):
         "held_out_loss": finite(held_out[-1]) if held_out else None,
         "lora_file": LORA_WEIGHT_NAME,
         "comfyui_file": COMFYUI_WEIGHT_NAME,
+        "adapter_type": flags.lora.lora_type,
     }
     facts["settings"].update(caption_record(flags.data))
     facts["settings"].update(ema_record(flags.training))  # --ema_decay
@@ -303,8 +363,29 @@ def run_settings(buckets, training, optimizer, lora, conditioning, mode, num_pro
         "every setting": "config.toml (train the same run again with --config config.toml)",
     }
     if mode.name == "lora":
-        settings.update({"rank": lora.rank, "alpha": lora.lora_alpha, "target modules": lora.lora_target_modules})
+        settings.update(adapter_record(lora))
     return {k: v for k, v in settings.items() if v is not None}
+
+
+def sat_out_record(data, last_epoch):
+    """summary.json's count, per epoch up to `last_epoch`, of the training samples that sat the epoch out (every
+    bucket draw of a bucket config's keep_prob passed them on: not unusable, they train in other epochs); nothing where
+    buckets are not drawn again every epoch. `data`: a `data_source.TrainingData`."""
+    if not getattr(data.dataset, "redraws", False):
+        return {}
+    return {"samples_sat_out": {str(epoch): data.sampler.sitting_out(epoch) for epoch in range(last_epoch + 1)}}
+
+
+def adapter_record(lora):
+    """The model card's and summary.json's record of the adapter ([lora] section): its shape (--init_lora's file's
+    when given, not the flags'), where it started, LoRA+."""
+    rank, alpha, targets = lora.rank, lora.lora_alpha, lora.lora_target_modules
+    if lora.init_lora:
+        _, shape = read_init_lora(lora.init_lora)
+        rank, alpha, targets = shape["r"], shape["lora_alpha"], f"{len(shape['target_modules'])} modules"
+    record = {"adapter": lora.lora_type, "rank": rank, "alpha": alpha, "target modules": targets, "started from": lora.init_lora,
+              "LoRA+ learning-rate ratio (B)": lora.loraplus_lr_ratio}
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def caption_record(data):

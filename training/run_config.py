@@ -47,6 +47,8 @@ SECTION_TITLES = {
     "logging": "trackers and the Hugging Face Hub",
 }
 TRAINER_SECTIONS = list(SECTION_TITLES)
+# Flags --help shows up front (the trainers' "Start here" group), and the section each belongs to.
+UP_FRONT = {"dry_run": "training", "load_tensors": "data"}
 TOOL_SECTIONS = ["prepare", "infer"]
 
 
@@ -71,6 +73,7 @@ def trainer_sections(parser):
         name = (group.title or "").partition("]")[0].lstrip("[")
         if (group.title or "").startswith("[") and name in SECTION_TITLES:
             sections.update({action.dest: name for action in group._group_actions})
+    sections.update({action.dest: UP_FRONT[action.dest] for action in parser._actions if action.dest in UP_FRONT})
     return sections
 
 
@@ -220,7 +223,8 @@ def recorded_values(args, parser, sections):
     for action in parser._actions:
         dest = action.dest
         section = _section_of(dest, sections)
-        if not action.option_strings or section is None or dest in SECRETS | NOT_RECORDED:
+        if not action.option_strings or section is None or dest in SECRETS | NOT_RECORDED \
+                or action.help == argparse.SUPPRESS:  # a flag this trainer does not have: at its default
             continue
         value = getattr(args, dest, None)
         if value is None:

@@ -9,6 +9,7 @@ benchmark, which has no data, uses it alone).
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import block_swap
 from .args import (
     UsageError,
     check_output_dir,
@@ -38,6 +39,7 @@ def validate_training_args(flags, conditioning, mode):
     """All checks that need no model weights; one UsageError with every problem, or the run's settings."""
     data_source = choose_data_source(flags.data)
     problems = _flag_problems(flags)
+    problems.extend(block_swap.flag_problems(flags.memory, flags.parallelism, mode))
     data_source.check_args(flags.data, problems)
     transformer_config = None
     try:
@@ -126,9 +128,11 @@ def _auto_batch_problems(flags):
             return []  # check_buckets reports what is wrong with the file
     if auto and flags.memory.max_memory_gb is None:
         return ["a batch size of auto needs --max_memory_gb N: the accelerator memory (GiB) each process may use"]
-    if flags.memory.max_memory_gb is not None and not auto:
-        return [f"--max_memory_gb {flags.memory.max_memory_gb:g} is only used to choose batch sizes of auto: pass "
-                "--train_batch_size auto (or auto in --bucket_config), or drop it"]
+    if auto and flags.memory.blocks_to_swap == "auto":
+        return ["a batch size of auto with --blocks_to_swap auto: choose one of them by the estimate, give the other"]
+    if flags.memory.max_memory_gb is not None and not auto and flags.memory.blocks_to_swap != "auto":
+        return [f"--max_memory_gb {flags.memory.max_memory_gb:g} is only used to choose batch sizes of auto or "
+                "--blocks_to_swap auto: pass --train_batch_size auto (or auto in --bucket_config), or drop it"]
     if flags.memory.max_memory_gb is not None and flags.memory.max_memory_gb <= 0:
         return [f"--max_memory_gb must be positive (got {flags.memory.max_memory_gb:g})"]
     return []

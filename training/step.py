@@ -78,11 +78,12 @@ def build_context(training, optimizer, lora, memory, parallelism, transformer_co
 
 
 def prepare_transformer(transformer, training, lora, memory, parallelism, conditioning, mode, weight_dtype,
-                        sequence_shards=None):
+                        sequence_shards=None, device="cpu"):
     """The loaded transformer made ready to train, in place: adapted to the conditioning, our attention where
     --attention_backend or sequence parallelism asks for it, FP8 matmuls (--fp8_training), its frozen base stored as
     --quantize_base says (before LoRA layers exist: they keep their precision), the mode's trainable part added, the
-    frozen part cast to the compute dtype, gradient checkpointing on."""
+    frozen part cast to the compute dtype, gradient checkpointing on, --blocks_to_swap's blocks swapped through
+    `device` (their frozen weights to host memory: moving the model to `device` afterwards leaves them there)."""
     conditioning.adapt_transformer(transformer, training)
     if sequence_shards is not None or parallelism.attention_backend:
         from .attention import install
@@ -99,6 +100,10 @@ def prepare_transformer(transformer, training, lora, memory, parallelism, condit
         ratio = memory.gradient_checkpointing_ratio
         transformer.enable_gradient_checkpointing(
             None if ratio >= 1 else selective_checkpointing(transformer.transformer_blocks, ratio))
+    if memory.blocks_to_swap:
+        from . import block_swap
+
+        block_swap.install(transformer, memory.blocks_to_swap, device)
     return transformer
 
 
@@ -142,15 +147,15 @@ def build_trainer(transformer, context, conditioning, mode, backend, max_train_s
     scaled by --scale_lr; default --learning_rate) and the LR schedule, and hand them to the backend. The flags are
     the context's sections."""
     prepare_transformer(transformer, context.training, context.lora, context.memory, context.parallelism, conditioning,
-                        mode, context.weight_dtype, context.sequence_shards)
+                        mode, context.weight_dtype, context.sequence_shards, backend.device)
     transformer.to(backend.device)
     if context.parallelism.regional_compile:  # not in prepare_transformer: the memory estimate runs eagerly
         from .compute import compile_blocks
 
         compile_blocks(transformer, context.parallelism.compile_mode)
     learning_rate = context.training.learning_rate if learning_rate is None else learning_rate
-    optimizer = build_optimizer(context.optimizer, context.memory, mode.trainable_parameters(transformer),
-                                learning_rate)
+    optimizer = build_optimizer(context.optimizer, context.memory,
+                                mode.parameter_groups(transformer, context.lora, learning_rate), learning_rate)
     lr_scheduler = build_lr_scheduler(context.training, optimizer, max_train_steps)
     transformer, optimizer = backend.prepare(transformer, optimizer)
     backend.register_mode(mode, conditioning.pipeline_class)

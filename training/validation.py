@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import memory
+from . import block_swap, memory
 from .models import Pretrained, load_transformer, prepare_frozen_base
 from .report import picture_files
 from .step import compute_loss
@@ -148,6 +148,9 @@ class Validation:
         conditioning.adapt_transformer(pipe.transformer, training)
         mode.apply_to_pipeline(pipe, training.output_dir)
         prepare_frozen_base(pipe.transformer, self.memory.quantize_base, weight_dtype)  # FP8 storage as in training
+        if self.memory.blocks_to_swap:  # as in training: the swapped blocks' weights stay on the host
+            pipe.transformer.requires_grad_(False)
+            block_swap.install(pipe.transformer, self.memory.blocks_to_swap, self.backend.device)
         with torch.no_grad():
             videos = generate_videos(pipe, cases, self.validation, training.seed, self.num_frames, self.backend.device,
                                      training.output_dir, "test")
@@ -160,7 +163,8 @@ class Validation:
         """Contact sheet and GIFs beside the mp4s, all of them to the trackers (main process)."""
         validation = self.validation
         prompts = [case["prompt"] for case in cases for _ in range(validation.num_validation_videos)]
-        sheet, gifs = picture_files(videos, prompts, self.training.output_dir, name, validation.fps)
+        images = [case["image"] for case in cases for _ in range(validation.num_validation_videos) if "image" in case]
+        sheet, gifs = picture_files(videos, prompts, self.training.output_dir, name, validation.fps, images or None)
         self.pictures = (prompts, videos, sheet, gifs)
         log_videos(self.backend, videos, tag, step, validation.fps, sheet=sheet, gifs=gifs)
 

@@ -4,7 +4,7 @@ The same estimate `--dry_run` prints (training/memory_estimate.py: the real trai
 the published configs in benchmark_training.MODELS, at their training size, with validation at that size too.
 
     python benchmarks/estimate_memory.py --model 5b --mode lora -- --rank 64 --gradient_checkpointing
-    python benchmarks/estimate_memory.py --table readme          # the README's estimate table (a few minutes)
+    python benchmarks/estimate_memory.py --table readme          # the estimate table of docs/memory.md (a few minutes)
 """
 
 import argparse

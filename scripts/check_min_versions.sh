@@ -8,7 +8,7 @@
 #   4. every optional optimizer (bitsandbytes 8-bit, torchao 8/4-bit, prodigy, came) steps, built by the trainer
 #   5. the LoRA from 2 reloaded with diffusers' pipe.load_lora_weights: alpha applied, output changed
 #
-#   bash scripts/check_min_versions.sh        # about 5 minutes on 2 CPU cores (README has the last result)
+#   bash scripts/check_min_versions.sh        # about 5 minutes on 2 CPU cores (docs/install.md says what it checks)
 #
 # MODE=each-floor: each floor on its own, with everything else at the newest version requirements.txt allows (what
 # `pip install -r requirements.txt` gives someone who has pinned that one package at its floor). One environment

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole workflow on a tiny random CogVideoX and the clips bundled in assets/tests,
-# in a few minutes on 2 CPU cores:
+# in about a minute on 2 CPU cores once .venv exists:
 #   build model -> prepare_dataset.py -> train a LoRA -> load it in CogVideoXPipeline -> mp4
 #
 #   bash scripts/demo.sh            # results in demo-output/ (DEMO_DIR to change)

@@ -70,7 +70,7 @@ def reference():
              "Generated from the parsers by `python scripts/flag_reference.py` (each trainer's `--help` shows its part: "
              "a flag marked *Only ...* is hidden from the other trainers' `--help`, which ignore or refuse it). Each "
              "flag can also be set in a `--config` file, under its section's name without the dashes "
-             "(README: one run, one config); flags on the command line override the file.", "",
+             "(docs/training.md: one run, one config); flags on the command line override the file.", "",
              "## The trainers", "",
              "`training/cogvideox_{text,image}_to_video_{lora,sft}.py` and the `train_*.sh` sweeps. `--config FILE` "
              "reads a run's settings; `--print_config` prints every resolved value as such a file and exits.", ""]

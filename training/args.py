@@ -517,7 +517,7 @@ def add_memory_arguments(group):
         choices=["none", "fp8", "nf4"],
         help="LoRA only: how the frozen base transformer is stored. fp8: FP8 (e4m3) weights, each layer cast to the "
         "compute dtype while it runs (diffusers layerwise casting; about half the memory of bf16). nf4: 4-bit NF4 "
-        "(QLoRA, bitsandbytes; CUDA only; about a quarter). Load the base the same way at inference (see README).",
+        "(QLoRA, bitsandbytes; CUDA only; about a quarter). Load the base the same way at inference (docs/memory.md).",
     )
     group.add_argument(
         "--max_memory_gb", type=float, default=None,

@@ -170,7 +170,7 @@ def _learned_positions_problem(learned):
         f"this model has learned positional embeddings for {height}x{width} only, at {frames} frames; train and "
         f"validate at --height_buckets {height} --width_buckets {width} --height {height} --width {width} with "
         f"{frames}-frame clips (--frame_buckets {frames}), or pass --ignore_learned_positional_embeddings for other "
-        "shapes (see README: the same change is needed at inference)"
+        "shapes (docs/image-to-video.md: the same change is needed at inference)"
     )
 
 

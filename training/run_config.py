@@ -55,7 +55,7 @@ TOOL_SECTIONS = ["prepare", "infer"]
 def add_config_arguments(parser):
     group = parser.add_argument_group("Run configuration")
     group.add_argument("--config", type=str, default=None,
-                       help="A TOML or YAML file of this command's flags in sections (README: one run, one config); "
+                       help="A TOML or YAML file of this command's flags in sections (docs/training.md: one run, one config); "
                             "flags on the command line override it.")
     group.add_argument("--print_config", action="store_true",
                        help="Print every resolved value as a config file and exit.")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Precompute VAE latents and T5 prompt embeddings for a video dataset, so that
-# training can run with --load_tensors (the default of train_*_lora.sh) and
+# training can run with --load_tensors (the default of train_text_to_video_lora.sh) and
 # never loads the VAE or the text encoder.
 #
 # Every setting below can be overridden from the environment, for example:

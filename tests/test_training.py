@@ -139,6 +139,11 @@ def test_precompute_then_load_tensors_training(tiny_model_2b, tmp_path, caplog):
     summary = run_trainer(argv)
     assert summary["global_step"] == 3 and np.isfinite(summary["final_loss"])
     assert (output / "pytorch_lora_weights.safetensors").is_file()
+    # The model card shows the buckets the prepared data trained in, not the bucket flags (which it ignores).
+    card = (output / "README.md").read_text()
+    trained = sorted(tuple(map(int, name.split("x"))) for name in summary["buckets"])
+    assert f"| buckets (F x H x W, from the prepared data) | {', '.join('x'.join(map(str, b)) for b in trained)} |" in card
+    assert "| frame buckets |" not in card
     # The bucket flags above agree with the prepared data (as a sweep script passes them): no warning. Flags that
     # would have changed it are named.
     assert "ignored with --load_tensors" not in caplog.text

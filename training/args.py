@@ -507,7 +507,7 @@ def add_memory_arguments(group):
         "--offload_activations",
         action="store_true",
         help="Keep the tensors the backward pass needs in pinned CPU memory instead of on the GPU (with "
-        "--gradient_checkpointing: each block's inputs, e.g. about 4.5 GB for CogVideoX-5b at 49x480x720). Costs "
+        "--gradient_checkpointing: each block's inputs, e.g. about 4.6 GB (4.3 GiB) for CogVideoX-5b at 49x480x720). Costs "
         "one copy to the CPU and back per step.",
     )
     group.add_argument(

@@ -53,7 +53,7 @@ def build_parser():
     parser.add_argument("--cache_dir", type=str, default=None,
                         help="Where downloaded models are stored (default: the HF cache).")
     add_dataset_arguments(parser, caption_column_default="caption")
-    parser.add_argument("--save_image_latents", action="store_true", help="Also encode the first frame (I2V).")
+    parser.add_argument("--save_image_latents", action="store_true", help="Also store the first frame (I2V; training encodes it at every step).")
     parser.add_argument("--output_dir", type=str, required=True,
                         help="The prepared folder: the trainer's --data_root with --load_tensors.")
     parser.add_argument("--max_sequence_length", type=int, default=226, help="T5 tokens; the model's max_text_seq_length.")
@@ -241,8 +241,7 @@ def prepare(flags):
     rank, world_size, device, waiting_room = _distributed()
     torch.manual_seed(flags.seed + rank)
     output = Path(flags.output_dir)
-    for sub in ("latents", "videos"):
-        (output / sub).mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)  # the scan's reports (data_notes.jsonl, skipped_samples.jsonl) go here
 
     # With --hash_videos, rank 0 hashes the videos first while the other ranks wait at a barrier in scan_samples.
     usable, skipped, buckets = scan_samples(flags, output, rank, waiting_room, transformer_config)
@@ -253,6 +252,8 @@ def prepare(flags):
         return output
     if rank == 0:
         check_free_space(output, plan.needed_bytes)
+    for sub in ("latents", "videos"):  # not for --dry_run, which writes nothing but the scan's reports
+        (output / sub).mkdir(parents=True, exist_ok=True)
     logger.info("rank %d: %d sample(s) to encode, %d already prepared", rank, len(plan.mine), plan.already_prepared)
     if plan.mine:
         encode_samples(flags, output, usable, plan, rank, device)

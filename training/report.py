@@ -337,9 +337,16 @@ def write_model_card(job):
         "comfyui_file": COMFYUI_WEIGHT_NAME,
         "adapter_type": flags.lora.lora_type,
     }
+    if flags.data.load_tensors:  # the prepared data decide the buckets, whatever the bucket flags say
+        for row in ("resolution buckets (H x W)", "frame buckets", "bucket config"):
+            facts["settings"].pop(row, None)
+        facts["settings"][PREPARED_BUCKETS] = ", ".join("x".join(map(str, b)) for b in sorted(job.data.sampler.batch_sizes))
     facts["settings"].update(caption_record(flags.data))
     facts["settings"].update(ema_record(flags.training))  # --ema_decay
     (output_dir / MODEL_CARD).write_text(model_card(facts))
+
+
+PREPARED_BUCKETS = "buckets (F x H x W, from the prepared data)"
 
 
 def run_settings(buckets, training, optimizer, lora, conditioning, mode, num_processes, steps, batch_size):

@@ -5,7 +5,7 @@ component layout (tokenizer, text_encoder, vae, transformer, scheduler) and the
 same scheduler settings as the real models, only with very small widths. The
 training code never special-cases it; it is just another model path.
 
-    python tools/build_tiny_model.py --output_dir tiny-cogvideox [--variant 2b|5b]
+    python tools/build_tiny_model.py --output_dir tiny-cogvideox [--variant 2b|5b|5b-i2v|1.5|1.5-i2v]
 """
 
 import argparse

@@ -288,7 +288,7 @@ def test_prepare_stops_on_bad_samples_and_can_skip_them(capsys, no_model_file_op
     with no_model_file_opened(tiny_model_2b), pytest.raises(SystemExit):
         run_prepare(argv)
     assert "encoding has not started" in capsys.readouterr().err
-    assert not list((output / "latents").iterdir())
+    assert not (output / "latents").exists()  # stopped before encoding: no entry, not even the folder
     run_prepare([*argv, "--skip_bad_samples"])
     manifest = json.loads((output / "manifest.json").read_text())
     assert len(manifest["entries"]) == 6 and len(manifest["skipped"]) == len(EXPECTED)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, lint, then run the whole test suite in one pytest run spread over the CPU cores
 # (pytest-xdist, work stealing): the slow tests (several processes, killed runs, the benchmark) start first and the
-# quick ones fill the gaps (tests/conftest.py orders them). About 12 minutes on 2 CPU cores, plus the set-up.
+# quick ones fill the gaps (tests/conftest.py orders them). About 11 minutes on 2 CPU cores, set-up included.
 #   bash scripts/test.sh                      # everything, as CI runs it
 #   bash scripts/test.sh -m "not slow"        # the quick edit loop (about 5 minutes)
 #   bash scripts/test.sh tests/test_step.py   # any pytest arguments: one run with just those

@@ -420,3 +420,30 @@ def test_image_to_video_training_copies_the_pinned_first_frame_without_blocking(
     model_input = ImageToVideo().model_input(torch.zeros(1, 3, 4, 4, 4, dtype=torch.bfloat16), batch, context)
     assert model_input.shape == (1, 3, 8, 4, 4)
     _assert_copied_as_pinned(copies)
+
+
+# ----------------------------------------------------------------------------------------------- adapter types
+@pytest.mark.parametrize("lora_type", ["lora", "dora", "loha", "lokr"])
+def test_each_adapter_type_runs_under_cuda_autocast(lora_type):
+    """The trainer's layout on a GPU (frozen base in bf16, adapters in fp32 master weights) through a forward under
+    CUDA bf16 autocast: DoRA's weight norm, LoHa's Hadamard and LoKr's Kronecker products meet bf16 base weights and
+    bf16 activations there. (The CUDA layer runs without autograd: the backward of these layers runs on CPU in
+    tests/test_adapter_types.py.)"""
+    from training.modes import LoRA, cast_frozen
+    from training.sections import LoraFlags, TrainingFlags
+
+    transformer = _tiny_transformer("5b")
+    mode = LoRA()
+    mode.prepare(transformer, TrainingFlags(seed=0, master_weight_dtype="fp32"),
+                 LoraFlags(rank=4, lora_alpha=4, lora_type=lora_type, lora_target_modules="to_q,to_v,ff.net.2"))
+    cast_frozen(transformer, torch.bfloat16)
+    for module in transformer.modules():  # LoHa/LoKr's module dropout branches on a value, which fake tensors lack
+        if type(module).__module__.startswith(("peft.tuners.loha", "peft.tuners.lokr")):
+            module.eval()
+    with fake_cuda(torch.bfloat16):
+        out = _forward(transformer)
+    assert out.device.type == "cuda"
+    trained = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    assert trained and {(p.device.type, p.dtype) for p in trained.values()} == {("cuda", torch.float32)}
+    leaves = {"lora": "lora_A", "dora": "lora_magnitude_vector", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+    assert any(f".{leaves[lora_type]}." in name for name in trained), sorted(trained)[:4]  # that adapter ran

@@ -401,3 +401,12 @@ def test_every_command_in_the_docs_parses(path, capsys):
     assert not failures, "\n".join(failures)
     if path.name in ("README.md", "README_zh.md", "training.md", "inference.md", "lora-tools.md"):
         assert parsed >= 3, f"{_rel(path)}: only {parsed} commands recognised"
+
+
+def test_the_readmes_give_the_test_command_ci_runs():
+    """CI runs .ci/run on a fresh clone: the command it calls is the one both READMEs tell a new user to run."""
+    commands = [line.strip() for line in _text(ROOT / ".ci" / "run").splitlines()
+                if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert commands == ["bash scripts/test.sh"]
+    for readme in ("README.md", "README_zh.md"):
+        assert f"`{commands[0]}`" in _text(ROOT / readme), readme

@@ -169,6 +169,14 @@ def run_trainer(argv, main=None):
         reset_accelerate()
 
 
+def stopped_run_stderr(capsys, argv, main=None):
+    """The stderr lines of a trainer run that must stop on its flags (exit status 2) before anything trains."""
+    with pytest.raises(SystemExit) as stop:
+        run_trainer(argv, main)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def trainer_main(name):
     """The `main` of an entry point, e.g. trainer_main("cogvideox_text_to_video_sft")."""
     import importlib

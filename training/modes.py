@@ -13,6 +13,7 @@ bf16-stored weight round away to nothing.
 """
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -117,7 +118,7 @@ class LoRA:
             problems.append(f"--init_lora starts a plain LoRA; it cannot start --lora_type {lora.lora_type}")
         elif lora.init_lora:
             try:
-                read_init_lora(lora.init_lora)
+                init_lora_shape(lora.init_lora)
             except UsageError as error:
                 problems.append(str(error))
         return problems
@@ -426,6 +427,13 @@ def load_peft_folder(transformer, folder, adapter_name):
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{folder}: adapter weights do not match the model (e.g. {result.unexpected_keys[:3]})")
     return transformer
+
+
+@functools.lru_cache(maxsize=None)
+def init_lora_shape(path):
+    """--init_lora's adapter shape (LoraConfig keyword arguments; do not change it), its file read once per process
+    for the checks and the records (prepare reads the weights themselves with read_init_lora)."""
+    return read_init_lora(path)[1]
 
 
 def read_init_lora(path):

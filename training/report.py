@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .ema import record as ema_record
 from .lora_formats import COMFYUI_WEIGHT_NAME
-from .modes import LORA_WEIGHT_NAME, PEFT_FOLDER, read_init_lora
+from .modes import LORA_WEIGHT_NAME, PEFT_FOLDER, init_lora_shape
 
 
 logger = logging.getLogger("cogvideox_factory")
@@ -388,7 +388,7 @@ def adapter_record(lora):
     when given, not the flags'), where it started, LoRA+."""
     rank, alpha, targets = lora.rank, lora.lora_alpha, lora.lora_target_modules
     if lora.init_lora:
-        _, shape = read_init_lora(lora.init_lora)
+        shape = init_lora_shape(lora.init_lora)
         rank, alpha, targets = shape["r"], shape["lora_alpha"], f"{len(shape['target_modules'])} modules"
     record = {"adapter": lora.lora_type, "rank": rank, "alpha": alpha, "target modules": targets, "started from": lora.init_lora,
               "LoRA+ learning-rate ratio (B)": lora.loraplus_lr_ratio}

@@ -309,3 +309,59 @@ def test_unmapped_tensors_are_reported_not_dropped(every_module_lora, tmp_path, 
     assert convert(tmp_path / "mixed.safetensors", tmp_path / "out", "--skip_unmapped") == 0
     assert "skipped 1 tensor(s)" in capsys.readouterr().out
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- merge_lora --comfyui
+# ComfyUI's Load Diffusion Model (comfy.sd.load_diffusion_model -> comfy/model_detection.py, CogVideoX branch) reads
+# the network's positions from the file: `patch_embed.pos_embedding` present -> learned positions (no rotary), absent
+# -> rotary. Its learned path (comfy/ldm/cogvideo/model.py, CogVideoXPatchEmbed.forward) embeds text with text_proj,
+# each latent frame with the Conv2d proj (patches in h, w order), and adds zeros to the text tokens and
+# table[:, max_text_seq_length : max_text_seq_length + patches] to the image tokens.
+
+
+def comfyui_patch_embed(file, text, latents, max_text_seq_length=226):
+    """What ComfyUI's learned-positions patch embedding makes of (text, latents) with the file's tensors."""
+    batch, frames, channels, height, width = latents.shape
+    text = torch.nn.functional.linear(text, file["patch_embed.text_proj.weight"], file["patch_embed.text_proj.bias"])
+    image = torch.nn.functional.conv2d(latents.reshape(-1, channels, height, width), file["patch_embed.proj.weight"],
+                                       file["patch_embed.proj.bias"], stride=file["patch_embed.proj.weight"].shape[-1])
+    image = image.view(batch, frames, *image.shape[1:]).flatten(3).transpose(2, 3).flatten(1, 2)
+    table = file["patch_embed.pos_embedding"]
+    positions = torch.cat([torch.zeros_like(text[:1]),
+                           table[:, max_text_seq_length:max_text_seq_length + image.shape[1]]], dim=1)
+    return torch.cat([text, image], dim=1) + positions
+
+
+@pytest.mark.parametrize("variant", ["2b", "5b"])
+def test_merged_comfyui_file_is_read_with_the_positions_the_model_has(tiny_models, variant, tmp_path):
+    """merge_lora --comfyui's single file: ComfyUI's loader detects rotary positions for 5b and, for 2b's sincos
+    positions, finds the table diffusers computes (a buffer diffusers does not save), so its patch embedding at the
+    model's sample size is diffusers' own."""
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file
+
+    from tools.lora_math import write_lora
+    from tools.merge_lora import main
+    from training.lora_formats import Adapter
+
+    model = tiny_models(variant)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer")
+    config = transformer.config
+    dim = config.num_attention_heads * config.attention_head_dim
+    write_lora({"proj_out": Adapter(torch.randn(2, dim), torch.randn(transformer.proj_out.out_features, 2), 2.0)},
+               tmp_path / "lora")
+    assert main(["--base", model, "--lora", str(tmp_path / "lora"), "--output", str(tmp_path / "merged"),
+                 "--comfyui"]) == 0
+    file = load_file(tmp_path / "merged" / "transformer_comfyui.safetensors")
+    learned = "patch_embed.pos_embedding" in file  # ComfyUI's detection rule
+    assert (not learned) == config.use_rotary_positional_embeddings
+    if not learned:
+        return
+    assert file["patch_embed.pos_embedding"].dtype == torch.float32  # as ComfyUI's network holds it
+    frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
+    latents = torch.randn(1, frames, config.in_channels, config.sample_height, config.sample_width)
+    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim)
+    with torch.no_grad():
+        expected = transformer.patch_embed(text, latents)
+        ours = comfyui_patch_embed(file, text, latents, config.max_text_seq_length)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

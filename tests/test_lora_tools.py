@@ -105,12 +105,36 @@ def test_a_merged_transformer_computes_what_the_base_with_the_loras_loaded_compu
     torch.testing.assert_close(forward(merged), expected, rtol=1e-4, atol=1e-4)
     comfy = load_file(tmp_path / "transformer_comfyui.safetensors")
     native = native_transformer_state(merged.state_dict())
+    # 2b's sincos table, a buffer diffusers does not save: ComfyUI's loader needs it (tests/test_comfyui_lora.py)
+    assert torch.equal(comfy.pop("patch_embed.pos_embedding"), merged.patch_embed.pos_embedding.float())
     assert comfy.keys() == native.keys() and all(torch.equal(comfy[k], native[k]) for k in comfy)
     # every weight of ComfyUI's own network (as tests/test_comfyui_lora.py reads its source) is there, shaped so
     expected_weights = comfyui_weights(dict(merged.config))
     weights = {f"diffusion_model.{k}": tuple(v.shape) for k, v in comfy.items() if k.endswith(".weight")}
     assert weights == {k: tuple(v) for k, v in expected_weights.items()}
     assert len(comfy) == len(merged.state_dict())
+
+
+def test_merge_without_a_lora_writes_the_base_in_comfyuis_names(tiny_model_2b, tmp_path, capsys):
+    """--comfyui alone: the base's own tensors in ComfyUI's names (its Load Diffusion Model file), no transformer/
+    copy; neither --lora nor --comfyui is one line."""
+    from safetensors.torch import load_file
+
+    from tools.merge_lora import main
+    from training.lora_formats import native_transformer_state
+
+    assert run(main, "--base", tiny_model_2b, "--output", tmp_path, "--comfyui") == 0
+    base = base_transformer(tiny_model_2b)
+    comfy = load_file(tmp_path / "transformer_comfyui.safetensors")
+    comfy.pop("patch_embed.pos_embedding")
+    native = native_transformer_state(base.state_dict())
+    assert comfy.keys() == native.keys() and all(torch.equal(comfy[k], native[k]) for k in comfy)
+    assert not (tmp_path / "transformer").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--base", str(tiny_model_2b), "--output", str(tmp_path / "x")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no --lora to merge"), lines
 
 
 # ---------------------------------------------------------------------------------------------- extract

@@ -3,11 +3,13 @@
 The result is a plain transformer (no peft at inference, one file for tools that take one checkpoint), saved as a
 diffusers `transformer/` folder in --output (load it with `tools/infer.py --transformer_path OUTPUT/transformer`)
 and, with --comfyui, as one ComfyUI-native file `OUTPUT/transformer_comfyui.safetensors` for Load Diffusion Model.
-Reads every LoRA form convert_lora.py reads; a weight follows the path after a colon (default 1.0).
+Reads every LoRA form convert_lora.py reads; a weight follows the path after a colon (default 1.0). With no --lora,
+--comfyui writes the base itself in ComfyUI's names (what its Load Diffusion Model node reads).
 
     python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora my-run --output merged
     python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora style.safetensors:0.8 --lora subject.safetensors:1 \\
         --output merged --comfyui
+    python tools/merge_lora.py --base THUDM/CogVideoX-5b --output cogvideox-5b-comfyui --comfyui   # the base alone
 """
 
 import argparse
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from training.errors import exit_on_usage_error  # noqa: E402
+from training.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
 COMFYUI_MODEL_NAME = "transformer_comfyui.safetensors"
@@ -28,9 +30,9 @@ COMFYUI_MODEL_NAME = "transformer_comfyui.safetensors"
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="The model the LoRAs were trained on (Hub id or folder).")
-    parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]",
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="A LoRA file (or a run's folder) and its weight, e.g. style.safetensors:0.8; repeat "
-                        "for more. 1.0 is the strength it was trained at.")
+                        "for more. 1.0 is the strength it was trained at. None: with --comfyui, the base alone.")
     parser.add_argument("--output", required=True, help="The folder to write transformer/ into.")
     parser.add_argument("--alpha", type=float, default=None,
                         help="The alpha for files that store none (the original's, finetrainers'); default scale 1.")
@@ -54,9 +56,26 @@ def merge(transformer, loras):
             module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
 
 
+def comfyui_state(transformer):
+    """The transformer's tensors with ComfyUI's native names. A sincos model (CogVideoX-2b) also gets its position
+    table, a buffer diffusers does not save: ComfyUI takes a file without `patch_embed.pos_embedding` for a rotary
+    model (comfy/model_detection.py), and with it uses the table as is, which is diffusers' sincos at the model's
+    sample size (720x480, 49 frames for 2b), in float32 as ComfyUI holds it (diffusers computes it in float64)."""
+    from training.lora_formats import native_transformer_state
+
+    state = transformer.state_dict()
+    table = getattr(transformer.patch_embed, "pos_embedding", None)
+    if table is not None and "patch_embed.pos_embedding" not in state:
+        state["patch_embed.pos_embedding"] = table.float()
+    return native_transformer_state(state)
+
+
 @exit_on_usage_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if not args.lora and not args.comfyui:
+        raise UsageError("no --lora to merge: give one or more (--lora PATH[:WEIGHT]), or --comfyui alone to write "
+                         "the base in ComfyUI's names")
     import training  # noqa: F401  (quiet library notices)
     from tools.lora_math import DTYPES, TransformerWeights, check_fits, read_lora, weighted
 
@@ -74,14 +93,14 @@ def main(argv=None):
     transformer = CogVideoXTransformer3DModel.from_pretrained(weights.folder, torch_dtype=dtype)
     merge(transformer, loras)
     output = Path(args.output)
-    transformer.save_pretrained(output / "transformer")
-    print(f"wrote {output / 'transformer'} ({len(args.lora)} LoRA(s) merged)")
+    if loras:  # the base alone is already a diffusers folder
+        transformer.save_pretrained(output / "transformer")
+        print(f"wrote {output / 'transformer'} ({len(args.lora)} LoRA(s) merged)")
     if args.comfyui:
         from safetensors.torch import save_file
 
-        from training.lora_formats import native_transformer_state
-
-        save_file(native_transformer_state(transformer.state_dict()), str(output / COMFYUI_MODEL_NAME))
+        output.mkdir(parents=True, exist_ok=True)
+        save_file(comfyui_state(transformer), str(output / COMFYUI_MODEL_NAME))
         print(f"wrote {output / COMFYUI_MODEL_NAME}")
     return 0
 

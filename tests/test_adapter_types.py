@@ -176,6 +176,61 @@ def test_infer_loads_a_peft_folder_run(adapter_run, tmp_path):
     assert (generate(adapted) == base).all()
 
 
+def test_each_type_merges_into_the_base_as_peft_computes_it(adapter_run, tmp_path):
+    """tools/merge_lora.py takes a DoRA file and a LoHa/LoKr run: the merged transformer (plain weights, no adapter
+    left) computes what the base computes with the run's adapter loaded at the same weight (peft's scale), here 0.5,
+    and its ComfyUI file holds those merged weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from tools.merge_lora import COMFYUI_MODEL_NAME, main
+    from training.lora_formats import native_transformer_state
+    from training.modes import ADAPTER_NAME, LoRA
+
+    assert main(["--base", str(adapter_run["model"]), "--lora", f"{adapter_run['output']}:0.5",
+                 "--output", str(tmp_path), "--comfyui"]) == 0
+    merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "transformer")
+    assert not [name for name in merged.state_dict() if "base_layer" in name or ADAPTER_NAME in name]
+    pipe = tiny_pipeline(adapter_run["model"])
+    base = _transformer_output(pipe.transformer)
+    mode = LoRA()
+    mode.adapter_type = adapter_run["type"]
+    mode.apply_to_pipeline(pipe, adapter_run["output"])
+    for module in pipe.transformer.modules():
+        if ADAPTER_NAME in getattr(module, "scaling", {}):
+            module.set_scale(ADAPTER_NAME, 0.5)
+    expected = _transformer_output(pipe.transformer)
+    assert (expected - base).abs().max() > 1e-4  # the adapter at 0.5 changes the output
+    torch.testing.assert_close(_transformer_output(merged), expected, rtol=1e-5, atol=1e-5)
+    comfy = load_file(tmp_path / COMFYUI_MODEL_NAME)
+    native = native_transformer_state(merged.state_dict())
+    assert all(torch.equal(comfy[key], value) for key, value in native.items())
+
+
+def test_the_other_lora_tools_refuse_these_types_in_one_line(adapter_run, tmp_path, capsys):
+    """resize and combine work on a LoRA's low-rank product, which a DoRA, LoHa or LoKr is not: one line naming the
+    tool that takes it."""
+    from tools import combine_loras, resize_lora
+
+    for main, argv in ((resize_lora.main, [str(adapter_run["output"]), "--rank", "2"]),
+                       (combine_loras.main, [f"{adapter_run['output']}:1", f"{adapter_run['output']}:1"])):
+        with pytest.raises(SystemExit):
+            main([*argv, "--output", str(tmp_path)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith("of the LoRA tools only merge_lora.py takes it"), lines
+        assert ("a DoRA" in lines[0]) == (adapter_run["type"] == "dora")
+
+
+def _transformer_output(transformer):
+    """The transformer's output on fixed inputs (2b: sincos positions, no rotary)."""
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return transformer(hidden_states=torch.randn(1, 2, config.in_channels, 4, 4, generator=generator),
+                           encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim,
+                                                             generator=generator),
+                           timestep=torch.tensor([500]), return_dict=False)[0]
+
+
 @pytest.mark.parametrize("flags, problem", [
     (["--lora_type", "loha", "--loraplus_lr_ratio", "16"], "--loraplus_lr_ratio is for --lora_type lora or dora"),
     (["--lokr_factor", "4"], "--lokr_factor 4: a positive factor, with --lora_type lokr only"),

@@ -35,6 +35,9 @@ def lora_file(path):
     """The LoRA file a path names: the file itself, or a run's folder with pytorch_lora_weights.safetensors."""
     path = Path(path)
     if path.is_dir():
+        if (path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file():
+            raise UsageError(f"{path}: a LoHa or LoKr run (peft's adapter folder): of the LoRA tools only "
+                             "merge_lora.py takes it")
         if not (path / DIFFUSERS_WEIGHT_NAME).is_file():
             raise UsageError(f"{path}: a folder without {DIFFUSERS_WEIGHT_NAME} (give the LoRA file itself)")
         return path / DIFFUSERS_WEIGHT_NAME
@@ -54,6 +57,9 @@ def read_lora(path, alpha=None):
         raise UsageError(f"{path}: not a safetensors file ({error})") from error
     except ValueError as error:  # no LoRA keys at all
         raise UsageError(f"{path}: not a CogVideoX LoRA ({error})") from error
+    if any(key.endswith("lora_magnitude_vector") for key in unmapped):
+        raise UsageError(f"{path}: a DoRA (its magnitudes are not a LoRA's low-rank product): of the LoRA tools only "
+                         "merge_lora.py takes it")
     if unmapped:
         raise UsageError(f"{path}: not a CogVideoX transformer LoRA ({UnmappedKeys(unmapped)})")
     if not adapters:

@@ -3,8 +3,9 @@
 The result is a plain transformer (no peft at inference, one file for tools that take one checkpoint), saved as a
 diffusers `transformer/` folder in --output (load it with `tools/infer.py --transformer_path OUTPUT/transformer`)
 and, with --comfyui, as one ComfyUI-native file `OUTPUT/transformer_comfyui.safetensors` for Load Diffusion Model.
-Reads every LoRA form convert_lora.py reads; a weight follows the path after a colon (default 1.0). With no --lora,
---comfyui writes the base itself in ComfyUI's names (what its Load Diffusion Model node reads).
+Reads every LoRA form convert_lora.py reads, and the trainer's DoRA file and LoHa/LoKr run folders (merged by peft, at
+the weight as peft's adapter scale); a weight follows the path after a colon (default 1.0). With no --lora, --comfyui
+writes the base itself in ComfyUI's names (what its Load Diffusion Model node reads).
 
     python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora my-run --output merged
     python tools/merge_lora.py --base THUDM/CogVideoX-5b --lora style.safetensors:0.8 --lora subject.safetensors:1 \\
@@ -56,6 +57,62 @@ def merge(transformer, loras):
             module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
 
 
+def peft_adapter_of(path):
+    """("dora", file) for a DoRA in the diffusers form (the trainer's --lora_type dora), ("peft", folder) for a LoHa or
+    LoKr run (its adapter/ folder: peft's own form), or None for every other LoRA form (read by lora_math)."""
+    from safetensors import safe_open
+
+    from tools.infer import peft_folder_of
+    from tools.lora_math import DIFFUSERS_WEIGHT_NAME
+
+    path = Path(path)
+    folder = peft_folder_of(path) if path.is_dir() else None
+    if folder is not None:
+        return "peft", folder
+    file = path / DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
+    try:
+        with safe_open(str(file), "pt") as weights:
+            if any(key.endswith("lora_magnitude_vector") for key in weights.keys()):
+                return "dora", file
+    except Exception:  # not safetensors, missing: lora_math.read_lora says which in one line
+        return None
+    return None
+
+
+def merge_with_peft(transformer, kind, path, weight, index):
+    """Fold a DoRA, LoHa or LoKr into `transformer` with peft's own merge, at `weight` x its trained scale, and leave
+    plain layers behind (DoRA's update is not a sum: it rescales each output row, so it cannot join merge())."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from training.modes import load_peft_folder
+
+    name = f"merged-{index}"
+    try:
+        if kind == "peft":
+            load_peft_folder(transformer, path, name)
+        else:  # as a pipeline loads it: with the file's metadata (alpha, use_dora), which a bare path does not give
+            from diffusers import CogVideoXPipeline
+
+            state, metadata = CogVideoXPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+            transformer.load_lora_adapter(state, adapter_name=name, prefix="transformer", metadata=metadata)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UsageError(f"{path} does not fit this model: {str(error).splitlines()[0][:300]}") from error
+    modules = dict(transformer.named_modules())
+    layers = [(module_name, module) for module_name, module in modules.items() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise UsageError(f"{path}: no module of this model took an adapter from it")
+    for module_name, layer in layers:
+        layer.set_scale(name, weight)
+        layer.merge(adapter_names=[name])
+        parent, _, child = module_name.rpartition(".")
+        setattr(modules[parent] if parent else transformer, child, layer.get_base_layer())
+    if hasattr(transformer, "peft_config"):  # diffusers' record of the adapters it loaded: none is left
+        transformer.peft_config.pop(name, None)
+        if not transformer.peft_config:
+            del transformer.peft_config
+            transformer._hf_peft_config_loaded = False
+
+
 def comfyui_state(transformer):
     """The transformer's tensors with ComfyUI's native names. A sincos model (CogVideoX-2b) also gets its position
     table, a buffer diffusers does not save: ComfyUI takes a file without `patch_embed.pos_embedding` for a rotary
@@ -80,9 +137,13 @@ def main(argv=None):
     from tools.lora_math import DTYPES, TransformerWeights, check_fits, read_lora, weighted
 
     weights = TransformerWeights(args.base)
-    loras = []
+    loras, by_peft = [], []
     for spec in args.lora:
         path, weight = weighted(spec)
+        found = peft_adapter_of(path)
+        if found is not None:
+            by_peft.append((*found, weight))
+            continue
         adapters = read_lora(path, alpha=args.alpha)
         check_fits(adapters, weights, path)
         loras.append((adapters, weight))
@@ -92,8 +153,10 @@ def main(argv=None):
     dtype = DTYPES[args.save_dtype] if args.save_dtype else weights.dtype()
     transformer = CogVideoXTransformer3DModel.from_pretrained(weights.folder, torch_dtype=dtype)
     merge(transformer, loras)
+    for index, (kind, path, weight) in enumerate(by_peft):
+        merge_with_peft(transformer, kind, path, weight, index)
     output = Path(args.output)
-    if loras:  # the base alone is already a diffusers folder
+    if args.lora:  # the base alone is already a diffusers folder
         transformer.save_pretrained(output / "transformer")
         print(f"wrote {output / 'transformer'} ({len(args.lora)} LoRA(s) merged)")
     if args.comfyui:

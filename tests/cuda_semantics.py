@@ -163,6 +163,7 @@ def fake_cuda(autocast_dtype=torch.bfloat16, devices=1, loading=False):
     patches(torch.Tensor, "__getitem__", _getitem)
     patches(torch.Tensor, "__setitem__", _setitem)
     patches(torch.Tensor, "contiguous", _contiguous)
+    patches(torch.Tensor, "copy_", _copy)
     mode = (_NoCudaHere if loading else FakeTensorMode)(allow_non_fake_inputs=True)
     if loading:  # after FakeTensorMode is made: it imports torch._dynamo, which checks torch's own functions
         fake_parameters(patches)
@@ -402,6 +403,16 @@ def _setitem(self, index, value):
         torch.ops.aten.copy_.default(view, value)
     else:
         torch.ops.aten.fill_.Scalar(view, value)
+
+
+_COPY = torch.Tensor.copy_
+
+
+def _copy(self, source, non_blocking=False):
+    """Tensor.copy_ into a CUDA tensor through aten (its Python binding takes a device guard too)."""
+    if self.device.type != "cuda":
+        return _COPY(self, source, non_blocking)
+    return torch.ops.aten.copy_.default(self, source, non_blocking)
 
 
 def _contiguous(self, memory_format=torch.contiguous_format):

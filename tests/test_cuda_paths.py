@@ -447,3 +447,58 @@ def test_each_adapter_type_runs_under_cuda_autocast(lora_type):
     assert trained and {(p.device.type, p.dtype) for p in trained.values()} == {("cuda", torch.float32)}
     leaves = {"lora": "lora_A", "dora": "lora_magnitude_vector", "loha": "hada_w1_a", "lokr": "lokr_w1"}
     assert any(f".{leaves[lora_type]}." in name for name in trained), sorted(trained)[:4]  # that adapter ran
+
+
+# ----------------------------------------------------------------------------------------------- recipe on the GPU
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode", "stratified"])
+def test_timestep_draws_and_loss_weights_stay_on_the_gpu(scheme):
+    """Each --timestep_sampling scheme draws long timesteps on the GPU, and each --loss_weighting weighs them there
+    in fp32 with the scheduler's CPU schedule (a CPU tensor indexed by CUDA timesteps would fail on a GPU)."""
+    import diffusers.training_utils  # noqa: F401  imported before the GPU is faked, as in a trainer
+    from diffusers import CogVideoXDPMScheduler
+
+    from tools.build_tiny_model import SCHEDULER_CONFIG
+    from training.args import parse_args
+    from training.sections import run_flags
+    from training.timesteps import LOSS_WEIGHTINGS, draw_timesteps, loss_weights
+
+    training = run_flags(parse_args(["--pretrained_model_name_or_path", "unused", "--timestep_sampling", scheme,
+                                     "--min_timestep", "100", "--max_timestep", "900"])).training
+    scheduler = CogVideoXDPMScheduler(**SCHEDULER_CONFIG)
+    gpu = torch.device("cuda", 0)
+    indexed = []  # the devices of every tensor an index op reads: one device each, as CUDA requires
+
+    class IndexDevices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.index.Tensor:
+                indexed.append({args[0].device.type, *(i.device.type for i in args[1] if i is not None)})
+            return func(*args, **(kwargs or {}))
+
+    with fake_cuda(None, loading=True), IndexDevices():
+        timesteps = draw_timesteps(training, 4, scheduler.config.num_train_timesteps, gpu)
+        assert (timesteps.device, timesteps.dtype, tuple(timesteps.shape)) == (gpu, torch.long, (4,))
+        for weighting in LOSS_WEIGHTINGS:
+            weights = loss_weights(weighting, None, scheduler, timesteps, gpu)
+            assert (weights.device, weights.dtype, tuple(weights.shape)) == (gpu, torch.float32, (4,)), weighting
+    assert indexed and all(devices == {"cuda"} for devices in indexed), indexed
+
+
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["ema-on-gpu", "ema-on-cpu"])
+def test_the_ema_of_gpu_weights_updates_swaps_and_saves(on_cpu):
+    """--ema_decay with bf16 LoRA weights on the GPU: the average is fp32, on the GPU or (--ema_on_cpu) in CPU
+    memory; an update, the swap in for validation (and back) and the saved state dict run with the weights where
+    they are, and the weights keep their device and dtype."""
+    from training.ema import EMA
+
+    gpu = torch.device("cuda", 0)
+    with fake_cuda(None, loading=True):
+        model = torch.nn.Linear(8, 4, bias=True).to(gpu, torch.bfloat16)
+        ema = EMA(list(model.named_parameters()), 0.99, 1, torch.device("cpu") if on_cpu else gpu)
+        assert {(a.device.type, a.dtype) for a in ema.average.values()} == {("cpu" if on_cpu else "cuda",
+                                                                                torch.float32)}
+        ema.update(1)
+        with ema.swapped_in():
+            assert all((p.device, p.dtype) == (gpu, torch.bfloat16) for p in model.parameters())
+        state = ema.state_dict(model)
+    assert set(state) == {"weight", "bias"}
+    assert all((p.device, p.dtype) == (gpu, torch.bfloat16) for p in model.parameters())

@@ -2,6 +2,7 @@
 and GIFs (also in TensorBoard), and the --push_to_hub upload (the network call replaced)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import ASSETS, TINY_VALIDATION_FLAGS, lora_argv, run_trainer
@@ -124,6 +125,35 @@ def test_the_loss_plot_draws_each_series_on_its_own_axis(monkeypatch, tmp_path):
                                  "held-out loss": ([row[0] for row in held_out], [row[1] for row in held_out])}
     assert series(rate_axis) == {"learning rate": (steps, rates)}
     assert (loss_axis.get_ylabel(), rate_axis.get_ylabel()) == ("loss", "learning rate")
+
+
+def test_the_checkpoint_loss_plot_is_drawn_off_the_step(monkeypatch, tmp_path):
+    """At a checkpoint loss.png is drawn in a thread, from the history as it was then, while training goes on; the
+    file appears whole (drawn under another name, then renamed) and `wait` returns once it is written."""
+    import threading
+
+    from training import report
+
+    started, release, drawn = threading.Event(), threading.Event(), []
+
+    def slow_plot(history, path):
+        started.set()
+        if release.wait(3):
+            drawn.append([row[0] for row in history.train])
+            Path(path).write_bytes(b"png")
+            return Path(path)
+
+    monkeypatch.setattr(report, "_plot_losses", slow_plot)
+    history = report.LossHistory([[1, 1.0, 1e-4]], [])
+    plot = report.LossPlotInBackground()
+    plot.draw(history, tmp_path / "loss.png")  # returns while the picture is still being drawn
+    assert started.wait(3)
+    history.train.append([2, 0.5, 1e-4])  # the next step
+    assert not (tmp_path / "loss.png").exists()
+    release.set()
+    plot.wait()
+    assert drawn == [[1]] and (tmp_path / "loss.png").read_bytes() == b"png"
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
 
 
 def test_a_resumed_run_plots_its_whole_history(reported_run, tmp_path):

@@ -170,3 +170,33 @@ def test_resume_runs_no_pickle(monkeypatch, tiny_model_2b, tmp_path):
     monkeypatch.setattr(torch, "load", safe_load)
     summary = run_trainer([*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
     assert summary["global_step"] == 3
+
+
+@pytest.mark.parametrize("other_rank_sees", [2, None])
+def test_processes_that_find_different_checkpoints_stop_together(tmp_path, other_rank_sees):
+    """--resume_from_checkpoint latest on machines that do not share --output_dir: each process finds its own latest
+    checkpoint (or none), so every process stops with one line naming what each found, instead of resuming
+    different steps (or one starting afresh) and training on out of step. Where they agree, that checkpoint."""
+    from types import SimpleNamespace
+
+    from training.checkpoint import STATE_FILE, agreed_resume_path
+    from training.errors import TrainingError
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text(json.dumps({"global_step": step}))
+    gathered = []
+
+    def gather_ints(value):  # two processes: this one (rank 0), and one that saw `other_rank_sees`
+        gathered.append(value)
+        return [value, -1 if other_rank_sees is None else other_rank_sees]
+
+    backend = SimpleNamespace(gather_ints=gather_ints)
+    with pytest.raises(TrainingError) as stopped:
+        agreed_resume_path(backend, tmp_path, "latest")
+    seen = "step 2" if other_rank_sees else "none"
+    assert gathered == [4] and f"(rank 0: step 4, rank 1: {seen})" in str(stopped.value)
+    assert "--resume_from_checkpoint latest" in str(stopped.value) and "same --output_dir" in str(stopped.value)
+    agreeing = SimpleNamespace(gather_ints=lambda value: [value, value])
+    assert agreed_resume_path(agreeing, tmp_path, "latest") == tmp_path / "checkpoint-4"
+    assert agreed_resume_path(agreeing, tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"

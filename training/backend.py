@@ -177,6 +177,10 @@ class Backend:
     def reduce_mean(self, tensor):
         return self.accelerator.reduce(tensor, reduction="mean")
 
+    def gather_ints(self, value):
+        """`value` (an int) of every process, in rank order. A collective."""
+        return [int(v) for v in self.accelerator.gather(torch.tensor([value], device=self.device)).tolist()]
+
     def all_finite(self, tensors):
         """Whether every value of `tensors` (this rank's: shards where sharded) is finite on every rank. A collective."""
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2: this rank's shard

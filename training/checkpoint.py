@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import TrainingError
 from .files import share_like_umask
 
 
@@ -69,6 +70,22 @@ def resolve_resume_path(output_dir, resume_from_checkpoint):
         path = Path(output_dir) / resume_from_checkpoint
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def agreed_resume_path(backend, output_dir, resume_from_checkpoint):
+    """`resolve_resume_path` on every process, which must all find the same checkpoint: each process looks up
+    "latest" in the --output_dir it sees, and machines that do not share it would resume different steps (or one
+    would start afresh) and train on, out of step, with nothing said. A collective."""
+    path = resolve_resume_path(output_dir, resume_from_checkpoint)
+    steps = backend.gather_ints(-1 if path is None else int(read_state(path)["global_step"]))
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {rank}: {f'step {step}' if step >= 0 else 'none'}" for rank, step in enumerate(steps))
+        raise TrainingError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: the processes found different checkpoints in "
+            f"{output_dir} ({found}). Every machine must see the same --output_dir (a shared file system), or copy "
+            "the checkpoint folder to each machine before resuming."
+        )
     return path
 
 

@@ -1,12 +1,15 @@
 """What a run shows its user besides the weights: the loss plot, validation contact sheets and animated previews,
 and the model card (README.md in Hugging Face's form) that --push_to_hub uploads with the LoRA.
 
-Pictures are drawn with matplotlib (Agg: no display needed) and written by the main process only.
+Pictures are drawn with matplotlib's object API on its Agg canvas (no display, no pyplot: nothing global, so a
+picture can be drawn in a thread while training goes on) and written by the main process only.
 """
 
 import json
 import logging
 import math
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +40,15 @@ class LossHistory:
         return cls([list(row) for row in saved.get("train", [])], [list(row) for row in saved.get("held_out", [])])
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure on its own Agg canvas: files only, and no pyplot (its global state is not thread-safe, and
+    importing it costs half a second)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def smoothed(values, weight=0.9):
@@ -56,13 +61,52 @@ def smoothed(values, weight=0.9):
     return result
 
 
+# One picture at a time: matplotlib's text and font caches are shared between figures.
+_DRAWING = threading.Lock()
+
+
+class LossPlotInBackground:
+    """loss.png redrawn at each checkpoint in a thread, off the training step's path: drawing and saving it takes
+    about a second on a CPU core, which the step would otherwise wait for. `draw` plots a copy of the history as it
+    is then; `wait` returns once the last plot is written (before the final one, and before the process ends)."""
+
+    def __init__(self):
+        self.thread = None
+
+    def draw(self, history, path):
+        self.wait()
+        snapshot = LossHistory.from_json(history.to_json())
+        self.thread = threading.Thread(target=self._draw, args=(snapshot, path), name="loss-plot", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _draw(history, path):
+        path = Path(path)
+        temporary = path.with_name(f".{path.stem}.drawing{path.suffix}")  # a run stopped meanwhile keeps the last plot
+        try:
+            if plot_losses(history, temporary) is not None:
+                os.replace(temporary, path)
+        except Exception as error:  # a picture never stops training
+            logger.warning("loss plot %s not drawn: %s", path, error)
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 def plot_losses(history, path):
     """Training loss (raw, faint; smoothed), held-out loss (markers) and the learning rate (right axis)."""
     if not history.train:
         return None
-    plt = _pyplot()
+    with _DRAWING:
+        return _plot_losses(history, path)
+
+
+def _plot_losses(history, path):
     steps, losses, rates = zip(*history.train)
-    figure, loss_axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    figure = _figure(figsize=(8, 4.5), dpi=100)
+    loss_axis = figure.subplots()
     loss_axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="training loss")
     loss_axis.plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label="training loss, smoothed")
     if history.held_out:
@@ -83,7 +127,6 @@ def plot_losses(history, path):
     loss_axis.set_title(f"step {steps[-1]}: loss {losses[-1]:.4f}")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return Path(path)
 
 
@@ -100,7 +143,6 @@ def sheet_figure(videos, prompts, images=None, frames_per_video=4):
 
     import numpy as np
 
-    plt = _pyplot()
     videos = [np.asarray(frames) for frames in videos]
     height, width = videos[0].shape[1:3]
     tile_width = (TILE_AREA * width / height) ** 0.5
@@ -112,7 +154,7 @@ def sheet_figure(videos, prompts, images=None, frames_per_video=4):
     rows = [(len(lines) * PROMPT_LINE + GAP, tile_height + GAP) for lines in texts]
     figure_height = sum(strip + tiles for strip, tiles in rows) + GAP
     dpi = min(200, max(100, width / tile_width))  # a tile about as many pixels wide as a frame
-    figure = plt.figure(figsize=(figure_width, figure_height), dpi=dpi)
+    figure = _figure(figsize=(figure_width, figure_height), dpi=dpi)
     top = figure_height - GAP
     for row, (frames, lines, (strip, tiles)) in enumerate(zip(videos, texts, rows)):
         figure.text(GAP / figure_width, (top - strip / 2) / figure_height, "\n".join(lines), fontsize=9,
@@ -151,10 +193,9 @@ def _fitted(picture, height, width):
 
 def contact_sheet(videos, prompts, path, frames_per_video=4, images=None):
     """The validation videos on one PNG (`sheet_figure`); image-to-video: `images` first in each row."""
-    plt = _pyplot()
-    figure = sheet_figure(videos, prompts, images, frames_per_video)
-    figure.savefig(path, dpi=figure.dpi)
-    plt.close(figure)
+    with _DRAWING:
+        figure = sheet_figure(videos, prompts, images, frames_per_video)
+        figure.savefig(path, dpi=figure.dpi)
     return Path(path)
 
 

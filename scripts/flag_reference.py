@@ -8,6 +8,7 @@
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 
@@ -26,8 +27,10 @@ def _type_name(action):
         return " \\| ".join(map(str, action.choices))
     kind = flag_type(action)
     element = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__origin__", None) is tuple else kind
-    name = getattr(element, "__name__", None) or str(element).replace("typing.", "")
-    name = {"Union[int, str]": "int or auto", "str": "text"}.get(name, name)
+    if typing.get_origin(element) is typing.Union:  # a number or "auto" (--train_batch_size, --blocks_to_swap)
+        name = "int or auto"
+    else:
+        name = {"str": "text"}.get(element.__name__, element.__name__)
     return f"list of {name}" if element is not kind else name
 
 

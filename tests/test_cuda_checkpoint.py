@@ -326,7 +326,7 @@ def _training_state(transformer, build_optimizer):
     backend = _gpu_backend()
     model = backend.accelerator.prepare_model(transformer, device_placement=False)
     optimizer = backend.accelerator.prepare_optimizer(optimizer, device_placement=False)
-    backend.register_mode(LoRA(), CogVideoXPipeline)
+    backend.register_mode(LoRA(), lambda: CogVideoXPipeline)
     return SimpleNamespace(backend=backend, model=model, trained=trained, optimizer=optimizer, schedule=schedule)
 
 

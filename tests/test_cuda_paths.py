@@ -242,8 +242,9 @@ def _killed_at(step):
 
 
 @pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--optimizer", "adamw", "--offload_gradients"],
-                                   ["--optimizer", "adamw", "--use_8bit"], ["--optimizer", "came"]],
-                         ids=["adamw", "offload-grads", "bnb8", "came"])
+                                   ["--optimizer", "adamw", "--use_8bit"], ["--optimizer", "came"],
+                                   ["--optimizer", "adamw", "--loraplus_lr_ratio", "4"]],
+                         ids=["adamw", "offload-grads", "bnb8", "came", "loraplus"])
 def test_cpu_offloaded_optimizer_resumes_to_the_weights_of_a_straight_run(tiny_model_2b, tmp_path, monkeypatch, flags):
     """torchao's CPUOffloadOptimizer (unchanged, its streams stubbed) copies each weight to the host once, when it is
     built; a resume loads the checkpoint's weights after that, so its first step brought back the initial weights

@@ -49,6 +49,8 @@ def test_each_trainer_shows_its_own_description_and_only_its_own_flags(capsys, m
     every = {f"--{a.dest}" for a in build_parser()._actions if a.option_strings}
     hidden = {f"--{dest}" for key in others for dest in owned[key]}
     assert shown == every - hidden  # each of its own flags, none of another trainer's
+    named = {flag for block in _flag_blocks(text).values() for flag in re.findall(r"--\w+", block)}
+    assert not named & hidden, named & hidden  # no help text sends a user to a flag this trainer does not have
     assert {f"--{dest}" for key in own for dest in owned[key]} <= shown
     headings = [line.split("]")[0] + "]" for line in text.splitlines() if line.startswith("[")]
     assert headings == [f"[{name}]" for name in TRAINER_SECTIONS if name != "lora" or mode == "lora"]
@@ -66,6 +68,12 @@ def test_dry_run_and_load_tensors_come_first_and_every_flag_shows_its_default(ca
             assert "default" in blocks[f"--{action.dest}"].lower(), action.dest
     assert blocks["--noised_image_dropout"].endswith("(default: 0.05)")
     assert blocks["--output_dir"].endswith("(default: cogvideox-lora)")  # not the original's cogvideox-sft
+    # Each value's placeholder says what it is, not the flag's name again in capitals.
+    values = {flag: block.split()[1] for flag, block in blocks.items() if len(block.split()) > 1}
+    assert [values[f] for f in ("--pretrained_model_name_or_path", "--rank", "--learning_rate", "--train_batch_size",
+                                "--output_dir", "--mixed_precision", "--id_token")] == [
+        "PATH", "N", "X", "N|auto", "PATH", "{no,fp16,bf16}", "TEXT"]
+    assert not [f for f, value in values.items() if value == f[2:].upper()]
 
 
 def test_the_sections_and_the_flag_reference_keep_every_flag_of_every_trainer():
@@ -77,6 +85,7 @@ def test_the_sections_and_the_flag_reference_keep_every_flag_of_every_trainer():
     reference = (ROOT / "docs" / "flags.md").read_text(encoding="utf-8")
     assert all(f"| `--{dest}` |" in reference for dest in full)
     assert "| `--rank` | int | `64` | *Only the LoRA trainers.*" in reference
+    assert "| `--train_batch_size` | int or auto | `4` |" in reference and "Union" not in reference
 
 
 def test_a_full_fine_tune_writes_no_lora_section_and_reads_an_old_one(tmp_path):

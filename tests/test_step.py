@@ -171,3 +171,29 @@ def test_weights_are_finite_only_when_they_are_finite_on_every_rank(backend, mon
                                        (broken, 0.0, False)):
         monkeypatch.setattr(Backend, "reduce_mean", lambda self, t, other=other_rank: (real_reduce(self, t) + other) / 2)
         assert backend.all_finite([torch.ones(2, 2), ours]) is expected, (ours, other_rank)
+
+
+def test_latents_are_drawn_as_diffusers_draws_them_without_importing_its_autoencoders():
+    """models.sample_latents is diffusers' DiagonalGaussianDistribution(...).sample() written out: the same draw from
+    the same random state (logvar clamped as there), scaled and laid out [B, F, C, H, W]; and a process that imports
+    it (a run from prepared data, before its first step) does not import diffusers' autoencoders."""
+    import subprocess
+    import sys
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from training.models import sample_latents
+
+    parameters = torch.randn(2, 8, 3, 4, 5) * 3  # mean and a log-variance reaching both clamps
+    parameters[:, 4:, 0] = 40.0
+    parameters[:, 4:, 1] = -40.0
+    torch.manual_seed(7)
+    drawn = sample_latents(parameters, 0.7)
+    torch.manual_seed(7)
+    expected = (DiagonalGaussianDistribution(parameters).sample() * 0.7).permute(0, 2, 1, 3, 4)
+    assert drawn.shape == (2, 3, 4, 4, 5) and torch.equal(drawn, expected)
+    code = ("import sys, torch; from training.models import sample_latents, read_config; import training.core; "
+            "sample_latents(torch.zeros(1, 32, 1, 2, 2), 1.0); "
+            "print(sorted(m for m in sys.modules if m.startswith(('diffusers.models.autoencoders', 'diffusers.pipelines'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,6 +8,7 @@ model's configuration), raising `UsageError` with one line per problem.
 
 import argparse
 import os
+import sys
 import typing
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def _probability(value) -> float:
 class FlagHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with every flag's default (but a switch's, which is off, and an unset value's); the description as
     written."""
+
+    def _get_default_metavar_for_optional(self, action):
+        """What a value is (N, X, PATH, TEXT) rather than the flag's own name again, in capitals."""
+        if action.type in (_batch_size, _count_or_auto):
+            return "N|auto"
+        if action.type is int:
+            return "N"
+        if action.type in (float, _probability):
+            return "X"
+        if any(word in action.dest for word in ("path", "dir", "file", "root", "config", "meta", "checkpoint")):
+            return "PATH"
+        return "TEXT"
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -90,10 +103,11 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
         groups["memory"] = groups["data"]
     data, buckets = groups["data"], groups["buckets"]
     data.add_argument(
-        "--data_root",
+        "--data_root", "--train_data_dir",
         type=str,
         default=None,
-        help="Folder of the data set. Video paths in the lists/CSV are relative to it.",
+        help="Folder of the data set. Video paths in the lists/CSV (and in --train_data_meta) are relative to it. "
+        "--train_data_dir is CogVideoX-Fun's name for it.",
     )
     data.add_argument(
         "--dataset_file",
@@ -320,6 +334,24 @@ def add_training_arguments(group):
     group.add_argument("--ignore_learned_positional_embeddings", action="store_true",
                        help="Train at shapes other than the model's learned one (CogVideoX-5b-I2V: 49x480x720) by "
                        "dropping its learned positional embeddings; inference needs the same change.")
+    add_fun_training_arguments(group)
+
+
+def add_fun_training_arguments(group):
+    """[training] CogVideoX-Fun's training mode, and its full fine-tune's trained modules."""
+    group.add_argument(
+        "--train_mode", type=str, default="normal", choices=["normal", "inpaint", "i2v"],
+        help="CogVideoX-Fun's training mode (text-to-video trainers): normal trains text-to-video; inpaint (i2v is "
+        "the same in Fun's code) trains a CogVideoX-Fun InP model (2 x latent channels + 1 input channels) on its "
+        "inpaint latents: a random mask of each clip (first frame kept, first and last kept, spans, boxes), the "
+        "masked clip encoded by the VAE, beside the noisy latents (docs/image-to-video.md).",
+    )
+    group.add_argument(
+        "--trainable_modules", nargs="+", type=str, default=None,
+        help="CogVideoX-Fun's train.py: parameters whose name contains one of these strings train. Full "
+        "fine-tuning here trains every transformer weight, so only a list that takes them all (Fun's \".\") is "
+        "accepted.",
+    )
 
 
 def add_ema_arguments(group):
@@ -356,15 +388,23 @@ def add_optimizer_arguments(group):
         "--use_torchao", action="store_true",
         help="Low-bit optimizer states from torchao instead of bitsandbytes.",
     )
-    group.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay.")
-    group.add_argument("--beta2", type=float, default=0.95, help="Adam's second-moment decay.")
+    group.add_argument("--beta1", "--adam_beta1", type=float, default=0.9,
+                       help="Adam's first-moment decay (--adam_beta1: CogVideoX-Fun's name, see --weight_decay).")
+    group.add_argument("--beta2", "--adam_beta2", type=float, default=0.95,
+                       help="Adam's second-moment decay (--adam_beta2: CogVideoX-Fun's name, see --weight_decay).")
     group.add_argument(
         "--beta3", type=float, default=None,
         help="Prodigy's and CAME's third coefficient (default: each optimizer's own).",
     )
     group.add_argument("--prodigy_decouple", action="store_true", help="Prodigy: decoupled weight decay (AdamW style).")
-    group.add_argument("--weight_decay", type=float, default=1e-04, help="Weight decay.")
-    group.add_argument("--epsilon", type=float, default=1e-8, help="Optimizer epsilon.")
+    group.add_argument(
+        "--weight_decay", "--adam_weight_decay", type=float, default=1e-04,
+        help="Weight decay. --adam_weight_decay, --adam_epsilon, --adam_beta1 and --adam_beta2 are CogVideoX-Fun's "
+        "names of --weight_decay, --epsilon, --beta1 and --beta2, the settings of its AdamW: given without "
+        "--optimizer, any of them also chooses --optimizer adamw (decoupled weight decay, as Fun's torch.optim.AdamW).",
+    )
+    group.add_argument("--epsilon", "--adam_epsilon", type=float, default=1e-8,
+                       help="Optimizer epsilon (--adam_epsilon: CogVideoX-Fun's name, see --weight_decay).")
     group.add_argument(
         "--max_grad_norm", type=float, default=1.0,
         help="Gradients are clipped to this norm before each step.",
@@ -379,12 +419,20 @@ def add_optimizer_arguments(group):
 def add_lora_arguments(group):
     """[lora] The LoRA adapter (LoRA trainers)."""
     group.add_argument("--rank", type=int, default=64, help="LoRA rank.")
-    group.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha/rank.")
+    group.add_argument("--lora_alpha", "--network_alpha", type=int, default=64,
+                       help="LoRA alpha; the update is scaled by alpha/rank (--network_alpha: CogVideoX-Fun's name).")
     group.add_argument(
-        "--lora_target_modules",
+        "--lora_target_modules", "--target_name",
         type=str,
         default=DEFAULT_LORA_TARGET_MODULES,
-        help="Comma-separated module names of the transformer that get LoRA layers.",
+        help="Comma-separated module names of the transformer that get LoRA layers: a name matches a module whose "
+        "full name is it or ends with .name (peft's rule; --target_name: CogVideoX-Fun's name, the same rule as its "
+        "--use_peft_lora: e.g. ff.0 matches nothing, CogVideoX's feed-forward layers are ff.net.0.proj and ff.net.2).",
+    )
+    group.add_argument(
+        "--use_peft_lora", action="store_true",
+        help="CogVideoX-Fun's switch for peft's LoRA layers: accepted, and changes nothing (the adapter here is "
+        "always peft's).",
     )
     group.add_argument(
         "--lora_type", choices=("lora", "dora", "loha", "lokr"), default="lora",
@@ -421,7 +469,8 @@ def add_validation_arguments(group):
     group.add_argument("--validation_images", type=str, default=None, help="Image paths joined by the separator (I2V).")
     group.add_argument(
         "--validation_prompt_separator", type=str, default=":::",
-        help="Separator between the prompts of --validation_prompt (and images of --validation_images).",
+        help="Separator between the prompts of --validation_prompt (and between the validation images of the "
+        "image-to-video trainers).",
     )
     group.add_argument("--num_validation_videos", type=int, default=1, help="Videos generated per validation prompt.")
     group.add_argument("--validation_epochs", type=int, default=None, help="Validate every N epochs.")
@@ -521,7 +570,8 @@ def add_memory_arguments(group):
     )
     group.add_argument(
         "--max_memory_gb", type=float, default=None,
-        help="Accelerator memory (GiB) each process may use, for batch sizes of auto and --blocks_to_swap auto.",
+        help="Accelerator memory (GiB) each process may use, for the values given as auto (batch sizes; with a LoRA, "
+        "the swapped blocks).",
     )
     group.add_argument(
         "--blocks_to_swap", type=_count_or_auto, default=0,
@@ -538,6 +588,17 @@ def add_memory_arguments(group):
     group.add_argument(
         "--offload_gradients", action="store_true",
         help="With --use_cpu_offload_optimizer: move gradients to the CPU as they are made.",
+    )
+    group.add_argument(
+        "--low_vram", action="store_true",
+        help="Keep the training VAE and text encoder in CPU memory and move each to the accelerator only while it "
+        "encodes (CogVideoX-Fun's --low_vram): frees their memory for the transformer, costs their copies each step. "
+        "Validation pipelines: --enable_model_cpu_offload.",
+    )
+    group.add_argument(
+        "--vae_mini_batch", type=int, default=None,
+        help="Clips the VAE encodes at once (CogVideoX-Fun's --vae_mini_batch): 1 encodes one clip at a time (as "
+        "--enable_slicing); a number at least the batch size encodes the whole batch at once (the default).",
     )
 
 
@@ -610,7 +671,7 @@ def add_logging_arguments(group):
 # value other than the default; every trainer's sections still hold them (training/sections.py), at their defaults.
 ONLY_FOR = {
     "lora": ("quantize_base", "blocks_to_swap"),
-    "sft": ("transformer_config", "transformer_ckpt_path"),
+    "sft": ("transformer_config", "transformer_ckpt_path", "trainable_modules"),
     "image-to-video": ("validation_images", "noised_image_dropout", "ignore_learned_positional_embeddings"),
 }
 ONLY_FOR_WORDS = {"lora": "the LoRA trainers", "sft": "the full fine-tuning trainers",
@@ -970,4 +1031,18 @@ def parse_args(argv=None, description=None, conditioning=None, mode=None):
     from .run_config import parse_with_config, trainer_sections
 
     parser = build_parser(description, conditioning, mode)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if fun_adamw(argv):
+        parser.set_defaults(optimizer="adamw")  # a --config file's optimizer still comes first
     return parse_with_config(parser, argv, trainer_sections(parser))
+
+
+# CogVideoX-Fun's names of the optimizer settings: its scripts build torch.optim.AdamW from them.
+FUN_ADAMW_FLAGS = ("--adam_weight_decay", "--adam_epsilon", "--adam_beta1", "--adam_beta2")
+
+
+def fun_adamw(argv):
+    """Whether the command line names the optimizer's settings as CogVideoX-Fun does (--adam_weight_decay, ...: its
+    AdamW's) and gives no --optimizer: then the optimizer is AdamW (Fun's weight decay is AdamW's decoupled one)."""
+    words = [str(word).split("=", 1)[0] for word in argv]
+    return any(flag in words for flag in FUN_ADAMW_FLAGS) and "--optimizer" not in words

@@ -222,20 +222,22 @@ class Backend:
         if self.is_main_process:
             mode.save(self.unwrap(model), directory, pipeline_class, dtype=dtype, state_dict=state)
 
-    def register_mode(self, mode, pipeline_class):
+    def register_mode(self, mode, pipeline_class_of):
         """accelerate's save_state writes optimizer and RNG; the mode saves the model its own way (LoRA only, not the
-        base) through these hooks."""
+        base) through these hooks. `pipeline_class_of()` gives the pipeline class whose LoRA format is written, asked
+        for when a hook runs: importing a diffusers pipeline imports every diffusers autoencoder, which the first
+        step need not wait for."""
 
         def save_hook(models, weights, output_dir):
             if self.is_main_process:
                 for model in models:
-                    mode.save(self.unwrap(model), output_dir, pipeline_class)
+                    mode.save(self.unwrap(model), output_dir, pipeline_class_of())
             while weights:
                 weights.pop()
 
         def load_hook(models, input_dir):
             while models:
-                mode.load(self.unwrap(models.pop()), input_dir, pipeline_class)
+                mode.load(self.unwrap(models.pop()), input_dir, pipeline_class_of())
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)
@@ -333,7 +335,7 @@ class EngineBackend(Backend):
     """DeepSpeed and FSDP own the model and optimizer state: a checkpoint holds the mode's artifact (gathered where
     sharded) and the engine's own files."""
 
-    def register_mode(self, mode, pipeline_class):
+    def register_mode(self, mode, pipeline_class_of):
         pass  # save_engine_state writes the model through the mode itself
 
     def save_engine_state(self, folder, model, optimizer, save_model):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .buckets import validation_frames
+from .inpaint import MASK_FILL, full_mask_keep, inpaint_channels, inpaint_latents, random_mask, with_inpaint_latents
 
 
 # Every CogVideoX VAE downsamples 8x spatially; used only to state learned-position sizes in pixels.
@@ -43,10 +44,21 @@ class TextToVideo:
 
         return CogVideoXPipeline
 
+    def for_flags(self, training):
+        """The conditioning [training] asks of this trainer: CogVideoX-Fun's inpaint latents for --train_mode inpaint
+        or i2v, else this one."""
+        return FunInpaint() if training.train_mode != "normal" else self
+
     def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         """Problems (one line each) that make this conditioning unusable with these flags/model/data."""
         problems = []
-        if transformer_config["in_channels"] != transformer_config["out_channels"]:
+        if transformer_config["in_channels"] == inpaint_channels(transformer_config["out_channels"]):
+            problems.append(
+                f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is a CogVideoX-Fun InP model "
+                f"({transformer_config['in_channels']} input channels: noisy latents, mask, masked-video latents): "
+                "pass --train_mode inpaint (CogVideoX-Fun's normal mode gives it no inpaint latents)"
+            )
+        elif transformer_config["in_channels"] != transformer_config["out_channels"]:
             problems.append(
                 f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is an image-to-video model "
                 f"({transformer_config['in_channels']} input channels); use training/cogvideox_image_to_video_lora.py "
@@ -86,8 +98,14 @@ class ImageToVideo(TextToVideo):
 
         return CogVideoXImageToVideoPipeline
 
+    def for_flags(self, training):
+        return self  # --train_mode is refused below: CogVideoX-Fun's modes are the text-to-video trainers'
+
     def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         problems = []
+        if training.train_mode != "normal":
+            problems.append(f"--train_mode {training.train_mode} is CogVideoX-Fun's, for its InP models: use "
+                            "training/cogvideox_text_to_video_lora.py or training/cogvideox_text_to_video_sft.py")
         if transformer_config["in_channels"] != 2 * transformer_config["out_channels"]:
             problems.append(
                 f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is a text-to-video model; "
@@ -152,6 +170,53 @@ class ImageToVideo(TextToVideo):
 
         return [{"prompt": prompt, "image": load_image(image)}
                 for prompt, image in zip(_prompts(validation), _images(validation))]
+
+
+class FunInpaint(TextToVideo):
+    """CogVideoX-Fun's InP models (--train_mode inpaint or i2v, the text-to-video trainers): the noisy latents, then
+    the inpaint latents (mask, masked-clip latents) on the channel axis, built each step as Fun's training builds
+    them (training/inpaint.py). Raw clips draw Fun's random masks; prepared data (--load_tensors) holds the first
+    frame only, so its masks keep the first frame and generate the rest (Fun's image_start_only kind)."""
+
+    name = "text-to-video"  # the text-to-video trainers' flags
+    image_to_video = True  # the first frame: prepared data's masked clip is made from it
+    needs_vae = True  # the masked clip is encoded every step, also from prepared data
+
+    def check_args(self, model, buckets, training, validation, transformer_config, data_source):
+        problems = []
+        channels = inpaint_channels(transformer_config["out_channels"])
+        if transformer_config["in_channels"] != channels:
+            problems.append(
+                f"--train_mode {training.train_mode} trains a CogVideoX-Fun InP model ({channels} input channels: "
+                f"noisy latents, mask, masked-video latents); --pretrained_model_name_or_path "
+                f"{model.pretrained_model_name_or_path} takes {transformer_config['in_channels']}"
+            )
+        if validation.validation_prompt:
+            problems.append(f"--validation_prompt with --train_mode {training.train_mode}: validation videos of "
+                            "CogVideoX-Fun InP models (its inpaint pipeline) are not made yet; leave it out")
+        for flag, value in (("validation_images", validation.validation_images),
+                            ("ignore_learned_positional_embeddings", training.ignore_learned_positional_embeddings)):
+            if value:
+                problems.append(f"--{flag} is only for the image-to-video trainers")
+        return problems
+
+    def model_input(self, noisy_latents, batch, context):
+        """Noisy latents [B, f, C, h, w], then the mask and the masked clip's latents (Fun's channel order)."""
+        video = batch.get("video")
+        if video is not None:  # raw clips: Fun's random masks
+            video = video.to(context.device, non_blocking=True).to(context.vae.dtype)
+            frames, _, height, width = video.shape[1:]
+            masks = [random_mask(frames, height, width) for _ in range(video.shape[0])]
+        else:  # prepared data: the first frame, then as many masked frames as the latents stand for
+            first = batch["image"].to(context.device, non_blocking=True).to(context.vae.dtype)  # [B, 1, C, H, W]
+            frames = (noisy_latents.shape[1] - 1) * context.transformer_config.get("temporal_compression_ratio", 4) + 1
+            video = torch.cat([first, first.new_full((first.shape[0], frames - 1, *first.shape[2:]), MASK_FILL)], 1)
+            masks = [random_mask(frames, *first.shape[3:], image_start_only=True) for _ in range(first.shape[0])]
+        mask = torch.stack(masks).to(video.device)  # [B, F, 1, H, W], 1 = generate
+        latents = inpaint_latents(context.vae, video, mask, context.vae_scaling_factor,
+                                  bool(context.transformer_config.get("add_noise_in_inpaint_model")),
+                                  full_mask_keep(mask))
+        return with_inpaint_latents(noisy_latents, latents)
 
 
 def _learned_shape(transformer_config, training):

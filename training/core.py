@@ -39,13 +39,22 @@ from .dry_run import dry_run_plan
 from .ema import EMA
 from .ema import engine_problems as ema_engine_problems
 from .ema import record as ema_record
-from .models import Pretrained, load_text_encoder, load_tokenizer, load_training_scheduler, load_transformer, load_vae
+from .models import (
+    Pretrained,
+    load_text_encoder,
+    load_tokenizer,
+    load_training_scheduler,
+    load_transformer,
+    load_vae,
+    read_config,
+)
 from .modes import MODES, adapter_engine_problems, count_parameters
 from .optim import offload_runtime_problems
 from .report import (
     LOSS_PLOT,
     MODEL_CARD,
     LossHistory,
+    LossPlotInBackground,
     adapter_record,
     caption_record,
     plot_losses,
@@ -121,6 +130,7 @@ class TrainingRun:
     eval_losses: dict = field(default_factory=dict)
     eval_losses_ema: dict = field(default_factory=dict)  # the EMA weights' held-out loss
     history: LossHistory = field(default_factory=LossHistory)  # for the loss plot; kept in checkpoints
+    loss_plot: LossPlotInBackground = field(default_factory=LossPlotInBackground)  # redrawn at checkpoints
     progress: object = None
     step_started: float = 0.0
     startup: StartupClock = field(default_factory=StartupClock)
@@ -132,6 +142,7 @@ def run(argv, conditioning, mode):
     startup = StartupClock()
     args = parse_args(argv, conditioning=conditioning.name, mode=mode.name)  # the trainer's own flags and --help
     flags = run_flags(args)
+    conditioning = conditioning.for_flags(flags.training)  # --train_mode inpaint: CogVideoX-Fun's inpaint latents
     settings = validate_training_args(flags, conditioning, mode)  # 1. every check that needs no weights
     backend = start_processes(flags)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
     if backend.is_main_process:  # another trainer's flags (e.g. a config's [lora] in a full fine-tune): said, unused
@@ -238,23 +249,24 @@ def start_processes(flags):
 def build_models_and_optimizer(job):
     """Transformer and scheduler always; the encoders the data source and the conditioning need; then the step's
     Trainer: the mode's trainable part, the optimizer (at the --scale_lr learning rate) and the LR schedule."""
-    from diffusers import AutoencoderKLCogVideoX
-
     flags, backend, source = job.flags, job.backend, job.settings.data_source
     weight_dtype, device = backend.weight_dtype, backend.device
     pipeline = Pretrained.of(flags.model)
     transformer = load_transformer(Pretrained.of(flags.model, flags.memory, flags.training),
                                    job.mode.load_dtype(flags.training, weight_dtype))
-    vae_config = AutoencoderKLCogVideoX.load_config(
-        pipeline.path, subfolder="vae", revision=pipeline.revision, cache_dir=pipeline.cache_dir
-    )
+    vae_config = read_config(pipeline, "vae")  # its scaling factor; the VAE itself only where it encodes
     encoders = {}
     if source.needs_text_encoder:
         encoders["tokenizer"] = load_tokenizer(pipeline)
         encoders["text_encoder"] = load_text_encoder(pipeline, weight_dtype).to(device).requires_grad_(False).eval()
     if source.needs_vae or job.conditioning.needs_vae:
-        encoders["vae"] = load_vae(pipeline, weight_dtype, flags.validation.enable_slicing,
+        slicing = flags.validation.enable_slicing or flags.memory.vae_mini_batch == 1  # one clip at a time
+        encoders["vae"] = load_vae(pipeline, weight_dtype, slicing,
                                    flags.validation.enable_tiling).to(device).requires_grad_(False).eval()
+    if flags.memory.low_vram:  # the encoders wait on the CPU between uses
+        from .models import offload_between_uses
+
+        offload_between_uses(encoders, device)
     context = build_context(flags.training, flags.optimizer, flags.lora, flags.memory, flags.parallelism,
                             job.settings.transformer_config, vae_config, load_training_scheduler(pipeline), device,
                             weight_dtype, source, encoders, sequence_shards=backend.sequence_shards)
@@ -269,7 +281,7 @@ def build_models_and_optimizer(job):
 def resume(job):
     """(state, loss history) to start from: those of the checkpoint --resume_from_checkpoint names, or fresh ones."""
     trainer, output_dir, wanted = job.trainer, job.flags.training.output_dir, job.flags.checkpointing.resume_from_checkpoint
-    path = ckpt.resolve_resume_path(output_dir, wanted)
+    path = ckpt.agreed_resume_path(job.backend, output_dir, wanted)
     if path is None:
         if wanted:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
@@ -394,8 +406,8 @@ def after_step(job, loss, grad_norm):
             ema=job.ema,
         )
         logger.info("saved checkpoint %s", path)
-        if backend.is_main_process:
-            plot_losses(job.history, Path(output_dir) / LOSS_PLOT)
+        if backend.is_main_process:  # drawn in a thread while the next steps train
+            job.loss_plot.draw(job.history, Path(output_dir) / LOSS_PLOT)
     if job.settings.validation_steps and step % job.settings.validation_steps == 0:
         validate(job, trainer.context, trainer.transformer, step)
 
@@ -468,6 +480,7 @@ def save_and_test(job, summary):
         summary["parity"] = validation.final_test(mode, backend.weight_dtype, step)
         summary["memory_after_testing"] = memory.memory_stats(backend.device)
         logger.info(memory.format_stats("after testing", summary["memory_after_testing"]))
+        job.loss_plot.wait()
         plot_losses(job.history, output_dir / LOSS_PLOT)
         write_model_card(job)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -41,6 +41,7 @@ def _pretrained_kwargs(pretrained):
     return dict(revision=pretrained.revision, variant=pretrained.variant, cache_dir=pretrained.cache_dir)
 
 
+
 def load_tokenizer(pretrained):
     """T5Tokenizer, the class the CogVideoX pipelines declare (with transformers 4, AutoTokenizer gives the fast one,
     which a pipeline given it as a component refuses)."""
@@ -72,6 +73,48 @@ def load_vae(pretrained, dtype, slicing=False, tiling=False):
     if tiling:
         vae.enable_tiling()
     return vae
+
+
+def offload_between_uses(encoders, device):
+    """--low_vram (CogVideoX-Fun's): the VAE and text encoder of `encoders` wait in CPU memory and each moves to
+    `device` only while it runs (the text encoder's forward, the VAE's encode and decode), its tensor inputs with it,
+    and back afterwards, as Fun's training loop moves them around each encode (scripts/cogvideox_fun/train_lora.py)."""
+    for name, methods in (("text_encoder", ("forward",)), ("vae", ("encode", "decode"))):
+        module = encoders.get(name)
+        if module is None:
+            continue
+        module.to("cpu")
+        for method in methods:
+            setattr(module, method, _on_device_while_running(module, getattr(module, method), device))
+
+
+def _on_device_while_running(module, method, device):
+    import functools
+
+    def moved(value):
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        module.to(device)
+        try:
+            return method(*[moved(a) for a in args], **{k: moved(v) for k, v in kwargs.items()})
+        finally:
+            module.to("cpu")
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+
+    return run
+
+
+def transformer_parameter_names(transformer_config):
+    """The parameter names of a CogVideoX transformer of this config, from an empty (meta-device) copy."""
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    with init_empty_weights():
+        transformer = CogVideoXTransformer3DModel.from_config(transformer_config)
+    return [name for name, _ in transformer.named_parameters()]
 
 
 # fp32 only: oneDNN's bf16 convolution needs CPU features (AVX512-BF16 or AVX-NE-CONVERT) many CPUs lack.
@@ -250,12 +293,27 @@ def encode_video_distribution(vae, videos):
     return vae.encode(videos.permute(0, 2, 1, 3, 4).to(dtype=vae.dtype)).latent_dist.parameters
 
 
-def sample_latents(distribution_parameters, scaling_factor, generator=None):
-    """Draw a latent from stored (mean, logvar), scale it, and lay it out as [B, F, C, H, W]."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+def sample_latents(distribution_parameters, scaling_factor):
+    """Draw a latent from stored (mean, logvar), scale it, and lay it out as [B, F, C, H, W]. diffusers'
+    DiagonalGaussianDistribution(...).sample() written out, draw for draw (tests/test_step.py compares them): importing
+    it imports every diffusers autoencoder, a quarter of a second before the first step of a run that needs no VAE."""
+    mean, logvar = torch.chunk(distribution_parameters, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    return ((mean + std * noise) * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
-    latents = DiagonalGaussianDistribution(distribution_parameters).sample(generator=generator) * scaling_factor
-    return latents.permute(0, 2, 1, 3, 4).contiguous()
+
+def read_config(pretrained, subfolder):
+    """A diffusers component's config.json (`subfolder` of the pipeline `pretrained` names), read as its model class
+    reads it (Hub download, revision, cache) without importing the class: the first diffusers autoencoder imported
+    imports all of them, which a run from prepared data need not wait for before its first step."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    class ComponentConfig(ConfigMixin):
+        config_name = "config.json"
+
+    return ComponentConfig.load_config(pretrained.path, subfolder=subfolder, revision=pretrained.revision,
+                                       cache_dir=pretrained.cache_dir)
 
 
 def vae_scale_factor_spatial(vae_config):

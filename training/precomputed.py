@@ -93,10 +93,9 @@ def vae_fingerprint(pretrained):
     """The VAE's config, of the pipeline `pretrained` (a models.Pretrained: the trainer's --pretrained_model_name_or_path
     or prepare_dataset.py's --model_id) names. Stored whole by prepare_dataset.py; compared without the keys that do
     not change the latents it writes (`moment_config`)."""
-    from diffusers import AutoencoderKLCogVideoX
+    from .models import read_config
 
-    config = AutoencoderKLCogVideoX.load_config(pretrained.path, subfolder="vae", revision=pretrained.revision,
-                                                cache_dir=pretrained.cache_dir)
+    config = read_config(pretrained, "vae")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 

@@ -112,6 +112,31 @@ def model_problems(flags, transformer_config, conditioning, mode, data_source):
                                             flags.validation, transformer_config, data_source))
     problems.extend(mode.check_args(flags.model, flags.lora, flags.memory,
                                     transformer_config))
+    problems.extend(fun_problems(flags, transformer_config, mode))
+    return problems
+
+
+def fun_problems(flags, transformer_config, mode):
+    """CogVideoX-Fun's flags whose meaning this trainer cannot follow as given (one line each)."""
+    problems = []
+    mini_batch, batch = flags.memory.vae_mini_batch, flags.training.train_batch_size
+    if mini_batch is not None and mini_batch < 1:
+        problems.append(f"--vae_mini_batch must be at least 1 (got {mini_batch})")
+    elif mini_batch is not None and mini_batch > 1 and (batch == "auto" or flags.buckets.bucket_config
+                                                        or mini_batch < batch):
+        problems.append(f"--vae_mini_batch {mini_batch}: the VAE here encodes one clip at a time (1) or the whole "
+                        f"batch at once (a number at least --train_batch_size {batch}, and no per-bucket or auto "
+                        "batch sizes); pass 1 or leave it out")
+    if mode.name == "sft" and flags.training.trainable_modules:
+        from .models import transformer_parameter_names
+
+        names = transformer_parameter_names(transformer_config)
+        frozen = [n for n in names if not any(part in n for part in flags.training.trainable_modules)]
+        if frozen:
+            problems.append(f"--trainable_modules {' '.join(flags.training.trainable_modules)} would leave "
+                            f"{len(frozen)} of {len(names)} transformer weights frozen (e.g. {frozen[0]}); full "
+                            "fine-tuning here trains them all: pass --trainable_modules . (CogVideoX-Fun's) or leave "
+                            "it out, or train a LoRA")
     return problems
 
 

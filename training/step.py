@@ -158,7 +158,7 @@ def build_trainer(transformer, context, conditioning, mode, backend, max_train_s
                                 mode.parameter_groups(transformer, context.lora, learning_rate), learning_rate)
     lr_scheduler = build_lr_scheduler(context.training, optimizer, max_train_steps)
     transformer, optimizer = backend.prepare(transformer, optimizer)
-    backend.register_mode(mode, conditioning.pipeline_class)
+    backend.register_mode(mode, lambda: conditioning.pipeline_class)
     return Trainer(transformer, optimizer, lr_scheduler, mode.trainable_parameters(transformer), context,
                    conditioning, mode, backend)
 

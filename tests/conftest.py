@@ -329,6 +329,19 @@ def tiny_pipeline(model, image_to_video=False):
     return pipe
 
 
+def transformer_output(transformer, timestep=10):
+    """A transformer's output on fixed inputs (2b: sincos positions, no rotary)."""
+    import torch
+
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return transformer(hidden_states=torch.randn(1, 2, config.in_channels, 4, 4, generator=generator),
+                           encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim,
+                                                             generator=generator),
+                           timestep=torch.tensor([timestep]), return_dict=False)[0]
+
+
 def generate(pipe, prompt="a cat walks on the grass", image=None, num_frames=9, seed=42):
     """A 32x32 video (frames as numpy) in two denoising steps; `image`: a path, for image-to-video."""
     import torch

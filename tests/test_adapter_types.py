@@ -7,7 +7,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import ASSETS, TINY_VALIDATION_FLAGS, generate, lora_argv, run_trainer, stopped_run_stderr, tiny_pipeline
+from conftest import (
+    ASSETS,
+    TINY_VALIDATION_FLAGS,
+    generate,
+    lora_argv,
+    run_trainer,
+    stopped_run_stderr,
+    tiny_pipeline,
+    transformer_output,
+)
 from safetensors.torch import load_file
 
 
@@ -191,16 +200,16 @@ def test_each_type_merges_into_the_base_as_peft_computes_it(adapter_run, tmp_pat
     merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "transformer")
     assert not [name for name in merged.state_dict() if "base_layer" in name or ADAPTER_NAME in name]
     pipe = tiny_pipeline(adapter_run["model"])
-    base = _transformer_output(pipe.transformer)
+    base = transformer_output(pipe.transformer, 500)
     mode = LoRA()
     mode.adapter_type = adapter_run["type"]
     mode.apply_to_pipeline(pipe, adapter_run["output"])
     for module in pipe.transformer.modules():
         if ADAPTER_NAME in getattr(module, "scaling", {}):
             module.set_scale(ADAPTER_NAME, 0.5)
-    expected = _transformer_output(pipe.transformer)
+    expected = transformer_output(pipe.transformer, 500)
     assert (expected - base).abs().max() > 1e-4  # the adapter at 0.5 changes the output
-    torch.testing.assert_close(_transformer_output(merged), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(transformer_output(merged, 500), expected, rtol=1e-5, atol=1e-5)
     comfy = load_file(tmp_path / COMFYUI_MODEL_NAME)
     native = native_transformer_state(merged.state_dict())
     assert all(torch.equal(comfy[key], value) for key, value in native.items())
@@ -218,17 +227,6 @@ def test_the_other_lora_tools_refuse_these_types_in_one_line(adapter_run, tmp_pa
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].endswith("of the LoRA tools only merge_lora.py takes it"), lines
         assert ("a DoRA" in lines[0]) == (adapter_run["type"] == "dora")
-
-
-def _transformer_output(transformer):
-    """The transformer's output on fixed inputs (2b: sincos positions, no rotary)."""
-    config = transformer.config
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return transformer(hidden_states=torch.randn(1, 2, config.in_channels, 4, 4, generator=generator),
-                           encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim,
-                                                             generator=generator),
-                           timestep=torch.tensor([500]), return_dict=False)[0]
 
 
 @pytest.mark.parametrize("flags, problem", [

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, transformer_output
 from test_comfyui_lora import comfyui_weights
 
 
@@ -51,17 +51,6 @@ def loras(tiny_model_2b, tmp_path_factory):
     return {name: (folder / name, random_lora(tiny_model_2b, folder / name, seed)) for name, seed in (("a", 1), ("b", 2))}
 
 
-def forward(transformer):
-    """The transformer's output on fixed inputs (2b: sincos positions, no rotary)."""
-    config = transformer.config
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return transformer(hidden_states=torch.randn(1, 2, config.in_channels, 4, 4, generator=generator),
-                           encoder_hidden_states=torch.randn(1, config.max_text_seq_length, config.text_embed_dim,
-                                                             generator=generator),
-                           timestep=torch.tensor([10]), return_dict=False)[0]
-
-
 def with_loras_loaded(model, weighted):
     """The base transformer with diffusers' load_lora_weights of each (folder, weight)."""
     pipe = tiny_pipeline(model)
@@ -99,10 +88,10 @@ def test_a_merged_transformer_computes_what_the_base_with_the_loras_loaded_compu
     assert run(main, "--base", tiny_model_2b, "--lora", f"{a}:0.7", "--lora",
                f"{b / 'pytorch_lora_weights_comfyui.safetensors'}:-0.5", "--output", tmp_path, "--comfyui") == 0
     merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "transformer")
-    expected = forward(with_loras_loaded(tiny_model_2b, [(a, 0.7), (b, -0.5)]))
-    base = forward(base_transformer(tiny_model_2b))
+    expected = transformer_output(with_loras_loaded(tiny_model_2b, [(a, 0.7), (b, -0.5)]))
+    base = transformer_output(base_transformer(tiny_model_2b))
     assert (expected - base).abs().max() > 1e-2  # the LoRAs change the output
-    torch.testing.assert_close(forward(merged), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(transformer_output(merged), expected, rtol=1e-4, atol=1e-4)
     comfy = load_file(tmp_path / "transformer_comfyui.safetensors")
     native = native_transformer_state(merged.state_dict())
     # 2b's sincos table, a buffer diffusers does not save: ComfyUI's loader needs it (tests/test_comfyui_lora.py)
@@ -260,8 +249,8 @@ def test_combining_equals_loading_both_loras_at_their_weights(tiny_model_2b, lor
     (a, _), (b, _) = loras["a"], loras["b"]
     assert run(main, f"{a}:0.7", f"{b / 'pytorch_lora_weights_comfyui.safetensors'}:-0.5", "--output", tmp_path) == 0
     assert {adapter.rank for adapter in read(tmp_path).values()} == {2 * RANK}
-    expected = forward(with_loras_loaded(tiny_model_2b, [(a, 0.7), (b, -0.5)]))
-    combined = forward(with_loras_loaded(tiny_model_2b, [(tmp_path, 1.0)]))
+    expected = transformer_output(with_loras_loaded(tiny_model_2b, [(a, 0.7), (b, -0.5)]))
+    combined = transformer_output(with_loras_loaded(tiny_model_2b, [(tmp_path, 1.0)]))
     torch.testing.assert_close(combined, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -282,6 +282,27 @@ def test_a_dataset_config_mixes_sources_with_their_repeats_and_id_tokens(mixed_f
         read_samples(layout_args(dataset_config=str(tmp_path / "bad.toml")))
 
 
+def test_funs_metadata_reads_as_json_or_as_csv_by_its_name(mixed_folder, tmp_path):
+    """--train_data_meta as CogVideoX-Fun's dataset reads it: a .csv file through csv.DictReader (columns file_path,
+    text, type), anything else as a JSON list; the same entries give the same samples either way."""
+    import csv
+
+    from training.layouts import read_samples
+
+    shutil.copytree(ASSETS, tmp_path / "lists")
+    entries = [{"file_path": "lists/videos/ball.mp4", "text": "a red ball, rolling", "type": "video"},
+               {"file_path": "mixed/still_a.png", "text": 'a "square"', "type": "image"}]
+    (tmp_path / "meta.json").write_text(json.dumps(entries))
+    with open(tmp_path / "meta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_path", "text", "type"])
+        writer.writeheader()
+        writer.writerows(entries)
+    from_json, from_csv = (read_samples(layout_args(train_data_meta=str(tmp_path / name), data_root=str(tmp_path)))
+                           for name in ("meta.json", "meta.csv"))
+    assert [(s.caption, s.video_path) for s in from_csv] == [(s.caption, s.video_path) for s in from_json] == [
+        ("a red ball, rolling", tmp_path / "lists/videos/ball.mp4"), ('a "square"', tmp_path / "mixed/still_a.png")]
+
+
 # ----------------------------------------------------------------------------------------------
 # Batch sizes of auto
 # ----------------------------------------------------------------------------------------------

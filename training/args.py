@@ -136,8 +136,8 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
     )
     data.add_argument(
         "--train_data_meta", type=str, default=None,
-        help="CogVideoX-Fun's metadata JSON: a list of {file_path, text, type: video|image}; paths relative to "
-        "--data_root, or to the JSON's folder.",
+        help="CogVideoX-Fun's metadata: a JSON list of {file_path, text, type: video|image}, or a .csv with those "
+        "columns; paths relative to --data_root, or to the metadata file's folder.",
     )
     data.add_argument(
         "--caption_extension", type=str, default=".txt",

@@ -5,7 +5,8 @@
 - A CSV: --dataset_file with a caption column and a video column.
 - A folder of media with a caption file beside each (clip.mp4 + clip.txt; --caption_extension): used when --data_root
   has no caption/video lists.
-- CogVideoX-Fun's metadata: --train_data_meta, a JSON list of {"file_path", "text", "type": "video"|"image"}.
+- CogVideoX-Fun's metadata: --train_data_meta, a JSON list of {"file_path", "text", "type": "video"|"image"} (or a
+  .csv with those columns).
 - Several of these mixed: --dataset_config datasets.toml, one [[datasets]] table each, with num_repeats and an id token
   of its own (see assets/dataset.md).
 
@@ -13,6 +14,7 @@ Media are videos or still images (.jpg/.jpeg/.png/.webp). Paths in lists are rel
 --data_root). A sample listed in a source with num_repeats N trains N times per epoch.
 """
 
+import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -156,18 +158,24 @@ def read_folder(folder, caption_extension=".txt", id_token=None, start=0, repeat
 
 
 def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
-    """CogVideoX-Fun's metadata JSON: [{"file_path": ..., "text": ..., "type": "video" | "image"}, ...]. Relative
-    paths are taken from `data_root` (its --train_data_dir) or else the JSON's own folder."""
+    """CogVideoX-Fun's metadata: a JSON list [{"file_path": ..., "text": ..., "type": "video" | "image"}, ...], or, for
+    a file ending in .csv, a CSV with those columns (Fun's dataset reads both: csv.DictReader or json.load by the
+    name's ending). Relative paths are taken from `data_root` (its --train_data_dir) or else the file's own folder."""
     from .dataset import Sample, check_files_exist, with_id_token
 
     try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        if str(path).endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as rows:
+                entries = list(csv.DictReader(rows))
+        else:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise UsageError(f"--train_data_meta {path}: cannot read it ({error.strerror})") from error
     except ValueError as error:
         raise UsageError(f"--train_data_meta {path}: not valid JSON ({error})") from error
     if not isinstance(entries, list) or not entries:
-        raise UsageError(f'--train_data_meta {path}: expected a JSON list of {{"file_path", "text", "type"}} entries')
+        raise UsageError(f'--train_data_meta {path}: expected a JSON list of {{"file_path", "text", "type"}} entries, '
+                         'or a CSV with those columns')
     root = Path(data_root) if data_root else Path(path).parent
     samples = []
     for position, entry in enumerate(entries):

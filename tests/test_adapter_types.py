@@ -169,8 +169,7 @@ def test_each_types_comfyui_file_changes_every_weight_as_peft_does(adapter_run):
 def test_infer_loads_a_peft_folder_run(adapter_run, tmp_path):
     """tools/infer.py --lora_path <run> finds a LoHa/LoKr run's adapter/ (diffusers cannot load it); loaded, it
     changes the video, and at scale 0 the video is the base model's."""
-    from tools.infer import peft_folder_of
-    from training.modes import load_peft_folder
+    from training.modes import load_peft_folder, peft_folder_of
 
     folder = peft_folder_of(adapter_run["output"])
     assert folder == adapter_run["output"] / "adapter"

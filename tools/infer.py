@@ -110,21 +110,12 @@ def shard_problems(infer, num_processes):
     return token_problems([(frames, height, width)], config, shards, what="video")
 
 
-def peft_folder_of(path):
-    """The peft adapter folder of a LoHa or LoKr run (`path` itself or its adapter/), or None."""
-    from training.modes import PEFT_FOLDER
-
-    for folder in (Path(path), Path(path) / PEFT_FOLDER):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    return None
-
-
 def load_pipeline(infer, image_to_video, device):
     import torch
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from training.models import convolve_on_cpu_with_onednn
+    from training.modes import peft_folder_of
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[infer.dtype]
     pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
@@ -133,10 +124,11 @@ def load_pipeline(infer, image_to_video, device):
         extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(infer.transformer_path, torch_dtype=dtype)
     pipe = pipeline_class.from_pretrained(infer.model_name_or_path, torch_dtype=dtype, **extra)
     convolve_on_cpu_with_onednn(pipe.vae)  # decoding on a CPU: oneDNN for the small layers too (training/models.py)
-    if infer.lora_path and peft_folder_of(infer.lora_path):  # a LoHa or LoKr run: diffusers does not load those
+    peft_folder = peft_folder_of(infer.lora_path) if infer.lora_path else None
+    if peft_folder:  # a LoHa or LoKr run: diffusers does not load those
         from training.modes import load_peft_folder
 
-        load_peft_folder(pipe.transformer, peft_folder_of(infer.lora_path), "lora")
+        load_peft_folder(pipe.transformer, peft_folder, "lora")
         for module in pipe.transformer.modules():
             if "lora" in getattr(module, "scaling", {}):
                 module.set_scale("lora", infer.lora_scale)  # peft's LoHa/LoKr: scale x alpha / rank
@@ -183,6 +175,7 @@ def main(argv=None):
     from diffusers.utils import export_to_video
     from tqdm.auto import tqdm
 
+    from training.modes import peft_folder_of
     from training.run_config import parse_with_config
 
     infer = section_of(InferFlags, parse_with_config(build_parser(), argv, "infer"))

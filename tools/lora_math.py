@@ -35,7 +35,9 @@ def lora_file(path):
     """The LoRA file a path names: the file itself, or a run's folder with pytorch_lora_weights.safetensors."""
     path = Path(path)
     if path.is_dir():
-        if (path / "adapter" / "adapter_config.json").is_file() or (path / "adapter_config.json").is_file():
+        from training.modes import peft_folder_of
+
+        if peft_folder_of(path) is not None:
             raise UsageError(f"{path}: a LoHa or LoKr run (peft's adapter folder): of the LoRA tools only "
                              "merge_lora.py takes it")
         if not (path / DIFFUSERS_WEIGHT_NAME).is_file():

@@ -62,8 +62,8 @@ def peft_adapter_of(path):
     LoKr run (its adapter/ folder: peft's own form), or None for every other LoRA form (read by lora_math)."""
     from safetensors import safe_open
 
-    from tools.infer import peft_folder_of
     from tools.lora_math import DIFFUSERS_WEIGHT_NAME
+    from training.modes import peft_folder_of
 
     path = Path(path)
     folder = peft_folder_of(path) if path.is_dir() else None

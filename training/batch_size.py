@@ -20,13 +20,13 @@ AUTO = "auto"
 
 def component_configs(model):
     """(VAE config, T5 config) of the [model] section's pipeline: small files, no weights."""
-    from diffusers import AutoencoderKLCogVideoX
     from transformers import AutoConfig
 
-    where = dict(revision=model.revision, cache_dir=model.cache_dir)
-    vae_config = AutoencoderKLCogVideoX.load_config(model.pretrained_model_name_or_path, subfolder="vae", **where)
+    from .models import Pretrained, read_config
+
+    vae_config = read_config(Pretrained.of(model), "vae")
     text_encoder_config = AutoConfig.from_pretrained(model.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                     **where)
+                                                     revision=model.revision, cache_dir=model.cache_dir)
     return vae_config, text_encoder_config
 
 

@@ -407,6 +407,14 @@ def _save_peft_folder(config, layers, folder):
               metadata={"format": "pt"})
 
 
+def peft_folder_of(path):
+    """The peft adapter folder of a LoHa or LoKr run (`path` itself or its adapter/), or None."""
+    for folder in (Path(path), Path(path) / PEFT_FOLDER):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
 def read_peft_folder(folder):
     """(peft config, weights keyed as get_peft_model_state_dict names them) of a folder `_save_peft_folder` wrote."""
     from peft import PeftConfig

@@ -292,8 +292,9 @@ def test_every_mask_kind_is_drawn_at_funs_rate():
     """Over many clips (and stills), each kind comes up about as often as Fun's probabilities say; the first frame
     kept (kind 2) and the first and last kept (kind 3) are among them, and a still is never a span."""
     rng = np.random.RandomState(0)
-    for frames, kinds, probabilities in ((9, inpaint.MASK_KINDS, inpaint.MASK_KIND_PROBABILITIES),
-                                         (1, inpaint.STILL_MASK_KINDS, inpaint.STILL_MASK_KIND_PROBABILITIES)):
+    # get_random_mask's own np.random.choice arguments (transcribed above), not this module's constants
+    for frames, kinds, probabilities in ((9, range(10), [0.05, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05, 0.1, 0.05, 0.05]),
+                                         (1, [0, 1, 7, 8], [0.2, 0.7, 0.05, 0.05])):
         draws = [inpaint.draw_mask_kind(frames, rng) for _ in range(20000)]
         for kind, probability in zip(kinds, probabilities):
             assert abs(draws.count(kind) / len(draws) - probability) < 0.012, (frames, kind)

@@ -666,7 +666,7 @@ def build_like_trainer(options, trainer_flags, row, spec, scratch):
     buckets = flags.buckets
     bucket = (buckets.frame_buckets[0], buckets.height_buckets[0], buckets.width_buckets[0])
     batch = source.example_batch(flags.training.train_batch_size, bucket, spec.transformer, spec.vae,
-                                 conditioning.image_to_video, fill=torch.randn)
+                                 conditioning.image_to_video, fill=torch.randn, control=conditioning.control)
     return backend, trainer, batch, flags
 
 

@@ -142,6 +142,22 @@ def tiny_model_5b(tiny_models):
 
 
 @pytest.fixture(scope="session")
+def tiny_fun_inp(tmp_path_factory):
+    """A tiny CogVideoX-Fun-2b-InP: a 2b-shaped pipeline whose transformer takes 2C + 1 channels (33 in the released
+    model, 9 for the tiny VAE's 4 latent channels) and adds noise to the masked clip (add_noise_in_inpaint_model)."""
+    import json
+
+    from tools.build_tiny_model import save_tiny_model
+
+    path = tmp_path_factory.mktemp("CogVideoX-Fun-2b-InP")
+    save_tiny_model(path, "2b", seed=11, transformer={"in_channels": 9})
+    config_file = path / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "add_noise_in_inpaint_model": True}))
+    return path
+
+
+@pytest.fixture(scope="session")
 def first_frame_png(tmp_path_factory):
     """A validation image: the first frame of one bundled clip."""
     import imageio.v3 as iio

@@ -91,7 +91,7 @@ def test_missing_data_and_mismatched_lists(capsys, no_model_file_opened, tiny_mo
     with no_model_file_opened(tiny_model_2b):
         lines = _errors(capsys, _argv(tiny_model_2b, tmp_path / "o", data=clips))
     assert lines == [f"error: video file not found: {clips / 'videos' / f'nope{n}.mp4'} (entry {n})" for n in range(1, 11)] + [
-        "error: ... and 3 more missing video files"]
+        "error: ... and 3 more missing files"]
 
 
 def test_csv_without_the_named_column(capsys, no_model_file_opened, tiny_model_2b, tmp_path):

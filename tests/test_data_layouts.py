@@ -166,7 +166,8 @@ def test_each_bucket_batches_at_its_own_size_on_every_rank():
 
 def layout_args(**given):
     defaults = dict(data_root=None, dataset_file=None, caption_column="text", video_column="video",
-                    caption_extension=".txt", id_token=None, dataset_config=None, train_data_meta=None)
+                    caption_extension=".txt", id_token=None, dataset_config=None, train_data_meta=None,
+                    control_column=None)
     return Namespace(**{**defaults, **given})
 
 

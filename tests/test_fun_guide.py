@@ -113,20 +113,6 @@ def command_argv(command, model="MODEL", data="DATA", meta="DATA/metadata.json",
 
 
 @pytest.fixture(scope="module")
-def tiny_fun_inp(tmp_path_factory):
-    """A tiny CogVideoX-Fun-2b-InP: a 2b-shaped pipeline whose transformer takes 2C + 1 channels (33 in the released
-    model, 9 for the tiny VAE's 4 latent channels) and adds noise to the masked clip (add_noise_in_inpaint_model)."""
-    from tools.build_tiny_model import save_tiny_model
-
-    path = tmp_path_factory.mktemp("CogVideoX-Fun-2b-InP")
-    save_tiny_model(path, "2b", seed=11, transformer={"in_channels": 9})
-    config_file = path / "transformer" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "add_noise_in_inpaint_model": True}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def fun_dataset(tmp_path_factory):
     """Fun's layout: a folder (--train_data_dir) with metadata.json listing its clips by relative path."""
     folder = tmp_path_factory.mktemp("internal_datasets")
@@ -175,7 +161,7 @@ def test_the_train_mode_chooses_the_conditioning(train_mode, conditioning):
     from training.sections import run_flags
 
     flags = run_flags(parse_args(["--pretrained_model_name_or_path", "M", "--train_mode", train_mode]))
-    assert type(TextToVideo().for_flags(flags.training)).__name__ == conditioning
+    assert type(TextToVideo().for_flags(flags.training, flags.data)).__name__ == conditioning
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the guide's --dataloader_num_workers=8
@@ -227,7 +213,7 @@ def test_the_guides_command_trains_a_fun_inp_model(monkeypatch, tiny_fun_inp, fu
      "--vae_mini_batch 2: the VAE here encodes one clip at a time (1) or the whole batch at once"),
     ("fun", ["--vae_mini_batch", "0"], "--vae_mini_batch must be at least 1 (got 0)"),
     ("fun", ["--train_mode", "normal"], "is a CogVideoX-Fun InP model (9 input channels"),
-    ("fun", ["--validation_prompt", "a cat"], "validation videos of CogVideoX-Fun InP models"),
+    ("fun", ["--validation_prompt", "a cat"], "1 validation prompts but 0 --validation_images: an InP model"),
     ("2b", [], "--train_mode inpaint trains a CogVideoX-Fun InP model (9 input channels"),
 ], ids=["vae-mini-batch-within-the-batch", "vae-mini-batch-zero", "normal-mode-on-an-inp-model",
         "validation-of-an-inp-model", "inpaint-mode-on-a-text-to-video-model"])
@@ -259,7 +245,7 @@ def test_the_full_fine_tune_takes_train_sh_s_flags(capsys, tiny_fun_inp, fun_dat
     flags = run_flags(parse_args(argv, conditioning="text-to-video", mode="sft"))
     assert (flags.training.trainable_modules, flags.training.lr_scheduler, flags.optimizer.optimizer) == (
         (".",), "constant_with_warmup", "adamw")
-    settings = validate_training_args(flags, TextToVideo().for_flags(flags.training), Full())
+    settings = validate_training_args(flags, TextToVideo().for_flags(flags.training, flags.data), Full())
     assert settings.transformer_config["in_channels"] == 9
     lines = stopped_run_stderr(capsys, [*argv[:-1], "attn1", "--dry_run"], trainer_main("cogvideox_text_to_video_sft"))
     assert any("--trainable_modules attn1 would leave" in line and "frozen" in line for line in lines), lines

@@ -1,4 +1,4 @@
-"""Convert a CogVideoX LoRA between the diffusers/PEFT form and ComfyUI's native form.
+"""Convert a CogVideoX LoRA between the diffusers/PEFT form, ComfyUI's native form and CogVideoX-Fun's form.
 
 Reads any of: this toolkit's, the original cogvideox-factory's and finetrainers' `pytorch_lora_weights.safetensors`
 (diffusers/PEFT keys), a PEFT `adapter_model.safetensors`, ComfyUI's native `diffusion_model.` form and the
@@ -10,6 +10,7 @@ conversion with the list, unless --skip_unmapped.
     python tools/convert_lora.py my-run/pytorch_lora_weights.safetensors ComfyUI/models/loras/my_style.safetensors
     python tools/convert_lora.py my_style.safetensors converted/            # -> converted/pytorch_lora_weights.safetensors
     python tools/convert_lora.py original.safetensors out.safetensors --alpha 64   # files that do not store alpha
+    python tools/convert_lora.py my-run/pytorch_lora_weights.safetensors fun_lora.safetensors --to fun  # VideoX-Fun
 """
 
 import argparse
@@ -27,8 +28,9 @@ def build_parser():
     parser.add_argument("input", help="a .safetensors LoRA file")
     parser.add_argument("output", help="the file to write (or a folder: pytorch_lora_weights.safetensors / "
                         "pytorch_lora_weights_comfyui.safetensors in it)")
-    parser.add_argument("--to", choices=["comfyui", "diffusers"], default=None,
-                        help="the form to write (default: the other one)")
+    parser.add_argument("--to", choices=["comfyui", "diffusers", "fun"], default=None,
+                        help="the form to write (default: the other one of diffusers and comfyui); fun: the "
+                        "lora_unet__ form VideoX-Fun's merge_lora reads")
     parser.add_argument("--alpha", type=float, default=None,
                         help="the LoRA alpha it was trained with, for files that store none (the original's, "
                         "finetrainers'): the update is scaled by alpha/rank. Without it such a file keeps scale 1, "
@@ -41,7 +43,16 @@ def build_parser():
 def convert(input_path, output_path, to=None, alpha=None, skip_unmapped=False, log=print):
     """Returns the written path. Raises UnmappedKeys (unless skip_unmapped) before writing anything."""
     import training  # noqa: F401  (quiet library notices)
-    from training.lora_formats import COMFYUI_WEIGHT_NAME, UnmappedKeys, diffusers_layers, read_lora_file, save_comfyui
+    from training.lora_formats import (
+        COMFYUI_WEIGHT_NAME,
+        FUN_WEIGHT_NAME,
+        UnmappedKeys,
+        diffusers_layers,
+        fun_state_dict,
+        read_lora_file,
+        save_comfyui,
+        save_comfyui_state,
+    )
 
     adapters, unmapped, form = read_lora_file(input_path, alpha=alpha)
     to = to or ("comfyui" if form == "diffusers" else "diffusers")
@@ -51,10 +62,13 @@ def convert(input_path, output_path, to=None, alpha=None, skip_unmapped=False, l
         raise ValueError(f"{input_path}: no CogVideoX transformer LoRA in it")
     output_path = Path(output_path)
     if output_path.suffix != ".safetensors":
-        output_path = output_path / (COMFYUI_WEIGHT_NAME if to == "comfyui" else "pytorch_lora_weights.safetensors")
+        output_path = output_path / {"comfyui": COMFYUI_WEIGHT_NAME, "fun": FUN_WEIGHT_NAME}.get(
+            to, "pytorch_lora_weights.safetensors")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     if to == "comfyui":
         save_comfyui(adapters, output_path)
+    elif to == "fun":
+        save_comfyui_state(fun_state_dict(adapters), output_path)
     else:
         from diffusers import CogVideoXPipeline
 

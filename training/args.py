@@ -128,6 +128,12 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
         default=caption_column_default,
         help="CSV column of captions, or the name of a file in --data_root with one caption per line.",
     )
+    data.add_argument(
+        "--control_column", type=str, default=None, metavar="PATH",
+        help="CogVideoX-Fun Control models: a file in --data_root with one control video (pose, depth, edges) per "
+        "line, beside --video_column's clips in the same order (or a column of --dataset_file). Each has its clip's "
+        "size and frames. --train_data_meta gives them as each entry's control_file_path.",
+    )
     data.add_argument("--id_token", type=str, default=None, help="Trigger word prepended to every caption.")
     data.add_argument(
         "--dataset_config", type=str, default=None,
@@ -466,7 +472,21 @@ def add_lora_arguments(group):
 def add_validation_arguments(group):
     """[validation] Validation videos during and after training, and the held-out evaluation loss."""
     group.add_argument("--validation_prompt", type=str, default=None, help="Prompts joined by the separator.")
-    group.add_argument("--validation_images", type=str, default=None, help="Image paths joined by the separator (I2V).")
+    group.add_argument(
+        "--validation_images", type=str, default=None,
+        help="Image paths joined by the separator, one per validation prompt: the first frame (the image-to-video "
+        "trainers, and CogVideoX-Fun InP models with --train_mode inpaint).",
+    )
+    group.add_argument(
+        "--validation_end_images", type=str, default=None, metavar="PATHS",
+        help="CogVideoX-Fun InP models (--train_mode inpaint): the last frame of each validation video, one image per "
+        "prompt joined by the separator (default: no end frame).",
+    )
+    group.add_argument(
+        "--validation_control_videos", type=str, default=None, metavar="PATHS",
+        help="CogVideoX-Fun Control models: one control video per validation prompt, joined by the separator; "
+        "each gives the validation video's frames.",
+    )
     group.add_argument(
         "--validation_prompt_separator", type=str, default=":::",
         help="Separator between the prompts of --validation_prompt (and between the validation images of the "
@@ -672,7 +692,7 @@ def add_logging_arguments(group):
 ONLY_FOR = {
     "lora": ("quantize_base", "blocks_to_swap"),
     "sft": ("transformer_config", "transformer_ckpt_path", "trainable_modules"),
-    "image-to-video": ("validation_images", "noised_image_dropout", "ignore_learned_positional_embeddings"),
+    "image-to-video": ("noised_image_dropout", "ignore_learned_positional_embeddings"),
 }
 ONLY_FOR_WORDS = {"lora": "the LoRA trainers", "sft": "the full fine-tuning trainers",
                   "image-to-video": "the image-to-video trainers"}

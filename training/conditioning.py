@@ -13,6 +13,8 @@ import torch
 
 from .buckets import validation_frames
 from .inpaint import MASK_FILL, full_mask_keep, inpaint_channels, inpaint_latents, random_mask, with_inpaint_latents
+from .layouts import has_control_clips
+from .models import encode_video_distribution, sample_latents
 
 
 # Every CogVideoX VAE downsamples 8x spatially; used only to state learned-position sizes in pixels.
@@ -36,6 +38,14 @@ def _images(validation):
 class TextToVideo:
     name = "text-to-video"
     image_to_video = False  # the dataset need not keep the first frame
+    control = False  # batches carry no control videos
+    inpaint = False  # the transformer takes no inpaint latents
+    fun = False  # a CogVideoX-Fun model: its LoRA is also written in Fun's form
+    # The model card: what the run trained, and how to generate with it (module, pipeline class, extra arguments).
+    card_label = "text-to-video"
+    card_pipeline = ("diffusers", "CogVideoXPipeline", "")
+    validation_scheduler = "CogVideoXDPMScheduler"  # the diffusers scheduler validation videos are sampled with
+    training_scheduler = "CogVideoXDPMScheduler"  # the one whose noise schedule training draws from
     needs_vae = False  # the conditioning itself encodes nothing (raw clips need the VAE: see data_source.py)
 
     @property
@@ -44,10 +54,12 @@ class TextToVideo:
 
         return CogVideoXPipeline
 
-    def for_flags(self, training):
-        """The conditioning [training] asks of this trainer: CogVideoX-Fun's inpaint latents for --train_mode inpaint
-        or i2v, else this one."""
-        return FunInpaint() if training.train_mode != "normal" else self
+    def for_flags(self, training, data):
+        """The conditioning [training] and [data] ask of this trainer: CogVideoX-Fun's inpaint latents for --train_mode
+        inpaint or i2v, its control latents for data with control videos, else this one."""
+        if training.train_mode in ("inpaint", "i2v"):
+            return FunInpaint()
+        return FunControl() if has_control_clips(data) else self
 
     def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         """Problems (one line each) that make this conditioning unusable with these flags/model/data."""
@@ -62,12 +74,18 @@ class TextToVideo:
             problems.append(
                 f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is an image-to-video model "
                 f"({transformer_config['in_channels']} input channels); use training/cogvideox_image_to_video_lora.py "
-                "or training/cogvideox_image_to_video_sft.py"
+                "or training/cogvideox_image_to_video_sft.py (a CogVideoX-Fun Control model takes as many: give its "
+                "control videos, --control_column or control_file_path in --train_data_meta)"
             )
-        for flag, value in (("validation_images", validation.validation_images),
-                            ("ignore_learned_positional_embeddings", training.ignore_learned_positional_embeddings)):
-            if value:
-                problems.append(f"--{flag} is only for the image-to-video trainers")
+        if validation.validation_control_videos:
+            problems.append("--validation_control_videos is for CogVideoX-Fun Control runs: the data gives no control "
+                            "videos (--control_column, or control_file_path in --train_data_meta)")
+        for flag in ("validation_images", "validation_end_images"):
+            if getattr(validation, flag):
+                problems.append(f"--{flag} is for the image-to-video trainers and CogVideoX-Fun InP models "
+                                "(--train_mode inpaint)")
+        if training.ignore_learned_positional_embeddings:
+            problems.append("--ignore_learned_positional_embeddings is only for the image-to-video trainers")
         return problems
 
     def adapt_transformer(self, transformer, training):
@@ -90,6 +108,8 @@ class TextToVideo:
 class ImageToVideo(TextToVideo):
     name = "image-to-video"
     image_to_video = True
+    card_label = "image-to-video"
+    card_pipeline = ("diffusers", "CogVideoXImageToVideoPipeline", ', image=load_image("first_frame.png")')
     needs_vae = True  # the first frame is noise-augmented and encoded every step, also from precomputed data
 
     @property
@@ -98,14 +118,23 @@ class ImageToVideo(TextToVideo):
 
         return CogVideoXImageToVideoPipeline
 
-    def for_flags(self, training):
-        return self  # --train_mode is refused below: CogVideoX-Fun's modes are the text-to-video trainers'
+    def for_flags(self, training, data):
+        # --train_mode and control videos are refused below: CogVideoX-Fun's runs are the text-to-video trainers'
+        self.control_data = has_control_clips(data)
+        return self
 
     def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         problems = []
         if training.train_mode != "normal":
             problems.append(f"--train_mode {training.train_mode} is CogVideoX-Fun's, for its InP models: use "
                             "training/cogvideox_text_to_video_lora.py or training/cogvideox_text_to_video_sft.py")
+        if validation.validation_end_images:
+            problems.append("--validation_end_images is for CogVideoX-Fun InP models (the text-to-video trainers with "
+                            "--train_mode inpaint); CogVideoXImageToVideoPipeline takes a first frame only")
+        if getattr(self, "control_data", False) or validation.validation_control_videos:
+            problems.append("control videos (--control_column, control_file_path, --validation_control_videos) "
+                            "train CogVideoX-Fun Control models: use training/cogvideox_text_to_video_lora.py or "
+                            "training/cogvideox_text_to_video_sft.py")
         if transformer_config["in_channels"] != 2 * transformer_config["out_channels"]:
             problems.append(
                 f"--pretrained_model_name_or_path {model.pretrained_model_name_or_path} is a text-to-video model; "
@@ -180,7 +209,21 @@ class FunInpaint(TextToVideo):
 
     name = "text-to-video"  # the text-to-video trainers' flags
     image_to_video = True  # the first frame: prepared data's masked clip is made from it
+    inpaint = True  # the transformer also takes a mask channel and the masked clip's latents
+    fun = True
+    card_label = "CogVideoX-Fun InP (image-to-video)"
+    card_pipeline = ("training.fun_inpaint_pipeline", "CogVideoXFunInpaintPipeline",
+                     ', image=load_image("first_frame.png")')
     needs_vae = True  # the masked clip is encoded every step, also from prepared data
+    validation_scheduler = "DDIMScheduler"  # as Fun validates and predicts (its default sampler)
+    # Fun trains with DDPMScheduler: no snr_shift_scale (3.0 in the 2b configs), unlike CogVideoX's own schedulers.
+    training_scheduler = "DDPMScheduler"
+
+    @property
+    def pipeline_class(self):
+        from .fun_inpaint_pipeline import CogVideoXFunInpaintPipeline
+
+        return CogVideoXFunInpaintPipeline
 
     def check_args(self, model, buckets, training, validation, transformer_config, data_source):
         problems = []
@@ -191,14 +234,28 @@ class FunInpaint(TextToVideo):
                 f"noisy latents, mask, masked-video latents); --pretrained_model_name_or_path "
                 f"{model.pretrained_model_name_or_path} takes {transformer_config['in_channels']}"
             )
-        if validation.validation_prompt:
-            problems.append(f"--validation_prompt with --train_mode {training.train_mode}: validation videos of "
-                            "CogVideoX-Fun InP models (its inpaint pipeline) are not made yet; leave it out")
-        for flag, value in (("validation_images", validation.validation_images),
-                            ("ignore_learned_positional_embeddings", training.ignore_learned_positional_embeddings)):
-            if value:
-                problems.append(f"--{flag} is only for the image-to-video trainers")
+        if validation.validation_control_videos:
+            problems.append(f"--validation_control_videos is for CogVideoX-Fun Control runs, not --train_mode "
+                            f"{training.train_mode}")
+        if training.ignore_learned_positional_embeddings:
+            problems.append("--ignore_learned_positional_embeddings is only for the image-to-video trainers")
+        prompts = _prompts(validation)
+        for flag, images in (("validation_images", _images(validation)),
+                             ("validation_end_images", _end_images(validation))):
+            if prompts and len(images) != len(prompts) and (images or flag == "validation_images"):
+                problems.append(f"{len(prompts)} validation prompts but {len(images)} --{flag}: an InP model "
+                                "validates from a first frame (and optionally a last), one image per prompt")
+            problems += [f"--{flag}: no such file {image}" for image in images
+                         if "://" not in image and not Path(image).is_file()]
         return problems
+
+    def validation_cases(self, validation):
+        """The prompt, its first frame and, when given, its last (CogVideoXFunInpaintPipeline's `end_image`)."""
+        from diffusers.utils import load_image
+
+        ends = _end_images(validation)
+        return [{"prompt": prompt, "image": load_image(image), **({"end_image": load_image(ends[i])} if ends else {})}
+                for i, (prompt, image) in enumerate(zip(_prompts(validation), _images(validation)))]
 
     def model_input(self, noisy_latents, batch, context):
         """Noisy latents [B, f, C, h, w], then the mask and the masked clip's latents (Fun's channel order)."""
@@ -217,6 +274,97 @@ class FunInpaint(TextToVideo):
                                   bool(context.transformer_config.get("add_noise_in_inpaint_model")),
                                   full_mask_keep(mask))
         return with_inpaint_latents(noisy_latents, latents)
+
+
+class FunControl(TextToVideo):
+    """CogVideoX-Fun's Control models (the text-to-video trainers, data with control videos): the noisy latents, then
+    the control video's latents on the channel axis, as Fun's train_control.py builds them (the VAE's sample, times
+    its scaling factor) and diffusers' CogVideoXFunControlPipeline feeds them at inference."""
+
+    control = True
+    fun = True
+    card_label = "CogVideoX-Fun Control"
+    card_pipeline = ("diffusers", "CogVideoXFunControlPipeline", ', control_video=load_video("control.mp4")[:49]')
+    needs_vae = True  # the control video is encoded every step
+    # The control pipeline's step takes no DPM arguments; Fun validates (and predicts, by default) with DDIM.
+    validation_scheduler = "DDIMScheduler"
+    training_scheduler = "DDPMScheduler"  # as Fun's train_control.py (no snr_shift_scale)
+
+    @property
+    def pipeline_class(self):
+        from diffusers import CogVideoXFunControlPipeline
+
+        return CogVideoXFunControlPipeline
+
+    def check_args(self, model, buckets, training, validation, transformer_config, data_source):
+        problems = []
+        expected = 2 * transformer_config["out_channels"]
+        if transformer_config["in_channels"] != expected:
+            problems.append(
+                f"control videos train a CogVideoX-Fun Control model ({expected} input channels: noisy latents, "
+                f"control latents); --pretrained_model_name_or_path {model.pretrained_model_name_or_path} takes "
+                f"{transformer_config['in_channels']}: leave out --control_column (and control_file_path) for it"
+            )
+        if data_source.name != "raw clips":
+            problems.append("--load_tensors with control videos: prepared data holds no control latents; train a "
+                            "Control model from the clips (leave out --load_tensors)")
+        problems += [f"--{flag} is for image-to-video and InP models, not a Control run (its frames come from the "
+                     "control videos)" for flag in ("validation_images", "validation_end_images")
+                     if getattr(validation, flag)]
+        if training.ignore_learned_positional_embeddings:
+            problems.append("--ignore_learned_positional_embeddings is only for the image-to-video trainers")
+        prompts, controls = _prompts(validation), _control_videos(validation)
+        if prompts and len(prompts) != len(controls):
+            problems.append(f"{len(prompts)} validation prompts but {len(controls)} --validation_control_videos: give "
+                            "one control video per prompt, joined by --validation_prompt_separator")
+        self.validation_num_frames = validation_frames(validation, buckets)
+        for path in controls:
+            problem = _validation_control_problem(path, self.validation_num_frames)
+            if problem:
+                problems.append(f"--validation_control_videos: {problem}")
+        return problems
+
+    def model_input(self, noisy_latents, batch, context):
+        """Noisy latents [B, f, C, h, w], then the control video's latents (Fun's channel order)."""
+        with torch.no_grad():
+            control = sample_latents(encode_video_distribution(context.vae, batch["control"].to(context.device)),
+                                     context.vae_scaling_factor)
+        return torch.cat([noisy_latents, control.to(noisy_latents.dtype)], dim=2)
+
+    def validation_cases(self, validation):
+        """The pipeline's keyword arguments per prompt: the prompt, and its control video's first frames (as many as
+        validation videos have; the pipeline resizes them and takes its frame count from them)."""
+        from PIL import Image
+
+        from .video_io import read_frames
+
+        return [{"prompt": prompt,
+                 "control_video": [Image.fromarray(frame.numpy())
+                                   for frame in read_frames(path, list(range(self.validation_num_frames)))]}
+                for prompt, path in zip(_prompts(validation), _control_videos(validation))]
+
+
+def _end_images(validation):
+    return (_split(validation.validation_end_images, validation.validation_prompt_separator)
+            if validation.validation_end_images else [])
+
+
+def _control_videos(validation):
+    return (_split(validation.validation_control_videos, validation.validation_prompt_separator)
+            if validation.validation_control_videos else [])
+
+
+def _validation_control_problem(path, frames):
+    from .video_io import VideoReadError, probe_video
+
+    try:
+        info = probe_video(path)
+    except (VideoReadError, OSError) as error:
+        return f"{path}: {error}"
+    if info.num_frames < frames:
+        return (f"{path} has {info.num_frames} frames; validation videos have {frames} (--validation_num_frames): "
+                "give a longer control video or fewer frames")
+    return None
 
 
 def _learned_shape(transformer_config, training):

@@ -39,6 +39,7 @@ from .dry_run import dry_run_plan
 from .ema import EMA
 from .ema import engine_problems as ema_engine_problems
 from .ema import record as ema_record
+from .lora_formats import save_fun_copy
 from .models import (
     Pretrained,
     load_text_encoder,
@@ -142,7 +143,7 @@ def run(argv, conditioning, mode):
     startup = StartupClock()
     args = parse_args(argv, conditioning=conditioning.name, mode=mode.name)  # the trainer's own flags and --help
     flags = run_flags(args)
-    conditioning = conditioning.for_flags(flags.training)  # --train_mode inpaint: CogVideoX-Fun's inpaint latents
+    conditioning = conditioning.for_flags(flags.training, flags.data)  # CogVideoX-Fun's inpaint or control latents
     settings = validate_training_args(flags, conditioning, mode)  # 1. every check that needs no weights
     backend = start_processes(flags)  # 2. accelerate / DeepSpeed / FSDP, logging, seeds
     if backend.is_main_process:  # another trainer's flags (e.g. a config's [lora] in a full fine-tune): said, unused
@@ -267,9 +268,10 @@ def build_models_and_optimizer(job):
         from .models import offload_between_uses
 
         offload_between_uses(encoders, device)
+    scheduler = load_training_scheduler(pipeline, job.conditioning.training_scheduler)
     context = build_context(flags.training, flags.optimizer, flags.lora, flags.memory, flags.parallelism,
-                            job.settings.transformer_config, vae_config, load_training_scheduler(pipeline), device,
-                            weight_dtype, source, encoders, sequence_shards=backend.sequence_shards)
+                            job.settings.transformer_config, vae_config, scheduler, device, weight_dtype, source,
+                            encoders, sequence_shards=backend.sequence_shards)
     training = flags.training
     learning_rate = training.learning_rate
     if training.scale_lr:
@@ -458,6 +460,9 @@ def save_and_test(job, summary):
     backend.save_artifact(mode, trainer.transformer, output_dir, job.conditioning.pipeline_class,
                           dtype=save_dtype or backend.weight_dtype)
     logger.info("saved %s", ", ".join(str(p) for p in mode.artifact_paths(output_dir)))
+    if job.conditioning.fun and getattr(mode, "adapter_type", None) == "lora" and backend.is_main_process:
+        # VideoX-Fun's own pipelines and ComfyUI nodes merge LoRAs with its merge_lora, which reads this form.
+        logger.info("saved %s (VideoX-Fun's LoRA form)", save_fun_copy(mode.artifact_paths(output_dir)[0]))
     if job.ema is not None:
         paths = job.ema.save_artifact(backend, mode, trainer.transformer, output_dir, job.conditioning.pipeline_class,
                                       dtype=save_dtype or backend.weight_dtype)

@@ -74,7 +74,16 @@ class RawClips:
     def samples(self, model, data, buckets, training, validation, conditioning, transformer_config):
         """(training items, items of a separate held-out list, unusable samples, notes). Reads headers only."""
         self.plan = bucket_plan(buckets, transformer_config, training.train_batch_size, training.seed)
-        items, skipped = self._bucketed(data, read_samples(data, buckets.video_repeat))
+        samples = read_samples(data, buckets.video_repeat)
+        with_control = sum(sample.control_path is not None for sample in samples)
+        if with_control and not conditioning.control:  # e.g. control_file_path in a --dataset_config meta table
+            raise UsageError(f"{with_control} samples have control videos, which a {conditioning.name} run does not "
+                             "read: train a CogVideoX-Fun Control model from --control_column or --train_data_meta, "
+                             "or leave the control videos out")
+        if conditioning.control and with_control < len(samples):
+            raise UsageError(f"{len(samples) - with_control} of {len(samples)} samples have no control video: a "
+                             "Control run needs one for every clip")
+        items, skipped = self._bucketed(data, samples)
         if not items:
             reasons = [f"entry {s.index + 1} ({s.video_path}): {s.reason}" for s in skipped[:10]]
             raise UsageError(["no usable sample: every clip was skipped"] + reasons)
@@ -112,11 +121,13 @@ class RawClips:
                                        context.weight_dtype)
         return distribution, prompt_embeds
 
-    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros):
-        """A batch as the loader delivers it: pixels as float in [-1, 1], captions."""
+    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros,
+                      control=False):
+        """A batch as the loader delivers it: pixels as float in [-1, 1], captions; with `control`, control videos."""
         frames, height, width = bucket
         return {"video": fill(batch_size, frames, 3, height, width), "prompt": ["x"] * batch_size,
-                "image": fill(batch_size, 1, 3, height, width) if image_to_video else None}
+                "image": fill(batch_size, 1, 3, height, width) if image_to_video else None,
+                "control": fill(batch_size, frames, 3, height, width) if control else None}
 
 
 class PreparedEntries:
@@ -193,8 +204,9 @@ class PreparedEntries:
         prompt_embeds = batch["prompt_embeds"].to(context.device, dtype=context.weight_dtype, non_blocking=True)
         return distribution, prompt_embeds
 
-    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros):
-        """A batch as the loader delivers it: latent distributions and prompt embeddings as prepare_dataset.py stores
+    def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros,
+                      control=False):
+        """A batch as the loader delivers it (never with control videos: Control runs read raw clips): latent distributions and prompt embeddings as prepare_dataset.py stores
         them by default (fp32), and for image-to-video the first frame in pixels."""
         dtype = torch.float32
         frames, height, width = bucket

@@ -37,6 +37,7 @@ class Sample:
     repeats: int = 1  # times it trains per epoch (--dataset_config num_repeats)
     caption_file: Path = None  # where the caption was read, in a folder of media with captions beside them
     id_token: str = None  # the trigger word prepended to `caption` (kept in front by --caption_shuffle)
+    control_path: Path = None  # CogVideoX-Fun Control: the clip's control video (pose, depth, edges), frame for frame
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,16 @@ def with_id_token(caption, id_token):
     return f"{id_token.strip()} {caption}" if id_token else caption
 
 
-def load_samples(data_root, dataset_file, caption_column, video_column, id_token=None, check_files=True):
-    """Captions and video paths from txt lists in data_root, or from a CSV. Raises UsageError."""
+def load_samples(data_root, dataset_file, caption_column, video_column, id_token=None, check_files=True,
+                 control_column=None):
+    """Captions and video paths (and with `control_column`, control video paths: --control_column) from txt lists in
+    data_root, or from a CSV. Raises UsageError."""
+    controls = None
     if dataset_file is None:
         root = Path(data_root)
         captions, videos = _paired_lines(root / caption_column, root / video_column)
+        if control_column is not None:
+            controls = [line for line in _raw_lines(root / control_column, "--control_column") if line]
     else:
         import pandas as pd
 
@@ -97,15 +103,20 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
         frame = pd.read_csv(dataset_file, dtype=str, keep_default_na=False)
         captions = [str(c).strip() for c in frame[caption_column]]
         videos = [str(v).strip() for v in frame[video_column]]
+        if control_column is not None:
+            controls = [str(c).strip() for c in frame[control_column]]
     if len(captions) != len(videos):
         raise UsageError(
             f"{len(captions)} captions but {len(videos)} videos: the caption and video lists must have one "
             f"entry per sample, in the same order"
         )
+    if controls is not None and (len(controls) != len(videos) or not all(controls)):
+        raise UsageError(f"--control_column {control_column}: {sum(map(bool, controls))} control videos for "
+                         f"{len(videos)} videos: give one control video per video, in the same order")
     samples = [
         # An empty caption stays empty (not just the id token) so the scan reports it.
         Sample(index=i, caption=with_id_token(caption, id_token) if caption else "", video_path=(root / video),
-               id_token=id_token)
+               id_token=id_token, control_path=root / controls[i] if controls is not None else None)
         for i, (caption, video) in enumerate(zip(captions, videos))
     ]
     if not samples:
@@ -117,11 +128,13 @@ def load_samples(data_root, dataset_file, caption_column, video_column, id_token
 
 def check_files_exist(samples):
     """UsageError naming the missing files (the first 10, then a count)."""
-    missing = [s for s in samples if not s.video_path.is_file()]
+    missing = [(what, path, s.index) for s in samples
+               for what, path in (("video", s.video_path), ("control video", s.control_path))
+               if path is not None and not path.is_file()]
     if missing:
-        lines = [f"video file not found: {s.video_path} (entry {s.index + 1})" for s in missing[:10]]
+        lines = [f"{what} file not found: {path} (entry {index + 1})" for what, path, index in missing[:10]]
         if len(missing) > 10:
-            lines.append(f"... and {len(missing) - 10} more missing video files")
+            lines.append(f"... and {len(missing) - 10} more missing files")
         raise UsageError(lines)
 
 
@@ -220,6 +233,11 @@ def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_th
                 f"{available} usable frames (of {info.num_frames}, after skipping {skip_frames_start}+"
                 f"{skip_frames_end}) at {info.height}x{info.width}")
             return SkippedSample(sample.index, str(path), f"{what}: {bucket}")
+        if sample.control_path is not None:
+            problem = control_problem(sample.control_path, info, last_frame(indices, bucket, landings, route),
+                                      check_streams)
+            if problem:
+                return SkippedSample(sample.index, str(path), problem)
         if landings:
             indices = dict(landings)[bucket]
         if getattr(plan, "per_batch", False):
@@ -241,6 +259,24 @@ def assign_buckets(samples, plan, skip_frames_start=0, skip_frames_end=0, num_th
     usable = [r for r in results if isinstance(r, BucketedSample)]
     skipped = [r for r in results if isinstance(r, SkippedSample)]
     return usable, skipped
+
+
+def control_problem(control_path, info, last, check_streams=True):
+    """Why a clip's control video cannot go with it (None: it can). It is read frame for frame with the clip (the same
+    frame indices, resize, crop and flip), so it needs the clip's size and at least the frames the clip gives."""
+    try:
+        control = probe_video(control_path, (lambda _: last) if check_streams else None)
+    except VideoReadError as error:
+        return f"control video {control_path}: {error}"
+    except OSError as error:
+        return f"control video {control_path}: cannot read the file ({error})"
+    if (control.height, control.width) != (info.height, info.width):
+        return (f"control video {control_path} is {control.height}x{control.width}, the clip "
+                f"{info.height}x{info.width}: make the control video the clip's size")
+    if control.num_frames <= last:
+        return (f"control video {control_path} has {control.num_frames} frames, the clip trains frame {last + 1}: "
+                "give it as many frames as the clip")
+    return None
 
 
 def last_frame(indices, bucket, landings, route):
@@ -491,8 +527,29 @@ class VideoDataset(Dataset):
             indices = ([0] * bucket[0] if item.fun.image
                        else self.fun.plan.window(item.fun, bucket[0], self.epoch, self.random_keys[position]))
         frames, height, width = bucket
+        control = None
+        if item.sample.control_path is not None:  # the same frames, crop and flip as the clip: the draws replayed
+            replay = torch.Generator().set_state(generator.get_state())
+            control = fit_to_bucket(self._read(item, item.sample.control_path, indices), height, width,
+                                    self.video_reshape_mode, generator=replay)
+        video = fit_to_bucket(self._read(item, item.sample.video_path, indices), height, width,
+                              self.video_reshape_mode, generator=generator)
+        if self.random_flip and torch.rand((), generator=generator) < self.random_flip:
+            video = video.flip(-1)  # one decision for the whole clip, not per frame
+            control = control.flip(-1) if control is not None else None
+        key = self.random_keys[position]
+        return {
+            "index": item.sample.index,
+            "prompt": self.captions.caption(item.sample.caption, self.epoch, key, item.sample.id_token),
+            "video": video,
+            "image": video[:1].clone() if self.image_to_video else None,
+            "control": control,
+        }
+
+    @staticmethod
+    def _read(item, path, indices):
         try:
-            raw = read_frames(item.sample.video_path, indices)
+            return read_frames(path, indices)
         except VideoReadError as error:
             raise ClipDecodeError(
                 f"entry {item.sample.index + 1}: {error}. The scan found its header and stream intact, but it does "
@@ -500,16 +557,6 @@ class VideoDataset(Dataset):
                 "--resume_from_checkpoint latest goes on from the last checkpoint; prepare_dataset.py keeps what it "
                 "finished)"
             ) from None
-        video = fit_to_bucket(raw, height, width, self.video_reshape_mode, generator=generator)
-        if self.random_flip and torch.rand((), generator=generator) < self.random_flip:
-            video = video.flip(-1)  # one decision for the whole clip, not per frame
-        key = self.random_keys[position]
-        return {
-            "index": item.sample.index,
-            "prompt": self.captions.caption(item.sample.caption, self.epoch, key, item.sample.id_token),
-            "video": video,
-            "image": video[:1].clone() if self.image_to_video else None,
-        }
 
 
 class PrecomputedDataset(Dataset):
@@ -564,7 +611,7 @@ class PrecomputedDataset(Dataset):
 
 def collate(items):
     batch = {"index": [item["index"] for item in items], "prompt": [item["prompt"] for item in items]}
-    for key in ("video", "image", "prompt_embeds", "video_latent_dist"):
+    for key in ("video", "image", "control", "prompt_embeds", "video_latent_dist"):
         values = [item.get(key) for item in items]
         batch[key] = torch.stack(values) if values and values[0] is not None else None
     return batch

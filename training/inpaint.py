@@ -113,10 +113,14 @@ def masked_video(video, mask):
     return video * (1 - mask) + torch.full_like(video, MASK_FILL) * mask
 
 
-def add_noise_to_reference_video(video, generator=None):
+def add_noise_to_reference_video(video, generator=None, strength=None):
     """Fun's add_noise_to_reference_video (models with add_noise_in_inpaint_model): Gaussian noise of one strength
-    per clip, exp(N(-3, 0.5)), on every pixel but the masked ones (-1). `video`: [B, ...]."""
-    sigma = torch.exp(torch.normal(-3.0, 0.5, (video.shape[0],), generator=generator)).to(video.device, video.dtype)
+    per clip, exp(N(-3, 0.5)) in training or `strength` (its `ratio`: sampling), on every pixel but the masked ones
+    (-1). `video`: [B, ...]."""
+    if strength is None:
+        sigma = torch.exp(torch.normal(-3.0, 0.5, (video.shape[0],), generator=generator)).to(video.device, video.dtype)
+    else:
+        sigma = torch.full((video.shape[0],), strength, device=video.device, dtype=video.dtype)
     noise = (torch.randn_like(video) if generator is None
              else torch.randn(video.shape, generator=generator).to(video.device, video.dtype))
     noise = noise * sigma.view(-1, *[1] * (video.dim() - 1))

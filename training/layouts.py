@@ -6,7 +6,7 @@
 - A folder of media with a caption file beside each (clip.mp4 + clip.txt; --caption_extension): used when --data_root
   has no caption/video lists.
 - CogVideoX-Fun's metadata: --train_data_meta, a JSON list of {"file_path", "text", "type": "video"|"image"} (or a
-  .csv with those columns).
+  .csv with those columns), with "control_file_path" for its Control models.
 - Several of these mixed: --dataset_config datasets.toml, one [[datasets]] table each, with num_repeats and an id token
   of its own (see assets/dataset.md).
 
@@ -41,16 +41,37 @@ def read_samples(data, video_repeat=0):
     elif data.dataset_file is None and is_captioned_folder(data):
         samples = read_folder(data.data_root, data.caption_extension, data.id_token)
     else:
-        samples = load_samples(data.data_root, data.dataset_file, data.caption_column, data.video_column, data.id_token)
+        samples = load_samples(data.data_root, data.dataset_file, data.caption_column, data.video_column, data.id_token,
+                               control_column=data.control_column)
     if video_repeat > 0:  # CogVideoX-Fun's --video_repeat: videos N times, images once
         samples = [s if s.video_path.suffix.lower() in IMAGE_SUFFIXES else replace(s, repeats=s.repeats * video_repeat)
                    for s in samples]
     return samples
 
 
+def has_control_clips(data):
+    """Whether the data gives control videos (CogVideoX-Fun Control): --control_column, or --train_data_meta entries
+    with "control_file_path" (a file that cannot be read has none here; check_data_source reports it)."""
+    if data.control_column is not None:
+        return True
+    if data.train_data_meta is None or data.dataset_config:
+        return False
+    try:
+        return any(entry.get("control_file_path") for entry in _meta_entries(data.train_data_meta)
+                   if isinstance(entry, dict))
+    except (OSError, ValueError):
+        return False
+
+
 def check_data_source(data, problems, require_videos=True):
     """Data files and columns exist (`data`: the [data] section, or prepare's). Per-sample problems are the
     dataset's business."""
+    if data.control_column is not None and (data.dataset_config or data.train_data_meta or (
+            data.dataset_file is None and data.data_root is not None and is_captioned_folder(data))):
+        problems.append(f"--control_column {data.control_column} names a list beside --caption_column/--video_column "
+                        "(or a column of --dataset_file); with --train_data_meta give each entry a "
+                        '"control_file_path", and --dataset_config and captioned folders take no control videos')
+        return
     for flag, value in (("dataset_config", data.dataset_config), ("train_data_meta", data.train_data_meta)):
         if value is not None:
             if not Path(value).is_file():
@@ -71,8 +92,9 @@ def check_data_source(data, problems, require_videos=True):
                                 f"--caption_column {data.caption_column} and --video_column {data.video_column} name "
                                 f"no file there and no clip has a caption file beside it: pass {_list_flags(lists)}")
             return  # a folder of media with their captions beside them
-        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column)):
-            if not (root / name).is_file():
+        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column),
+                           ("--control_column", data.control_column)):
+            if name is not None and not (root / name).is_file():
                 hint = " (or put media files there with a caption .txt beside each)"
                 if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
                     hint = " (this folder has prompts.txt and videos.txt: pass --caption_column prompts.txt --video_column videos.txt)"
@@ -91,8 +113,9 @@ def check_data_source(data, problems, require_videos=True):
         except Exception as error:
             problems.append(f"--dataset_file {csv_path}: not a readable CSV ({error})")
             return
-        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column)):
-            if name not in columns:
+        for flag, name in (("--caption_column", data.caption_column), ("--video_column", data.video_column),
+                           ("--control_column", data.control_column)):
+            if name is not None and name not in columns:
                 problems.append(f"{flag} {name}: the CSV has no such column (columns: {', '.join(columns)})")
 
 
@@ -164,11 +187,7 @@ def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
     from .dataset import Sample, check_files_exist, with_id_token
 
     try:
-        if str(path).endswith(".csv"):
-            with open(path, newline="", encoding="utf-8") as rows:
-                entries = list(csv.DictReader(rows))
-        else:
-            entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = _meta_entries(path)
     except OSError as error:
         raise UsageError(f"--train_data_meta {path}: cannot read it ({error.strerror})") from error
     except ValueError as error:
@@ -185,10 +204,24 @@ def read_meta(path, data_root=None, id_token=None, start=0, repeats=1):
         if kind not in ("video", "image"):
             raise UsageError(f'--train_data_meta {path}: entry {position + 1}: "type" is {kind!r}, not video or image')
         caption = str(entry["text"]).strip()
+        control = entry.get("control_file_path") or None
         samples.append(Sample(index=start + position, caption=with_id_token(caption, id_token) if caption else "",
-                              video_path=root / entry["file_path"], repeats=repeats, id_token=id_token))
+                              video_path=root / entry["file_path"], repeats=repeats, id_token=id_token,
+                              control_path=root / control if control else None))
+    without = [s.index - start + 1 for s in samples if s.control_path is None]
+    if len(without) < len(samples) and without:  # Fun's control dataset reads one for every entry
+        raise UsageError(f'--train_data_meta {path}: entries {", ".join(map(str, without[:10]))} have no '
+                         '"control_file_path" while others have one: give every entry its control video')
     check_files_exist(samples)
     return samples
+
+
+def _meta_entries(path):
+    """The entries of a Fun metadata file: csv.DictReader rows for a name ending in .csv, else the JSON list."""
+    if str(path).endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as rows:
+            return list(csv.DictReader(rows))
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def read_dataset_config(path, default_id_token=None):

@@ -215,11 +215,12 @@ def _pair(parts, unmapped, alpha_of):
 # ----------------------------------------------------------------------------------------------
 
 
-def comfyui_state_dict(adapters):
-    """ComfyUI's native form: alpha stored wherever it is known, so strength 1.0 applies alpha/rank."""
+def _down_up_state(adapters, key_of):
+    """`<key_of(module)>.lora_down.weight` / `.lora_up.weight` / `.alpha`: alpha stored wherever it is known, so the
+    reader's strength 1.0 applies alpha/rank (without it both ComfyUI and Fun scale by 1)."""
     state = {}
     for module, adapter in adapters.items():
-        key = COMFYUI_PREFIX + native_module(module)
+        key = key_of(module)
         state[f"{key}.lora_down.weight"] = adapter.down.contiguous()
         state[f"{key}.lora_up.weight"] = adapter.up.contiguous()
         if adapter.alpha is not None:
@@ -227,8 +228,30 @@ def comfyui_state_dict(adapters):
     return state
 
 
+def comfyui_state_dict(adapters):
+    """ComfyUI's native form: its own CogVideoX network's module names."""
+    return _down_up_state(adapters, lambda module: COMFYUI_PREFIX + native_module(module))
+
+
 def save_comfyui(adapters, path, metadata=None):
     save_comfyui_state(comfyui_state_dict(adapters), path, metadata)
+
+
+FUN_WEIGHT_NAME = "pytorch_lora_weights_fun.safetensors"  # beside the diffusers file, for CogVideoX-Fun runs
+
+
+def save_fun_copy(weights_file):
+    """Write the diffusers LoRA `weights_file` again in CogVideoX-Fun's form beside it (FUN_WEIGHT_NAME); its path."""
+    adapters, _, _ = read_lora_file(weights_file)
+    path = Path(weights_file).with_name(FUN_WEIGHT_NAME)
+    save_comfyui_state(fun_state_dict(adapters), path)
+    return path
+
+
+def fun_state_dict(adapters):
+    """CogVideoX-Fun's form (its LoRA training writes it, its merge_lora reads it): `lora_unet__<diffusers module,
+    dots as underscores>`, which merge_lora resolves to the module by trying the underscores as dots."""
+    return _down_up_state(adapters, lambda module: "lora_unet__" + module.replace(".", "_"))
 
 
 # Every peft tensor of a DoRA, LoHa or LoKr adapter, by its leaf name (get_peft_model_state_dict's key ends so).

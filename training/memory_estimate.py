@@ -343,7 +343,7 @@ def estimate_training(data, training, optimizer, lora, validation, memory, paral
         group_size = min(training.gradient_accumulation_steps, 2)  # a third micro-batch holds no more than the second
         for _ in range(2):  # the second step has the optimizer states of the first
             batch = source.example_batch(training.train_batch_size, bucket, transformer_config, vae_config,
-                                         conditioning.image_to_video)
+                                         conditioning.image_to_video, control=conditioning.control)
             train_step(trainer, [batch] * group_size, group_size)
             del batch
     return {
@@ -385,12 +385,27 @@ def estimate_inference(buckets, validation, transformer, vae, text_encoder, tran
         embeds = text_encoder(ids)[0].to(weight_dtype)
         peaks.append((tracker.peak, text_encoder))
         latents = torch.zeros(guidance, latent_frames, channels, latent_h, latent_w, dtype=weight_dtype)
-        if conditioning.image_to_video:
+        if conditioning.inpaint:  # the masked video (first frame, the rest -1), every frame, encoded once
+            video = torch.zeros(1, 3, validation_frames(validation, buckets), validation.height, validation.width,
+                                dtype=weight_dtype)
+            tracker.reset_peak()
+            encoded = vae.encode(video).latent_dist.mode().permute(0, 2, 1, 3, 4)
+            condition = torch.cat([encoded[:, :, :1], encoded], dim=2)  # the mask channel, then the latents
+            latents = torch.cat([latents, condition.expand(guidance, -1, -1, -1, -1)], dim=2)
+            peaks.append((tracker.peak, vae))
+        elif conditioning.image_to_video:
             image = torch.zeros(1, 3, 1, validation.height, validation.width, dtype=weight_dtype)
             tracker.reset_peak()
             encoded = vae.encode(image).latent_dist.mode().permute(0, 2, 1, 3, 4)
             condition = torch.cat([encoded, encoded.new_zeros(1, latent_frames - 1, channels, latent_h, latent_w)], 1)
             latents = torch.cat([latents, condition.expand(guidance, -1, -1, -1, -1)], dim=2)
+            peaks.append((tracker.peak, vae))
+        elif conditioning.control:  # the control video, every frame, encoded once
+            video = torch.zeros(1, 3, validation_frames(validation, buckets), validation.height, validation.width,
+                                dtype=weight_dtype)
+            tracker.reset_peak()
+            encoded = vae.encode(video).latent_dist.mode().permute(0, 2, 1, 3, 4)
+            latents = torch.cat([latents, encoded.expand(guidance, -1, -1, -1, -1)], dim=2)
             peaks.append((tracker.peak, vae))
         rotary = rotary_embeddings(transformer_config, latent_frames, latent_h, latent_w, torch.device("cpu"))
         timestep = torch.zeros(guidance, dtype=torch.long)

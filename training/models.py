@@ -259,12 +259,21 @@ def nf4_bytes_saved(transformer):
     return int(sum(w.numel() * (2 - 0.5 - 4 / 64) for w in linear))
 
 
-def load_training_scheduler(pretrained):
-    from diffusers import CogVideoXDPMScheduler
+def load_training_scheduler(pretrained, class_name="CogVideoXDPMScheduler"):
+    """The noise schedule training draws from: the pipeline's scheduler config read by diffusers' `class_name` (the
+    conditioning's `training_scheduler`)."""
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
 
-    return CogVideoXDPMScheduler.from_pretrained(
-        pretrained.path, subfolder="scheduler", revision=pretrained.revision, cache_dir=pretrained.cache_dir
-    )
+    level = diffusers_logging.get_verbosity()
+    if class_name != "CogVideoXDPMScheduler":  # DDPMScheduler (Fun) warns that it ignores snr_shift_scale: on purpose
+        diffusers_logging.set_verbosity_error()
+    try:
+        return getattr(diffusers, class_name).from_pretrained(
+            pretrained.path, subfolder="scheduler", revision=pretrained.revision, cache_dir=pretrained.cache_dir
+        )
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 @torch.no_grad()

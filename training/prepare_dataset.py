@@ -285,6 +285,10 @@ def scan_samples(flags, output, rank, waiting_room, transformer_config):
     from training.precomputed import HASHES, ContentHashes
 
     samples = read_samples(flags, flags.video_repeat)
+    if any(sample.control_path is not None for sample in samples):
+        raise UsageError("the data gives control videos (--control_column, or control_file_path in --train_data_meta): "
+                         "prepared data holds no control latents; train the CogVideoX-Fun Control model from the "
+                         "clips with training/cogvideox_text_to_video_lora.py (no prepare step)")
     plan = bucket_plan(flags, transformer_config, batch_size=None, seed=flags.seed)
     hashes = None
     if flags.hash_videos:

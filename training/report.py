@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ema import record as ema_record
-from .lora_formats import COMFYUI_WEIGHT_NAME
+from .lora_formats import COMFYUI_WEIGHT_NAME, FUN_WEIGHT_NAME
 from .modes import LORA_WEIGHT_NAME, PEFT_FOLDER, init_lora_shape
 
 
@@ -265,7 +265,8 @@ def model_card(facts):
     mp4, gif), sheet, plot, settings (name -> value), samples, final_loss, held_out_loss, lora_file, comfyui_file,
     license (fields)."""
     lora = facts["mode"] == "lora"
-    tags = [facts["conditioning"], "cogvideox", "diffusers", "lora" if lora else "full-fine-tune", "template:sd-lora"]
+    tags = [facts.get("tag", facts["conditioning"]), "cogvideox", "diffusers", "lora" if lora else "full-fine-tune",
+            "template:sd-lora"]
     header = {"base_model": facts["base_model"], "library_name": "diffusers", **facts["license"], "tags": tags}
     if facts.get("id_token"):
         header["instance_prompt"] = facts["id_token"]
@@ -297,7 +298,15 @@ def model_card(facts):
     if facts.get("plot"):
         lines += ["", f"![training loss]({facts['plot']})"]
     lines += ["", "## Use it", "", "### diffusers", "", "```python", *_diffusers_code(facts), "```", ""]
-    if lora:
+    if lora and facts.get("fun_file"):
+        lines += ["### ComfyUI and VideoX-Fun", "",
+                  "ComfyUI's native CogVideoX nodes know no CogVideoX-Fun InP or Control model (they would take a "
+                  "Control model's 32 channels for image-to-video); VideoX-Fun's own ComfyUI nodes and scripts run "
+                  "them, and merge LoRAs with Fun's `merge_lora`: give them "
+                  f"`{facts['fun_file']}` (Fun's `lora_unet__` form, alpha included) at strength 1.0, the trained "
+                  "strength. In ComfyUI, copy it into `ComfyUI/models/loras/` and pick it in Fun's "
+                  "**LoadCogVideoXFunLora** node.", ""]
+    elif lora:
         lines += ["### ComfyUI", "",
                   f"Copy `{facts['comfyui_file']}` into `ComfyUI/models/loras/`. Load the base model's native "
                   "CogVideoX checkpoint (**Load Diffusion Model**), then add a **LoraLoaderModelOnly** node (or "
@@ -323,9 +332,13 @@ def _model_link(model):
 
 
 def _diffusers_code(facts):
-    pipeline = "CogVideoXImageToVideoPipeline" if facts["conditioning"] == "image-to-video" else "CogVideoXPipeline"
+    default = (("diffusers", "CogVideoXImageToVideoPipeline", ', image=load_image("first_frame.png")')
+               if facts["conditioning"] == "image-to-video" else ("diffusers", "CogVideoXPipeline", ""))
+    module, pipeline, inputs = facts.get("pipeline") or default
     prompt = facts["prompts"][0] if facts["prompts"] else f"{facts.get('id_token') or ''} a cat walks on the grass".strip()
-    code = ["import torch", f"from diffusers import {pipeline}", "from diffusers.utils import export_to_video", ""]
+    code = ["import torch", f"from {module} import {pipeline}", "from diffusers.utils import export_to_video", ""]
+    if module != "diffusers":
+        code.insert(1, f"# {module}: CogVideoX Factory's (run from its folder)")
     if facts["mode"] == "lora" and facts.get("adapter_type") in ("loha", "lokr"):  # a peft folder: not diffusers'
         code.insert(2, "from training.modes import load_peft_folder  # CogVideoX Factory; or peft's "
                        "inject_adapter_in_model")
@@ -342,10 +355,13 @@ def _diffusers_code(facts):
                  "subfolder=\"transformer\", torch_dtype=torch.bfloat16)",
                  f"pipe = {pipeline}.from_pretrained({json.dumps(facts['base_model'])}, transformer=transformer, "
                  "torch_dtype=torch.bfloat16).to(\"cuda\")"]
-    image = ", image=load_image(\"first_frame.png\")" if facts["conditioning"] == "image-to-video" else ""
-    if image:
-        code.insert(2, "from diffusers.utils import load_image")
-    code += [f"video = pipe(prompt={json.dumps(prompt)}{image}, guidance_scale=6.0, num_inference_steps=50).frames[0]",
+    for loader in ("load_image", "load_video"):
+        if f"{loader}(" in inputs:
+            code.insert(code.index("from diffusers.utils import export_to_video"), f"from diffusers.utils import {loader}")
+    if facts.get("scheduler"):  # the sampler validation used, where it is not the pipeline's own
+        code.insert(code.index(""), f"from diffusers import {facts['scheduler']}")
+        code.append(f"pipe.scheduler = {facts['scheduler']}.from_config(pipe.scheduler.config)")
+    code += [f"video = pipe(prompt={json.dumps(prompt)}{inputs}, guidance_scale=6.0, num_inference_steps=50).frames[0]",
              "export_to_video(video, \"output.mp4\", fps=8)"]
     return code
 
@@ -361,7 +377,12 @@ def write_model_card(job):
         "title": hub.hub_model_id.split("/")[-1] if hub.hub_model_id else output_dir.name,
         "base_model": model.pretrained_model_name_or_path,
         "license": base_model_license(model.pretrained_model_name_or_path),
-        "conditioning": job.conditioning.name,
+        "conditioning": job.conditioning.card_label,
+        "tag": "text-to-video" if job.conditioning.name == "text-to-video" and not job.conditioning.fun else (
+            "video-to-video" if job.conditioning.control else "image-to-video"),
+        "pipeline": job.conditioning.card_pipeline,
+        "scheduler": job.conditioning.validation_scheduler if job.conditioning.fun else None,
+        "fun_file": FUN_WEIGHT_NAME if job.conditioning.fun and flags.lora.lora_type == "lora" else None,
         "mode": job.mode.name,
         "id_token": flags.data.id_token,
         "prompts": prompts,

@@ -5,6 +5,7 @@ validation (the parity check).
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import re
 import tempfile
@@ -203,6 +204,8 @@ def generate_videos(pipe, cases, validation, seed, num_frames, device, output_di
     else:
         pipe.to(device)
     generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 42)
+    # CogVideoXFunControlPipeline takes its frame count from the control video (the case's), and no num_frames.
+    frame_count = {"num_frames": num_frames} if "num_frames" in inspect.signature(pipe.__call__).parameters else {}
     results = []
     for case_index, case in enumerate(cases):
         for video_index in range(validation.num_validation_videos):
@@ -210,7 +213,7 @@ def generate_videos(pipe, cases, validation, seed, num_frames, device, output_di
                 **case,
                 height=validation.height,
                 width=validation.width,
-                num_frames=num_frames,
+                **frame_count,
                 num_inference_steps=validation.num_inference_steps,
                 guidance_scale=validation.guidance_scale,
                 use_dynamic_cfg=validation.use_dynamic_cfg,
@@ -227,7 +230,7 @@ def generate_videos(pipe, cases, validation, seed, num_frames, device, output_di
 def build_pipeline(model, validation, conditioning, dtype, **components):
     """The validation/test pipeline from the base model ([model]), VAE slicing/tiling as [validation] says;
     `components` replace the ones on disk."""
-    from diffusers import CogVideoXDPMScheduler
+    import diffusers
 
     pipe = conditioning.pipeline_class.from_pretrained(
         model.pretrained_model_name_or_path,
@@ -237,7 +240,7 @@ def build_pipeline(model, validation, conditioning, dtype, **components):
         torch_dtype=dtype,
         **components,
     )
-    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, conditioning.validation_scheduler).from_config(pipe.scheduler.config)
     if validation.enable_slicing:
         pipe.vae.enable_slicing()
     if validation.enable_tiling:

@@ -307,7 +307,7 @@ def test_a_clip_every_draw_passes_on_sits_out_the_epoch_and_is_not_unusable(tmp_
     plan = ConfiguredBuckets([(name, shapes_of(name), frames) for name, frames in config.items()], 1, seed=0)
     data = SimpleNamespace(data_root=ASSETS, dataset_file=None, caption_column="prompts.txt",
                            video_column="videos.txt", caption_extension=".txt", id_token=None, dataset_config=None,
-                           train_data_meta=None)
+                           train_data_meta=None, control_column=None)
     usable, skipped = assign_buckets(read_samples(data, 1), plan)
     assert skipped == [] and len(usable) == 6 and all(item.landings for item in usable)
     dataset = VideoDataset(usable, plan=plan)

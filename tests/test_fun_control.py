@@ -160,10 +160,48 @@ def test_a_control_run_trains_validates_and_its_lora_changes_the_control_pipelin
     assert base.shape == adapted.shape == (9, 32, 32, 3) and abs(adapted - base).max() > 1e-3
 
 
-def test_funs_control_metadata_trains_and_its_dry_run_counts_the_control_encode(monkeypatch, tiny_fun_control,
-                                                                                control_data, tmp_path):
-    """Fun's layout (--train_data_meta with control_file_path) chooses the Control conditioning, and the dry run's
-    memory estimate runs its step, control encode included, for all six clips."""
+# scripts/cogvideox_fun/train_control.sh (V1.1), as it is printed there: Fun's full fine-tune of a Control model.
+TRAIN_CONTROL_COMMAND = """
+accelerate launch --mixed_precision="bf16" scripts/cogvideox_fun/train_control.py \\
+  --pretrained_model_name_or_path=$MODEL_NAME \\
+  --train_data_dir=$DATASET_NAME \\
+  --train_data_meta=$DATASET_META_NAME \\
+  --image_sample_size=512 \\
+  --video_sample_size=512 \\
+  --token_sample_size=512 \\
+  --video_sample_stride=3 \\
+  --video_sample_n_frames=49 \\
+  --train_batch_size=1 \\
+  --video_repeat=1 \\
+  --gradient_accumulation_steps=1 \\
+  --dataloader_num_workers=8 \\
+  --num_train_epochs=100 \\
+  --checkpointing_steps=50 \\
+  --learning_rate=2e-05 \\
+  --lr_scheduler="constant_with_warmup" \\
+  --lr_warmup_steps=100 \\
+  --seed=43 \\
+  --output_dir="output_dir_cogvideox_fun_control" \\
+  --gradient_checkpointing \\
+  --mixed_precision="bf16" \\
+  --adam_weight_decay=3e-2 \\
+  --adam_epsilon=1e-10 \\
+  --vae_mini_batch=1 \\
+  --max_grad_norm=0.05 \\
+  --random_hw_adapt \\
+  --training_with_video_token_length \\
+  --enable_bucket \\
+  --trainable_modules "."
+"""
+
+
+def test_funs_control_command_runs_and_its_dry_run_counts_the_control_encode(monkeypatch, tiny_fun_control,
+                                                                             control_data, tmp_path):
+    """Fun's train_control.sh as written, on Fun's layout (--train_data_meta with control_file_path), with the full
+    fine-tune trainer: the Control conditioning is chosen, and the dry run's memory estimate runs its step, control
+    encode included, for all six clips, and the validation's control encode."""
+    from test_fun_guide import command_argv
+
     import training.conditioning as conditioning
 
     encoded = []
@@ -174,10 +212,11 @@ def test_funs_control_metadata_trains_and_its_dry_run_counts_the_control_encode(
         return original(self, noisy_latents, batch, context)
 
     monkeypatch.setattr(conditioning.FunControl, "model_input", recording)
-    plan = run_trainer(["--pretrained_model_name_or_path", tiny_fun_control, "--train_data_dir", control_data,
-                        "--train_data_meta", control_data / "metadata.json", *TINY_DATA_FLAGS, "--output_dir",
-                        tmp_path / "out", "--validation_prompt", "waves", "--validation_control_videos",
-                        control_data / "controls" / "waves.mp4", *TINY_VALIDATION_FLAGS, "--dry_run"])["dry_run"]
+    argv = command_argv(TRAIN_CONTROL_COMMAND, tiny_fun_control, f"{control_data}/", control_data / "metadata.json",
+                        tmp_path / "out")
+    plan = run_trainer([*argv, "--validation_prompt", "waves", "--validation_control_videos",
+                        control_data / "controls" / "waves.mp4", *TINY_VALIDATION_FLAGS, "--dry_run"],
+                       trainer_main("cogvideox_text_to_video_sft"))["dry_run"]
     assert plan["samples_for_training"] == 6
     assert encoded and all(shape[2] == 3 for shape in encoded)
     assert plan["peak_memory_gib"]["validation"] > 0  # the control video encoded, then the transformer on 2C channels

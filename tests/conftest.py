@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# First, as a trainer's process imports it: bitsandbytes and torchao stay hidden until an option asks for them
+# (training/optional_libraries.py), so every test runs the code paths that must bring them in.
+import training  # noqa: E402, F401
+
+
 ASSETS = ROOT / "assets" / "tests"
 
 # Small settings that suit the tiny models and the bundled clips (9-17 frames, 32-128 px).

@@ -343,6 +343,9 @@ def offload_optimizer_on_cpu(monkeypatch):
     """torchao's CPUOffloadOptimizer, unchanged, keeping its "device" weights on the CPU: what it computes and copies
     is what it does on a GPU (its device-to-host copies become CPU-to-CPU copies), so runs can be compared bit for bit.
     The trainer's CUDA check is answered yes for it."""
+    from training.optional_libraries import use_torchao
+
+    use_torchao()  # `import training` hides it
     import torchao.optim.cpu_offload
 
     cuda_streams_on_cpu(monkeypatch)

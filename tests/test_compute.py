@@ -55,10 +55,12 @@ def test_fp8_frozen_layers_compute_only_the_input_gradient(monkeypatch, frozen):
     torchao's own backward."""
     import copy
 
+    from training.compute import use_fp8_matmuls
+    from training.optional_libraries import use_torchao
+
+    use_torchao()  # `import training` hides it
     import torchao.float8.float8_linear as float8_linear
     from torchao.float8 import convert_to_float8_training
-
-    from training.compute import use_fp8_matmuls
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 64)).requires_grad_(not frozen)

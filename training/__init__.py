@@ -3,10 +3,10 @@
 import logging
 import warnings
 
-from .optional_libraries import hide_bitsandbytes
+from .optional_libraries import hide_optional_libraries
 
 
-hide_bitsandbytes()  # before anything imports diffusers: see optional_libraries.py
+hide_optional_libraries()  # bitsandbytes and torchao, before anything imports diffusers: see optional_libraries.py
 
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype; the old name keeps older diffusers working.

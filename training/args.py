@@ -986,9 +986,9 @@ def check_output_dir(path, problems):
 def _missing_module(name):
     import importlib.util
 
-    from .optional_libraries import NAME, bitsandbytes_missing
+    from .optional_libraries import HIDDEN, missing
 
-    return bitsandbytes_missing() if name == NAME else importlib.util.find_spec(name) is None
+    return missing(name) if name in HIDDEN else importlib.util.find_spec(name) is None
 
 
 def optimizer_problems(flags):

@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from .optional_libraries import use_torchao
+
 
 logger = logging.getLogger("cogvideox_factory")
 
@@ -31,6 +33,7 @@ def fp8_layer(module, name):
 
 def use_fp8_matmuls(transformer):
     """Swap the chosen linear layers for torchao's Float8Linear, in place (before LoRA layers wrap them)."""
+    use_torchao()  # hidden until an option needs it
     from torchao.float8 import convert_to_float8_training
 
     convert_to_float8_training(transformer, module_filter_fn=fp8_layer)
@@ -44,6 +47,7 @@ def _skip_frozen_weight_gradients():
     """Float8Linear's matmul, made to compute only the input's gradient where the weight is frozen (LoRA's base
     layers): torchao's backward always computes the weight's too, a second matmul per layer for nothing. Installed
     where Float8Linear looks its matmul up, once; where the weight trains, torchao's own backward runs."""
+    use_torchao()  # hidden until an option needs it
     import torchao.float8.float8_linear as float8_linear
 
     matmul = float8_linear.matmul_with_hp_or_float8_args
@@ -66,7 +70,7 @@ def _fp8_input_gradient(matmul, ctx, grad_output):
     """grad_output @ weight as torchao's backward computes it (grad_output and weight cast by the config's
     grad_input settings, the grad_input GEMM config), through torchao's own forward matmul with those settings."""
     import dataclasses
-
+    use_torchao()  # hidden until an option needs it
     from torchao.float8.float8_training_tensor import LinearMMConfig
 
     _, weight_t = ctx.saved_tensors
@@ -101,6 +105,7 @@ def compute_problems(memory, parallelism):
         problems.append(f"--fp8_training with --quantize_base {memory.quantize_base}: the base weights would be "
                         "stored quantized and computed in FP8 again; use one of them")
     try:
+        use_torchao()  # hidden until an option needs it
         import torchao.float8  # noqa: F401
     except ImportError as error:
         problems.append(f"--fp8_training needs torchao's float8 training ({error}): pip install -r requirements.txt")

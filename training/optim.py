@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from .optional_libraries import use_bitsandbytes, use_torchao
+
 
 logger = logging.getLogger("cogvideox_factory")
 CAME_BETA3 = 0.9999  # CAME's third beta when --beta3 is not given
@@ -25,11 +27,10 @@ def optimizer_class_and_kwargs(optimizer, learning_rate):
     if optimizer.optimizer in ("adam", "adamw"):
         decoupled = optimizer.optimizer == "adamw"
         if optimizer.use_8bit and not optimizer.use_torchao:
-            from .optional_libraries import use_bitsandbytes
-
             bnb = use_bitsandbytes()
             cls = bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
         elif optimizer.use_torchao and (optimizer.use_8bit or optimizer.use_4bit):
+            use_torchao()  # hidden until an option needs it
             import torchao.optim as ao
 
             if not decoupled:
@@ -72,6 +73,7 @@ def build_optimizer(optimizer, memory, parameters, learning_rate):
     parameters = list(parameters)
     groups = parameters if parameters and isinstance(parameters[0], dict) else [{"params": parameters}]
     if memory.use_cpu_offload_optimizer:
+        use_torchao()  # hidden until an option needs it
         from torchao.optim import CPUOffloadOptimizer
 
         offloaded = CPUOffloadOptimizer(groups, optimizer_class=cls, offload_gradients=memory.offload_gradients,

@@ -25,14 +25,18 @@ def _split(text, separator):
     return [part.strip() for part in text.split(separator) if part.strip()]
 
 
+def _listed(validation, flag):
+    """The entries of a [validation] flag that lists one item per prompt, joined by --validation_prompt_separator."""
+    value = getattr(validation, flag)
+    return _split(value, validation.validation_prompt_separator) if value else []
+
+
 def _prompts(validation):
-    return (_split(validation.validation_prompt, validation.validation_prompt_separator)
-            if validation.validation_prompt else [])
+    return _listed(validation, "validation_prompt")
 
 
 def _images(validation):
-    return (_split(validation.validation_images, validation.validation_prompt_separator)
-            if validation.validation_images else [])
+    return _listed(validation, "validation_images")
 
 
 class TextToVideo:
@@ -241,7 +245,7 @@ class FunInpaint(TextToVideo):
             problems.append("--ignore_learned_positional_embeddings is only for the image-to-video trainers")
         prompts = _prompts(validation)
         for flag, images in (("validation_images", _images(validation)),
-                             ("validation_end_images", _end_images(validation))):
+                             ("validation_end_images", _listed(validation, "validation_end_images"))):
             if prompts and len(images) != len(prompts) and (images or flag == "validation_images"):
                 problems.append(f"{len(prompts)} validation prompts but {len(images)} --{flag}: an InP model "
                                 "validates from a first frame (and optionally a last), one image per prompt")
@@ -253,7 +257,7 @@ class FunInpaint(TextToVideo):
         """The prompt, its first frame and, when given, its last (CogVideoXFunInpaintPipeline's `end_image`)."""
         from diffusers.utils import load_image
 
-        ends = _end_images(validation)
+        ends = _listed(validation, "validation_end_images")
         return [{"prompt": prompt, "image": load_image(image), **({"end_image": load_image(ends[i])} if ends else {})}
                 for i, (prompt, image) in enumerate(zip(_prompts(validation), _images(validation)))]
 
@@ -313,7 +317,7 @@ class FunControl(TextToVideo):
                      if getattr(validation, flag)]
         if training.ignore_learned_positional_embeddings:
             problems.append("--ignore_learned_positional_embeddings is only for the image-to-video trainers")
-        prompts, controls = _prompts(validation), _control_videos(validation)
+        prompts, controls = _prompts(validation), _listed(validation, "validation_control_videos")
         if prompts and len(prompts) != len(controls):
             problems.append(f"{len(prompts)} validation prompts but {len(controls)} --validation_control_videos: give "
                             "one control video per prompt, joined by --validation_prompt_separator")
@@ -341,17 +345,7 @@ class FunControl(TextToVideo):
         return [{"prompt": prompt,
                  "control_video": [Image.fromarray(frame.numpy())
                                    for frame in read_frames(path, list(range(self.validation_num_frames)))]}
-                for prompt, path in zip(_prompts(validation), _control_videos(validation))]
-
-
-def _end_images(validation):
-    return (_split(validation.validation_end_images, validation.validation_prompt_separator)
-            if validation.validation_end_images else [])
-
-
-def _control_videos(validation):
-    return (_split(validation.validation_control_videos, validation.validation_prompt_separator)
-            if validation.validation_control_videos else [])
+                for prompt, path in zip(_prompts(validation), _listed(validation, "validation_control_videos"))]
 
 
 def _validation_control_problem(path, frames):

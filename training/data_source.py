@@ -206,8 +206,9 @@ class PreparedEntries:
 
     def example_batch(self, batch_size, bucket, transformer_config, vae_config, image_to_video, fill=torch.zeros,
                       control=False):
-        """A batch as the loader delivers it (never with control videos: Control runs read raw clips): latent distributions and prompt embeddings as prepare_dataset.py stores
-        them by default (fp32), and for image-to-video the first frame in pixels."""
+        """A batch as the loader delivers it: latent distributions and prompt embeddings as prepare_dataset.py stores
+        them by default (fp32), and for image-to-video the first frame in pixels (never control videos: Control runs
+        read the clips)."""
         dtype = torch.float32
         frames, height, width = bucket
         latent_frames, latent_height, latent_width = latent_grid(frames, height, width, transformer_config,

@@ -242,6 +242,22 @@ def test_deepspeed_zero3_lora_is_gathered_and_validates_on_the_sharded_model(tin
 
 
 @needs_deepspeed
+def test_a_fun_inp_run_under_deepspeed_validates_from_its_start_image(tiny_fun_inp, first_frame_png, tmp_path,
+                                                                       deepspeed_job, deepspeed_cpu_adam):
+    """deepspeed.yaml (ZeRO-2) as shipped with a CogVideoX-Fun InP run: the inpaint latents are built outside the
+    engine, validation runs the inpaint pipeline, and the saved LoRA (and its Fun form) reproduce it."""
+    deepspeed_job("deepspeed.yaml")
+    output = tmp_path / "run"
+    summary = run_trainer(lora_argv(tiny_fun_inp, ASSETS, output, "--train_mode", "inpaint", "--max_train_steps", "2",
+                                    "--train_batch_size", "1", "--validation_prompt", "a dog runs",
+                                    "--validation_images", first_frame_png, "--validation_steps", "2",
+                                    *TINY_VALIDATION_FLAGS), main=trainer_main(LORA))
+    assert summary["global_step"] == 2 and summary["parity"] == {"max_abs_difference": 0.0, "exact": True}
+    _assert_real_lora(lora_weights(output))
+    assert (output / "pytorch_lora_weights_fun.safetensors").is_file()
+
+
+@needs_deepspeed
 @pytest.mark.parametrize("flags", [["--optimizer", "prodigy"], ["--optimizer", "adamw", "--use_8bit"]])
 def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_is_refused(capsys, tiny_model_2b, tmp_path, deepspeed_job,
                                                                     flags):
@@ -257,11 +273,17 @@ def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_is_refused(capsys, tiny_
     assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
-def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_path):
+def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tiny_fun_inp, tmp_path):
     """fsdp.yaml (FSDP2, FULL_SHARD, one unit per CogVideoXBlock) on two CPU processes, accumulation 2: LoRA and full
     fine-tuning train, checkpoint, resume from step 2 to the same weights, and validate on both ranks in step. The
-    LoRA is the one DDP trains on the same two processes."""
-    runs = []  # five runs in the same two processes: imports are paid once
+    LoRA is the one DDP trains on the same two processes. CogVideoX-Fun runs there too: an InP run under DDP resumes
+    to the weights of a run never stopped (each rank's masks come back with its generators), and a Control run under
+    FSDP validates through the control pipeline on both ranks and its saved LoRA reproduces that."""
+    import shutil
+
+    from tools.build_tiny_model import save_tiny_model
+
+    runs = []  # eight runs in the same two processes: imports are paid once
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1",
              "--gradient_accumulation_steps", "2"]
     for trainer in (LORA, SFT):
@@ -272,9 +294,30 @@ def test_fsdp_on_two_processes_resumes_lora_and_full_exactly(tiny_model_2b, tmp_
                                      first / "checkpoint-2", "--validation_prompt", "a dog runs", *TINY_VALIDATION_FLAGS)]]
     runs.append(["--env", "ACCELERATE_USE_FSDP=false", ROOT / "training" / f"{LORA}.py",
                  *lora_argv(tiny_model_2b, ASSETS, tmp_path / "ddp", *flags)])
+    data = tmp_path / "control-data"  # the clips, each its own control video
+    shutil.copytree(ASSETS, data)
+    (data / "controls").mkdir()
+    for video in (data / "videos.txt").read_text().split():
+        shutil.copy(data / video, data / "controls" / video.split("/")[-1])
+    (data / "controls.txt").write_text((data / "videos.txt").read_text().replace("videos/", "controls/"))
+    control_model = save_tiny_model(tmp_path / "fun-control", "2b", seed=12, transformer={"in_channels": 8})
+    fun = ["--env", "ACCELERATE_USE_FSDP=false", ROOT / "training" / f"{LORA}.py"]
+    inp = ["--train_mode", "inpaint", "--max_train_steps", "4", "--checkpointing_steps", "2", "--train_batch_size", "1"]
+    runs += [[*fun, *lora_argv(tiny_fun_inp, ASSETS, tmp_path / "inp-first", *inp)],
+             [*fun, *lora_argv(tiny_fun_inp, ASSETS, tmp_path / "inp-resumed", *inp, "--resume_from_checkpoint",
+                               tmp_path / "inp-first" / "checkpoint-2")],
+             [ROOT / "training" / f"{LORA}.py",  # under FSDP: validation in step on both ranks
+              *lora_argv(control_model, data, tmp_path / "control", "--control_column", "controls.txt",
+                               "--max_train_steps", "2", "--train_batch_size", "1", "--validation_prompt", "waves",
+                               "--validation_control_videos", data / "controls" / "waves.mp4",
+                               *TINY_VALIDATION_FLAGS)]]
     stderr = launch_on_cpu(runs, launch_env(CONFIGS / "fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no"),
                            timeout=300)
-    assert stderr.count("resumed from") == 2
+    assert stderr.count("resumed from") == 3
+    _assert_identical(lora_weights(tmp_path / "inp-resumed"), lora_weights(tmp_path / "inp-first"))
+    _assert_real_lora(lora_weights(tmp_path / "inp-resumed"))
+    control = json.loads((tmp_path / "control" / "summary.json").read_text())
+    assert control["parity"]["exact"] is True and (tmp_path / "control" / "pytorch_lora_weights_fun.safetensors").is_file()
     first, second = tmp_path / f"{LORA}-first", tmp_path / f"{LORA}-resumed"
     assert (first / "checkpoint-2" / "optimizer_full_state.bin").is_file()
     _assert_identical(lora_weights(second), lora_weights(first))

@@ -99,7 +99,7 @@ def test_mismatched_images_are_one_line_before_any_model_loads(capsys, tmp_path)
         main(["--model_name_or_path", str(tmp_path / "no-model"), "--prompt", "one", "--prompt", "two",
               "--prompt", "three", "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "a.png")])
     assert exit_.value.code == 2
-    assert "2 images for 3 prompts: give one image, or one per prompt" in capsys.readouterr().err
+    assert "2 --image for 3 prompts: give one, or one per prompt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant, expected", [("1.5", (768, 1360)), ("2b", (64, 64))])
@@ -126,10 +126,10 @@ def test_without_a_size_a_model_generates_at_the_size_it_was_trained_at(tiny_mod
             return SimpleNamespace(frames=[None])
 
     args = build_parser().parse_args(["--model_name_or_path", tiny_models(variant), "--prompt", "a cat"])
-    generate(Pipeline(), section_of(InferFlags, args), "a cat", None, 0)
+    generate(Pipeline(), section_of(InferFlags, args), "a cat", {}, 0)
     assert (calls[0]["height"], calls[0]["width"]) == expected
     args = build_parser().parse_args(["--model_name_or_path", "m", "--prompt", "a cat", "--height", "32", "--width", "48"])
-    generate(Pipeline(), section_of(InferFlags, args), "a cat", None, 0)
+    generate(Pipeline(), section_of(InferFlags, args), "a cat", {}, 0)
     assert (calls[1]["height"], calls[1]["width"]) == (32, 48)
 
 
@@ -149,3 +149,66 @@ def test_an_image_to_video_sheet_starts_each_row_with_its_image(tiny_models, fir
     (images,) = [sheet["images"] for sheet in sheets]
     assert len(images) == 1 and np.array_equal(np.asarray(images[0]), np.asarray(Image.open(first_frame_png)))
     assert (tmp_path / "sheet.png").is_file()
+
+
+def test_fun_models_generate_with_their_inputs_as_their_pipelines_do(monkeypatch, tiny_fun_inp, first_frame_png,
+                                                                      tmp_path):
+    """A Fun InP model (2C + 1 channels) is recognised and generates from --image and --end_image through the inpaint
+    pipeline with DDIM; a Fun Control model (2C, given --control_video) through CogVideoXFunControlPipeline, following
+    the control video's first --num_frames frames: each video equals that pipeline's own at the same seed."""
+    import diffusers.utils
+    import numpy as np
+    import torch
+    from diffusers import CogVideoXFunControlPipeline, DDIMScheduler
+    from diffusers.utils import load_image, load_video
+
+    from tools.build_tiny_model import save_tiny_model
+    from tools.infer import main
+    from training.fun_inpaint_pipeline import CogVideoXFunInpaintPipeline
+
+    control_model = save_tiny_model(tmp_path / "fun-control", "2b", seed=12, transformer={"in_channels": 8})
+    control_video = str(ROOT / "assets" / "tests" / "videos" / "waves.mp4")
+    written, export = {}, diffusers.utils.export_to_video
+    monkeypatch.setattr(diffusers.utils, "export_to_video",
+                        lambda frames, path, **kwargs: written.setdefault(path, np.stack(frames)) is None or
+                        export(frames, path, **kwargs))
+    common = ["--height", "32", "--width", "32", "--num_frames", "9", "--num_inference_steps", "2", "--dtype", "fp32",
+              "--seed", "3"]
+    main([str(a) for a in ["--model_name_or_path", tiny_fun_inp, "--prompt", "waves", "--image", first_frame_png,
+                           "--end_image", first_frame_png, *common, "--output_dir", tmp_path / "inp"]])
+    main([str(a) for a in ["--model_name_or_path", control_model, "--prompt", "waves", "--control_video",
+                           control_video, *common, "--output_dir", tmp_path / "control"]])
+
+    expected = {}
+    for name, pipeline_class, model, inputs in (
+            ("inp", CogVideoXFunInpaintPipeline, tiny_fun_inp,
+             {"image": load_image(first_frame_png), "end_image": load_image(first_frame_png), "num_frames": 9}),
+            ("control", CogVideoXFunControlPipeline, control_model, {"control_video": load_video(control_video)[:9]})):
+        pipe = pipeline_class.from_pretrained(model)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        expected[name] = pipe(prompt="waves", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+                              generator=torch.Generator().manual_seed(3), output_type="np", **inputs).frames[0]
+    for name in ("inp", "control"):
+        frames = written[str(tmp_path / name / "000_waves.mp4")]
+        # the same video; the tool decodes through oneDNN on a CPU (training/models.py), rounding differently
+        assert frames.shape == (9, 32, 32, 3) and np.abs(frames - expected[name]).max() < 1e-4
+
+
+@pytest.mark.parametrize("model, flags, expected", [
+    ("inp", [], "a fun-inpaint model (9 input channels) needs --image"),
+    ("2b", ["--end_image", "IMAGE"], "--end_image: a text-to-video model (4 input channels) takes none"),
+    ("2b", ["--control_video", "VIDEO"], "--control_video: a text-to-video model (4 input channels) takes none"),
+    ("inp", ["--image", "IMAGE", "--control_video", "VIDEO"], "--control_video: a fun-inpaint model (9 input"),
+], ids=["inp-without-image", "end-image-on-t2v", "control-on-t2v", "control-on-inp"])
+def test_inputs_a_model_cannot_take_are_one_line_before_it_loads(capsys, tiny_fun_inp, tiny_model_2b,
+                                                                  first_frame_png, tmp_path, model, flags, expected):
+    from tools.infer import main
+
+    values = {"IMAGE": first_frame_png, "VIDEO": str(ROOT / "assets" / "tests" / "videos" / "waves.mp4")}
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in ["--model_name_or_path", tiny_fun_inp if model == "inp" else tiny_model_2b, "--prompt",
+                               "waves", *(values.get(f, f) for f in flags), "--output_dir", tmp_path / "out"]])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any(expected in line for line in lines) and not (tmp_path / "out").exists(), lines

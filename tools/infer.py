@@ -10,6 +10,10 @@ named after it (`003_a-panda-plays-the-guitar.mp4`), and `sheet.png`, a contact 
     accelerate launch --num_processes 4 tools/infer.py --model_name_or_path THUDM/CogVideoX-5b \\
         --lora_path outputs/my-lora --prompts_file prompts.txt --output_dir videos
     python tools/infer.py --model_name_or_path THUDM/CogVideoX-5b-I2V --prompt "a cat wakes up" --image cat.png
+
+CogVideoX-Fun models are recognised by their transformer's input channels: an InP model (2C + 1) starts from --image
+and ends on --end_image if given (training/fun_inpaint_pipeline.py); a Control model (2C, like an image-to-video
+model) follows --control_video (diffusers' CogVideoXFunControlPipeline). Both sample with DDIM, as Fun does.
 """
 
 import argparse
@@ -38,6 +42,11 @@ def build_parser():
     parser.add_argument("--image", action="append", default=[],
                         help="Image-to-video: the first frame, one per prompt (or one for all).")
     parser.add_argument("--images_file", help="Image-to-video: a text file, one image path per line.")
+    parser.add_argument("--end_image", action="append", default=[],
+                        help="CogVideoX-Fun InP models: the last frame, one per prompt (or one for all).")
+    parser.add_argument("--control_video", action="append", default=[],
+                        help="CogVideoX-Fun Control models: the control video (pose, depth, edges), one per prompt "
+                        "(or one for all); its first --num_frames frames are followed.")
     parser.add_argument("--height", type=int, default=None, help="Default: the model's own size.")
     parser.add_argument("--width", type=int, default=None, help="Default: the model's own size.")
     parser.add_argument("--num_frames", type=int, default=None, help="Default: the model's own length.")
@@ -72,18 +81,50 @@ def read_lines(path, flag):
 
 
 def jobs(infer):
-    """[(index, prompt, image or None)] of the [infer] flags, checked before any model loads."""
+    """[(index, prompt, {pipeline input: path})] of the [infer] flags (the first frame, a Fun InP model's last, a Fun
+    Control model's control video), checked before any model loads."""
     prompts = [*infer.prompt, *(read_lines(infer.prompts_file, "--prompts_file") if infer.prompts_file else [])]
     if not prompts:
         raise UsageError("give --prompt (one or more) or --prompts_file")
-    images = [*infer.image, *(read_lines(infer.images_file, "--images_file") if infer.images_file else [])]
-    problems = [f"image not found: {image}" for image in images if not Path(image).is_file()]
-    if images and len(images) not in (1, len(prompts)):
-        problems.append(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+    given = {"image": [*infer.image, *(read_lines(infer.images_file, "--images_file") if infer.images_file else [])],
+             "end_image": infer.end_image, "control_video": infer.control_video}
+    problems = [f"{name.replace('_', ' ')} not found: {path}" for name, paths in given.items() for path in paths
+                if not Path(path).is_file()]
+    for name, paths in given.items():
+        if paths and len(paths) not in (1, len(prompts)):
+            problems.append(f"{len(paths)} --{name} for {len(prompts)} prompts: give one, or one per prompt")
     if problems:
         raise UsageError(problems)
-    images = (images * len(prompts) if len(images) == 1 else images) or [None] * len(prompts)
-    return list(zip(range(len(prompts)), prompts, images))
+    inputs = [{name: (paths * len(prompts) if len(paths) == 1 else paths)[i] for name, paths in given.items() if paths}
+              for i in range(len(prompts))]
+    return list(zip(range(len(prompts)), prompts, inputs))
+
+
+def model_kind(infer, inputs):
+    """"text-to-video", "image-to-video", "fun-inpaint" or "fun-control", from the transformer's input channels (its
+    config is read, not its weights) and the inputs given; UsageError where they do not go together."""
+    from training.models import Pretrained, read_config
+
+    try:
+        config = read_config(Pretrained(infer.model_name_or_path), "transformer")
+    except OSError as error:
+        raise UsageError(f"--model_name_or_path {infer.model_name_or_path}: no CogVideoX transformer there "
+                         f"({str(error).splitlines()[0]})") from error
+    channels, latent = config["in_channels"], config["out_channels"]
+    given = set().union(*inputs) if inputs else set()
+    kind = {latent: "text-to-video", 2 * latent: "image-to-video", 2 * latent + 1: "fun-inpaint"}.get(channels)
+    if kind == "image-to-video" and "control_video" in given:
+        kind = "fun-control"
+    needs = {"image-to-video": {"image"}, "fun-inpaint": {"image"}, "fun-control": {"control_video"}}.get(kind, set())
+    takes = needs | ({"end_image"} if kind == "fun-inpaint" else set())
+    problems = [f"--{name}: a {kind} model ({channels} input channels) takes none" for name in sorted(given - takes)]
+    problems += [f"a {kind} model ({channels} input channels) needs --{name}" for name in sorted(needs - given)]
+    if kind is None:
+        problems.append(f"--model_name_or_path {infer.model_name_or_path}: a transformer of {channels} input channels "
+                        f"is no CogVideoX model this tool knows ({latent}, {2 * latent} or {2 * latent + 1})")
+    if problems:
+        raise UsageError(problems)
+    return kind
 
 
 def file_name(index, prompt):
@@ -110,19 +151,27 @@ def shard_problems(infer, num_processes):
     return token_problems([(frames, height, width)], config, shards, what="video")
 
 
-def load_pipeline(infer, image_to_video, device):
+def load_pipeline(infer, kind, device):
+    import diffusers
     import torch
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel
 
     from training.models import convolve_on_cpu_with_onednn
     from training.modes import peft_folder_of
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[infer.dtype]
-    pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    if kind == "fun-inpaint":
+        from training.fun_inpaint_pipeline import CogVideoXFunInpaintPipeline as pipeline_class
+    else:
+        pipeline_class = getattr(diffusers, {"text-to-video": "CogVideoXPipeline",
+                                             "image-to-video": "CogVideoXImageToVideoPipeline",
+                                             "fun-control": "CogVideoXFunControlPipeline"}[kind])
     extra = {}
     if infer.transformer_path:
         extra["transformer"] = CogVideoXTransformer3DModel.from_pretrained(infer.transformer_path, torch_dtype=dtype)
     pipe = pipeline_class.from_pretrained(infer.model_name_or_path, torch_dtype=dtype, **extra)
+    if kind.startswith("fun-"):  # Fun samples with DDIM (its predict scripts' default; the control pipeline's step
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)  # takes no DPM arguments)
     convolve_on_cpu_with_onednn(pipe.vae)  # decoding on a CPU: oneDNN for the small layers too (training/models.py)
     peft_folder = peft_folder_of(infer.lora_path) if infer.lora_path else None
     if peft_folder:  # a LoHa or LoKr run: diffusers does not load those
@@ -153,14 +202,20 @@ def video_size(infer, transformer_config, spatial_scale):
     return infer.height or height, infer.width or width
 
 
-def generate(pipe, infer, prompt, image, index):
-    """One video of `prompt` (first frame `image`), generated as the [infer] flags say, seeded by --seed + index."""
+def generate(pipe, infer, prompt, inputs, index):
+    """One video of `prompt` (with `inputs`: first frame, last frame, control video), generated as the [infer] flags
+    say, seeded by --seed + index."""
     import torch
-    from diffusers.utils import load_image
+    from diffusers.utils import load_image, load_video
 
     height, width = video_size(infer, pipe.transformer.config, pipe.vae_scale_factor_spatial)
-    sizes = dict(height=height, width=width, **({"num_frames": infer.num_frames} if infer.num_frames else {}))
-    extra = {"image": load_image(image)} if image else {}
+    frames = infer.num_frames or pipe.transformer.config.sample_frames
+    sizes = dict(height=height, width=width)
+    extra = {name: load_image(path) for name, path in inputs.items() if name != "control_video"}
+    if "control_video" in inputs:  # the control pipeline takes its frame count from the control video
+        extra["control_video"] = load_video(inputs["control_video"])[:frames]
+    elif infer.num_frames:
+        sizes["num_frames"] = infer.num_frames
     # prompt by name: CogVideoXImageToVideoPipeline takes the image first
     return pipe(prompt=prompt, num_inference_steps=infer.num_inference_steps, guidance_scale=infer.guidance_scale,
                 max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
@@ -180,6 +235,7 @@ def main(argv=None):
 
     infer = section_of(InferFlags, parse_with_config(build_parser(), argv, "infer"))
     work = jobs(infer)
+    kind = model_kind(infer, [inputs for _, _, inputs in work])
     if infer.lora_path and not peft_folder_of(infer.lora_path):
         from tools.lora_math import read_lora
 
@@ -199,7 +255,7 @@ def main(argv=None):
         raise UsageError(problems)
     output = Path(infer.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(infer, image_to_video=work[0][2] is not None, device=state.device)
+    pipe = load_pipeline(infer, kind, device=state.device)
     group, writes = state.process_index // infer.sequence_parallel_shards, True
     if infer.sequence_parallel_shards > 1:  # every process of a group generates the group's videos together
         from training.attention import build_shard_groups, install
@@ -209,8 +265,8 @@ def main(argv=None):
         writes = shards.rank == 0
     groups = state.num_processes // infer.sequence_parallel_shards
     mine = work[group::groups]
-    for index, prompt, image in tqdm(mine, desc=f"videos (process {state.process_index})", disable=len(mine) < 2):
-        frames = generate(pipe, infer, prompt, image, index)
+    for index, prompt, inputs in tqdm(mine, desc=f"videos (process {state.process_index})", disable=len(mine) < 2):
+        frames = generate(pipe, infer, prompt, inputs, index)
         if writes:
             export_to_video(list(frames), str(output / file_name(index, prompt)), fps=infer.fps)
     if infer.sequence_parallel_shards > 1 and writes:
@@ -224,7 +280,7 @@ def main(argv=None):
         from training.report import contact_sheet
 
         videos = [np.asarray(load_video(str(output / file_name(i, p)))) / 255.0 for i, p, _ in work]
-        images = [load_image(image) for _, _, image in work if image]  # image-to-video: each row's image first
+        images = [load_image(inputs["image"]) for _, _, inputs in work if "image" in inputs]  # each row's first frame
         contact_sheet(videos, [p for _, p, _ in work], output / "sheet.png", images=images or None)
         print(f"{len(work)} video(s) and sheet.png in {output}")
 

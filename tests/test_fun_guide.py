@@ -322,3 +322,47 @@ def test_an_inpaint_run_resumes_exactly(tiny_fun_inp, fun_dataset, tmp_path):
     run_trainer(argv(tmp_path / "resumed", "--resume_from_checkpoint", tmp_path / "whole" / "checkpoint-2"))
     whole, resumed = lora_weights(tmp_path / "whole"), lora_weights(tmp_path / "resumed")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_the_dry_run_counts_low_vram_encoders_only_while_they_encode(tiny_fun_inp, fun_dataset, tmp_path):
+    """--low_vram keeps T5 and the VAE in CPU memory between uses: the training estimate counts their weights only
+    while they run, so it is lower than without the flag (the transformer's step, not an encode, is the peak here),
+    by no more than the encoders' weights."""
+    from safetensors import safe_open
+
+    argv = command_argv(GUIDE_COMMAND, tiny_fun_inp, f"{fun_dataset}/", fun_dataset / "metadata.json", tmp_path / "a")
+    with_flag = run_trainer([*argv, "--dry_run"])["dry_run"]["peak_memory_bytes"]["training"]
+    without = [word for word in argv if word != "--low_vram"]
+    without[without.index(f"--output_dir={tmp_path / 'a'}")] = f"--output_dir={tmp_path / 'b'}"
+    without_flag = run_trainer([*without, "--dry_run"])["dry_run"]["peak_memory_bytes"]["training"]
+    encoder_bytes = 0
+    for part in ("text_encoder", "vae"):
+        for weights in (tiny_fun_inp / part).glob("*.safetensors"):
+            with safe_open(str(weights), "pt") as f:
+                encoder_bytes += sum(f.get_tensor(k).numel() * 2 for k in f.keys())  # bf16 in the run
+    assert with_flag < without_flag <= with_flag + encoder_bytes + 2 * 2**20  # weights, allocation granularity
+
+
+def test_low_vram_encoders_count_in_the_estimate_only_while_they_run():
+    """The estimate's view of --low_vram: an encoder's weights are on the accelerator during its call (the encode's
+    activations come on top), and off before and after."""
+    from training.memory import AllocationTracker
+    from training.memory_estimate import _on_device_while_running
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1024, 256))  # 1 MiB
+
+        def encode(self, x):
+            seen.append(tracker.current)
+            return x @ self.weight
+
+    seen, tracker = [], AllocationTracker()
+    encoder = Encoder()
+    _on_device_while_running(tracker, encoder, ("encode",))
+    assert tracker.current == 0
+    x = torch.zeros(4, 1024)  # made before counting starts
+    with tracker:
+        encoder.encode(x)
+    assert seen == [2**20] and tracker.current == 0 and tracker.peak >= 2**20

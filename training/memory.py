@@ -52,6 +52,14 @@ class AllocationTracker(TorchDispatchMode):
         self.current += size
         self.peak = max(self.peak, self.current)
 
+    def untrack(self, *tensors):
+        """Stop counting these tensors' storages (they moved off the accelerator)."""
+        for tensor in tree_flatten(tensors)[0]:
+            if isinstance(tensor, torch.Tensor):
+                entry = self.live.pop(id(tensor.untyped_storage()), None)
+                if entry is not None:
+                    self.current -= entry[1]
+
     def reset_peak(self):
         self.peak = self.current
 

@@ -335,7 +335,11 @@ def estimate_training(data, training, optimizer, lora, validation, memory, paral
     modules = [transformer, *(m for m in (context.vae, context.text_encoder) if m is not None)]
 
     tracker = AllocationTracker()
-    tracker.track([block_swap.device_tensors(m) for m in modules])  # swapped blocks' weights: host memory
+    resident = modules[:1] if memory.low_vram else modules  # --low_vram: the encoders wait in CPU memory
+    tracker.track([block_swap.device_tensors(m) for m in resident])  # swapped blocks' weights: host memory
+    if memory.low_vram:
+        _on_device_while_running(tracker, context.text_encoder, ("forward",))
+        _on_device_while_running(tracker, context.vae, ("encode", "decode"))
     with fake_mode, tracker, _module_conversion_assigns(), backend.autocast_rules():
         simulated = _simulated_optimizer(parameters, training.learning_rate)
         trainer = Trainer(backend.prepare(transformer), simulated, build_lr_scheduler(training, simulated, 2),
@@ -351,6 +355,23 @@ def estimate_training(data, training, optimizer, lora, validation, memory, paral
         "training_peak": tracker.peak + correction,
         "encoders": sum(_module_bytes(m) for m in modules[1:]),
     }
+
+
+def _on_device_while_running(tracker, module, methods):
+    """--low_vram as the trainer does it (models.offload_between_uses), counted: the module's weights are on the
+    accelerator only while one of `methods` runs."""
+    if module is None:
+        return
+    weights = block_swap.device_tensors(module)
+    for method in methods:
+        def run(*args, _method=getattr(module, method), **kwargs):
+            tracker.track(weights)
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                tracker.untrack(weights)
+
+        setattr(module, method, run)
 
 
 def _nf4_saving(quantize_base, transformer):

@@ -200,15 +200,21 @@ def test_fun_models_generate_with_their_inputs_as_their_pipelines_do(monkeypatch
     ("2b", ["--end_image", "IMAGE"], "--end_image: a text-to-video model (4 input channels) takes none"),
     ("2b", ["--control_video", "VIDEO"], "--control_video: a text-to-video model (4 input channels) takes none"),
     ("inp", ["--image", "IMAGE", "--control_video", "VIDEO"], "--control_video: a fun-inpaint model (9 input"),
-], ids=["inp-without-image", "end-image-on-t2v", "control-on-t2v", "control-on-inp"])
+    ("control", ["--control_video", "VIDEO", "--num_frames", "49"], "waves.mp4 has 17 frames; the videos have 49"),
+], ids=["inp-without-image", "end-image-on-t2v", "control-on-t2v", "control-on-inp", "control-video-too-short"])
 def test_inputs_a_model_cannot_take_are_one_line_before_it_loads(capsys, tiny_fun_inp, tiny_model_2b,
                                                                   first_frame_png, tmp_path, model, flags, expected):
     from tools.infer import main
 
     values = {"IMAGE": first_frame_png, "VIDEO": str(ROOT / "assets" / "tests" / "videos" / "waves.mp4")}
+    models = {"inp": tiny_fun_inp, "2b": tiny_model_2b}
+    if model == "control":
+        from tools.build_tiny_model import save_tiny_model
+
+        models["control"] = save_tiny_model(tmp_path / "fun-control", "2b", seed=12, transformer={"in_channels": 8})
     with pytest.raises(SystemExit) as stop:
-        main([str(a) for a in ["--model_name_or_path", tiny_fun_inp if model == "inp" else tiny_model_2b, "--prompt",
-                               "waves", *(values.get(f, f) for f in flags), "--output_dir", tmp_path / "out"]])
+        main([str(a) for a in ["--model_name_or_path", models[model], "--prompt", "waves",
+                               *(values.get(f, f) for f in flags), "--output_dir", tmp_path / "out"]])
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert any(expected in line for line in lines) and not (tmp_path / "out").exists(), lines

@@ -123,18 +123,13 @@ def model_kind(infer, inputs):
         problems.append(f"--model_name_or_path {infer.model_name_or_path}: a transformer of {channels} input channels "
                         f"is no CogVideoX model this tool knows ({latent}, {2 * latent} or {2 * latent + 1})")
     if kind == "fun-control":  # the pipeline takes its frame count from the control video: it must have enough
-        from training.video_io import VideoReadError, probe_video
+        from training.conditioning import control_video_problem
 
         frames = infer.num_frames or config["sample_frames"]
         for path in sorted({job["control_video"] for job in inputs}):
-            try:
-                count = probe_video(path).num_frames
-            except (VideoReadError, OSError) as error:
-                problems.append(f"--control_video {path}: {error}")
-                continue
-            if count < frames:
-                problems.append(f"--control_video {path} has {count} frames; the videos have {frames} "
-                                "(--num_frames): give a longer control video or fewer frames")
+            problem = control_video_problem(path, frames, "the videos", "--num_frames")
+            if problem:
+                problems.append(f"--control_video {problem}")
     if problems:
         raise UsageError(problems)
     return kind

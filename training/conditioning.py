@@ -47,6 +47,7 @@ class TextToVideo:
     fun = False  # a CogVideoX-Fun model: its LoRA is also written in Fun's form
     # The model card: what the run trained, and how to generate with it (module, pipeline class, extra arguments).
     card_label = "text-to-video"
+    card_tag = "text-to-video"  # the Hub's task tag
     card_pipeline = ("diffusers", "CogVideoXPipeline", "")
     validation_scheduler = "CogVideoXDPMScheduler"  # the diffusers scheduler validation videos are sampled with
     training_scheduler = "CogVideoXDPMScheduler"  # the one whose noise schedule training draws from
@@ -112,7 +113,7 @@ class TextToVideo:
 class ImageToVideo(TextToVideo):
     name = "image-to-video"
     image_to_video = True
-    card_label = "image-to-video"
+    card_label = card_tag = "image-to-video"
     card_pipeline = ("diffusers", "CogVideoXImageToVideoPipeline", ', image=load_image("first_frame.png")')
     needs_vae = True  # the first frame is noise-augmented and encoded every step, also from precomputed data
 
@@ -215,7 +216,7 @@ class FunInpaint(TextToVideo):
     image_to_video = True  # the first frame: prepared data's masked clip is made from it
     inpaint = True  # the transformer also takes a mask channel and the masked clip's latents
     fun = True
-    card_label = "CogVideoX-Fun InP (image-to-video)"
+    card_label, card_tag = "CogVideoX-Fun InP (image-to-video)", "image-to-video"
     card_pipeline = ("training.fun_inpaint_pipeline", "CogVideoXFunInpaintPipeline",
                      ', image=load_image("first_frame.png")')
     needs_vae = True  # the masked clip is encoded every step, also from prepared data
@@ -287,7 +288,7 @@ class FunControl(TextToVideo):
 
     control = True
     fun = True
-    card_label = "CogVideoX-Fun Control"
+    card_label, card_tag = "CogVideoX-Fun Control", "video-to-video"
     card_pipeline = ("diffusers", "CogVideoXFunControlPipeline", ', control_video=load_video("control.mp4")[:49]')
     needs_vae = True  # the control video is encoded every step
     # The control pipeline's step takes no DPM arguments; Fun validates (and predicts, by default) with DDIM.
@@ -323,7 +324,8 @@ class FunControl(TextToVideo):
                             "one control video per prompt, joined by --validation_prompt_separator")
         self.validation_num_frames = validation_frames(validation, buckets)
         for path in controls:
-            problem = _validation_control_problem(path, self.validation_num_frames)
+            problem = control_video_problem(path, self.validation_num_frames, "validation videos",
+                                            "--validation_num_frames")
             if problem:
                 problems.append(f"--validation_control_videos: {problem}")
         return problems
@@ -348,7 +350,9 @@ class FunControl(TextToVideo):
                 for prompt, path in zip(_prompts(validation), _listed(validation, "validation_control_videos"))]
 
 
-def _validation_control_problem(path, frames):
+def control_video_problem(path, frames, videos, flag):
+    """Why the control video `path` cannot give `frames` frames to the `videos` generated from it (their count set by
+    `flag`), or None: the control pipeline takes its frame count from the control video. Reads the header only."""
     from .video_io import VideoReadError, probe_video
 
     try:
@@ -356,8 +360,8 @@ def _validation_control_problem(path, frames):
     except (VideoReadError, OSError) as error:
         return f"{path}: {error}"
     if info.num_frames < frames:
-        return (f"{path} has {info.num_frames} frames; validation videos have {frames} (--validation_num_frames): "
-                "give a longer control video or fewer frames")
+        return (f"{path} has {info.num_frames} frames; {videos} have {frames} ({flag}): give a longer control video "
+                "or fewer frames")
     return None
 
 

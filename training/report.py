@@ -378,8 +378,7 @@ def write_model_card(job):
         "base_model": model.pretrained_model_name_or_path,
         "license": base_model_license(model.pretrained_model_name_or_path),
         "conditioning": job.conditioning.card_label,
-        "tag": "text-to-video" if job.conditioning.name == "text-to-video" and not job.conditioning.fun else (
-            "video-to-video" if job.conditioning.control else "image-to-video"),
+        "tag": job.conditioning.card_tag,
         "pipeline": job.conditioning.card_pipeline,
         "scheduler": job.conditioning.validation_scheduler if job.conditioning.fun else None,
         "fun_file": FUN_WEIGHT_NAME if job.conditioning.fun and flags.lora.lora_type == "lora" else None,

@@ -13,6 +13,8 @@
   and `Module.to` replace as they do a real parameter's (`fake_parameters`).
 - Attention kernels that exist only on CUDA (flash, flash 3, their hub versions) are replaced by fakes that enforce
   the real kernels' rules: q, k and v of one 16-bit dtype, on CUDA, head dims the kernel supports (`fake_flash`).
+- `fp8_kernel_on_cuda_rules(monkeypatch)`: torch's FP8 matmul on real CPU tensors, each call checked first against
+  the CUDA kernel's rules (layouts, sides that are multiples of 16), which the CPU kernel does not enforce.
 - `cuda_streams_on_cpu(monkeypatch)`: real CPU tensors, with CUDA's streams, events and pinned memory stubbed, for
   code whose numbers must be compared (torchao's CPUOffloadOptimizer, pinned copies): its logic runs as on a GPU,
   its tensors stay on the CPU.
@@ -317,6 +319,29 @@ def install_fake_flash(monkeypatch, calls):
         monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName(name), fake_flash(calls))
         monkeypatch.setitem(_AttentionBackendRegistry._supported_arg_names, AttentionBackendName(name),
                             {"query", "key", "value", "dropout_p", "scale", "is_causal", "return_lse"})
+
+
+def fp8_kernel_on_cuda_rules(monkeypatch):
+    """torch._scaled_mm (the FP8 matmul torchao's Float8Linear calls) on real CPU tensors, each call first checked
+    against the CUDA kernel's rules: torch's own shape function for it, run on fake CUDA tensors of the same shapes,
+    strides and dtypes (FP8 operands, the first row-major and the second column-major, inner and output sides
+    multiples of 16, fp32 scales). The CPU kernel is more lenient (it takes any layout and side). Returns the list
+    of calls, as ((rows, inner), (inner, columns), output dtype)."""
+    cpu_kernel, calls = torch._scaled_mm, []
+
+    def on_cuda_rules(a, b, **kwargs):
+        def like_on_cuda(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+
+        with FakeTensorMode():
+            cpu_kernel(like_on_cuda(a), like_on_cuda(b), **{k: like_on_cuda(v) for k, v in kwargs.items()})
+        calls.append((tuple(a.shape), tuple(b.shape), kwargs.get("out_dtype")))
+        return cpu_kernel(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", on_cuda_rules)
+    return calls
 
 
 def cuda_streams_on_cpu(monkeypatch, devices=1, available=False):

@@ -3,7 +3,8 @@ them follows training without them, and their flag errors; --pin_memory, the cop
 
 import pytest
 import torch
-from conftest import ASSETS, lora_argv, lora_weights, run_trainer
+from conftest import ASSETS, lora_argv, lora_weights, run_trainer, trainer_main, transformer_weights
+from cuda_semantics import fp8_kernel_on_cuda_rules
 from test_args import _errors
 
 
@@ -24,7 +25,7 @@ def test_fp8_layers_are_the_blocks_linear_layers_under_lora():
                   use_learned_positional_embeddings=False, **VARIANTS["5b"]["transformer"])
     transformer = CogVideoXTransformer3DModel(**config)
     names = set(transformer.state_dict())
-    use_fp8_matmuls(transformer)
+    use_fp8_matmuls(transformer, weights_train=False)
     assert set(transformer.state_dict()) == names
     fp8 = {name for name, m in transformer.named_modules() if type(m).__name__ == "Float8Linear"}
     linear = {name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -60,13 +61,14 @@ def test_fp8_frozen_layers_compute_only_the_input_gradient(monkeypatch, frozen):
 
     use_torchao()  # `import training` hides it
     import torchao.float8.float8_linear as float8_linear
-    from torchao.float8 import convert_to_float8_training
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     torch.manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 64)).requires_grad_(not frozen)
     plain = torch.nn.ModuleDict({"transformer_blocks": layers})  # where use_fp8_matmuls converts layers
-    ours = use_fp8_matmuls(copy.deepcopy(plain))["transformer_blocks"]
-    reference = convert_to_float8_training(copy.deepcopy(plain))["transformer_blocks"]
+    ours = use_fp8_matmuls(copy.deepcopy(plain), weights_train=not frozen)["transformer_blocks"]
+    config = Float8LinearConfig(pad_inner_dim=not frozen)  # trained layers pad the tokens' side (8 here) to 16
+    reference = convert_to_float8_training(copy.deepcopy(plain), config=config)["transformer_blocks"]
     assert all(type(m).__name__ == "Float8Linear" for m in (*ours, *reference))
     x = torch.randn(8, 32, requires_grad=True)
     grad, weight_grads, matmuls = _fp8_backward(ours, x, monkeypatch)
@@ -81,20 +83,51 @@ def test_fp8_frozen_layers_compute_only_the_input_gradient(monkeypatch, frozen):
     assert (matmuls, expected_matmuls) == ((2, 4) if frozen else (4, 4))
 
 
-def test_fp8_training_follows_plain_training(tiny_model_5b, tmp_path, caplog):
+def test_fp8_training_follows_plain_training(tiny_model_5b, tmp_path, caplog, monkeypatch):
     """Same seed: the loss after two steps within FP8's rounding of the plain run's; the LoRA trains and has the
-    plain run's tensors (names and shapes), so it loads wherever that one does."""
+    plain run's tensors (names and shapes), so it loads wherever that one does. Every FP8 matmul keeps the CUDA
+    kernel's rules."""
     import logging
 
     plain = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "plain", *ONE_BUCKET))
+    kernel_calls = fp8_kernel_on_cuda_rules(monkeypatch)
     with caplog.at_level(logging.INFO, logger="cogvideox_factory"):
         fp8 = run_trainer(lora_argv(tiny_model_5b, ASSETS, tmp_path / "fp8", *ONE_BUCKET, "--fp8_training"))
     assert "FP8 matmuls in 6 linear layers of the transformer blocks" in caplog.text  # q, k, v, out, 2 feed-forward
+    # two steps: six forwards, and the input's gradient of the three layers after a trained adapter (to_out, the
+    # feed-forward's two); the base weights are frozen, so no weight's gradient
+    assert len(kernel_calls) == 2 * (6 + 3)
     assert fp8["final_loss"] == pytest.approx(plain["final_loss"], rel=0.02)
     assert fp8["final_loss"] != plain["final_loss"]  # it did compute in FP8
     expected, got = lora_weights(tmp_path / "plain"), lora_weights(tmp_path / "fp8")
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
     assert all(v.abs().max() > 0 for k, v in got.items() if "lora_B" in k)
+
+
+def test_fp8_full_fine_tuning_keeps_the_cuda_kernels_rules(tiny_model_5b, tmp_path, monkeypatch):
+    """Full fine-tuning trains the FP8 layers' weights, and a weight's gradient is a matmul over the batch's tokens
+    (here 2 clips x (16 text + 12 video tokens) = 56); CUDA's FP8 kernel takes only inner sides that are multiples
+    of 16, so the first backward stopped on a GPU. The token side is now padded to 64, and the run follows plain
+    training."""
+    sft = trainer_main("cogvideox_text_to_video_sft")
+
+    def argv(output, *extra):
+        flags = lora_argv(tiny_model_5b, ASSETS, output, *ONE_BUCKET, *extra)
+        for lora_flag in ("--rank", "--lora_alpha"):
+            del flags[flags.index(lora_flag):flags.index(lora_flag) + 2]
+        return flags
+
+    plain = run_trainer(argv(tmp_path / "plain"), sft)
+    kernel_calls = fp8_kernel_on_cuda_rules(monkeypatch)
+    fp8 = run_trainer(argv(tmp_path / "fp8", "--fp8_training"), sft)
+    weight_gradients = [call for call in kernel_calls if call[0][1] == 64]  # (out, tokens) @ (tokens, in)
+    assert len(weight_gradients) == 2 * 6 and len(kernel_calls) == 2 * 6 * 3
+    assert fp8["final_loss"] == pytest.approx(plain["final_loss"], rel=0.02) and fp8["final_loss"] != plain["final_loss"]
+    base, expected, got = (transformer_weights(folder)
+                           for folder in (tiny_model_5b, tmp_path / "plain", tmp_path / "fp8"))
+    for name in ("transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.0.ff.net.2.weight"):
+        plain_update, fp8_update = expected[name] - base[name], got[name] - base[name]
+        assert (fp8_update - plain_update).norm() < 0.3 * plain_update.norm(), name  # FP8 rounding moves a few
 
 
 @pytest.mark.slow  # inductor compiles the block (C++ on this CPU): about 30 s

@@ -119,6 +119,49 @@ def test_an_fp8_stored_base_computes_every_matmul_in_bf16_on_cuda(autocast):
     assert {name: p.dtype for name, p in transformer.named_parameters()} == stored
 
 
+def test_fp8_training_runs_its_matmuls_in_fp8_under_cuda_autocast(monkeypatch):
+    """--fp8_training under LoRA on fake CUDA tensors under CUDA bf16 autocast, as on a GPU: each converted layer's
+    matmul is the FP8 kernel with e4m3 operands and a bf16 result (its layout and size rules checked by torch's shape
+    function on the fake CUDA tensors), and the adapters around the base layers compute in bf16."""
+    from tools.build_tiny_model import build_pipeline
+    from training import attention
+    from training.compute import use_fp8_matmuls
+    from training.modes import LoRA, cast_frozen
+    from training.sections import LoraFlags, TrainingFlags
+
+    class PlainMatmuls(TorchDispatchMode):  # the FP8 layers' own mm is the kernel's, counted below
+        def __init__(self):
+            super().__init__()
+            self.operands = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if func.overloadpacket.__name__ in ("addmm", "mm") and all(type(t).__name__ == "FakeTensor" for t in tensors):
+                self.operands.add(tuple(t.dtype for t in tensors))
+            return func(*args, **(kwargs or {}))
+
+    kernel, fp8_calls = torch._scaled_mm, []
+
+    def scaled_mm(a, b, **kwargs):
+        fp8_calls.append((a.dtype, b.dtype, kwargs["out_dtype"], a.device.type))
+        return kernel(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    # blocks 32 wide (2 heads x 16): the FP8 kernel takes sides that are multiples of 16
+    transformer = build_pipeline("5b", transformer={"num_attention_heads": 2, "attention_head_dim": 16}).transformer
+    attention.install(transformer.requires_grad_(False))
+    use_fp8_matmuls(transformer, weights_train=False)
+    LoRA().prepare(transformer, TrainingFlags(seed=None, master_weight_dtype="bf16"),
+                   LoraFlags(rank=4, lora_alpha=4, lora_target_modules="to_q,to_v"))
+    cast_frozen(transformer, torch.bfloat16)
+    with fake_cuda(torch.bfloat16), PlainMatmuls() as plain:
+        out = _forward(transformer)
+    assert out.dtype == torch.bfloat16
+    assert fp8_calls and set(fp8_calls) == {(torch.float8_e4m3fn, torch.float8_e4m3fn, torch.bfloat16, "cuda")}
+    assert len(fp8_calls) == 6  # q, k, v, out and the feed-forward's two, of the one block
+    assert plain.operands == {(torch.bfloat16,) * 2, (torch.bfloat16,) * 3}
+
+
 class _Kernels(TorchDispatchMode):
     """The calls of bitsandbytes' 4-bit kernels ((name, quant_type, shape of the weight, dtype of A, dtype of B)) and
     the operand dtypes of the plain matmuls (mm, addmm)."""

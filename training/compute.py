@@ -31,12 +31,18 @@ def fp8_layer(module, name):
             and module.in_features % FP8_MULTIPLE == 0 and module.out_features % FP8_MULTIPLE == 0)
 
 
-def use_fp8_matmuls(transformer):
-    """Swap the chosen linear layers for torchao's Float8Linear, in place (before LoRA layers wrap them)."""
-    use_torchao()  # hidden until an option needs it
-    from torchao.float8 import convert_to_float8_training
+def use_fp8_matmuls(transformer, weights_train):
+    """Swap the chosen linear layers for torchao's Float8Linear, in place (before LoRA layers wrap them).
 
-    convert_to_float8_training(transformer, module_filter_fn=fp8_layer)
+    `weights_train` (full fine-tuning): a weight's gradient is a matmul over the batch's tokens, and FP8 kernels take
+    only inner sides that are multiples of 16, which the token count need not be (CogVideoX-5b at 49x480x480: 226 +
+    13 x 30 x 30 = 11,926 per sample); torchao then zero-pads that side (pad_inner_dim). Frozen layers (LoRA) never
+    multiply over tokens, and padding copies each operand, so it is left off there."""
+    use_torchao()  # hidden until an option needs it
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(transformer, module_filter_fn=fp8_layer,
+                               config=Float8LinearConfig(pad_inner_dim=weights_train))
     _skip_frozen_weight_gradients()
     logger.info("FP8 matmuls in %d linear layers of the transformer blocks",
                 sum(type(m).__name__ == "Float8Linear" for m in transformer.modules()))

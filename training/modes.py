@@ -88,6 +88,7 @@ class LoRA:
 
     name = "lora"
     adapter_type = "lora"  # --lora_type, set by prepare: which files save writes
+    base_weights_train = False
 
     def check_args(self, model, lora, memory, transformer_config):
         """Problems (one line each) of the [lora] flags, and of a --transformer_config ([model]) with a LoRA."""
@@ -268,6 +269,7 @@ class LoRA:
 
 class Full:
     name = "sft"
+    base_weights_train = True
 
     def check_args(self, model, lora, memory, transformer_config):
         """--quantize_base ([memory]) is for LoRA."""

@@ -92,7 +92,7 @@ def prepare_transformer(transformer, training, lora, memory, parallelism, condit
     if parallelism.fp8_training:
         from .compute import use_fp8_matmuls
 
-        use_fp8_matmuls(transformer)  # before LoRA layers wrap the base layers
+        use_fp8_matmuls(transformer, mode.base_weights_train)  # before LoRA layers wrap the base layers
     prepare_frozen_base(transformer, memory.quantize_base, weight_dtype)
     mode.prepare(transformer, training, lora)
     cast_frozen(transformer, weight_dtype)

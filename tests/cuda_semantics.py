@@ -222,7 +222,8 @@ def fake_parameters(patch):
     """What loading and moving models needs on fake CUDA tensors; `patch(obj, name, value)`.
 
     - safetensors reads files as real CPU tensors (under fake mode it cannot make them at all);
-    - `Tensor.to(cuda)` of a CPU tensor goes through aten (its Python binding takes a CUDA device guard);
+    - `Tensor.to(cuda)` of a CPU or CUDA tensor goes through aten (its Python binding takes a CUDA device guard), or
+      returns the tensor where it is on CUDA in that dtype already, as `to` does;
     - `Tensor._make_subclass(cls, fake)` (how Params4bit, and nn.Parameter of a plain tensor, wrap data) and
       `nn.Parameter(fake)` (a FakeTensor with a flag, whose type is FakeTensor: `type(param)(data)` fails, as accelerate
       calls it) give a `fake_parameter_class(cls)`;
@@ -236,8 +237,10 @@ def fake_parameters(patch):
 
     def to_cuda_through_aten(self, *args, copy=False, **kwargs):
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if device is None or device.type != "cuda" or self.device.type != "cpu":
+        if device is None or device.type != "cuda" or self.device.type not in ("cpu", "cuda"):
             return to(self, *args, copy=copy, **kwargs)  # (a move to CUDA below copies anyway)
+        if self.device.type == "cuda" and (dtype is None or dtype == self.dtype) and not copy:
+            return self  # already there, as `to` answers
         return torch.ops.aten._to_copy.default(self, dtype=dtype or self.dtype, device=device,
                                                non_blocking=non_blocking,
                                                memory_format=memory_format or torch.preserve_format)

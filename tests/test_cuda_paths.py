@@ -447,9 +447,75 @@ def test_prepare_copies_pinned_clips_to_the_device_without_blocking(monkeypatch)
     batch = {"index": [0], "prompt": ["a cat"], "video": (torch.rand(1, 9, 3, 32, 32) * 2 - 1).pin_memory()}
     args = SimpleNamespace(save_latents_and_embeddings=True, save_image_latents=False)
     captions = SimpleNamespace(take=lambda prompt: torch.zeros(16, 32))
-    (entry,) = _encode_batch(batch, SimpleNamespace(vae=vae), captions, args, torch.bfloat16)
+    (entry,) = _encode_batch(batch, SimpleNamespace(vae=vae), captions, args, torch.bfloat16, torch.device("cpu"))
     assert entry["video_latent_dist"].dtype == torch.bfloat16
     _assert_copied_as_pinned(copies)
+
+
+@pytest.mark.parametrize("source", ["clips", "control"])
+def test_low_vram_encodes_clips_on_the_gpu_without_a_trip_to_the_host(monkeypatch, source):
+    """--low_vram (CogVideoX-Fun's guide) keeps the VAE in CPU memory between encodes. The clips, already on the GPU,
+    were copied to the VAE's device (the CPU) without blocking and converted there, which can read them before the
+    copy has arrived (wrong latents, silently), then copied back for the encode. Now they go to the GPU and the VAE
+    comes to them: a training clip and a CogVideoX-Fun control clip."""
+    import training.data_source as data_source
+    from tools.build_tiny_model import build_pipeline
+    from training.conditioning import FunControl
+    from training.models import offload_between_uses
+
+    class Copies(TorchDispatchMode):  # (source device, target device, dtype copied, non_blocking) of the clip
+        def __init__(self):
+            super().__init__()
+            self.of_clip = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == tuple(clip.shape):
+                target = torch.device(kwargs.get("device") or args[0].device).type
+                self.of_clip.append((args[0].device.type, target, args[0].dtype, bool(kwargs.get("non_blocking"))))
+            return func(*args, **kwargs)
+
+    vae = build_pipeline("2b").vae.to(torch.bfloat16)
+    encoded, encode = [], vae.encode
+    vae.encode = lambda x, *args, **kwargs: encoded.append((x.device.type, x.dtype)) or encode(x, *args, **kwargs)
+    monkeypatch.setattr(data_source, "encode_prompts", lambda *args: None)
+    with fake_cuda(None, loading=True):
+        offload_between_uses({"vae": vae.to("cuda")}, "cuda")
+        context = SimpleNamespace(vae=vae, device=torch.device("cuda"), tokenizer=None, text_encoder=None,
+                                  transformer_config={"max_text_seq_length": 16}, weight_dtype=torch.bfloat16,
+                                  vae_scaling_factor=vae.config.scaling_factor)
+        clip = torch.empty(1, 9, 3, 32, 32)  # as the loader gives it: fp32, in host memory
+        with Copies() as copies:
+            if source == "clips":
+                latents = data_source.RawClips().encode({"video": clip, "prompt": ["a cat"]}, context)[0]
+            else:
+                noisy = torch.empty(1, 3, 4, 4, 4, device="cuda", dtype=torch.bfloat16)
+                latents = FunControl().model_input(noisy, {"control": clip}, context)
+    assert encoded == [("cuda", torch.bfloat16)] and latents.device.type == "cuda"
+    # copied once, to the GPU, as loaded (without blocking: from pinned memory with --pin_memory), converted there
+    assert copies.of_clip == [("cpu", "cuda", torch.float32, True)]
+    assert next(vae.parameters()).device.type == "cpu"  # back in host memory after the encode
+
+
+def test_after_offloaded_validation_the_low_vram_encoders_stay_in_host_memory():
+    """--enable_model_cpu_offload parks the validation pipeline's modules in CPU memory behind hooks; afterwards the
+    modules shared with training went to the GPU, the --low_vram encoders too (T5-XXL: 9.5 GB next to the transformer
+    until their next call, on the cards --low_vram is for). Now each goes back where training keeps it."""
+    from tools.build_tiny_model import build_pipeline
+    from training.models import offload_between_uses
+    from training.validation import kept_by_training, return_after_offload
+
+    pipe = build_pipeline("2b").to(torch.bfloat16)
+    with fake_cuda(None, loading=True):
+        pipe.transformer.to("cuda")
+        offload_between_uses({"vae": pipe.vae, "text_encoder": pipe.text_encoder}, "cuda")
+        shared = kept_by_training(pipe.transformer, (pipe.vae, pipe.text_encoder), torch.device("cuda"))
+        pipe.enable_model_cpu_offload(device="cuda")
+        assert pipe.transformer.device.type == "cpu" and hasattr(pipe.transformer, "_hf_hook")
+        return_after_offload(pipe, shared)
+        devices = [module.device.type for module in (pipe.transformer, pipe.vae, pipe.text_encoder)]
+    assert devices == ["cuda", "cpu", "cpu"]
+    assert not any(hasattr(module, "_hf_hook") for module in (pipe.transformer, pipe.vae, pipe.text_encoder))
 
 
 def test_image_to_video_training_copies_the_pinned_first_frame_without_blocking(monkeypatch):

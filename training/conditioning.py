@@ -333,7 +333,7 @@ class FunControl(TextToVideo):
     def model_input(self, noisy_latents, batch, context):
         """Noisy latents [B, f, C, h, w], then the control video's latents (Fun's channel order)."""
         with torch.no_grad():
-            control = sample_latents(encode_video_distribution(context.vae, batch["control"].to(context.device)),
+            control = sample_latents(encode_video_distribution(context.vae, batch["control"], context.device),
                                      context.vae_scaling_factor)
         return torch.cat([noisy_latents, control.to(noisy_latents.dtype)], dim=2)
 

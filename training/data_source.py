@@ -115,7 +115,7 @@ class RawClips:
 
     def encode(self, batch, context):
         """(latent distribution [B, 2C, f, h, w], prompt embeddings [B, S, D]) of a batch, on the device."""
-        distribution = encode_video_distribution(context.vae, batch["video"].to(context.device, non_blocking=True))
+        distribution = encode_video_distribution(context.vae, batch["video"], context.device)
         prompt_embeds = encode_prompts(context.tokenizer, context.text_encoder, batch["prompt"],
                                        context.transformer_config["max_text_seq_length"], context.device,
                                        context.weight_dtype)

@@ -292,13 +292,16 @@ def encode_prompts(tokenizer, text_encoder, prompts, max_sequence_length, device
 
 
 @torch.no_grad()
-def encode_video_distribution(vae, videos):
-    """[B, F, C, H, W] in [-1, 1] -> latent distribution parameters (mean and logvar) [B, 2C, f, h, w].
+def encode_video_distribution(vae, videos, device):
+    """[B, F, C, H, W] in [-1, 1] -> latent distribution parameters (mean and logvar) [B, 2C, f, h, w], encoded on
+    `device` (the accelerator).
 
     Stored instead of a sample so every training step draws a fresh latent.
     """
-    # Copied as they are (from pinned memory with --pin_memory: without blocking), converted on the device.
-    videos = videos.to(vae.device, non_blocking=True)
+    # Copied as they are (from pinned memory with --pin_memory: without blocking), converted on the device. To
+    # `device`, not the VAE's: with --low_vram the VAE waits in CPU memory and comes to `device` for the encode, and
+    # a copy of clips already on the GPU back to the CPU without blocking could be read before it had arrived.
+    videos = videos.to(device, non_blocking=True)
     return vae.encode(videos.permute(0, 2, 1, 3, 4).to(dtype=vae.dtype)).latent_dist.parameters
 
 

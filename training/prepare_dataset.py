@@ -446,7 +446,7 @@ def encode_samples(flags, output, usable, plan, rank, device):
             for chunk in _chunks(batches, CAPTION_CHUNK):
                 captions.encode([prompt for batch in chunk for prompt in batch["prompt"]])
                 for batch in chunk:
-                    tensors = _encode_batch(batch, encoders, captions, flags, dtype)
+                    tensors = _encode_batch(batch, encoders, captions, flags, dtype, device)
                     for j, sample_index in enumerate(batch["index"]):
                         stem, item = entry_of[sample_index]
                         writer.put(stem, item, batch["video"][j], tensors[j])
@@ -595,14 +595,14 @@ class CaptionEmbeddings:
         return embeds
 
 
-def _encode_batch(batch, encoders, captions, flags, dtype):
+def _encode_batch(batch, encoders, captions, flags, dtype, device):
     """One dict of tensors to save per sample of the batch (empty without --save_latents_and_embeddings)."""
     from training.models import encode_video_distribution
 
     tensors = [{} for _ in batch["index"]]
     if not flags.save_latents_and_embeddings:
         return tensors
-    video_dist = encode_video_distribution(encoders.vae, batch["video"]).cpu()  # in the VAE's dtype
+    video_dist = encode_video_distribution(encoders.vae, batch["video"], device).cpu()  # in the VAE's dtype
     for j, entry in enumerate(tensors):
         entry["video_latent_dist"] = video_dist[j]
         entry["prompt_embeds"] = captions.take(batch["prompt"][j])

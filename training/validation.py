@@ -102,6 +102,7 @@ class Validation:
             encoders.update(vae=context.vae)
         pipe = build_pipeline(self.model, validation, self.conditioning, context.weight_dtype, transformer=model,
                               **encoders)
+        shared = kept_by_training(model, (context.vae, context.text_encoder), backend.device)
         # Whole sequences: under DDP only the main process generates (no shard group to exchange with).
         shards_paused = context.sequence_shards.paused() if context.sequence_shards else contextlib.nullcontext()
         with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), shards_paused:
@@ -109,11 +110,7 @@ class Validation:
             videos = generate_videos(pipe, cases, validation, self.training.seed, self.num_frames, backend.device,
                                      output_dir, f"{tag}_step{step}")
         if validation.enable_model_cpu_offload:
-            # Offloading parked the modules shared with training on the CPU, behind hooks: bring them back.
-            pipe.remove_all_hooks()
-            for module in (model, context.vae, context.text_encoder):
-                if module is not None:
-                    module.to(backend.device)
+            return_after_offload(pipe, shared)
         if main:
             self.last_videos = videos
             self._show(cases, videos, f"{tag}_step{step}", tag, step)
@@ -192,6 +189,22 @@ class Validation:
 
 def _slug(text, length=25):
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text[:length]).strip("_") or "prompt"
+
+
+def kept_by_training(transformer, encoders, device):
+    """(module, device) of each module validation shares with training, where training keeps it: the transformer on
+    `device`, each encoder where it is now (--low_vram's: in CPU memory)."""
+    return [(transformer, device)] + [(module, module.device) for module in encoders if module is not None]
+
+
+def return_after_offload(pipe, shared):
+    """After --enable_model_cpu_offload, which parks the pipeline's modules in CPU memory behind hooks: the hooks
+    removed, each module shared with training back where training keeps it (`shared`: (module, device) pairs taken
+    before validation). --low_vram's encoders wait in CPU memory and come to the GPU for their own calls: moving them
+    to the GPU here would hold them there, next to the transformer, until their next call."""
+    pipe.remove_all_hooks()
+    for module, device in shared:
+        module.to(device)
 
 
 def generate_videos(pipe, cases, validation, seed, num_frames, device, output_dir, tag):

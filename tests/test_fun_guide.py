@@ -164,6 +164,54 @@ def test_the_train_mode_chooses_the_conditioning(train_mode, conditioning):
     assert type(TextToVideo().for_flags(flags.training, flags.data)).__name__ == conditioning
 
 
+@pytest.mark.parametrize("run", ["inp", "control"])
+def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
+    """Fun's --validation_prompts and --validation_paths (nargs="+"; README_TRAIN_LORA.md: `--validation_prompts
+    "prompt1" "prompt2"`): validation i is prompt i with path i, which Fun's log_validation opens as the first frame
+    of an InP run (train_lora.py: `Image.open(args.validation_paths[i])`) and reads as the control video of a Control
+    run (train_control.py: `get_video_to_video_latent(args.validation_paths[i], ...)`)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from training.args import parse_args
+    from training.conditioning import TextToVideo
+    from training.sections import run_flags
+
+    clips = [ASSETS / "videos" / "square.mp4", ASSETS / "videos" / "ball.mp4"]
+    if run == "inp":
+        paths = [tmp_path / "square.png", tmp_path / "ball.png"]
+        for clip, path in zip(clips, paths):
+            iio.imwrite(path, iio.imread(clip)[0])
+        extra = ["--train_mode", "inpaint"]
+    else:
+        paths, extra = clips, ["--control_column", "controls.txt"]
+    args = parse_args(["--pretrained_model_name_or_path", "M", *extra, "--validation_prompts", "a cat walks",
+                       "a ball rolls", "--validation_paths", *map(str, paths)])
+    assert (args.validation_prompts, args.validation_paths) == (None, None)  # the run's saved config: ours only
+    flags = run_flags(args)
+    conditioning = TextToVideo().for_flags(flags.training, flags.data)
+    conditioning.validation_num_frames = 9  # (check_args sets it from the run's frames)
+    cases = conditioning.validation_cases(flags.validation)
+    assert [case["prompt"] for case in cases] == ["a cat walks", "a ball rolls"]
+    for case, clip in zip(cases, clips):
+        given = np.asarray(case["image"] if run == "inp" else case["control_video"][0])
+        assert np.array_equal(given, iio.imread(clip)[0])
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--validation_paths", "a.png"], "--validation_paths (CogVideoX-Fun's) gives the first frames of an InP run "
+     "(--train_mode inpaint) or the control videos of a Control run (control videos in the data); this run is "
+     "neither: leave it out, or use --validation_images with the image-to-video trainers"),
+    (["--validation_prompts", "a", "--validation_prompt", "b"],
+     "--validation_prompts (CogVideoX-Fun's) and --validation_prompt give the same thing: use one"),
+    (["--validation_prompts", "a:::b", "c"], "--validation_prompts: an entry contains the separator ':::'; choose "
+     "another with --validation_prompt_separator"),
+], ids=["neither-inp-nor-control", "both-forms", "separator-inside"])
+def test_funs_validation_lists_that_cannot_be_read_are_one_line(capsys, argv, error):
+    lines = stopped_run_stderr(capsys, ["--pretrained_model_name_or_path", "M", "--data_root", "d", *argv])
+    assert lines == [f"error: {error}"]
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the guide's --dataloader_num_workers=8
 def test_the_guides_command_dry_runs_on_a_fun_inp_model(tiny_fun_inp, fun_dataset, tmp_path):
     """The guide's command as written: the plan holds Fun's adapter (rank 64, alpha 32) on the modules its peft

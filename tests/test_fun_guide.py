@@ -174,7 +174,7 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
     import numpy as np
 
     from training.args import parse_args
-    from training.conditioning import TextToVideo
+    from training.conditioning import TextToVideo, take_fun_validation_lists
     from training.sections import run_flags
 
     clips = [ASSETS / "videos" / "square.mp4", ASSETS / "videos" / "ball.mp4"]
@@ -185,8 +185,9 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
         extra = ["--train_mode", "inpaint"]
     else:
         paths, extra = clips, ["--control_column", "controls.txt"]
-    args = parse_args(["--pretrained_model_name_or_path", "M", *extra, "--validation_prompts", "a cat walks",
-                       "a ball rolls", "--validation_paths", *map(str, paths)])
+    args = take_fun_validation_lists(parse_args([
+        "--pretrained_model_name_or_path", "M", *extra, "--validation_prompts", "a cat walks", "a ball rolls",
+        "--validation_paths", *map(str, paths)]))  # as the trainer reads its command line
     assert (args.validation_prompts, args.validation_paths) == (None, None)  # the run's saved config: ours only
     flags = run_flags(args)
     conditioning = TextToVideo().for_flags(flags.training, flags.data)

@@ -1064,39 +1064,7 @@ def parse_args(argv=None, description=None, conditioning=None, mode=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if fun_adamw(argv):
         parser.set_defaults(optimizer="adamw")  # a --config file's optimizer still comes first
-    return take_fun_validation_lists(parse_with_config(parser, argv, trainer_sections(parser)))
-
-
-def take_fun_validation_lists(args):
-    """CogVideoX-Fun's --validation_prompts and --validation_paths (a word per item) written into this trainer's
-    flags (items joined by --validation_prompt_separator): the prompts, and the paths as the first frames of an InP
-    run or the control videos of a Control run, which is what Fun's validation reads them as."""
-    from .layouts import has_control_clips
-
-    separator, problems, path_flag = args.validation_prompt_separator, [], None
-    if args.validation_paths and args.train_mode in ("inpaint", "i2v"):
-        path_flag = "validation_images"
-    elif args.validation_paths and has_control_clips(args):
-        path_flag = "validation_control_videos"
-    elif args.validation_paths:
-        problems.append("--validation_paths (CogVideoX-Fun's) gives the first frames of an InP run (--train_mode "
-                        "inpaint) or the control videos of a Control run (control videos in the data); this run is "
-                        "neither: leave it out, or use --validation_images with the image-to-video trainers")
-    for fun_flag, flag in (("validation_prompts", "validation_prompt"), ("validation_paths", path_flag)):
-        items = getattr(args, fun_flag)
-        if not items or flag is None:
-            continue
-        if getattr(args, flag):
-            problems.append(f"--{fun_flag} (CogVideoX-Fun's) and --{flag} give the same thing: use one")
-        elif any(separator in item for item in items):
-            problems.append(f"--{fun_flag}: an entry contains the separator {separator!r}; choose another with "
-                            "--validation_prompt_separator")
-        else:
-            setattr(args, flag, separator.join(items))
-            setattr(args, fun_flag, None)  # said once: the run's saved config gives the joined flag
-    if problems:
-        raise UsageError(problems)
-    return args
+    return parse_with_config(parser, argv, trainer_sections(parser))
 
 
 # CogVideoX-Fun's names of the optimizer settings: its scripts build torch.optim.AdamW from them.

@@ -15,6 +15,8 @@
   the real kernels' rules: q, k and v of one 16-bit dtype, on CUDA, head dims the kernel supports (`fake_flash`).
 - `fp8_kernel_on_cuda_rules(monkeypatch)`: torch's FP8 matmul on real CPU tensors, each call checked first against
   the CUDA kernel's rules (layouts, sides that are multiples of 16), which the CPU kernel does not enforce.
+- `fp16_loss_scaling_on_cpu(monkeypatch, ...)`: fp16 mixed precision as accelerate runs it on CUDA (a loss scaler),
+  on the CPU, where accelerate runs it without one.
 - `cuda_streams_on_cpu(monkeypatch)`: real CPU tensors, with CUDA's streams, events and pinned memory stubbed, for
   code whose numbers must be compared (torchao's CPUOffloadOptimizer, pinned copies): its logic runs as on a GPU,
   its tensors stay on the CPU.
@@ -345,6 +347,26 @@ def fp8_kernel_on_cuda_rules(monkeypatch):
 
     monkeypatch.setattr(torch, "_scaled_mm", on_cuda_rules)
     return calls
+
+
+def fp16_loss_scaling_on_cpu(monkeypatch, init_scale, growth_interval):
+    """accelerate's CUDA branch of fp16 mixed precision on the CPU: a GradScaler (scaled backward, gradients unscaled
+    before clipping, steps skipped on overflow, the scale backed off and grown) and native autocast (the CPU's fp16
+    autocast standing in for CUDA's); on a CPU accelerate uses neither. Returns the list of scalers made, one per
+    Accelerator."""
+    import accelerate
+
+    init, scalers = accelerate.Accelerator.__init__, []
+
+    def with_loss_scaling(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.state.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+            self.native_amp = True
+            scalers.append(self.scaler)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_loss_scaling)
+    return scalers
 
 
 def cuda_streams_on_cpu(monkeypatch, devices=1, available=False):

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ASSETS, free_port, lora_argv, prepare_argv, run_prepare, run_trainer
+from conftest import ASSETS, free_port, lora_argv, lora_weights, prepare_argv, run_prepare, run_trainer
 from cuda_semantics import (
     FLASH_BACKENDS,
     cuda_streams_on_cpu,
     fake_cuda,
+    fp16_loss_scaling_on_cpu,
     install_fake_flash,
     offload_optimizer_on_cpu,
     synthetic_gradients,
@@ -516,6 +517,42 @@ def test_after_offloaded_validation_the_low_vram_encoders_stay_in_host_memory():
         devices = [module.device.type for module in (pipe.transformer, pipe.vae, pipe.text_encoder)]
     assert devices == ["cuda", "cpu", "cpu"]
     assert not any(hasattr(module, "_hf_hook") for module in (pipe.transformer, pipe.vae, pipe.text_encoder))
+
+
+def test_an_fp16_run_resumes_its_loss_scale_exactly(monkeypatch, tiny_model_2b, tmp_path):
+    """fp16 mixed precision on a GPU (CogVideoX-2b's precision) scales the loss: the scale backs off on each
+    overflow, whose step is skipped, and grows after good steps. The checkpoint keeps the scale, so a resumed run
+    skips and scales as the run that went on would have, and ends on its weights. The LR schedule advances with the
+    steps taken (it advanced on skipped ones too, and torch warned that the schedule stepped before the optimizer)."""
+    import json
+    import warnings
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    scalers = fp16_loss_scaling_on_cpu(monkeypatch, init_scale=2.0**24, growth_interval=1)
+    taken = []  # optimizer steps that ran (a skipped step never calls the optimizer)
+    hook = register_optimizer_step_post_hook(lambda *args: taken.append(1))
+    output = tmp_path / "run"
+    argv = lora_argv(tiny_model_2b, ASSETS, output, "--height_buckets", "32", "--width_buckets", "32",
+                     "--frame_buckets", "9", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--mixed_precision", "fp16", "--lr_scheduler", "linear")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_trainer(argv)
+    finally:
+        hook.remove()
+    assert 0 < len(taken) < 4  # some steps overflowed at these scales and were skipped
+    schedule = json.loads((output / "checkpoint-4" / "lr_scheduler.json").read_text())
+    assert schedule["last_epoch"] == len(taken)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    straight, at_checkpoint = lora_weights(output), lora_weights(output / "checkpoint-2")
+    assert any(not torch.equal(straight[k], at_checkpoint[k]) for k in straight)  # steps 3 and 4 trained
+    # the scale has moved (backed off on overflows, grown after good steps) from where a new scaler starts
+    assert json.loads((output / "checkpoint-2" / "grad_scaler.json").read_text())["scale"] != 2.0**24
+    run_trainer([*argv, "--resume_from_checkpoint", "checkpoint-2"])
+    assert len(scalers) == 2 and scalers[1].get_scale() == scalers[0].get_scale()
+    assert all(torch.equal(straight[k], v) for k, v in lora_weights(output).items())
 
 
 def test_image_to_video_training_copies_the_pinned_first_frame_without_blocking(monkeypatch):

@@ -59,7 +59,7 @@ def _row(action, owned):
 def _table(actions, owned=None):
     """`owned`: {trainer kind: its flags} (training.args.only_for), for the trainers' tables."""
     return ["| flag | value | default | what it does |", "|---|---|---|---|",
-            *(_row(action, owned or {}) for action in actions)]
+            *(_row(action, owned or {}) for action in actions if action.help != argparse.SUPPRESS)]
 
 
 def reference():

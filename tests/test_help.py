@@ -146,3 +146,13 @@ def test_examples_in_help_texts_keep_their_line_breaks():
     assert not joined
     prepare = importlib.import_module("training.prepare_dataset").build_parser().format_help()
     assert "--data_root data \\\n        --caption_column prompts.txt" in prepare
+
+
+def test_prepare_does_not_offer_what_it_refuses():
+    """prepare_dataset.py reads --control_column only to refuse it (no control latents are prepared): its --help
+    does not list it; the text-to-video trainers' does."""
+    prepare = importlib.import_module("training.prepare_dataset").build_parser().format_help()
+    assert "--control_column" not in prepare
+    from training.args import build_parser
+
+    assert "--control_column" in build_parser(conditioning="text-to-video", mode="lora").format_help()

@@ -98,7 +98,8 @@ def add_model_arguments(group):
 def add_dataset_arguments(parser, caption_column_default="text", groups=None):
     """[data], [buckets] and --pin_memory ([memory]): shared with prepare_dataset.py, which passes its parser alone
     (`groups`: the trainer's section groups)."""
-    if groups is None:
+    for_prepare = groups is None
+    if for_prepare:
         groups = {"data": parser.add_argument_group("Data"), "buckets": parser.add_argument_group("Buckets")}
         groups["memory"] = groups["data"]
     data, buckets = groups["data"], groups["buckets"]
@@ -130,7 +131,9 @@ def add_dataset_arguments(parser, caption_column_default="text", groups=None):
     )
     data.add_argument(
         "--control_column", type=str, default=None, metavar="PATH",
-        help="CogVideoX-Fun Control models: a file in --data_root with one control video (pose, depth, edges) per "
+        # prepare_dataset.py reads it only to refuse it (no control latents are prepared): not in its --help
+        help=argparse.SUPPRESS if for_prepare else
+        "CogVideoX-Fun Control models: a file in --data_root with one control video (pose, depth, edges) per "
         "line, beside --video_column's clips in the same order (or a column of --dataset_file). Each has its clip's "
         "size and frames. --train_data_meta gives them as each entry's control_file_path.",
     )

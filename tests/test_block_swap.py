@@ -219,6 +219,34 @@ def test_on_a_gpu_the_swapped_weights_stay_on_the_host_and_come_to_the_gpu_to_ru
     assert seen == [("cuda", {"cuda"})] * 3
 
 
+def test_swapped_blocks_stay_on_the_host_through_validations_model_offload():
+    """--enable_model_cpu_offload in validation (accelerate's cpu_offload_with_hook, as diffusers installs it) moves
+    the whole transformer to the CPU, then to the GPU for its forward: the swapped weights stay on the host through
+    both and come to the GPU per block; afterwards (hooks removed, the model moved back) every weight is where
+    training keeps it."""
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    with fake_cuda(torch.bfloat16, loading=True):
+        transformer = _tiny_lora_transformer(layers=3)
+        swap = block_swap.install(transformer, 2, "cuda")
+        transformer.to("cuda")
+        host = {id(p) for i in swap.swapped for m, n in swap.weights[i] for p in [m._parameters[n]]}
+
+        def where_training_keeps_them():
+            return all(p.device.type == ("cpu" if id(p) in host else "cuda") for p in transformer.parameters())
+
+        assert host and where_training_keeps_them()
+        _, hook = cpu_offload_with_hook(transformer, execution_device="cuda")
+        assert {p.device.type for p in transformer.parameters()} == {"cpu"}
+        out = transformer(**_inputs(transformer, "cuda"))[0]  # the hook moves the model to the GPU first
+        assert out.device.type == "cuda" and where_training_keeps_them()
+        hook.offload()
+        remove_hook_from_module(transformer, recurse=True)
+        transformer.to("cuda")
+        assert where_training_keeps_them()
+
+
 def test_the_swapped_blocks_are_spread_and_their_weights_leave_accelerator_memory():
     assert block_swap.swapped_indices(42, 0) == []
     assert block_swap.swapped_indices(42, 2) == [0, 21]

@@ -174,7 +174,7 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
     import numpy as np
 
     from training.args import parse_args
-    from training.conditioning import TextToVideo, take_fun_validation_lists
+    from training.conditioning import TextToVideo
     from training.sections import run_flags
 
     clips = [ASSETS / "videos" / "square.mp4", ASSETS / "videos" / "ball.mp4"]
@@ -185,9 +185,8 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
         extra = ["--train_mode", "inpaint"]
     else:
         paths, extra = clips, ["--control_column", "controls.txt"]
-    args = take_fun_validation_lists(parse_args([
-        "--pretrained_model_name_or_path", "M", *extra, "--validation_prompts", "a cat walks", "a ball rolls",
-        "--validation_paths", *map(str, paths)]))  # as the trainer reads its command line
+    args = parse_args(["--pretrained_model_name_or_path", "M", *extra, "--validation_prompts", "a cat walks",
+                       "a ball rolls", "--validation_paths", *map(str, paths)])
     assert (args.validation_prompts, args.validation_paths) == (None, None)  # the run's saved config: ours only
     flags = run_flags(args)
     conditioning = TextToVideo().for_flags(flags.training, flags.data)
@@ -200,16 +199,16 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
 
 
 @pytest.mark.parametrize("argv, error", [
-    (["--validation_paths", "a.png"], "--validation_paths (CogVideoX-Fun's) gives the first frames of an InP run "
-     "(--train_mode inpaint) or the control videos of a Control run (control videos in the data); this run is "
-     "neither: leave it out, or use --validation_images with the image-to-video trainers"),
+    (["--validation_paths", "a.mp4"], "--validation_control_videos (or CogVideoX-Fun's --validation_paths without "
+     "--train_mode inpaint) is for CogVideoX-Fun Control runs: the data gives no control videos (--control_column, or "
+     "control_file_path in --train_data_meta)"),
     (["--validation_prompts", "a", "--validation_prompt", "b"],
      "--validation_prompts (CogVideoX-Fun's) and --validation_prompt give the same thing: use one"),
     (["--validation_prompts", "a:::b", "c"], "--validation_prompts: an entry contains the separator ':::'; choose "
      "another with --validation_prompt_separator"),
 ], ids=["neither-inp-nor-control", "both-forms", "separator-inside"])
-def test_funs_validation_lists_that_cannot_be_read_are_one_line(capsys, argv, error):
-    lines = stopped_run_stderr(capsys, ["--pretrained_model_name_or_path", "M", "--data_root", "d", *argv])
+def test_funs_validation_lists_that_cannot_be_read_are_one_line(capsys, tiny_model_2b, tmp_path, argv, error):
+    lines = stopped_run_stderr(capsys, lora_argv(tiny_model_2b, ASSETS, tmp_path / "out", *argv))
     assert lines == [f"error: {error}"]
 
 

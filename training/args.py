@@ -1067,7 +1067,31 @@ def parse_args(argv=None, description=None, conditioning=None, mode=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if fun_adamw(argv):
         parser.set_defaults(optimizer="adamw")  # a --config file's optimizer still comes first
-    return parse_with_config(parser, argv, trainer_sections(parser))
+    return take_fun_validation_lists(parse_with_config(parser, argv, trainer_sections(parser)))
+
+
+def take_fun_validation_lists(args):
+    """CogVideoX-Fun's --validation_prompts and --validation_paths (a word per item) written into this trainer's
+    flags (items joined by --validation_prompt_separator): the prompts, and the paths as Fun's validation reads them,
+    the first frames of an InP run (--train_mode inpaint or i2v), else the control videos of a Control run (where the
+    data gives none, the conditioning's check says so)."""
+    separator, problems = args.validation_prompt_separator, []
+    path_flag = "validation_images" if args.train_mode in ("inpaint", "i2v") else "validation_control_videos"
+    for fun_flag, flag in (("validation_prompts", "validation_prompt"), ("validation_paths", path_flag)):
+        items = getattr(args, fun_flag)
+        if not items:
+            continue
+        if getattr(args, flag):
+            problems.append(f"--{fun_flag} (CogVideoX-Fun's) and --{flag} give the same thing: use one")
+        elif any(separator in item for item in items):
+            problems.append(f"--{fun_flag}: an entry contains the separator {separator!r}; choose another with "
+                            "--validation_prompt_separator")
+        else:
+            setattr(args, flag, separator.join(items))
+            setattr(args, fun_flag, None)  # said once: the run's saved config gives the joined flag
+    if problems:
+        raise UsageError(problems)
+    return args
 
 
 # CogVideoX-Fun's names of the optimizer settings: its scripts build torch.optim.AdamW from them.

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from .buckets import validation_frames
-from .errors import UsageError
 from .inpaint import MASK_FILL, full_mask_keep, inpaint_channels, inpaint_latents, random_mask, with_inpaint_latents
 from .layouts import has_control_clips
 from .models import encode_video_distribution, sample_latents
@@ -84,8 +83,9 @@ class TextToVideo:
                 "control videos, --control_column or control_file_path in --train_data_meta)"
             )
         if validation.validation_control_videos:
-            problems.append("--validation_control_videos is for CogVideoX-Fun Control runs: the data gives no control "
-                            "videos (--control_column, or control_file_path in --train_data_meta)")
+            problems.append("--validation_control_videos (or CogVideoX-Fun's --validation_paths without --train_mode "
+                            "inpaint) is for CogVideoX-Fun Control runs: the data gives no control videos "
+                            "(--control_column, or control_file_path in --train_data_meta)")
         for flag in ("validation_images", "validation_end_images"):
             if getattr(validation, flag):
                 problems.append(f"--{flag} is for the image-to-video trainers and CogVideoX-Fun InP models "
@@ -349,37 +349,6 @@ class FunControl(TextToVideo):
                  "control_video": [Image.fromarray(frame.numpy())
                                    for frame in read_frames(path, list(range(self.validation_num_frames)))]}
                 for prompt, path in zip(_prompts(validation), _listed(validation, "validation_control_videos"))]
-
-
-def take_fun_validation_lists(args):
-    """CogVideoX-Fun's --validation_prompts and --validation_paths (a word per item) written into this trainer's
-    flags in the parsed `args` (items joined by --validation_prompt_separator), before they become sections: the
-    prompts, and the paths as the first frames of an InP run or the control videos of a Control run, which is what
-    Fun's validation reads them as."""
-    separator, problems, path_flag = args.validation_prompt_separator, [], None
-    if args.validation_paths and args.train_mode in ("inpaint", "i2v"):
-        path_flag = "validation_images"
-    elif args.validation_paths and has_control_clips(args):
-        path_flag = "validation_control_videos"
-    elif args.validation_paths:
-        problems.append("--validation_paths (CogVideoX-Fun's) gives the first frames of an InP run (--train_mode "
-                        "inpaint) or the control videos of a Control run (control videos in the data); this run is "
-                        "neither: leave it out, or use --validation_images with the image-to-video trainers")
-    for fun_flag, flag in (("validation_prompts", "validation_prompt"), ("validation_paths", path_flag)):
-        items = getattr(args, fun_flag)
-        if not items or flag is None:
-            continue
-        if getattr(args, flag):
-            problems.append(f"--{fun_flag} (CogVideoX-Fun's) and --{flag} give the same thing: use one")
-        elif any(separator in item for item in items):
-            problems.append(f"--{fun_flag}: an entry contains the separator {separator!r}; choose another with "
-                            "--validation_prompt_separator")
-        else:
-            setattr(args, flag, separator.join(items))
-            setattr(args, fun_flag, None)  # said once: the run's saved config gives the joined flag
-    if problems:
-        raise UsageError(problems)
-    return args
 
 
 def control_video_problem(path, frames, videos, flag):

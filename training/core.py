@@ -33,7 +33,7 @@ from .args import TrainingError, UsageError, build_parser, exit_on_usage_error, 
 from .backend import build_backend
 from .batch_size import choose_batch_sizes, choose_blocks_to_swap
 from .block_swap import runtime_problems as swap_runtime_problems
-from .conditioning import CONDITIONINGS, take_fun_validation_lists
+from .conditioning import CONDITIONINGS
 from .data_source import build_training_data
 from .dry_run import dry_run_plan
 from .ema import EMA
@@ -142,7 +142,6 @@ def run(argv, conditioning, mode):
     """Parse, validate, train, save, test. Returns a summary dict (also written as summary.json)."""
     startup = StartupClock()
     args = parse_args(argv, conditioning=conditioning.name, mode=mode.name)  # the trainer's own flags and --help
-    take_fun_validation_lists(args)  # CogVideoX-Fun's forms of the validation flags, as ours
     flags = run_flags(args)
     conditioning = conditioning.for_flags(flags.training, flags.data)  # CogVideoX-Fun's inpaint or control latents
     settings = validate_training_args(flags, conditioning, mode)  # 1. every check that needs no weights

@@ -2,10 +2,12 @@
 # The short GPU check for a session with a lent GPU (meant to fit 15 minutes of device time; not run on a GPU yet):
 # CogVideoX-5b LoRA rank 64 with gradient checkpointing at its training size, measured (benchmark_training.py: real training code, random weights)
 # beside the estimate --dry_run would print (estimate_memory.py), for the plain LoRA, 20 swapped blocks and DoRA.
+# Then CogVideoX-2b full fine-tuning with --fp8_training at 49x480x480: 11,926 tokens per sample, not a multiple of
+# 16, so each weight gradient runs torch._scaled_mm on a padded token side (CI checks its rules on fake tensors only).
 # Rows go to benchmarks/results/<gpu>-session.jsonl (measured) and <gpu>-session-estimates.txt (estimated).
 #
-#   bash benchmarks/gpu_session_check.sh            # all three
-#   ONLY=swap bash benchmarks/gpu_session_check.sh  # one of: lora swap dora
+#   bash benchmarks/gpu_session_check.sh            # all four
+#   ONLY=swap bash benchmarks/gpu_session_check.sh  # one of: lora swap dora fp8
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -26,5 +28,10 @@ for name in lora swap dora; do
   { echo "== $name: ${COMMON[*]} ${EXTRA[$name]}"
     "$PYTHON" benchmarks/estimate_memory.py --model 5b --mode lora -- "${COMMON[@]}" ${EXTRA[$name]}; } >> "$ESTIMATED"
 done
+if [[ -z "${ONLY:-}" || "$ONLY" == fp8 ]]; then
+  FP8=(--fp8_training --gradient_checkpointing --height_buckets 480 --width_buckets 480 --frame_buckets 49)
+  "$PYTHON" benchmarks/benchmark_training.py --model 2b --mode sft --steps 2 --warmup_steps 1 --output "$MEASURED" \
+    -- "${FP8[@]}"
+fi
 echo "measured: $MEASURED"
 echo "estimated: $ESTIMATED"

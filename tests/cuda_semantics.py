@@ -241,7 +241,8 @@ def fake_parameters(patch):
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if device is None or device.type != "cuda" or self.device.type not in ("cpu", "cuda"):
             return to(self, *args, copy=copy, **kwargs)  # (a move to CUDA below copies anyway)
-        if self.device.type == "cuda" and (dtype is None or dtype == self.dtype) and not copy:
+        same_gpu = self.device.type == "cuda" and (device.index or 0) == (self.device.index or 0)
+        if same_gpu and (dtype is None or dtype == self.dtype) and memory_format is None and not copy:
             return self  # already there, as `to` answers
         return torch.ops.aten._to_copy.default(self, dtype=dtype or self.dtype, device=device,
                                                non_blocking=non_blocking,
@@ -328,10 +329,11 @@ def install_fake_flash(monkeypatch, calls):
 
 def fp8_kernel_on_cuda_rules(monkeypatch):
     """torch._scaled_mm (the FP8 matmul torchao's Float8Linear calls) on real CPU tensors, each call first checked
-    against the CUDA kernel's rules: torch's own shape function for it, run on fake CUDA tensors of the same shapes,
-    strides and dtypes (FP8 operands, the first row-major and the second column-major, inner and output sides
-    multiples of 16, fp32 scales). The CPU kernel is more lenient (it takes any layout and side). Returns the list
-    of calls, as ((rows, inner), (inner, columns), output dtype)."""
+    the way torch checks a CUDA call's inputs: its own shape function, run on fake CUDA tensors of the same shapes,
+    strides and dtypes (2-D FP8 operands, the first row-major and the second column-major, inner and output sides
+    multiples of 16, fp32 scales); the kernel's other limits (e.g. which FP8 dtype pairs it multiplies) are not
+    modelled. The CPU kernel takes any layout and side. Returns the list of calls, as ((rows, inner), (inner,
+    columns), output dtype)."""
     cpu_kernel, calls = torch._scaled_mm, []
 
     def on_cuda_rules(a, b, **kwargs):

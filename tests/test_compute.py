@@ -69,6 +69,9 @@ def test_fp8_frozen_layers_compute_only_the_input_gradient(monkeypatch, frozen):
     ours = use_fp8_matmuls(copy.deepcopy(plain), weights_train=not frozen)["transformer_blocks"]
     config = Float8LinearConfig(pad_inner_dim=not frozen)  # trained layers pad the tokens' side (8 here) to 16
     reference = convert_to_float8_training(copy.deepcopy(plain), config=config)["transformer_blocks"]
+    # only the weight gradient's matmul pads (zeros: the same numbers as torchao padding every matmul)
+    assert [tuple(layer.linear_mm_config[i].pad_inner_dim for i in range(3)) for layer in ours] == \
+        [(False, False, not frozen)] * 2
     assert all(type(m).__name__ == "Float8Linear" for m in (*ours, *reference))
     x = torch.randn(8, 32, requires_grad=True)
     grad, weight_grads, matmuls = _fp8_backward(ours, x, monkeypatch)

@@ -198,6 +198,29 @@ def test_funs_validation_lists_pair_each_prompt_with_its_input(tmp_path, run):
         assert np.array_equal(given, iio.imread(clip)[0])
 
 
+def test_funs_validation_lists_give_way_to_the_command_line_and_print_joined(tmp_path, capsys):
+    """A --config file's form of the prompts gives way to the command line's other form (rerunning a run's saved
+    config with other prompts, in either form); the image-to-video trainers read --validation_paths as first frames;
+    --print_config shows the joined flag the run saves."""
+    from training.args import parse_args
+
+    saved = tmp_path / "saved.toml"
+    saved.write_text('[validation]\nvalidation_prompt = "a:::b"\n', encoding="utf-8")
+    fun = tmp_path / "fun.toml"
+    fun.write_text('[validation]\nvalidation_prompts = ["a", "b"]\n', encoding="utf-8")
+    model = ["--pretrained_model_name_or_path", "M"]
+    saved, fun = str(saved), str(fun)
+    assert parse_args([*model, "--config", saved, "--validation_prompts", "c", "d"]).validation_prompt == "c:::d"
+    assert parse_args([*model, "--config", fun, "--validation_prompt", "e"]).validation_prompt == "e"
+    assert parse_args([*model, "--config", fun]).validation_prompt == "a:::b"
+    i2v = parse_args([*model, "--validation_prompts", "a", "--validation_paths", "a.png"], conditioning="image-to-video")
+    assert (i2v.validation_images, i2v.validation_control_videos) == ("a.png", None)
+    with pytest.raises(SystemExit):
+        parse_args([*model, "--validation_prompts", "a", "b", "--print_config"])
+    printed = capsys.readouterr().out
+    assert 'validation_prompt = "a:::b"' in printed and "validation_prompts" not in printed
+
+
 @pytest.mark.parametrize("argv, error", [
     (["--validation_paths", "a.mp4"], "--validation_control_videos (or CogVideoX-Fun's --validation_paths without "
      "--train_mode inpaint) is for CogVideoX-Fun Control runs: the data gives no control videos (--control_column, or "

@@ -1067,21 +1067,29 @@ def parse_args(argv=None, description=None, conditioning=None, mode=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if fun_adamw(argv):
         parser.set_defaults(optimizer="adamw")  # a --config file's optimizer still comes first
-    return take_fun_validation_lists(parse_with_config(parser, argv, trainer_sections(parser)))
+    return parse_with_config(parser, argv, trainer_sections(parser), resolve=lambda args: take_fun_validation_lists(
+        args, argv, image_to_video=conditioning == "image-to-video"))
 
 
-def take_fun_validation_lists(args):
+def take_fun_validation_lists(args, argv, image_to_video=False):
     """CogVideoX-Fun's --validation_prompts and --validation_paths (a word per item) written into this trainer's
     flags (items joined by --validation_prompt_separator): the prompts, and the paths as Fun's validation reads them,
-    the first frames of an InP run (--train_mode inpaint or i2v), else the control videos of a Control run (where the
-    data gives none, the conditioning's check says so)."""
+    the first frames of an InP run (--train_mode inpaint or i2v; the image-to-video trainers' first frames too), else
+    the control videos of a Control run (where the data gives none, the conditioning's check says so). Where one form
+    comes from the command line `argv` and the other from a --config file, the command line's wins."""
+    on_command_line = {str(word).split("=", 1)[0] for word in argv}
     separator, problems = args.validation_prompt_separator, []
-    path_flag = "validation_images" if args.train_mode in ("inpaint", "i2v") else "validation_control_videos"
+    first_frames = image_to_video or args.train_mode in ("inpaint", "i2v")
+    path_flag = "validation_images" if first_frames else "validation_control_videos"
     for fun_flag, flag in (("validation_prompts", "validation_prompt"), ("validation_paths", path_flag)):
         items = getattr(args, fun_flag)
         if not items:
             continue
-        if getattr(args, flag):
+        fun_given, ours_given = f"--{fun_flag}" in on_command_line, f"--{flag}" in on_command_line
+        if getattr(args, flag) and ours_given and not fun_given:
+            setattr(args, fun_flag, None)  # the command line's --flag over a --config file's Fun list
+            continue
+        if getattr(args, flag) and not (fun_given and not ours_given):
             problems.append(f"--{fun_flag} (CogVideoX-Fun's) and --{flag} give the same thing: use one")
         elif any(separator in item for item in items):
             problems.append(f"--{fun_flag}: an entry contains the separator {separator!r}; choose another with "

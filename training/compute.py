@@ -36,13 +36,18 @@ def use_fp8_matmuls(transformer, weights_train):
 
     `weights_train` (full fine-tuning): a weight's gradient is a matmul over the batch's tokens, and FP8 kernels take
     only inner sides that are multiples of 16, which the token count need not be (CogVideoX-5b at 49x480x480: 226 +
-    13 x 30 x 30 = 11,926 per sample); torchao then zero-pads that side (pad_inner_dim). Frozen layers (LoRA) never
-    multiply over tokens, and padding copies each operand, so it is left off there."""
+    13 x 30 x 30 = 11,926 per sample). torchao zero-pads inner sides where its config says so (pad_inner_dim), for
+    every matmul of a layer alike, copying both operands even where nothing needs padding; only the weight gradient's
+    matmul is told to pad here. Frozen layers (LoRA) never multiply over tokens."""
     use_torchao()  # hidden until an option needs it
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
-    convert_to_float8_training(transformer, module_filter_fn=fp8_layer,
-                               config=Float8LinearConfig(pad_inner_dim=weights_train))
+    convert_to_float8_training(transformer, module_filter_fn=fp8_layer)
+    if weights_train:
+        for layer in transformer.modules():
+            if type(layer).__name__ == "Float8Linear":
+                gemms = layer.linear_mm_config
+                layer.linear_mm_config = gemms._replace(grad_weight=gemms.grad_weight._replace(pad_inner_dim=True))
     _skip_frozen_weight_gradients()
     logger.info("FP8 matmuls in %d linear layers of the transformer blocks",
                 sum(type(m).__name__ == "Float8Linear" for m in transformer.modules()))

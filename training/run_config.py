@@ -77,9 +77,10 @@ def trainer_sections(parser):
     return sections
 
 
-def parse_with_config(parser, argv, sections):
+def parse_with_config(parser, argv, sections, resolve=None):
     """parser.parse_args(argv), with the --config file's values as defaults. `sections`: {dest: section} (a trainer:
-    trainer_sections) or one section name for every flag (a tool). --print_config prints the result and exits."""
+    trainer_sections) or one section name for every flag (a tool). `resolve(args)`, when given, turns other tools'
+    forms of flags into ours (UsageError where it cannot). --print_config prints the result and exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given, _ = _pre_parser().parse_known_args(argv)
     if given.config:
@@ -93,6 +94,8 @@ def parse_with_config(parser, argv, sections):
                 del defaults[action.dest]  # a repeated flag given on the command line replaces the file's list
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if resolve is not None:
+        args = resolve(args)
     if args.print_config:
         print(config_toml(args, parser, sections), end="")
         sys.exit(0)

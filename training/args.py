@@ -1077,7 +1077,7 @@ def take_fun_validation_lists(args, argv, image_to_video=False):
     the first frames of an InP run (--train_mode inpaint or i2v; the image-to-video trainers' first frames too), else
     the control videos of a Control run (where the data gives none, the conditioning's check says so). Where one form
     comes from the command line `argv` and the other from a --config file, the command line's wins."""
-    on_command_line = {str(word).split("=", 1)[0] for word in argv}
+    on_command_line = flags_given(argv)
     separator, problems = args.validation_prompt_separator, []
     first_frames = image_to_video or args.train_mode in ("inpaint", "i2v")
     path_flag = "validation_images" if first_frames else "validation_control_videos"
@@ -1109,5 +1109,10 @@ FUN_ADAMW_FLAGS = ("--adam_weight_decay", "--adam_epsilon", "--adam_beta1", "--a
 def fun_adamw(argv):
     """Whether the command line names the optimizer's settings as CogVideoX-Fun does (--adam_weight_decay, ...: its
     AdamW's) and gives no --optimizer: then the optimizer is AdamW (Fun's weight decay is AdamW's decoupled one)."""
-    words = [str(word).split("=", 1)[0] for word in argv]
+    words = flags_given(argv)
     return any(flag in words for flag in FUN_ADAMW_FLAGS) and "--optimizer" not in words
+
+
+def flags_given(argv):
+    """The flags a command line names (`--flag value` and `--flag=value` alike)."""
+    return {str(word).split("=", 1)[0] for word in argv}

@@ -229,8 +229,10 @@ def train_step(trainer, micro_batches, group_size, loss_fn=compute_loss, after_b
         raise RuntimeError(f"an accumulation group of {group_size} micro-batches got {taken}")
     grad_norm = backend.clip_gradients(trainer.optimizer, trainer.parameters, context.optimizer.max_grad_norm)
     trainer.optimizer.step()
-    if not getattr(trainer.optimizer, "step_was_skipped", False):  # fp16's loss scaler skips a step that overflowed
-        trainer.lr_scheduler.step()  # the schedule follows the steps taken, as accelerate's prepared scheduler does
+    # fp16's loss scaler skips a step that overflowed (accelerate's and DeepSpeed's optimizer wrappers say so; the
+    # estimate's simulated optimizer is neither): the schedule follows the steps taken, as a prepared scheduler does
+    if not getattr(trainer.optimizer, "step_was_skipped", False):
+        trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     # Mean over ranks: every rank sees the same loss, so a NaN stops all of them together.
     return StepOutcome(loss=backend.reduce_mean(total / taken), grad_norm=grad_norm)
